@@ -1,0 +1,37 @@
+"""fastgrad: fused per-sample backpropagation for dense MLPs, and the error of the
+"average the error first" shortcut.
+
+>>> import numpy as np, fastgrad
+>>> net = fastgrad.MLP([4, 16, 3], activation="tanh", loss="cross_entropy")
+>>> theta = net.init(seed=0)
+>>> X = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)
+>>> y = np.arange(32) % 3
+>>> res = fastgrad.backprop(net, theta, X, y, compute=("grad", "norms"))
+>>> res.grad.shape, res.norms.shape
+((115,), (32,))
+"""
+
+from .activations import ACTIVATIONS
+from .api import BackpropResult, available_backends, backprop, clipped_grad
+from .losses import LOSSES
+from .mlp import MLP
+from .shortcut import METHODS, ShortcutReport, compare_shortcut, covariance_terms, shortcut_grad
+from ._validation import QUANTITIES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "LOSSES",
+    "METHODS",
+    "QUANTITIES",
+    "MLP",
+    "BackpropResult",
+    "ShortcutReport",
+    "available_backends",
+    "backprop",
+    "clipped_grad",
+    "compare_shortcut",
+    "covariance_terms",
+    "shortcut_grad",
+]

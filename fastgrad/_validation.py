@@ -1,0 +1,173 @@
+"""Input checks shared by every host backend: done once, before any kernel runs.
+
+Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong
+shape or value) naming the argument and what was expected. What comes out is
+clean: C-contiguous, in θ's dtype, finite, labels in range.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .losses import CROSS_ENTROPY, BINARY_CROSS_ENTROPY
+from .mlp import FLOAT_DTYPES, MLP
+
+QUANTITIES: tuple[str, ...] = (
+    "loss",
+    "grad",
+    "per_sample",
+    "norms",
+    "layer_norms",
+    "sq_mean",
+    "variance",
+    "noise_scale",
+)
+"""Names accepted by ``compute``; see DESIGN §2 for their definitions."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Validated host inputs. ``labels`` (int64, (B,)) is used by cross-entropy,
+    ``targets`` ((B, n_L), θ's dtype) by the other losses; the unused one has length 0."""
+
+    theta: np.ndarray
+    X: np.ndarray
+    labels: np.ndarray
+    targets: np.ndarray
+
+    @property
+    def batch_size(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.theta.dtype
+
+
+def check_net(net) -> MLP:
+    if not isinstance(net, MLP):
+        raise TypeError(f"net: expected a fastgrad.MLP, got {type(net).__name__}")
+    return net
+
+
+def check_theta(net: MLP, theta) -> np.ndarray:
+    if not isinstance(theta, np.ndarray):
+        raise TypeError(f"theta: expected a NumPy array, got {type(theta).__name__}")
+    if theta.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"theta: expected dtype float32 or float64, got {theta.dtype}")
+    if theta.ndim != 1 or theta.shape[0] != net.num_params:
+        raise ValueError(
+            f"theta: expected shape ({net.num_params},) for sizes {list(net.sizes)}, got {theta.shape}"
+        )
+    if not np.isfinite(theta).all():
+        raise ValueError("theta: contains NaN or Inf")
+    return np.ascontiguousarray(theta)
+
+
+def _real_array(name: str, a) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{name}: expected real numbers, got dtype {arr.dtype}")
+    return arr
+
+
+def check_X(net: MLP, X, dtype: np.dtype) -> np.ndarray:
+    X = _real_array("X", X)
+    if X.ndim != 2:
+        raise ValueError(f"X: expected a 2-D array (B, {net.n_in}), got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise ValueError("X: the batch is empty (B = 0); need at least one sample")
+    if X.shape[1] != net.n_in:
+        raise ValueError(f"X: expected {net.n_in} columns (sizes[0]), got shape {X.shape}")
+    X = np.ascontiguousarray(X, dtype=dtype)
+    if not np.isfinite(X).all():
+        raise ValueError("X: contains NaN or Inf")
+    return X
+
+
+def check_y(net: MLP, y, batch: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(labels, targets)`` for the kernels; the unused one is empty."""
+    y = _real_array("y", y)
+    n_out = net.n_out
+    if net.loss_code == CROSS_ENTROPY:
+        if not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(
+                f"y: cross_entropy expects integer class labels, got dtype {y.dtype}"
+            )
+        if y.shape != (batch,):
+            raise ValueError(f"y: cross_entropy expects labels of shape ({batch},), got {y.shape}")
+        if y.min() < 0 or y.max() >= n_out:
+            raise ValueError(
+                f"y: labels must lie in [0, {n_out}) (sizes[-1] = {n_out}), "
+                f"got values in [{y.min()}, {y.max()}]"
+            )
+        return np.ascontiguousarray(y, dtype=np.int64), np.zeros((0, n_out), dtype=dtype)
+    if y.ndim == 1 and n_out == 1 and y.shape[0] == batch:
+        y = y.reshape(batch, 1)
+    if y.shape != (batch, n_out):
+        raise ValueError(f"y: {net.loss} expects targets of shape ({batch}, {n_out}), got {y.shape}")
+    targets = np.ascontiguousarray(y, dtype=dtype)
+    if not np.isfinite(targets).all():
+        raise ValueError("y: contains NaN or Inf")
+    if net.loss_code == BINARY_CROSS_ENTROPY and (targets.min() < 0 or targets.max() > 1):
+        raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
+    return np.zeros(0, dtype=np.int64), targets
+
+
+def check_inputs(net, theta, X, y) -> Inputs:
+    """Validate and normalise ``(theta, X, y)`` for ``net``; see :class:`Inputs`."""
+    net = check_net(net)
+    theta = check_theta(net, theta)
+    X = check_X(net, X, theta.dtype)
+    labels, targets = check_y(net, y, X.shape[0], theta.dtype)
+    return Inputs(theta, X, labels, targets)
+
+
+def check_compute(compute) -> frozenset[str]:
+    if isinstance(compute, str):
+        compute = (compute,)
+    try:
+        names = list(compute)
+    except TypeError:
+        raise TypeError(f"compute: expected a sequence of quantity names, got {type(compute).__name__}") from None
+    for name in names:
+        if name not in QUANTITIES:
+            raise ValueError(f"compute: unknown quantity {name!r}; expected any of {', '.join(QUANTITIES)}")
+    if not names:
+        raise ValueError(f"compute: empty; expected any of {', '.join(QUANTITIES)}")
+    return frozenset(names)
+
+
+def check_max_norm(max_norm) -> float:
+    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"max_norm: expected a positive real number, got {type(max_norm).__name__}")
+    if not np.isfinite(max_norm) or max_norm <= 0:
+        raise ValueError(f"max_norm: expected a positive finite number, got {max_norm}")
+    return float(max_norm)
+
+
+def check_noise_multiplier(noise_multiplier) -> float:
+    if isinstance(noise_multiplier, (bool, np.bool_)) or not isinstance(noise_multiplier, numbers.Real):
+        raise TypeError(
+            f"noise_multiplier: expected a non-negative real number, got {type(noise_multiplier).__name__}"
+        )
+    if not np.isfinite(noise_multiplier) or noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier: expected a non-negative finite number, got {noise_multiplier}")
+    return float(noise_multiplier)
+
+
+def check_out(out, shape: tuple[int, int], dtype: np.dtype):
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a NumPy array (or np.memmap), got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"out: expected shape {shape} and dtype {dtype}, got {out.shape} and {out.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out: must be C-contiguous and writeable")
+    return out

@@ -1,0 +1,241 @@
+"""Public entry points and backend dispatch.
+
+Every backend computes the same raw quantities from validated inputs (loss, grad,
+per_sample, norms, layer_norms, sq_mean, and the clipped *sum* for DP-SGD); the
+derived ones (variance, noise scale, the noised clipped mean) are finished here,
+once, so the backends cannot disagree about them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import reference
+from ._validation import (
+    QUANTITIES,
+    check_compute,
+    check_inputs,
+    check_max_norm,
+    check_noise_multiplier,
+    check_out,
+)
+from .mlp import MLP
+
+
+@dataclass
+class BackpropResult:
+    """What :func:`backprop` computed; a quantity not requested is ``None``.
+
+    Attributes
+    ----------
+    loss : float
+        (1/B) Σ ℓ_i. Always computed: it is a by-product of the forward pass.
+    grad : ndarray (P,)
+        (1/B) Σ ∇ℓ_i, in θ's layout.
+    per_sample : ndarray (B, P)
+        Row i is ∇ℓ_i.
+    norms : ndarray (B,)
+        ‖∇ℓ_i‖₂.
+    layer_norms : ndarray (B, L)
+        ‖∇_{W_l, b_l} ℓ_i‖₂; the rows' Euclidean norms are ``norms``.
+    sq_mean : ndarray (P,)
+        (1/B) Σ (∇ℓ_i)², element-wise.
+    variance : ndarray (P,)
+        sq_mean − grad², the population variance (clamped at 0 against rounding).
+    noise_scale : float
+        Simple gradient noise scale B_simple = tr(Σ) / ‖grad‖² (inf when grad = 0).
+    """
+
+    loss: float | None = None
+    grad: np.ndarray | None = None
+    per_sample: np.ndarray | None = None
+    norms: np.ndarray | None = None
+    layer_norms: np.ndarray | None = None
+    sq_mean: np.ndarray | None = None
+    variance: np.ndarray | None = None
+    noise_scale: float | None = None
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            parts.append(f"{f.name}={v:.6g}" if np.ndim(v) == 0 else f"{f.name}=<{v.dtype} {v.shape}>")
+        return f"BackpropResult({', '.join(parts)})"
+
+
+# ------------------------------------------------------------------- backends
+
+# name -> "module:function" running validated host inputs, signature
+#   run(net, inputs, need, max_norm, out) -> dict of raw quantities
+_BACKENDS: dict[str, str] = {
+    "naive": "fastgrad.reference:run_naive",
+    "numpy": "fastgrad.reference:run_batched",
+    "numba": "fastgrad.cpu:run",
+    "cuda": "fastgrad.cuda:run",
+}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here (the CUDA one only with a GPU)."""
+    names = []
+    for name in _BACKENDS:
+        try:
+            _backend(name)
+        except (ImportError, RuntimeError, ValueError):
+            continue
+        names.append(name)
+    return names
+
+
+def _backend(name: str) -> Callable:
+    if not isinstance(name, str) or name not in _BACKENDS:
+        raise ValueError(f"backend: unknown name {name!r}; expected one of {', '.join(_BACKENDS)}")
+    module_name, func = _BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ValueError(f"backend: {name!r} is not implemented in this version of fastgrad") from None
+        raise
+    checker = getattr(module, "check_available", None)
+    if checker is not None:
+        checker()
+    return getattr(module, func)
+
+
+def _needed(want: frozenset[str]) -> frozenset[str]:
+    """What the backend must compute for ``want`` (the derived quantities need their parts)."""
+    need = set(want) | {"loss"}
+    if "variance" in want:
+        need |= {"grad", "sq_mean"}
+    if "noise_scale" in want:
+        need |= {"grad", "norms"}
+    return frozenset(need)
+
+
+def _noise_scale(grad: np.ndarray, norms: np.ndarray) -> float:
+    """B_simple = (mean ‖∇ℓ_i‖² − ‖G‖²) / ‖G‖², accumulated in float64."""
+    grad_sq = float(np.dot(grad.astype(np.float64), grad.astype(np.float64)))
+    trace = float(np.mean(norms.astype(np.float64) ** 2)) - grad_sq
+    return trace / grad_sq if grad_sq > 0 else float("inf")
+
+
+def backprop(
+    net: MLP,
+    theta: np.ndarray,
+    X: np.ndarray,
+    y: np.ndarray,
+    compute: Sequence[str] = ("grad",),
+    backend: str = "numpy",
+    *,
+    out: np.ndarray | None = None,
+) -> BackpropResult:
+    """Per-sample backpropagation: any combination of quantities from one pass.
+
+    Parameters
+    ----------
+    net : MLP
+        The network spec.
+    theta : ndarray (P,), float32 or float64
+        Flat parameters (layout: :class:`fastgrad.MLP`). Results come back in its dtype.
+    X : ndarray (B, n0)
+        Inputs, one sample per row; converted to θ's dtype.
+    y : ndarray
+        Integer labels (B,) in [0, n_L) for ``cross_entropy``; float targets
+        (B, n_L) for ``mse``, ``binary_cross_entropy`` (in [0, 1]) and ``linear``
+        ((B,) is accepted when n_L = 1).
+    compute : sequence of str
+        Any of ``loss``, ``grad``, ``per_sample``, ``norms``, ``layer_norms``,
+        ``sq_mean``, ``variance``, ``noise_scale``.
+    backend : str
+        ``"naive"`` (the per-sample loop, the definition), ``"numpy"`` (batched
+        GEMMs), ``"numba"`` (CPU kernels), ``"cuda"`` (GPU kernels).
+    out : ndarray (B, P), optional
+        Receives ``per_sample`` (e.g. an ``np.memmap`` for batches that do not fit in RAM).
+
+    Returns
+    -------
+    BackpropResult
+
+    Raises
+    ------
+    TypeError, ValueError
+        For bad input, naming the argument, before any kernel runs.
+    """
+    want = check_compute(compute)
+    run = _backend(backend)
+    inp = check_inputs(net, theta, X, y)
+    out = check_out(out, (inp.batch_size, net.num_params), inp.dtype)
+    if out is not None and "per_sample" not in want:
+        raise ValueError("out: given, but 'per_sample' is not in compute")
+    raw = run(net, inp, _needed(want), None, out)
+    res = BackpropResult(loss=float(raw["loss"]))
+    for name in ("grad", "per_sample", "norms", "layer_norms", "sq_mean"):
+        if name in want:
+            setattr(res, name, raw[name])
+    if "variance" in want:
+        var = raw.get("variance")
+        if var is None:
+            var = np.maximum(raw["sq_mean"] - raw["grad"] * raw["grad"], 0)
+        res.variance = var
+    if "noise_scale" in want:
+        ns = raw.get("noise_scale")
+        res.noise_scale = float(ns if ns is not None else _noise_scale(raw["grad"], raw["norms"]))
+    return res
+
+
+def dp_noise(num_params: int, seed, dtype) -> np.ndarray:
+    """ξ ~ N(0, I) of DP-SGD, drawn on the host by ``numpy.random.default_rng(seed)``."""
+    return np.random.default_rng(seed).standard_normal(num_params).astype(dtype)
+
+
+def clipped_grad(
+    net: MLP,
+    theta: np.ndarray,
+    X: np.ndarray,
+    y: np.ndarray,
+    max_norm: float,
+    noise_multiplier: float = 0.0,
+    seed: int | None = None,
+    backend: str = "numpy",
+) -> np.ndarray:
+    """DP-SGD's clipped (and optionally noised) mean gradient, from one backward pass.
+
+    (1/B) [Σ_i min(1, C/‖∇ℓ_i‖) ∇ℓ_i + σ C ξ],  ξ ~ N(0, I).
+
+    Parameters
+    ----------
+    net, theta, X, y, backend
+        As for :func:`backprop`.
+    max_norm : float
+        C > 0, the per-sample clipping norm.
+    noise_multiplier : float
+        σ ≥ 0. With σ = 0 no noise is drawn.
+    seed : int or None
+        Seed of the Gaussian noise (``numpy.random.default_rng``); the same seed
+        gives the same noise on every backend. ``None`` draws fresh noise.
+
+    Returns
+    -------
+    ndarray (P,) in θ's dtype
+    """
+    max_norm = check_max_norm(max_norm)
+    noise_multiplier = check_noise_multiplier(noise_multiplier)
+    run = _backend(backend)
+    inp = check_inputs(net, theta, X, y)
+    raw = run(net, inp, frozenset({"loss"}), max_norm, None)
+    total = raw["clipped_sum"]
+    if noise_multiplier > 0:
+        total = total + inp.dtype.type(noise_multiplier * max_norm) * dp_noise(
+            net.num_params, seed, inp.dtype
+        )
+    return total / inp.dtype.type(inp.batch_size)
+
+
+__all__ = ["BackpropResult", "backprop", "clipped_grad", "available_backends", "QUANTITIES"]

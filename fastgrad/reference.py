@@ -1,0 +1,241 @@
+"""NumPy references: the naive per-sample loop (the definition) and the batched GEMM form.
+
+Every kernel in fastgrad is tested against these. The naive loop backpropagates
+one sample at a time and stacks the per-sample gradients; every quantity is then
+computed from that (B, P) matrix exactly as DESIGN §2 defines it. The batched
+form computes the same quantities with one GEMM per layer and the tricks of
+DESIGN §3 (norms from deltas, clipped sums from row-scaled deltas, second moments
+from squared operands), and builds the (B, P) matrix only when asked to.
+
+Both compute in θ's dtype. The activation and loss formulas here are written
+independently of the scalar code the compiled targets share, on purpose.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import Inputs, check_inputs
+from .losses import CROSS_ENTROPY
+from .mlp import MLP
+
+# ---------------------------------------------------------------- activations
+
+
+def _sigmoid(z):
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype, copy=False)
+
+
+def phi(name: str, z: np.ndarray) -> np.ndarray:
+    """Hidden activation ``name`` applied element-wise."""
+    if name == "identity":
+        return z
+    if name == "relu":
+        return np.where(z > 0, z, 0).astype(z.dtype, copy=False)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, z.dtype.type(0.01) * z)
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "sigmoid":
+        return _sigmoid(z)
+    if name == "gelu":
+        c, k = z.dtype.type(np.sqrt(2 / np.pi)), z.dtype.type(0.044715)
+        return z.dtype.type(0.5) * z * (1 + np.tanh(c * (z + k * z**3)))
+    if name == "softplus":
+        return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+    raise ValueError(name)
+
+
+def phi_prime(name: str, z: np.ndarray) -> np.ndarray:
+    """Derivative of activation ``name`` at ``z``, element-wise."""
+    one = z.dtype.type(1)
+    if name == "identity":
+        return np.ones_like(z)
+    if name == "relu":
+        return (z > 0).astype(z.dtype)
+    if name == "leaky_relu":
+        return np.where(z > 0, one, z.dtype.type(0.01))
+    if name == "tanh":
+        return one - np.tanh(z) ** 2
+    if name == "sigmoid":
+        s = _sigmoid(z)
+        return s * (one - s)
+    if name == "gelu":
+        c, k = z.dtype.type(np.sqrt(2 / np.pi)), z.dtype.type(0.044715)
+        t = np.tanh(c * (z + k * z**3))
+        return z.dtype.type(0.5) * (one + t) + z.dtype.type(0.5) * z * (one - t * t) * c * (
+            one + 3 * k * z * z
+        )
+    if name == "softplus":
+        return _sigmoid(z)
+    raise ValueError(name)
+
+
+# ---------------------------------------------------------------------- losses
+
+
+def loss_and_delta(name: str, Z: np.ndarray, labels: np.ndarray, targets: np.ndarray):
+    """Per-sample losses (B,) and output deltas dℓ_i/dz_L (B, n_L) for outputs Z (B, n_L)."""
+    if name == "cross_entropy":
+        zmax = Z.max(axis=1, keepdims=True)
+        e = np.exp(Z - zmax)
+        s = e.sum(axis=1, keepdims=True)
+        lse = (zmax + np.log(s))[:, 0]
+        rows = np.arange(Z.shape[0])
+        losses = lse - Z[rows, labels]
+        delta = e / s
+        delta[rows, labels] -= 1
+        return losses, delta
+    if name == "mse":
+        d = Z - targets
+        return 0.5 * (d * d).sum(axis=1), d
+    if name == "binary_cross_entropy":
+        softplus = np.maximum(Z, 0) + np.log1p(np.exp(-np.abs(Z)))
+        return (softplus - targets * Z).sum(axis=1), _sigmoid(Z) - targets
+    if name == "linear":
+        return (targets - Z).sum(axis=1), np.full_like(Z, -1)
+    raise ValueError(name)
+
+
+# ------------------------------------------------------- the naive definition
+
+
+def sample_gradient(net: MLP, theta: np.ndarray, x: np.ndarray, label: int, target: np.ndarray):
+    """Loss ℓ_i and gradient ∇ℓ_i (P,) of one sample, by the chain rule, one layer at a time.
+
+    x: (n0,); label: class index (cross-entropy); target: (n_L,) (other losses).
+    """
+    params = net.unpack(theta)
+    L = net.num_layers
+    # forward: keep every pre-activation z_l and activation a_l of this sample
+    a = [x]
+    zs = []
+    for l, (W, b) in enumerate(params):
+        z = W @ a[-1] + b
+        zs.append(z)
+        a.append(phi(net.activation, z) if l < L - 1 else z)
+    loss, delta = loss_and_delta(net.loss, zs[-1][None, :], np.array([label]), target[None, :])
+    delta = delta[0]  # dℓ/dz_L
+    grad = np.zeros_like(theta)
+    grad_params = net.unpack(grad)
+    # backward: δ_l gives ∇W_l = δ_l a_{l-1}ᵀ and ∇b_l = δ_l, then δ_{l-1} = (W_lᵀ δ_l) ⊙ φ'(z_{l-1})
+    for l in reversed(range(L)):
+        gW, gb = grad_params[l]
+        gW[...] = np.outer(delta, a[l])
+        gb[...] = delta
+        if l > 0:
+            W = params[l][0]
+            delta = (W.T @ delta) * phi_prime(net.activation, zs[l - 1])
+    return loss[0], grad
+
+
+def run_naive(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | None = None, out=None):
+    """Every quantity from the stacked per-sample gradients; the definition of DESIGN §2."""
+    B = inp.batch_size
+    G = out if out is not None else np.empty((B, net.num_params), dtype=inp.dtype)
+    losses = np.empty(B, dtype=inp.dtype)
+    ce = net.loss_code == CROSS_ENTROPY
+    for i in range(B):
+        label = int(inp.labels[i]) if ce else 0
+        target = inp.targets[i] if not ce else np.zeros(net.n_out, dtype=inp.dtype)
+        losses[i], G[i] = sample_gradient(net, inp.theta, inp.X[i], label, target)
+    res = {"loss": losses.mean(dtype=inp.dtype), "grad": G.mean(axis=0)}
+    res["norms"] = np.sqrt((G * G).sum(axis=1))
+    res["layer_norms"] = np.stack(
+        [np.sqrt((G[:, s.w_start : s.end] ** 2).sum(axis=1)) for s in net.layers], axis=1
+    )
+    res["sq_mean"] = (G * G).mean(axis=0)
+    res["variance"] = ((G - res["grad"]) ** 2).mean(axis=0)
+    # B_simple = tr(Σ) / ‖G‖², with tr(Σ) the sum of the per-parameter variances
+    grad_sq = float((res["grad"].astype(np.float64) ** 2).sum())
+    trace = float(res["variance"].sum(dtype=np.float64))
+    res["noise_scale"] = trace / grad_sq if grad_sq > 0 else np.inf
+    if max_norm is not None:
+        res["clipped_sum"] = (clip_factors(res["norms"], max_norm)[:, None] * G).sum(axis=0)
+    if "per_sample" in need:
+        res["per_sample"] = G
+    return res
+
+
+def clip_factors(norms: np.ndarray, max_norm: float) -> np.ndarray:
+    """c_i = min(1, C / ‖∇ℓ_i‖), with c_i = 1 where the norm is 0."""
+    c = np.ones_like(norms)
+    big = norms > max_norm
+    c[big] = norms.dtype.type(max_norm) / norms[big]
+    return c
+
+
+# ------------------------------------------------------------ the batched form
+
+
+def forward(net: MLP, theta: np.ndarray, X: np.ndarray):
+    """Forward the batch: returns pre-activations [Z_1..Z_L] and activations [A_0..A_{L-1}]."""
+    L = net.num_layers
+    A, Zs = [X], []
+    for l, (W, b) in enumerate(net.unpack(theta)):
+        Z = A[-1] @ W.T + b
+        Zs.append(Z)
+        if l < L - 1:
+            A.append(phi(net.activation, Z))
+    return Zs, A
+
+
+def backward(net: MLP, theta: np.ndarray, Zs, labels, targets):
+    """Per-sample losses (B,) and deltas [Δ_1..Δ_L], Δ_l (B, n_l), for the whole batch."""
+    losses, delta = loss_and_delta(net.loss, Zs[-1], labels, targets)
+    params = net.unpack(theta)
+    deltas = [delta]
+    for l in range(net.num_layers - 1, 0, -1):
+        delta = (delta @ params[l][0]) * phi_prime(net.activation, Zs[l - 1])
+        deltas.append(delta)
+    return losses, deltas[::-1]
+
+
+def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | None = None, out=None):
+    """Every requested quantity with one GEMM per layer and quantity; no (B, P) matrix unless asked."""
+    B, dt = inp.batch_size, inp.dtype
+    Zs, A = forward(net, inp.theta, inp.X)
+    losses, deltas = backward(net, inp.theta, Zs, inp.labels, inp.targets)
+    res = {"loss": losses.mean(dtype=dt)}
+    P = net.num_params
+    if "grad" in need:
+        grad = np.empty(P, dtype=dt)
+        for s, (gW, gb), D, Ain in zip(net.layers, net.unpack(grad), deltas, A):
+            gW[...] = D.T @ Ain / dt.type(B)
+            gb[...] = D.sum(axis=0) / dt.type(B)
+        res["grad"] = grad
+    if "sq_mean" in need:
+        sq = np.empty(P, dtype=dt)
+        for (gW, gb), D, Ain in zip(net.unpack(sq), deltas, A):
+            gW[...] = (D * D).T @ (Ain * Ain) / dt.type(B)
+            gb[...] = (D * D).sum(axis=0) / dt.type(B)
+        res["sq_mean"] = sq
+    if need & {"norms", "layer_norms"} or max_norm is not None:
+        # Goodfellow's trick: ‖δ aᵀ‖²_F + ‖δ‖² = ‖δ‖² (‖a‖² + 1)
+        layer_sq = np.stack(
+            [(D * D).sum(axis=1) * ((Ain * Ain).sum(axis=1) + 1) for D, Ain in zip(deltas, A)], axis=1
+        )
+        res["layer_norms"] = np.sqrt(layer_sq)
+        res["norms"] = np.sqrt(layer_sq.sum(axis=1))
+    if max_norm is not None:
+        c = clip_factors(res["norms"], max_norm)
+        clipped = np.empty(P, dtype=dt)
+        for (gW, gb), D, Ain in zip(net.unpack(clipped), deltas, A):
+            cD = c[:, None] * D
+            gW[...] = cD.T @ Ain
+            gb[...] = cD.sum(axis=0)
+        res["clipped_sum"] = clipped
+    if "per_sample" in need:
+        G = out if out is not None else np.empty((B, P), dtype=dt)
+        for s, D, Ain in zip(net.layers, deltas, A):
+            G[:, s.w_start : s.b_start] = (D[:, :, None] * Ain[:, None, :]).reshape(B, -1)
+            G[:, s.b_start : s.end] = D
+        res["per_sample"] = G
+    return res
+
+
+def per_sample_gradients(net: MLP, theta, X, y) -> np.ndarray:
+    """The (B, P) matrix of per-sample gradients by the naive loop; a convenience for checks."""
+    inp = check_inputs(net, theta, X, y)
+    return run_naive(net, inp, frozenset({"per_sample"}))["per_sample"]
