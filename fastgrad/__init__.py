@@ -11,12 +11,12 @@
 ((115,), (32,))
 """
 
+from ._validation import QUANTITIES
 from .activations import ACTIVATIONS
 from .api import BackpropResult, available_backends, backprop, clipped_grad
 from .losses import LOSSES
 from .mlp import MLP
 from .shortcut import METHODS, ShortcutReport, compare_shortcut, covariance_terms, shortcut_grad
-from ._validation import QUANTITIES
 
 __version__ = "0.1.0"
 
@@ -24,8 +24,8 @@ __all__ = [
     "ACTIVATIONS",
     "LOSSES",
     "METHODS",
-    "QUANTITIES",
     "MLP",
+    "QUANTITIES",
     "BackpropResult",
     "ShortcutReport",
     "available_backends",

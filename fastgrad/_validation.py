@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .losses import CROSS_ENTROPY, BINARY_CROSS_ENTROPY
+from .losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY
 from .mlp import FLOAT_DTYPES, MLP
 
 QUANTITIES: tuple[str, ...] = (
@@ -96,9 +96,7 @@ def check_y(net: MLP, y, batch: int, dtype: np.dtype) -> tuple[np.ndarray, np.nd
     n_out = net.n_out
     if net.loss_code == CROSS_ENTROPY:
         if not np.issubdtype(y.dtype, np.integer):
-            raise TypeError(
-                f"y: cross_entropy expects integer class labels, got dtype {y.dtype}"
-            )
+            raise TypeError(f"y: cross_entropy expects integer class labels, got dtype {y.dtype}")
         if y.shape != (batch,):
             raise ValueError(f"y: cross_entropy expects labels of shape ({batch},), got {y.shape}")
         if y.min() < 0 or y.max() >= n_out:
@@ -134,7 +132,9 @@ def check_compute(compute) -> frozenset[str]:
     try:
         names = list(compute)
     except TypeError:
-        raise TypeError(f"compute: expected a sequence of quantity names, got {type(compute).__name__}") from None
+        raise TypeError(
+            f"compute: expected a sequence of quantity names, got {type(compute).__name__}"
+        ) from None
     for name in names:
         if name not in QUANTITIES:
             raise ValueError(f"compute: unknown quantity {name!r}; expected any of {', '.join(QUANTITIES)}")

@@ -42,9 +42,7 @@ RELU_FAMILY = frozenset({"relu", "leaky_relu", "gelu", "softplus"})
 def activation_code(name: str) -> int:
     """Run-time code of activation ``name``; ``ValueError`` listing the valid names."""
     if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(
-            f"activation: unknown name {name!r}; expected one of {', '.join(ACTIVATIONS)}"
-        )
+        raise ValueError(f"activation: unknown name {name!r}; expected one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS.index(name)
 
 
@@ -69,7 +67,7 @@ def activate(code, z):
     if code == TANH:
         return math.tanh(z)
     if code == RELU:
-        return z if z > like(z, 0.0) else like(z, 0.0)
+        return max(like(z, 0.0), z)
     if code == LEAKY_RELU:
         return z if z > like(z, 0.0) else like(z, LEAKY_SLOPE) * z
     if code == SIGMOID:

@@ -9,12 +9,11 @@ once, so the backends cannot disagree about them.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Callable, Sequence
 
 import numpy as np
 
-from . import reference
 from ._validation import (
     QUANTITIES,
     check_compute,
@@ -238,4 +237,4 @@ def clipped_grad(
     return total / inp.dtype.type(inp.batch_size)
 
 
-__all__ = ["BackpropResult", "backprop", "clipped_grad", "available_backends", "QUANTITIES"]
+__all__ = ["QUANTITIES", "BackpropResult", "available_backends", "backprop", "clipped_grad"]

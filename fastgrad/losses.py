@@ -65,8 +65,7 @@ def output_delta_row(code, z, target, label, delta):
     if code == CROSS_ENTROPY:
         zmax = z[0]
         for k in range(1, n):
-            if z[k] > zmax:
-                zmax = z[k]
+            zmax = max(zmax, z[k])
         s = like(zmax, 0.0)
         for k in range(n):
             e = math.exp(z[k] - zmax)

@@ -6,8 +6,9 @@ Every per-parameter result uses this layout, so ``unpack`` returns views.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import itertools
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class MLP:
         object.__setattr__(self, "activation", activation)
         object.__setattr__(self, "loss", loss)
         layers, start = [], 0
-        for n_in, n_out in zip(clean[:-1], clean[1:]):
+        for n_in, n_out in itertools.pairwise(clean):
             b_start = start + n_out * n_in
             layers.append(LayerSlice(n_in, n_out, start, b_start, b_start + n_out))
             start = b_start + n_out
@@ -146,8 +147,7 @@ class MLP:
         theta = np.asarray(theta)
         if theta.ndim != 1 or theta.shape[0] != self.num_params:
             raise ValueError(
-                f"theta: expected shape ({self.num_params},) for sizes {list(self.sizes)}, "
-                f"got {theta.shape}"
+                f"theta: expected shape ({self.num_params},) for sizes {list(self.sizes)}, got {theta.shape}"
             )
         return [
             (
@@ -166,10 +166,12 @@ class MLP:
         for (W, b), (Wv, bv) in zip(params, self.unpack(theta)):
             W, b = np.asarray(W), np.asarray(b)
             if W.shape != Wv.shape or b.shape != bv.shape:
-                raise ValueError(f"params: expected shapes {Wv.shape} and {bv.shape}, got {W.shape} and {b.shape}")
+                raise ValueError(
+                    f"params: expected shapes {Wv.shape} and {bv.shape}, got {W.shape} and {b.shape}"
+                )
             Wv[...] = W
             bv[...] = b
         return theta
 
 
-__all__ = ["MLP", "LayerSlice", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "MLP", "LayerSlice"]

@@ -201,7 +201,7 @@ def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | N
     P = net.num_params
     if "grad" in need:
         grad = np.empty(P, dtype=dt)
-        for s, (gW, gb), D, Ain in zip(net.layers, net.unpack(grad), deltas, A):
+        for (gW, gb), D, Ain in zip(net.unpack(grad), deltas, A):
             gW[...] = D.T @ Ain / dt.type(B)
             gb[...] = D.sum(axis=0) / dt.type(B)
         res["grad"] = grad

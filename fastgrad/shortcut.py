@@ -48,15 +48,25 @@ def _mean_input_grad(net: MLP, inp: Inputs) -> np.ndarray:
         delta = e / e.sum(axis=1, keepdims=True) - y_bar
     else:
         delta = reference.loss_and_delta(net.loss, Zs[-1], None, y_bar)[1]
-    return _backprop_one(net, inp.theta, delta[0], [a[0] for a in A],
-                         [reference.phi_prime(net.activation, z[0]) for z in Zs[:-1]])
+    return _backprop_one(
+        net,
+        inp.theta,
+        delta[0],
+        [a[0] for a in A],
+        [reference.phi_prime(net.activation, z[0]) for z in Zs[:-1]],
+    )
 
 
 def _mean_error_grad(net: MLP, inp: Inputs) -> np.ndarray:
     Zs, A = reference.forward(net, inp.theta, inp.X)
     delta = reference.loss_and_delta(net.loss, Zs[-1], inp.labels, inp.targets)[1]
-    return _backprop_one(net, inp.theta, delta.mean(axis=0), [a.mean(axis=0) for a in A],
-                         [reference.phi_prime(net.activation, z).mean(axis=0) for z in Zs[:-1]])
+    return _backprop_one(
+        net,
+        inp.theta,
+        delta.mean(axis=0),
+        [a.mean(axis=0) for a in A],
+        [reference.phi_prime(net.activation, z).mean(axis=0) for z in Zs[:-1]],
+    )
 
 
 def _backprop_one(net: MLP, theta, delta, acts, derivs) -> np.ndarray:
@@ -102,7 +112,9 @@ def covariance_terms(net: MLP, theta, X, y) -> list[np.ndarray]:
     Zs, A = reference.forward(net, inp.theta, inp.X)
     _, deltas = reference.backward(net, inp.theta, Zs, inp.labels, inp.targets)
     B = inp.batch_size
-    return [(D - D.mean(axis=0)).T @ (Ain - Ain.mean(axis=0)) / inp.dtype.type(B) for D, Ain in zip(deltas, A)]
+    return [
+        (D - D.mean(axis=0)).T @ (Ain - Ain.mean(axis=0)) / inp.dtype.type(B) for D, Ain in zip(deltas, A)
+    ]
 
 
 @dataclass(frozen=True)
@@ -142,7 +154,10 @@ class ShortcutReport:
             f"shortcut vs true gradient: sizes {list(self.sizes)}, {self.activation}, "
             f"{self.loss}, B = {self.batch_size}"
         )
-        cols = f"{'method':<11} {'layer':>5} {'rel.error':>10} {'cosine':>8} {'norm ratio':>10} {'‖Cov‖':>10} {'‖g‖':>10}"
+        cols = (
+            f"{'method':<11} {'layer':>5} {'rel.error':>10} {'cosine':>8} "
+            f"{'norm ratio':>10} {'‖Cov‖':>10} {'‖g‖':>10}"
+        )
         lines = [head, cols, "-" * len(cols)]
         for r in self.rows:
             lines.append(
@@ -161,9 +176,7 @@ def _row(method, layer, g_s, g, cov_norm) -> ShortcutRow:
     return ShortcutRow(method, layer, float(rel), cos, float(ratio), float(cov_norm), float(gn))
 
 
-def compare_shortcut(
-    net: MLP, theta, X, y, methods=METHODS, backend: str = "numpy"
-) -> ShortcutReport:
+def compare_shortcut(net: MLP, theta, X, y, methods=METHODS, backend: str = "numpy") -> ShortcutReport:
     """Compare shortcut gradients with the true mean gradient, layer by layer.
 
     Parameters

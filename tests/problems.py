@@ -1,0 +1,27 @@
+"""Random problems shared by the tests: a network, θ, inputs and targets of the right kind."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import fastgrad
+
+
+def make_targets(net: fastgrad.MLP, B: int, rng: np.random.Generator, dtype=np.float64) -> np.ndarray:
+    """Targets of the kind ``net.loss`` expects: labels for cross_entropy, floats otherwise."""
+    if net.loss == "cross_entropy":
+        return rng.integers(0, net.n_out, size=B)
+    if net.loss == "binary_cross_entropy":
+        return rng.uniform(0, 1, size=(B, net.n_out)).astype(dtype)
+    return rng.standard_normal((B, net.n_out)).astype(dtype)
+
+
+def make_problem(sizes, activation="tanh", loss="cross_entropy", B=8, dtype=np.float64, seed=0, scale=1.0):
+    """(net, theta, X, y) with random non-zero biases, so no layer is trivially symmetric."""
+    net = fastgrad.MLP(sizes, activation=activation, loss=loss)
+    rng = np.random.default_rng(seed)
+    theta = net.init(seed=seed, dtype=dtype)
+    for _, b in net.unpack(theta):
+        b[...] = 0.1 * rng.standard_normal(b.shape)
+    X = (scale * rng.standard_normal((B, sizes[0]))).astype(dtype)
+    return net, theta, X, make_targets(net, B, rng, dtype)
