@@ -14,6 +14,7 @@
 from ._validation import QUANTITIES
 from .activations import ACTIVATIONS
 from .api import BackpropResult, available_backends, backprop, clipped_grad
+from .interop import from_torch, to_torch
 from .losses import LOSSES
 from .mlp import MLP
 from .shortcut import METHODS, ShortcutReport, compare_shortcut, covariance_terms, shortcut_grad
@@ -33,5 +34,7 @@ __all__ = [
     "clipped_grad",
     "compare_shortcut",
     "covariance_terms",
+    "from_torch",
     "shortcut_grad",
+    "to_torch",
 ]

@@ -1,0 +1,183 @@
+"""PyTorch interop: ``from_torch`` reads a ``torch.nn.Sequential`` MLP, ``to_torch`` builds one.
+
+Only the layers fastgrad computes are accepted: ``Linear`` layers with one kind
+of activation module between them, and no module after the last ``Linear`` (the
+output layer is linear; the loss owns the output nonlinearity). torch is imported
+only when these functions are called (the ``torch`` extra).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .datasets import require
+from .mlp import MLP
+
+_TORCH_DTYPES = ("float32", "float64")
+
+
+def _activation_name(module) -> str:
+    """fastgrad's name for a torch activation module, or ``TypeError`` saying why it is not one."""
+    nn = require("torch.nn", "torch", "PyTorch interop")
+    kind = type(module).__name__
+    if isinstance(module, nn.Identity):
+        return "identity"
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.Tanh):
+        return "tanh"
+    if isinstance(module, nn.Sigmoid):
+        return "sigmoid"
+    if isinstance(module, nn.LeakyReLU):
+        if module.negative_slope != 0.01:
+            raise TypeError(
+                f"module: LeakyReLU(negative_slope={module.negative_slope}) is not supported; "
+                "fastgrad's leaky_relu has slope 0.01"
+            )
+        return "leaky_relu"
+    if isinstance(module, nn.GELU):
+        if module.approximate != "tanh":
+            raise TypeError(
+                f"module: GELU(approximate={module.approximate!r}) is not supported; fastgrad's gelu is "
+                "the tanh approximation, GELU(approximate='tanh')"
+            )
+        return "gelu"
+    if isinstance(module, nn.Softplus):
+        if module.beta != 1:
+            raise TypeError(f"module: Softplus(beta={module.beta}) is not supported; fastgrad's has beta = 1")
+        return "softplus"
+    raise TypeError(
+        f"module: unsupported layer {kind}; fastgrad handles Linear layers with one of the activations "
+        "Identity, ReLU, LeakyReLU(0.01), Tanh, Sigmoid, GELU(approximate='tanh'), Softplus between them"
+    )
+
+
+def from_torch(module, loss: str = "cross_entropy") -> tuple[MLP, np.ndarray]:
+    """The fastgrad network and flat θ of a PyTorch MLP.
+
+    Parameters
+    ----------
+    module : torch.nn.Sequential
+        ``Linear, act, Linear, act, ..., Linear``: every hidden activation the same
+        kind (or none at all between the ``Linear`` layers, meaning ``identity``),
+        nothing after the last ``Linear``. A ``Linear`` without bias gets b = 0.
+        Parameters float32 or float64, all the same dtype.
+    loss : str
+        The loss to attach (PyTorch keeps the loss outside the module).
+
+    Returns
+    -------
+    net : MLP
+    theta : ndarray (P,)
+        A copy of the parameters in θ's layout (W_l row-major, then b_l), in the
+        module's dtype. ``torch.nn.Linear.weight`` is already (out, in).
+
+    Raises
+    ------
+    TypeError
+        For a module that is not a ``Sequential`` or holds an unsupported layer.
+    ValueError
+        For mismatched widths, mixed activations or a trailing activation.
+    fastgrad.datasets.MissingExtraError
+        When torch is not installed.
+    """
+    torch = require("torch", "torch", "PyTorch interop")
+    nn = torch.nn
+    if not isinstance(module, nn.Sequential):
+        raise TypeError(f"module: expected a torch.nn.Sequential, got {type(module).__name__}")
+    layers = list(module)
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("module: holds no torch.nn.Linear layer")
+    if not isinstance(layers[-1], nn.Linear):
+        raise ValueError(
+            f"module: ends with {type(layers[-1]).__name__}; the last layer must be Linear (fastgrad's "
+            "output layer is linear and the loss applies the output nonlinearity)"
+        )
+    # between consecutive Linear layers: nothing, or exactly one activation module
+    acts: list[str] = []
+    gap: list = []
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            if m is not linears[0]:
+                if len(gap) > 1:
+                    raise ValueError(
+                        f"module: {len(gap)} modules between two Linear layers "
+                        f"({', '.join(type(g).__name__ for g in gap)}); expected at most one activation"
+                    )
+                acts.append(_activation_name(gap[0]) if gap else "identity")
+            gap = []
+        else:
+            if m is layers[0]:
+                raise ValueError(f"module: starts with {type(m).__name__}; the first layer must be Linear")
+            gap.append(m)
+    if len(set(acts)) > 1:
+        raise ValueError(
+            f"module: mixes hidden activations {sorted(set(acts))}; fastgrad uses one for all layers"
+        )
+    activation = acts[0] if acts else "identity"
+    sizes = [linears[0].in_features]
+    for i, lin in enumerate(linears):
+        if lin.in_features != sizes[-1]:
+            raise ValueError(
+                f"module: Linear layer {i} takes {lin.in_features} inputs but the previous layer "
+                f"gives {sizes[-1]}"
+            )
+        sizes.append(lin.out_features)
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in module.parameters()}
+    if len(dtypes) != 1 or not dtypes <= set(_TORCH_DTYPES):
+        raise TypeError(f"module: parameters must all be float32 or all float64, got {sorted(dtypes)}")
+    net = MLP(sizes, activation=activation, loss=loss)
+    theta = np.zeros(net.num_params, dtype=np.dtype(dtypes.pop()))
+    with torch.no_grad():
+        for lin, (W, b) in zip(linears, net.unpack(theta)):
+            W[...] = lin.weight.detach().cpu().numpy()
+            if lin.bias is not None:
+                b[...] = lin.bias.detach().cpu().numpy()
+    return net, theta
+
+
+def to_torch(net: MLP, theta: np.ndarray):
+    """A ``torch.nn.Sequential`` with ``net``'s layers and θ's values (copied), in θ's dtype.
+
+    Parameters
+    ----------
+    net : MLP
+    theta : ndarray (P,), float32 or float64
+
+    Returns
+    -------
+    torch.nn.Sequential
+        ``Linear, act, ..., Linear``; the activation module is ``Identity``,
+        ``ReLU``, ``LeakyReLU(0.01)``, ``Tanh``, ``Sigmoid``,
+        ``GELU(approximate="tanh")`` or ``Softplus()``. The loss is not part of it.
+    """
+    from ._validation import check_net, check_theta
+
+    torch = require("torch", "torch", "PyTorch interop")
+    nn = torch.nn
+    net = check_net(net)
+    theta = check_theta(net, theta)
+    make_act = {
+        "identity": nn.Identity,
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(0.01),
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "gelu": lambda: nn.GELU(approximate="tanh"),
+        "softplus": nn.Softplus,
+    }[net.activation]
+    tdtype = getattr(torch, theta.dtype.name)
+    modules = []
+    for l, (W, b) in enumerate(net.unpack(theta)):
+        lin = nn.Linear(W.shape[1], W.shape[0], dtype=tdtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.array(W)))
+            lin.bias.copy_(torch.from_numpy(np.array(b)))
+        modules.append(lin)
+        if l < net.num_layers - 1:
+            modules.append(make_act())
+    return nn.Sequential(*modules)
+
+
+__all__ = ["from_torch", "to_torch"]

@@ -1,0 +1,97 @@
+"""from_torch / to_torch: round trips, and gradients that agree with PyTorch autograd."""
+
+import numpy as np
+import pytest
+
+import fastgrad
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", fastgrad.ACTIVATIONS)
+def test_to_torch_then_from_torch_gives_back_the_same_net_and_theta(activation, dtype):
+    net = fastgrad.MLP([3, 6, 5, 2], activation=activation, loss="mse")
+    theta = net.init(seed=1, dtype=dtype)
+    theta[net.layers[0].b_start : net.layers[0].end] = np.arange(6) / 7  # non-zero biases travel too
+    module = fastgrad.to_torch(net, theta)
+    assert next(module.parameters()).dtype == getattr(torch, np.dtype(dtype).name)
+    back_net, back_theta = fastgrad.from_torch(module, loss="mse")
+    assert back_net == net
+    assert back_theta.dtype == dtype
+    np.testing.assert_array_equal(back_theta, theta)
+
+
+def _flat_torch_grad(module) -> np.ndarray:
+    parts = []
+    for m in module:
+        if isinstance(m, nn.Linear):
+            parts += [m.weight.grad.numpy().ravel(), m.bias.grad.numpy().ravel()]
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize(
+    ("activation", "loss"), [("gelu", "cross_entropy"), ("softplus", "mse"), ("leaky_relu", "cross_entropy")]
+)
+def test_fastgrad_gradient_of_a_torch_module_matches_autograd(activation, loss):
+    rng = np.random.default_rng(0)
+    act = {"gelu": nn.GELU(approximate="tanh"), "softplus": nn.Softplus(), "leaky_relu": nn.LeakyReLU()}
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Linear(4, 7), act[activation], nn.Linear(7, 5), act[activation], nn.Linear(5, 3)
+    )
+    module = module.double()
+    net, theta = fastgrad.from_torch(module, loss=loss)
+    X = rng.standard_normal((16, 4))
+    if loss == "cross_entropy":
+        y = rng.integers(0, 3, size=16)
+        t_loss = nn.functional.cross_entropy(module(torch.from_numpy(X)), torch.from_numpy(y))
+    else:
+        y = rng.standard_normal((16, 3))
+        z = module(torch.from_numpy(X))
+        t_loss = 0.5 * ((z - torch.from_numpy(y)) ** 2).sum(dim=1).mean()
+    t_loss.backward()
+    res = fastgrad.backprop(net, theta, X, y, compute=("loss", "grad"), backend="numpy")
+    assert res.loss == pytest.approx(t_loss.item(), rel=1e-12)
+    np.testing.assert_allclose(res.grad, _flat_torch_grad(module), rtol=1e-10, atol=1e-13)
+
+
+def test_from_torch_reads_linear_layers_without_activation_as_identity_and_missing_bias_as_zero():
+    module = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2))
+    net, theta = fastgrad.from_torch(module)
+    assert net.activation == "identity" and net.sizes == (3, 4, 2)
+    (W1, b1), (_W2, b2) = net.unpack(theta)
+    np.testing.assert_array_equal(W1, module[0].weight.detach().numpy())
+    assert not b1.any()
+    np.testing.assert_array_equal(b2, module[1].bias.detach().numpy())
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (nn.Linear(3, 2), "expected a torch.nn.Sequential"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Dropout(), nn.Linear(4, 2)), "unsupported layer Dropout"),
+        (nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)), "approximate='tanh'"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2)), "slope 0.01"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Softmax(dim=1)), "last layer must be"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "mixes"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.ReLU(), nn.Linear(4, 2)), "at most one activation"),
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(5, 2)), "takes 5 inputs"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(3, 2)), "first layer must be Linear"),
+        (nn.Sequential(nn.Linear(3, 4).half(), nn.Tanh(), nn.Linear(4, 2).half()), "float32 or all float64"),
+    ],
+)
+def test_from_torch_rejects_what_fastgrad_cannot_compute_with_a_clear_error(module, message):
+    with pytest.raises(
+        (TypeError, ValueError), match="module: .*" + message.replace("(", r"\(").replace(")", r"\)")
+    ):
+        fastgrad.from_torch(module)
+
+
+def test_to_torch_rejects_a_theta_of_the_wrong_shape_naming_theta():
+    net = fastgrad.MLP([3, 4, 2])
+    with pytest.raises(ValueError, match="theta"):
+        fastgrad.to_torch(net, np.zeros(5, dtype=np.float32))
+    with pytest.raises(TypeError, match="theta"):
+        fastgrad.to_torch(net, [0.0] * net.num_params)
