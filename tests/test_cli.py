@@ -1,0 +1,214 @@
+"""The ``fastgrad`` command through subprocesses (as a user runs it), plus in-process checks of its wiring.
+
+Each subprocess costs about half a second (imports), so there are few and they are small.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastgrad
+from fastgrad import cli
+from fastgrad.datasets import make_spirals
+
+ROOT = Path(__file__).resolve().parents[1]
+# run fastgrad's main with some modules made unimportable: sys.modules[name] = None
+BLOCKING = (
+    "import sys\n"
+    "for name in sys.argv[1].split(','):\n"
+    "    sys.modules[name] = None\n"
+    "from fastgrad.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+
+
+def run(*args, block=None, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = (
+        [sys.executable, "-m", "fastgrad", *args]
+        if block is None
+        else [sys.executable, "-c", BLOCKING, block, *args]
+    )
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def _row(stdout: str, method: str, layer: str) -> list[str]:
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == [method, layer]:
+            return parts
+    raise AssertionError(f"no row {method} {layer} in:\n{stdout}")
+
+
+def test_compare_prints_the_same_numbers_as_compare_shortcut():
+    p = run(
+        "compare",
+        "--backend",
+        "numpy",
+        "--batch-size",
+        "32",
+        "--hidden",
+        "8,8",
+        "--dtype",
+        "float64",
+        "--seed",
+        "3",
+    )
+    assert p.returncode == 0, p.stderr
+    data = make_spirals()
+    idx = np.random.default_rng(3).choice(data.num_samples, 32, replace=False)
+    net = fastgrad.MLP([2, 8, 8, 3], activation="tanh", loss="cross_entropy")
+    rep = fastgrad.compare_shortcut(net, net.init(seed=3, dtype=np.float64), data.X[idx], data.y[idx])
+    for method in fastgrad.METHODS:
+        for layer in ("1", "2", "3", "total"):
+            r = rep.row(method, layer if layer == "total" else int(layer))
+            rel, cos = map(float, _row(p.stdout, method, layer)[2:4])
+            assert rel == pytest.approx(r.rel_error, rel=1e-3)
+            assert cos == pytest.approx(r.cosine, abs=1e-4)
+    assert "backend numpy" in p.stdout
+
+
+def test_train_with_dp_and_plot_prints_the_table_shows_progress_and_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    p = run(
+        "train",
+        "--backend",
+        "numpy",
+        "--epochs",
+        "2",
+        "--hidden",
+        "8",
+        "--batch-size",
+        "100",
+        "--dp",
+        "--plot",
+        "curves.png",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    for method in ("true", "mean_error", "mean_input", "dp_sgd"):
+        assert any(line.split()[:1] == [method] for line in p.stdout.splitlines()), p.stdout
+    assert "training" in p.stderr  # the tqdm bar
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_on_a_users_npz_file(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mine.npz", X=rng.standard_normal((50, 3)), y=rng.standard_normal((50, 2)))
+    p = run(
+        "sweep",
+        "--data",
+        "mine.npz",
+        "--backend",
+        "numpy",
+        "--batch-sizes",
+        "1,8",
+        "--depths",
+        "1",
+        "--activations",
+        "relu",
+        "--width",
+        "4",
+        "--seeds",
+        "1",
+        "--base-batch",
+        "8",
+        "--no-progress",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "mine.npz, mse" in p.stdout
+    lines = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("batch_size")]
+    assert [ln[1] for ln in lines] == ["1", "8"]
+    assert float(lines[0][-4]) == 0.0  # B = 1: the shortcut is exact
+    assert float(lines[1][-4]) > 0.01
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("compare", "--hidden", "4,0"), "hidden widths must be ≥ 1"),
+        (("compare", "--activation", "swish"), "invalid choice: 'swish'"),
+        (("train", "--lr", "-1"), "expected a positive number"),
+        (("compare", "--data", "missing.npz", "--backend", "numpy"), "no such file"),
+        (("compare", "--batch-size", "5000", "--backend", "numpy"), "exceeds the 1500 samples"),
+        (("sweep", "--activations", "tanh,swish", "--backend", "numpy"), "unknown 'swish'"),
+        (("sweep", "--base-batch", "2000", "--backend", "numpy"), "base_batch: 2000 exceeds"),
+    ],
+)
+def test_bad_arguments_end_with_a_message_and_status_2_not_a_traceback(args, message, tmp_path):
+    p = run(*args, cwd=tmp_path)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_missing_optional_extras_name_the_extra_to_install(tmp_path):
+    p = run("train", "--plot", "x.png", "--backend", "numpy", block="matplotlib", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert 'pip install "fastgrad[plot]"' in p.stderr
+    p = run("compare", "--dataset", "digits", "--backend", "numpy", block="sklearn", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert 'pip install "fastgrad[digits]"' in p.stderr
+
+
+def test_no_command_prints_help_and_fails():
+    p = run()
+    assert p.returncode == 2
+    for command in ("compare", "train", "sweep", "validate", "bench"):
+        assert command in p.stdout
+
+
+def test_console_script_is_installed_and_runs():
+    exe = shutil.which("fastgrad")
+    if exe is None:
+        pytest.skip("fastgrad is not installed in this environment (pip install -e .)")
+    p = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == f"fastgrad {fastgrad.__version__}"
+
+
+# ------------------------------------------------------------ in-process wiring
+
+
+@pytest.mark.parametrize(
+    ("available", "expected"),
+    [
+        (["naive", "numpy"], "numpy"),
+        (["naive", "numpy", "numba"], "numba"),
+        (["naive", "numpy", "numba", "cuda"], "cuda"),
+    ],
+)
+def test_auto_backend_is_the_fastest_available(monkeypatch, available, expected):
+    monkeypatch.setattr(fastgrad.api, "available_backends", lambda: available)
+    assert cli.resolve_backend("auto") == expected
+
+
+def test_an_explicit_backend_that_cannot_run_is_a_usage_error(monkeypatch):
+    def unavailable(name):
+        raise RuntimeError("no CUDA GPU found")
+
+    monkeypatch.setattr(fastgrad.api, "_backend", unavailable)
+    with pytest.raises(cli.UsageError, match="--backend cuda: cannot run here: no CUDA GPU"):
+        cli.resolve_backend("cuda")
+
+
+def test_validate_and_bench_delegate_to_their_modules_with_the_remaining_arguments(monkeypatch):
+    seen = {}
+    for command in ("validate", "bench"):
+        fake = types.ModuleType(f"fastgrad.{command}")
+        fake.main = lambda argv, command=command: seen.setdefault(command, list(argv)) and 3
+        monkeypatch.setitem(sys.modules, f"fastgrad.{command}", fake)
+        assert cli.main([command, "--quick", "x"]) == 3
+    assert seen == {"validate": ["--quick", "x"], "bench": ["--quick", "x"]}
+
+
+def test_a_missing_delegate_module_says_the_feature_is_not_available(monkeypatch, capsys):
+    monkeypatch.setitem(cli._DELEGATED, "validate", "no_such_module_here")
+    assert cli.main(["validate"]) == 2
+    assert "not available in this version" in capsys.readouterr().err
