@@ -1,0 +1,871 @@
+"""CUDA backend (numba-cuda): every quantity of DESIGN §2 computed on the GPU.
+
+The only module that imports ``numba.cuda``. Two paths share the reducers' maths
+(DESIGN §3) and the scalar activation/loss code of the CPU kernels:
+
+- **fused** (every width ≤ ``FUSED_MAX_WIDTH``): one block takes a tile of T
+  samples through the whole forward and backward pass with activations and deltas
+  in shared memory, then reduces the tile into per-tile partial sums of the
+  gradient, the second moment and the clipped gradient (the clip factor is known
+  in-block, since the block holds every layer of its samples), writes its
+  per-sample gradient rows and norms. One launch per pass, as in tiny-cuda-nn.
+- **tiled** (wider networks): a register-blocked shared-memory GEMM with fused
+  epilogues (bias + activation forward, activation derivative backward), the
+  weight gradients as split-K GEMMs over the batch (row-scaled deltas for the
+  clipped sum, squared operands for the second moment) and a coalesced
+  per-sample outer-product write.
+
+Reductions are deterministic: every block writes its own partial row and a second
+kernel sums the rows in a fixed order; there are no floating-point atomics, so
+the same inputs give the same bits on every run.
+
+Inputs are NumPy arrays (copied in, results copied out) or device arrays (numba,
+CuPy, PyTorch through ``__cuda_array_interface__``), used in place; results then
+stay on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import numpy as np
+from numba.extending import register_jitable
+
+from . import _validation, activations, losses
+from .losses import CROSS_ENTROPY, BINARY_CROSS_ENTROPY
+from .mlp import FLOAT_DTYPES, MLP
+
+try:  # numba-cuda is an optional dependency: without it the backend reports itself unavailable
+    import numba
+    from numba import cuda
+    from numba import types as nbt
+
+    _IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - depends on the installation
+    cuda = None
+    _IMPORT_ERROR = exc
+
+SIMULATOR = bool(cuda is not None and numba.config.ENABLE_CUDASIM)
+
+# ------------------------------------------------------------------ tunables
+# The simulator runs every thread as a Python thread (about 1-3 ms each), so it
+# gets the same kernels with tiny blocks; the GPU gets blocks sized for an SM.
+if SIMULATOR:
+    GEMM_THREADS, GEMM_REG, GEMM_BK = 2, 2, 2  # 4x4 output tile, 4 threads
+    FUSED_THREADS, FUSED_MAX_TILE = 4, 4
+    SUM_X, SUM_Y, VEC_THREADS, ROW_THREADS, WRITE_THREADS = 2, 2, 4, 4, 4
+    TARGET_BLOCKS = 2  # aim for at least this many fused blocks
+else:
+    GEMM_THREADS, GEMM_REG, GEMM_BK = 16, 4, 16  # 64x64 output tile, 256 threads
+    FUSED_THREADS, FUSED_MAX_TILE = 128, 32
+    SUM_X, SUM_Y, VEC_THREADS, ROW_THREADS, WRITE_THREADS = 32, 8, 256, 128, 256
+    TARGET_BLOCKS = 512  # fixed, not read from the card: results must not depend on it
+GEMM_TILE = GEMM_THREADS * GEMM_REG
+
+FUSED_MAX_WIDTH = 128  # the fused path is used when every width is at most this
+FUSED_MAX_LAYERS = 16
+SHARED_BYTES = 48 * 1024  # dynamic shared memory available without an opt-in
+
+# epilogues of tiled_gemm
+FWD_HIDDEN, FWD_OUTPUT, BWD_INPUT, GRAD_PARTIAL = range(4)
+
+
+def check_available() -> None:
+    """Raise ``RuntimeError`` saying why the CUDA backend cannot run here."""
+    if cuda is None:
+        raise RuntimeError(
+            "backend 'cuda': numba-cuda is not installed or failed to import "
+            f"({_IMPORT_ERROR}); install it with: pip install 'fastgrad[cuda]'"
+        )
+    if SIMULATOR:
+        return
+    try:
+        ok = cuda.is_available()
+    except Exception as exc:  # pragma: no cover - depends on the driver
+        raise RuntimeError(f"backend 'cuda': the CUDA driver could not be initialised ({exc})") from None
+    if not ok:
+        raise RuntimeError(
+            "backend 'cuda': no CUDA GPU or driver found (numba.cuda.is_available() is False); "
+            "use backend='numba' for the CPU, or set NUMBA_ENABLE_CUDASIM=1 to run the kernels "
+            "slowly in the CUDA simulator"
+        )
+
+
+# ------------------------------------------------------- shared scalar code
+# The scalar activation/loss functions are register_jitable(inline="always"). numba-cuda 0.30.4
+# cannot inline numba-core IR into CUDA code (an AssertionError on ir.Del, or "add(omitted,
+# omitted)" typing errors), so the CUDA target compiles the *same code objects* re-bound to
+# non-inlined copies of their helpers: one definition, two targets.
+
+
+def _rebind(fn, **helpers):
+    """``fn``'s code with its global helper names bound to ``helpers``, registered without inlining."""
+    env = dict(fn.__globals__)
+    env.update(helpers)
+    copy = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+    return register_jitable(copy)
+
+
+_sigmoid = _rebind(activations.stable_sigmoid)
+_softplus = _rebind(activations.stable_softplus)
+activate = _rebind(activations.activate, stable_sigmoid=_sigmoid, stable_softplus=_softplus)
+activate_grad = _rebind(activations.activate_grad, stable_sigmoid=_sigmoid, stable_softplus=_softplus)
+_pointwise_loss = _rebind(losses.pointwise_loss, stable_sigmoid=_sigmoid, stable_softplus=_softplus)
+_pointwise_delta = _rebind(losses.pointwise_delta, stable_sigmoid=_sigmoid, stable_softplus=_softplus)
+output_delta_row = _rebind(
+    losses.output_delta_row, pointwise_loss=_pointwise_loss, pointwise_delta=_pointwise_delta
+)
+
+# ------------------------------------------------------------------- kernels
+
+
+@functools.cache
+def kernels(dtype) -> dict:
+    """The compiled kernels for float dtype ``dtype`` (compiled lazily, once per process)."""
+    dtype = np.dtype(dtype)
+    F = numba.from_dtype(dtype)
+    return {name: cuda.jit(func) for name, func in kernel_functions(F).items()}
+
+
+def kernel_functions(F) -> dict:
+    """The Python functions of every kernel for float type ``F`` (for ``cuda.jit`` or ``compile_ptx``)."""
+    zero = F(0.0)
+    one = F(1.0)
+    TB, RB, BK, TT = GEMM_THREADS, GEMM_REG, GEMM_BK, GEMM_TILE
+    NTHR = TB * TB
+    MAXL = FUSED_MAX_LAYERS + 1
+
+    def tiled_gemm(M, N, K, k_chunk, a, a_off, a_sm, a_sk, b, b_off, b_sk, b_sn, n_real,
+                   rowscale, use_scale, square, mode, act, theta, bias_off, out1, out2, ld_out, part):
+        # C (M, N) = sum_k opA(m, k) opB(k, n) over this block's K chunk; opB(k, n >= n_real) = 1
+        As = cuda.shared.array((BK, TT), F)
+        Bs = cuda.shared.array((BK, TT), F)
+        acc = cuda.local.array((RB, RB), F)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TB + tx
+        m0 = cuda.blockIdx.y * TT
+        n0 = cuda.blockIdx.x * TT
+        k_begin = cuda.blockIdx.z * k_chunk
+        k_end = min(K, k_begin + k_chunk)
+        for r in range(RB):
+            for c in range(RB):
+                acc[r, c] = zero
+        for kt in range(k_begin, k_end, BK):
+            # stage the tiles; the contiguous index runs fastest across threads, so loads coalesce
+            for e in range(tid, BK * TT, NTHR):
+                if a_sk == 1:
+                    kk = e % BK
+                    mm = e // BK
+                else:
+                    mm = e % TT
+                    kk = e // TT
+                m = m0 + mm
+                k = kt + kk
+                v = zero
+                if m < M and k < k_end:
+                    v = a[a_off + m * a_sm + k * a_sk]
+                    if use_scale:
+                        v *= rowscale[k]
+                    if square:
+                        v *= v
+                As[kk, mm] = v
+                if b_sn == 1:
+                    nn = e % TT
+                    kk = e // TT
+                else:
+                    kk = e % BK
+                    nn = e // BK
+                n = n0 + nn
+                k = kt + kk
+                v = zero
+                if k < k_end:
+                    if n < n_real:
+                        v = b[b_off + k * b_sk + n * b_sn]
+                        if square:
+                            v *= v
+                    elif n < N:
+                        v = one
+                Bs[kk, nn] = v
+            cuda.syncthreads()
+            for kk in range(BK):
+                for r in range(RB):
+                    av = As[kk, ty + r * TB]
+                    for c in range(RB):
+                        acc[r, c] += av * Bs[kk, tx + c * TB]
+            cuda.syncthreads()
+        for r in range(RB):
+            m = m0 + ty + r * TB
+            if m < M:
+                for c in range(RB):
+                    n = n0 + tx + c * TB
+                    if n < N:
+                        v = acc[r, c]
+                        if mode == FWD_HIDDEN:
+                            z = v + theta[bias_off + n]
+                            h = activate(act, z)
+                            out1[m * ld_out + n] = h
+                            out2[m * ld_out + n] = activate_grad(act, z, h)
+                        elif mode == FWD_OUTPUT:
+                            out1[m * ld_out + n] = v + theta[bias_off + n]
+                        elif mode == BWD_INPUT:
+                            out1[m * ld_out + n] = v * out1[m * ld_out + n]
+                        else:  # GRAD_PARTIAL: row m = output unit, column n = input unit or the bias
+                            seg = M * (N - 1)
+                            idx = m * (N - 1) + n if n < N - 1 else seg + m
+                            part[cuda.blockIdx.z * (seg + M) + idx] = v
+
+    def output_deltas(act_out, labels, targets, loss, B, deltas, losses):
+        # act_out, deltas (B, nL); losses (B,): d loss_i / d z_L and loss_i, one thread per sample
+        i = cuda.grid(1)
+        if i < B:
+            losses[i] = output_delta_row(
+                loss, act_out[i], targets[i % targets.shape[0]], labels[i % labels.shape[0]], deltas[i]
+            )
+
+    def layer_sq_rows(D, A, layer_sq, l):
+        # D (B, n_out), A (B, n_in), layer_sq (B, L): ||delta_i||^2 (||a_i||^2 + 1) of layer l
+        i = cuda.grid(1)
+        if i < D.shape[0]:
+            dd = zero
+            for o in range(D.shape[1]):
+                dd += D[i, o] * D[i, o]
+            aa = one
+            for j in range(A.shape[1]):
+                aa += A[i, j] * A[i, j]
+            layer_sq[i, l] = dd * aa
+
+    def finish_norms(layer_sq, norms, want_layer_norms, max_norm, clip_c):
+        # layer_sq (B, L) -> norms (B,), sqrt in place if asked, clip factors (B,) when max_norm > 0
+        i = cuda.grid(1)
+        if i < layer_sq.shape[0]:
+            t = zero
+            for l in range(layer_sq.shape[1]):
+                t += layer_sq[i, l]
+                if want_layer_norms:
+                    layer_sq[i, l] = math.sqrt(layer_sq[i, l])
+            nrm = math.sqrt(t)
+            norms[i] = nrm
+            if max_norm > zero:
+                clip_c[i] = max_norm / nrm if nrm > max_norm else one
+
+    def sum_rows(part, nrows, ncols, scale, out, out_off):
+        # part (nrows * ncols,) -> out[out_off + c] = scale * sum_r part[r, c], rows summed in a fixed order
+        sh = cuda.shared.array((SUM_Y, SUM_X), F)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        c = cuda.blockIdx.x * SUM_X + tx
+        acc = zero
+        if c < ncols:
+            for r in range(ty, nrows, SUM_Y):
+                acc += part[r * ncols + c]
+        sh[ty, tx] = acc
+        cuda.syncthreads()
+        if ty == 0 and c < ncols:
+            t = zero
+            for y in range(SUM_Y):
+                t += sh[y, tx]
+            out[out_off + c] = t * scale
+
+    def sum_vector(x, n, scale, out):
+        # x (n,) -> out[0] = scale * sum(x), one block, fixed order
+        sh = cuda.shared.array(VEC_THREADS, F)
+        t = cuda.threadIdx.x
+        acc = zero
+        for i in range(t, n, VEC_THREADS):
+            acc += x[i]
+        sh[t] = acc
+        cuda.syncthreads()
+        if t == 0:
+            s = zero
+            for k in range(VEC_THREADS):
+                s += sh[k]
+            out[0] = s * scale
+
+    def outer_into(D, A, G, w_start):
+        # D (B, n_out), A (B, n_in), G (B, P): G[i, w_start + o*n_in + j] = D[i,o] A[i,j], then b: D[i,o]
+        n_out = D.shape[1]
+        n_in = A.shape[1]
+        nw = n_out * n_in
+        k = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if k < nw + n_out:
+            for i in range(cuda.blockIdx.y, D.shape[0], cuda.gridDim.y):
+                if k < nw:
+                    G[i, w_start + k] = D[i, k // n_in] * A[i, k % n_in]
+                else:
+                    G[i, w_start + k] = D[i, k - nw]
+
+    def variance_from_moments(sq_mean, grad, var):
+        # (P,) each: var = max(sq_mean - grad^2, 0)
+        p = cuda.grid(1)
+        if p < var.shape[0]:
+            v = sq_mean[p] - grad[p] * grad[p]
+            var[p] = v if v > zero else zero
+
+    def noised_mean(total, noise, sigma_c, inv_b, out):
+        # (P,) each: out = (total + sigma C xi) / B
+        p = cuda.grid(1)
+        if p < out.shape[0]:
+            out[p] = (total[p] + sigma_c * noise[p]) * inv_b
+
+    def check_values(x, lo, hi, flags):
+        # x (n,): flags[0] = 1 if any element is NaN/Inf, flags[1] = 1 if any lies outside [lo, hi]
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            v = x[i]
+            if not math.isfinite(v):
+                flags[0] = 1
+            elif v < lo or v > hi:
+                flags[1] = 1
+
+    def fused_narrow(theta, sizes, w_starts, act, loss, X, labels, targets, B, T,
+                     need_ps, need_grad, need_sq, max_norm,
+                     loss_part, layer_sq, grad_part, sq_part, clip_part, G):
+        # X (B, n0) -> per tile of T samples: loss_part (nblk,), layer_sq (B, L), *_part (nblk, P), G (B, P)
+        sh = cuda.shared.array(0, F)
+        aoff = cuda.local.array((MAXL,), nbt.int64)
+        doff = cuda.local.array((MAXL,), nbt.int64)
+        L = sizes.shape[0] - 1
+        tid = cuda.threadIdx.x
+        NT = cuda.blockDim.x
+        blk = cuda.blockIdx.x
+        i0 = blk * T
+        # shared layout, rows padded to n + 1 so a warp walking the samples hits distinct banks:
+        # A_0..A_{L-1} (T, n_l + 1) | D_1..D_L (T, n_l + 1) | Z_L (T, n_L + 1) | clip c (T) | loss (T)
+        pos = 0
+        for l in range(L):
+            aoff[l] = pos
+            pos += T * (sizes[l] + 1)
+        for l in range(1, L + 1):
+            doff[l] = pos
+            pos += T * (sizes[l] + 1)
+        zoff = pos
+        pos += T * (sizes[L] + 1)
+        coff = pos
+        loff = pos + T
+        n0 = sizes[0]
+        for e in range(tid, T * n0, NT):
+            s = e // n0
+            j = e - s * n0
+            i = i0 + s
+            sh[s * (n0 + 1) + j] = X[i, j] if i < B else zero
+        cuda.syncthreads()
+        # forward: z = W a + b; hidden layers keep a = phi(z) and phi'(z) (the latter becomes delta)
+        for l in range(1, L + 1):
+            nin = sizes[l - 1]
+            nout = sizes[l]
+            w = w_starts[l - 1]
+            bo = w + nout * nin
+            ain = aoff[l - 1]
+            for e in range(tid, T * nout, NT):
+                o = e // T
+                s = e - o * T
+                z = theta[bo + o]
+                arow = ain + s * (nin + 1)
+                wrow = w + o * nin
+                for j in range(nin):
+                    z += theta[wrow + j] * sh[arow + j]
+                if l < L:
+                    h = activate(act, z)
+                    sh[aoff[l] + s * (nout + 1) + o] = h
+                    sh[doff[l] + s * (nout + 1) + o] = activate_grad(act, z, h)
+                else:
+                    sh[zoff + s * (nout + 1) + o] = z
+            cuda.syncthreads()
+        nL = sizes[L]
+        if tid < T:
+            s = tid
+            i = i0 + s
+            zrow = sh[zoff + s * (nL + 1): zoff + s * (nL + 1) + nL]
+            drow = sh[doff[L] + s * (nL + 1): doff[L] + s * (nL + 1) + nL]
+            if i < B:
+                sh[loff + s] = output_delta_row(
+                    loss, zrow, targets[i % targets.shape[0]], labels[i % labels.shape[0]], drow
+                )
+            else:
+                sh[loff + s] = zero
+                for k in range(nL):
+                    drow[k] = zero
+        cuda.syncthreads()
+        if tid == 0:
+            t = zero
+            for s in range(T):
+                t += sh[loff + s]
+            loss_part[blk] = t
+        # backward: delta_{l-1} = (W_l^T delta_l) * phi'(z_{l-1}), written over phi'
+        for l in range(L, 1, -1):
+            nout = sizes[l]
+            nin = sizes[l - 1]
+            w = w_starts[l - 1]
+            for e in range(tid, T * nin, NT):
+                j = e // T
+                s = e - j * T
+                acc = zero
+                dbase = doff[l] + s * (nout + 1)
+                for o in range(nout):
+                    acc += theta[w + o * nin + j] * sh[dbase + o]
+                p = doff[l - 1] + s * (nin + 1) + j
+                sh[p] = acc * sh[p]
+            cuda.syncthreads()
+        # norms from the deltas (Goodfellow): ||grad_l||^2 = ||delta_l||^2 (||a_{l-1}||^2 + 1); clip factor
+        if tid < T:
+            s = tid
+            i = i0 + s
+            tot = zero
+            for l in range(1, L + 1):
+                dd = zero
+                for o in range(sizes[l]):
+                    d = sh[doff[l] + s * (sizes[l] + 1) + o]
+                    dd += d * d
+                aa = one
+                for j in range(sizes[l - 1]):
+                    av = sh[aoff[l - 1] + s * (sizes[l - 1] + 1) + j]
+                    aa += av * av
+                v = dd * aa
+                if i < B:
+                    layer_sq[i, l - 1] = v
+                tot += v
+            c = one
+            nrm = math.sqrt(tot)
+            if max_norm > zero and nrm > max_norm:
+                c = max_norm / nrm
+            sh[coff + s] = c
+        cuda.syncthreads()
+        # reducers over the tile, one thread per parameter of layer l; theta's layout is W then b
+        for l in range(1, L + 1):
+            nout = sizes[l]
+            nin = sizes[l - 1]
+            w = w_starts[l - 1]
+            nw = nout * nin
+            if need_grad or need_sq or max_norm > zero:
+                for k in range(tid, nw + nout, NT):
+                    if k < nw:
+                        o = k // nin
+                        j = k - o * nin
+                    else:
+                        o = k - nw
+                        j = -1
+                    g = zero
+                    q = zero
+                    cg = zero
+                    for s in range(T):
+                        d = sh[doff[l] + s * (nout + 1) + o]
+                        av = sh[aoff[l - 1] + s * (nin + 1) + j] if j >= 0 else one
+                        da = d * av
+                        g += da
+                        q += da * da
+                        cg += sh[coff + s] * da
+                    if need_grad:
+                        grad_part[blk, w + k] = g
+                    if need_sq:
+                        sq_part[blk, w + k] = q
+                    if max_norm > zero:
+                        clip_part[blk, w + k] = cg
+            if need_ps:
+                for s in range(T):
+                    i = i0 + s
+                    if i < B:
+                        for k in range(tid, nw + nout, NT):
+                            if k < nw:
+                                o = k // nin
+                                d = sh[doff[l] + s * (nout + 1) + o]
+                                G[i, w + k] = d * sh[aoff[l - 1] + s * (nin + 1) + k - o * nin]
+                            else:
+                                G[i, w + k] = sh[doff[l] + s * (nout + 1) + k - nw]
+
+    return {
+        "tiled_gemm": tiled_gemm,
+        "output_deltas": output_deltas,
+        "layer_sq_rows": layer_sq_rows,
+        "finish_norms": finish_norms,
+        "sum_rows": sum_rows,
+        "sum_vector": sum_vector,
+        "outer_into": outer_into,
+        "variance_from_moments": variance_from_moments,
+        "noised_mean": noised_mean,
+        "check_values": check_values,
+        "fused_narrow": fused_narrow,
+    }
+
+
+def kernel_signatures(F) -> dict:
+    """Argument types of every kernel for float type ``F`` (C-contiguous arrays), for ``compile_ptx``."""
+    i64 = nbt.int64
+    v = nbt.Array(F, 1, "C")
+    m = nbt.Array(F, 2, "C")
+    vi = nbt.Array(i64, 1, "C")
+    return {
+        "tiled_gemm": (i64, i64, i64, i64, v, i64, i64, i64, v, i64, i64, i64, i64,
+                       v, i64, i64, i64, i64, v, i64, v, v, i64, v),
+        "output_deltas": (m, vi, m, i64, i64, m, v),
+        "layer_sq_rows": (m, m, m, i64),
+        "finish_norms": (m, v, i64, F, v),
+        "sum_rows": (v, i64, i64, F, v, i64),
+        "sum_vector": (v, i64, F, v),
+        "outer_into": (m, m, m, i64),
+        "variance_from_moments": (v, v, v),
+        "noised_mean": (v, v, F, F, v),
+        "check_values": (v, F, F, nbt.Array(nbt.int32, 1, "C")),
+        "fused_narrow": (v, vi, vi, i64, i64, m, vi, m, i64, i64, i64, i64, i64, F,
+                         v, m, m, m, m, m),
+    }
+
+
+# -------------------------------------------------------------- orchestration
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def fused_tile(net: MLP, batch: int, dtype) -> int:
+    """Samples per block of the fused path (0 when the network does not fit it)."""
+    if max(net.sizes) > FUSED_MAX_WIDTH or net.num_layers > FUSED_MAX_LAYERS:
+        return 0
+    per_sample = sum(n + 1 for n in net.sizes[:-1]) + sum(n + 1 for n in net.sizes[1:]) + net.n_out + 3
+    t_max = SHARED_BYTES // (per_sample * np.dtype(dtype).itemsize)
+    tile = FUSED_MAX_TILE
+    while tile > 1 and (tile > t_max or _cdiv(batch, tile) < TARGET_BLOCKS):
+        tile //= 2
+    return tile if tile <= t_max else 0
+
+
+def _fused_shared_bytes(net: MLP, tile: int, dtype) -> int:
+    n = sum(x + 1 for x in net.sizes[:-1]) + sum(x + 1 for x in net.sizes[1:]) + net.n_out + 1 + 2
+    return tile * n * np.dtype(dtype).itemsize
+
+
+class _Device:
+    """Validated device inputs: θ (P,), X (B, n0), labels (B,) int64, targets (B, nL); one unused dummy."""
+
+    def __init__(self, theta, X, labels, targets, batch, dtype):
+        self.theta, self.X, self.labels, self.targets = theta, X, labels, targets
+        self.batch_size, self.dtype = batch, np.dtype(dtype)
+
+
+def _sum_partials(K, part2d, scale, out, out_off=0):
+    nrows, ncols = part2d.shape
+    K["sum_rows"][(_cdiv(ncols, SUM_X),), (SUM_X, SUM_Y)](
+        part2d.reshape(nrows * ncols), nrows, ncols, scale, out, out_off
+    )
+
+
+def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | None, G=None,
+                path: str = "auto") -> dict:
+    """Every quantity in ``need`` (and ``clipped_sum`` with ``max_norm``) as device arrays; loss a float."""
+    K = kernels(d.dtype)
+    F = d.dtype.type
+    B, P, L = d.batch_size, net.num_params, net.num_layers
+    clip = max_norm is not None
+    need_norms = bool(need & {"norms", "layer_norms"}) or clip
+    tile = fused_tile(net, B, d.dtype) if path in ("auto", "fused") else 0
+    if path == "fused" and tile == 0:
+        raise ValueError(f"path: the fused path does not fit sizes {list(net.sizes)}")
+    if "per_sample" in need and G is None:
+        G = cuda.device_array((B, P), dtype=d.dtype)
+    dummy2 = cuda.device_array((1, 1), dtype=d.dtype)
+    layer_sq = cuda.device_array((B, L), dtype=d.dtype)
+    res: dict = {}
+    act, loss = net.activation_code, net.loss_code
+    scale_b = F(1.0 / B)
+    if tile:
+        nblk = _cdiv(B, tile)
+        sizes = cuda.to_device(np.asarray(net.sizes, dtype=np.int64))
+        w_starts = cuda.to_device(np.asarray([s.w_start for s in net.layers], dtype=np.int64))
+        loss_part = cuda.device_array(nblk, dtype=d.dtype)
+        grad_part = cuda.device_array((nblk, P), dtype=d.dtype) if "grad" in need else dummy2
+        sq_part = cuda.device_array((nblk, P), dtype=d.dtype) if "sq_mean" in need else dummy2
+        clip_part = cuda.device_array((nblk, P), dtype=d.dtype) if clip else dummy2
+        shmem = _fused_shared_bytes(net, tile, d.dtype)
+        K["fused_narrow"][nblk, FUSED_THREADS, 0, shmem](
+            d.theta, sizes, w_starts, act, loss, d.X, d.labels, d.targets, B, tile,
+            int("per_sample" in need), int("grad" in need), int("sq_mean" in need),
+            F(max_norm if clip else 0.0),
+            loss_part, layer_sq, grad_part, sq_part, clip_part, G if G is not None else dummy2,
+        )
+        for name, part, scale in (("grad", grad_part, scale_b), ("sq_mean", sq_part, scale_b),
+                                  ("clipped_sum", clip_part, F(1.0))):
+            if (name == "clipped_sum" and clip) or (name != "clipped_sum" and name in need):
+                res[name] = cuda.device_array(P, dtype=d.dtype)
+                _sum_partials(K, part, scale, res[name])
+        losses = loss_part
+    else:
+        losses, deltas, acts = _tiled_backward(K, net, d, layer_sq if need_norms else None)
+        clip_c = cuda.device_array(B, dtype=d.dtype) if clip else cuda.device_array(1, dtype=d.dtype)
+        if need_norms:
+            norms = cuda.device_array(B, dtype=d.dtype)
+            K["finish_norms"][_cdiv(B, ROW_THREADS), ROW_THREADS](
+                layer_sq, norms, int("layer_norms" in need), F(max_norm if clip else 0.0), clip_c
+            )
+            res["norms"] = norms
+            if "layer_norms" in need:
+                res["layer_norms"] = layer_sq
+        for name, square, use_scale, scale in (("grad", 0, 0, scale_b), ("sq_mean", 1, 0, scale_b),
+                                               ("clipped_sum", 0, 1, F(1.0))):
+            if (name == "clipped_sum" and clip) or (name != "clipped_sum" and name in need):
+                out = cuda.device_array(P, dtype=d.dtype)
+                for l, s in enumerate(net.layers):
+                    _weight_grad(K, d, deltas[l], acts[l], s, square, use_scale, clip_c, scale, out)
+                res[name] = out
+        if "per_sample" in need:
+            for l, s in enumerate(net.layers):
+                seg = s.end - s.w_start
+                K["outer_into"][(_cdiv(seg, WRITE_THREADS), min(B, 65535)), WRITE_THREADS](
+                    deltas[l], acts[l], G, s.w_start
+                )
+    if tile and need_norms:
+        norms = cuda.device_array(B, dtype=d.dtype)
+        K["finish_norms"][_cdiv(B, ROW_THREADS), ROW_THREADS](
+            layer_sq, norms, int("layer_norms" in need), F(0.0), dummy2.reshape(1)
+        )
+        res["norms"] = norms
+        if "layer_norms" in need:
+            res["layer_norms"] = layer_sq
+    total = cuda.device_array(1, dtype=d.dtype)
+    K["sum_vector"][1, VEC_THREADS](losses, losses.shape[0], F(1.0 / B), total)
+    res["loss"] = total.copy_to_host()[0]
+    if "per_sample" in need:
+        res["per_sample"] = G
+    return res
+
+
+def _tiled_backward(K, net: MLP, d: _Device, layer_sq):
+    """Forward and backward by tiled GEMMs: losses (B,), deltas [Δ_1..Δ_L], layer inputs [A_0..A_{L-1}]."""
+    B, L = d.batch_size, net.num_layers
+    acts = [d.X]
+    derivs = []
+    theta = d.theta
+    dummy = cuda.device_array(1, dtype=d.dtype)
+    for l, s in enumerate(net.layers):
+        grid = (_cdiv(s.n_out, GEMM_TILE), _cdiv(B, GEMM_TILE), 1)
+        last = l == L - 1
+        out1 = cuda.device_array((B, s.n_out), dtype=d.dtype)
+        out2 = dummy if last else cuda.device_array((B, s.n_out), dtype=d.dtype)
+        # Z = A W^T + b: a (B, n_in) k-contiguous, opB(k, n) = W[n, k]
+        K["tiled_gemm"][grid, (GEMM_THREADS, GEMM_THREADS)](
+            B, s.n_out, s.n_in, s.n_in, acts[-1].reshape(B * s.n_in), 0, s.n_in, 1,
+            theta, s.w_start, 1, s.n_in, s.n_out,
+            dummy, 0, 0, FWD_OUTPUT if last else FWD_HIDDEN, net.activation_code, theta, s.b_start,
+            out1.reshape(B * s.n_out), out2.reshape(-1), s.n_out, dummy,
+        )
+        if last:
+            z_out = out1
+        else:
+            acts.append(out1)
+            derivs.append(out2)
+    n_out = net.n_out
+    D = cuda.device_array((B, n_out), dtype=d.dtype)
+    losses = cuda.device_array(B, dtype=d.dtype)
+    K["output_deltas"][_cdiv(B, ROW_THREADS), ROW_THREADS](
+        z_out, d.labels, d.targets, net.loss_code, B, D, losses
+    )
+    deltas = [None] * L
+    deltas[L - 1] = D
+    for l in range(L - 1, 0, -1):
+        s = net.layers[l]
+        Dp = derivs[l - 1]  # phi'(z_{l-1}), overwritten with delta_{l-1}
+        grid = (_cdiv(s.n_in, GEMM_TILE), _cdiv(B, GEMM_TILE), 1)
+        # delta_{l-1} = (delta_l W) * phi': a (B, n_out) k-contiguous, opB(k, n) = W[k, n]
+        K["tiled_gemm"][grid, (GEMM_THREADS, GEMM_THREADS)](
+            B, s.n_in, s.n_out, s.n_out, deltas[l].reshape(B * s.n_out), 0, s.n_out, 1,
+            theta, s.w_start, s.n_in, 1, s.n_in,
+            dummy, 0, 0, BWD_INPUT, 0, theta, 0, Dp.reshape(B * s.n_in), dummy, s.n_in, dummy,
+        )
+        deltas[l - 1] = Dp
+    if layer_sq is not None:
+        for l in range(L):
+            K["layer_sq_rows"][_cdiv(B, ROW_THREADS), ROW_THREADS](deltas[l], acts[l], layer_sq, l)
+    return losses, deltas, acts
+
+
+def _weight_grad(K, d: _Device, D, A, s, square: int, use_scale: int, rowscale, scale, out):
+    """out[s.w_start:s.end] = scale * sum_i opD_i opA_i^T (W part, then bias), split-K over the batch."""
+    B = d.batch_size
+    M, N = s.n_out, s.n_in + 1
+    blocks_mn = _cdiv(M, GEMM_TILE) * _cdiv(N, GEMM_TILE)
+    nsplit = max(1, min(_cdiv(TARGET_BLOCKS, blocks_mn), _cdiv(B, 4 * GEMM_BK)))
+    k_chunk = _cdiv(_cdiv(B, nsplit), GEMM_BK) * GEMM_BK
+    nsplit = _cdiv(B, k_chunk)
+    seg = M * N
+    part = cuda.device_array((nsplit, seg), dtype=d.dtype)
+    dummy = cuda.device_array(1, dtype=d.dtype)
+    # C[o, j] = sum_i D[i, o] A[i, j]: opA(o, i) = D[i*M + o], opB(i, j) = A[i*n_in + j], 1 for the bias
+    K["tiled_gemm"][(_cdiv(N, GEMM_TILE), _cdiv(M, GEMM_TILE), nsplit), (GEMM_THREADS, GEMM_THREADS)](
+        M, N, B, k_chunk, D.reshape(B * M), 0, 1, M, A.reshape(B * s.n_in), 0, s.n_in, 1, s.n_in,
+        rowscale, use_scale, square, GRAD_PARTIAL, 0, d.theta, 0, dummy, dummy, 0, part.reshape(nsplit * seg),
+    )
+    _sum_partials(K, part, scale, out, s.w_start)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def run(net: MLP, inp: _validation.Inputs, need: frozenset[str], max_norm: float | None, out=None,
+        path: str = "auto") -> dict:
+    """The backend contract of :mod:`fastgrad.api`: validated host arrays in, host arrays out."""
+    check_available()
+    dt = inp.dtype
+    d = _Device(
+        cuda.to_device(inp.theta),
+        cuda.to_device(inp.X),
+        cuda.to_device(inp.labels if inp.labels.shape[0] else np.zeros(1, dtype=np.int64)),
+        cuda.to_device(inp.targets if inp.targets.shape[0] else np.zeros((1, net.n_out), dtype=dt)),
+        inp.batch_size,
+        dt,
+    )
+    raw = _run_device(net, d, need, max_norm, None, path)
+    res = {"loss": raw.pop("loss")}
+    for name, arr in raw.items():
+        if name == "per_sample" and out is not None:
+            arr.copy_to_host(out)
+            res[name] = out
+        else:
+            res[name] = arr.copy_to_host()
+    return res
+
+
+def is_device_array(a) -> bool:
+    """True for arrays that live on the GPU (``__cuda_array_interface__``, or the simulator's arrays)."""
+    if cuda is None:
+        return False
+    return hasattr(a, "__cuda_array_interface__") or (SIMULATOR and cuda.is_cuda_array(a))
+
+
+def _as_device(name: str, a):
+    if not is_device_array(a):
+        raise TypeError(
+            f"{name}: expected a device array like the other inputs (θ, X and y must all be on the GPU, "
+            f"or all on the host), got {type(a).__name__}"
+        )
+    return a if SIMULATOR and not hasattr(a, "__cuda_array_interface__") else cuda.as_cuda_array(a)
+
+
+def _device_flags(K, x, lo, hi) -> tuple[bool, bool]:
+    flags = cuda.to_device(np.zeros(2, dtype=np.int32))
+    n = x.size
+    if n:
+        K["check_values"][_cdiv(n, 256 if not SIMULATOR else 4), 256 if not SIMULATOR else 4](
+            x.reshape(n), lo, hi, flags
+        )
+    f = flags.copy_to_host()
+    return bool(f[0]), bool(f[1])
+
+
+def check_device_inputs(net: MLP, theta, X, y) -> _Device:
+    """The checks of :func:`fastgrad._validation.check_inputs`, done on the device; arrays used in place."""
+    check_available()
+    _validation.check_net(net)
+    theta, X, y = _as_device("theta", theta), _as_device("X", X), _as_device("y", y)
+    if np.dtype(theta.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"theta: expected dtype float32 or float64, got {theta.dtype}")
+    dt = np.dtype(theta.dtype)
+    if theta.ndim != 1 or theta.shape[0] != net.num_params:
+        raise ValueError(
+            f"theta: expected shape ({net.num_params},) for sizes {list(net.sizes)}, got {tuple(theta.shape)}"
+        )
+    if X.ndim != 2 or X.shape[1] != net.n_in:
+        raise ValueError(f"X: expected a 2-D array (B, {net.n_in}), got shape {tuple(X.shape)}")
+    B = X.shape[0]
+    if B == 0:
+        raise ValueError("X: the batch is empty (B = 0); need at least one sample")
+    if np.dtype(X.dtype) != dt:
+        raise TypeError(f"X: device inputs are used in place, so X must have θ's dtype {dt}, got {X.dtype}")
+    for name, a in (("theta", theta), ("X", X), ("y", y)):
+        if not a.is_c_contiguous():
+            raise ValueError(f"{name}: device inputs must be C-contiguous")
+    K = kernels(dt)
+    inf = dt.type(np.inf)
+    for name, a in (("theta", theta), ("X", X)):
+        if _device_flags(K, a, -inf, inf)[0]:
+            raise ValueError(f"{name}: contains NaN or Inf")
+    if net.loss_code == CROSS_ENTROPY:
+        if np.dtype(y.dtype) != np.int64:
+            raise TypeError(f"y: cross_entropy on the device expects int64 labels, got dtype {y.dtype}")
+        if tuple(y.shape) != (B,):
+            raise ValueError(f"y: cross_entropy expects labels of shape ({B},), got {tuple(y.shape)}")
+        yf = cuda.device_array(B, dtype=dt)
+        _cast_labels(y, yf)
+        if _device_flags(K, yf, dt.type(0), dt.type(net.n_out - 1))[1]:
+            raise ValueError(f"y: labels must lie in [0, {net.n_out}) (sizes[-1] = {net.n_out})")
+        return _Device(theta, X, y, cuda.device_array((1, net.n_out), dtype=dt), B, dt)
+    if y.ndim == 1 and net.n_out == 1 and y.shape[0] == B:
+        y = y.reshape(B, 1)
+    if tuple(y.shape) != (B, net.n_out):
+        raise ValueError(f"y: {net.loss} expects targets of shape ({B}, {net.n_out}), got {tuple(y.shape)}")
+    if np.dtype(y.dtype) != dt:
+        raise TypeError(f"y: device targets are used in place, so y must have θ's dtype {dt}, got {y.dtype}")
+    lo, hi = (dt.type(0), dt.type(1)) if net.loss_code == BINARY_CROSS_ENTROPY else (-inf, inf)
+    bad_value, out_of_range = _device_flags(K, y, lo, hi)
+    if bad_value:
+        raise ValueError("y: contains NaN or Inf")
+    if out_of_range:
+        raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
+    return _Device(theta, X, cuda.device_array(1, dtype=np.int64), y, B, dt)
+
+
+def _cast_labels(y, yf):
+    # labels compared as floats for the range check; exact for |label| < 2**24
+    n = y.shape[0]
+    threads = 4 if SIMULATOR else 256
+    _cast_kernel()[_cdiv(n, threads), threads](y, yf)
+
+
+@functools.cache
+def _cast_kernel():
+    @cuda.jit
+    def cast_to_float(y, yf):
+        # y (B,) int64 -> yf (B,) float
+        i = cuda.grid(1)
+        if i < y.shape[0]:
+            yf[i] = y[i]
+
+    return cast_to_float
+
+
+def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path: str = "auto") -> dict:
+    """Raw quantities for device inputs, as device arrays (plus ``variance`` and ``noise_scale``)."""
+    d = check_device_inputs(net, theta, X, y)
+    if out is not None:
+        out = _as_device("out", out)
+        if tuple(out.shape) != (d.batch_size, net.num_params) or np.dtype(out.dtype) != d.dtype:
+            raise ValueError(
+                f"out: expected shape {(d.batch_size, net.num_params)} and dtype {d.dtype}, "
+                f"got {tuple(out.shape)} and {out.dtype}"
+            )
+    raw = _run_device(net, d, need, None, out, path)
+    K = kernels(d.dtype)
+    if "sq_mean" in raw and "grad" in raw:
+        var = cuda.device_array(net.num_params, dtype=d.dtype)
+        K["variance_from_moments"][_cdiv(net.num_params, ROW_THREADS), ROW_THREADS](
+            raw["sq_mean"], raw["grad"], var
+        )
+        raw["variance"] = var
+    if "grad" in raw and "norms" in raw:
+        g = raw["grad"].copy_to_host().astype(np.float64)
+        n = raw["norms"].copy_to_host().astype(np.float64)
+        grad_sq = float(g @ g)
+        raw["noise_scale"] = (float(np.mean(n * n)) - grad_sq) / grad_sq if grad_sq > 0 else float("inf")
+    return raw
+
+
+def clipped_grad_device(net: MLP, theta, X, y, max_norm: float, noise_multiplier: float, seed,
+                        path: str = "auto"):
+    """DP-SGD's clipped, noised mean gradient for device inputs, as a device array (P,)."""
+    from .api import dp_noise
+
+    d = check_device_inputs(net, theta, X, y)
+    raw = _run_device(net, d, frozenset({"loss"}), max_norm, None, path)
+    P = net.num_params
+    xi = dp_noise(P, seed, d.dtype) if noise_multiplier > 0 else np.zeros(P, dtype=d.dtype)
+    noise = cuda.to_device(xi)
+    out = cuda.device_array(P, dtype=d.dtype)
+    F = d.dtype.type
+    kernels(d.dtype)["noised_mean"][_cdiv(P, ROW_THREADS), ROW_THREADS](
+        raw["clipped_sum"], noise, F(noise_multiplier * max_norm), F(1.0 / d.batch_size), out
+    )
+    return out
+
+
+__all__ = ["backprop_device", "check_available", "clipped_grad_device", "is_device_array", "run"]
