@@ -108,6 +108,23 @@ def _backend(name: str) -> Callable:
     return getattr(module, func)
 
 
+def _on_device(backend: str, *arrays) -> bool:
+    """True when any input is a GPU array (``__cuda_array_interface__``: numba, CuPy, PyTorch CUDA).
+
+    Those skip the host checks; only backend ``"cuda"`` takes them, validates them on
+    the device and returns device arrays.
+    """
+    if not any(hasattr(a, "__cuda_array_interface__") for a in arrays):
+        return False
+    if backend != "cuda":
+        raise TypeError(f"backend: {backend!r} takes host (NumPy) arrays; GPU arrays need backend='cuda'")
+    return True
+
+
+def _backend_module(name: str):
+    return importlib.import_module(_BACKENDS[name].split(":")[0])
+
+
 def _needed(want: frozenset[str]) -> frozenset[str]:
     """What the backend must compute for ``want`` (the derived quantities need their parts)."""
     need = set(want) | {"loss"}
@@ -169,11 +186,14 @@ def backprop(
     """
     want = check_compute(compute)
     run = _backend(backend)
-    inp = check_inputs(net, theta, X, y)
-    out = check_out(out, (inp.batch_size, net.num_params), inp.dtype)
     if out is not None and "per_sample" not in want:
         raise ValueError("out: given, but 'per_sample' is not in compute")
-    raw = run(net, inp, _needed(want), None, out)
+    if _on_device(backend, theta, X, y, out):  # validated on the GPU, results stay there
+        raw = _backend_module(backend).backprop_device(net, theta, X, y, _needed(want), out)
+    else:
+        inp = check_inputs(net, theta, X, y)
+        out = check_out(out, (inp.batch_size, net.num_params), inp.dtype)
+        raw = run(net, inp, _needed(want), None, out)
     res = BackpropResult(loss=float(raw["loss"]))
     for name in ("grad", "per_sample", "norms", "layer_norms", "sq_mean"):
         if name in want:
@@ -227,6 +247,9 @@ def clipped_grad(
     max_norm = check_max_norm(max_norm)
     noise_multiplier = check_noise_multiplier(noise_multiplier)
     run = _backend(backend)
+    if _on_device(backend, theta, X, y):
+        device = _backend_module(backend)
+        return device.clipped_grad_device(net, theta, X, y, max_norm, noise_multiplier, seed)
     inp = check_inputs(net, theta, X, y)
     raw = run(net, inp, frozenset({"loss"}), max_norm, None)
     total = raw["clipped_sum"]
