@@ -1,0 +1,63 @@
+"""The ratio of each quantity's time to its floor, both measured in the same process.
+
+Floors (DESIGN §6): the mean gradient needs 6·B·Σ n_l n_{l-1} flops, run at the
+machine's sgemm rate; per-sample gradients write B·P float32 numbers, at the fill
+bandwidth of a Numba loop writing outer products. Ratios travel across machines and
+noisy runs better than times. The floor timers come from ``fastgrad.bench``; commits
+before it are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+from ._problems import CONFIGS, backend_names, mean_grad_flops, per_sample_bytes, require
+from .backprop import make_call
+
+ROUNDS = 7
+"""Interleaved rounds: floor timer, then the quantity; medians of each."""
+
+FLOOR_OF = {"grad": "flops", "grad_norms": "flops", "clipped": "flops", "grad_variance": "flops",
+            "per_sample": "writes"}
+
+
+@functools.cache
+def floor_timer(kind: str):
+    """``(call, work)``: an sgemm and its flops, or an outer-product fill and its bytes."""
+    try:
+        from fastgrad import bench
+    except ImportError:
+        raise NotImplementedError("fastgrad.bench (the floor timers) is missing in this commit") from None
+    return bench.sgemm_timer() if kind == "flops" else bench.fill_timer()
+
+
+class RatioToFloor:
+    """time(quantity) / floor time; 1 would be as fast as the machine allows."""
+
+    params = (list(CONFIGS), backend_names(), list(FLOOR_OF))
+    param_names = ("config", "backend", "quantity")
+    unit = "× floor"
+    timeout = 600.0
+
+    def setup(self, config, backend, quantity):
+        require(backend)
+        self.floor_call, self.floor_work = floor_timer(FLOOR_OF[quantity])
+        self.call = make_call(quantity, config, backend)
+        self.call()
+        self.floor_call()
+
+    def track_ratio_to_floor(self, config, backend, quantity):
+        floor_times, times = [], []
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            self.floor_call()
+            t1 = time.perf_counter()
+            self.call()
+            t2 = time.perf_counter()
+            floor_times.append(t1 - t0)
+            times.append(t2 - t1)
+        rate = self.floor_work / statistics.median(floor_times)
+        work = mean_grad_flops(config) if FLOOR_OF[quantity] == "flops" else per_sample_bytes(config)
+        return statistics.median(times) / (work / rate)

@@ -1,0 +1,190 @@
+"""The benchmark tooling itself, on tiny problems: the peer comparison (fastgrad.bench) and
+the asv suite (benchmarks/). Nothing here times anything that is asserted on; these tests
+check that the tools run, compute what they claim, and refuse bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import fastgrad
+from fastgrad import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import _problems, backprop, compile_time, floors  # noqa: E402
+
+TINY = ((6, 5, 4, 3), 16)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """A tiny configuration in both the peer comparison and the asv suite, and small floor timers."""
+    monkeypatch.setitem(bench.CONFIGS, "tiny", TINY)
+    monkeypatch.setitem(_problems.CONFIGS, "tiny", TINY)
+    monkeypatch.setattr(bench, "SGEMM_SIZE", 64)
+    monkeypatch.setattr(bench, "FILL_SHAPE", (8, 16, 16))
+    floors.floor_timer.cache_clear()
+    yield "tiny"
+    floors.floor_timer.cache_clear()
+
+
+# ------------------------------------------------------------- fastgrad.bench
+
+
+def test_fill_timer_writes_the_outer_products():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.arange(8, dtype=np.float32).reshape(2, 4) - 3
+    out = np.full((2, 12), np.nan, dtype=np.float32)
+    bench._fill_kernel()(a, b, out)
+    np.testing.assert_array_equal(out, np.einsum("rj,rk->rjk", a, b).reshape(2, 12))
+
+
+def test_floor_work_counts_match_the_design():
+    net, theta, X, _ = bench.make_problem("mnist")
+    assert bench.mean_grad_flops(net, 512) == 6 * 512 * (784 * 512 + 512 * 256 + 256 * 10)
+    assert bench.per_sample_bytes(net, 512) == 512 * theta.size * 4
+    assert X.shape == (512, 784) and X.dtype == np.float32
+    assert bench.sgemm_timer(8)[1] == 2 * 8**3
+    assert bench.fill_timer((2, 3, 4))[1] == 2 * 12 * 4
+
+
+def test_compare_times_every_implementation_against_the_reference(tiny):
+    result = bench.compare(configs=[tiny], repeat=3, backends=["numpy"], peers=[])
+    rows = result["rows"]
+    assert [(r["quantity"], r["impl"]) for r in rows] == [(q, "fastgrad numpy") for q in bench.QUANTITIES]
+    for r in rows:
+        assert len(r["times_s"]) == 3 and r["median_s"] == sorted(r["times_s"])[1]
+        assert r["vs_floor"] == pytest.approx(r["median_s"] / r["floor_s"])
+        assert r["vs_numpy"] == 1.0
+        assert r["rel_error"] < 1e-5  # float32 against float64 on a tiny network
+    net = fastgrad.MLP(TINY[0])
+    flops_floor = bench.mean_grad_flops(net, TINY[1]) / result["floors"]["sgemm_flops_per_s"]
+    write_floor = bench.per_sample_bytes(net, TINY[1]) / result["floors"]["fill_bytes_per_s"]
+    by_q = {r["quantity"]: r for r in rows}
+    assert by_q["grad"]["floor_s"] == pytest.approx(flops_floor)
+    assert by_q["per_sample"]["floor_s"] == pytest.approx(write_floor)
+    assert result["floors"]["sgemm_size"] == 64 and result["floors"]["fill_shape"] == [8, 16, 16]
+    assert json.loads(json.dumps(result))["versions"]["numpy"] == np.__version__
+    table = bench.format_table(result)
+    assert "| tiny | per_sample | fastgrad numpy |" in table and "GFLOP/s" in table
+
+
+def test_compare_refuses_an_implementation_that_computes_something_else(tiny, monkeypatch):
+    real = bench._fastgrad_calls
+
+    def off_by_one_percent(*args):
+        calls = real(*args)
+        call, extract = calls["grad"]
+        calls["grad"] = (call, lambda r: {"grad": extract(r)["grad"] * 1.01})
+        return calls
+
+    monkeypatch.setattr(bench, "_fastgrad_calls", off_by_one_percent)
+    with pytest.raises(RuntimeError, match="fastgrad numpy computes a different grad on tiny"):
+        bench.compare(configs=[tiny], repeat=1, backends=["numpy"], peers=[])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"repeat": 0}, "repeat"),
+        ({"configs": ["huge"]}, "configs: unknown name 'huge'"),
+        ({"quantities": ["hessian"]}, "quantities: unknown name 'hessian'"),
+        ({"backends": ["fortran"]}, "backends: 'fortran' cannot run here"),
+        ({"peers": ["tensorflow"]}, "peers: unknown name 'tensorflow'"),
+    ],
+)
+def test_compare_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench.compare(**kwargs)
+
+
+def test_main_prints_the_table_and_writes_json(tiny, tmp_path, capsys):
+    path = tmp_path / "peers.json"
+    rc = bench.main(["--configs", tiny, "--repeat", "2", "--no-peers", "--backends", "numpy",
+                     "--quantities", "grad,per_sample", "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| tiny | grad | fastgrad numpy |" in out and "| tiny | per_sample | fastgrad numpy |" in out
+    saved = json.loads(path.read_text())
+    assert {r["quantity"] for r in saved["rows"]} == {"grad", "per_sample"}
+    assert saved["repeat"] == 2 and saved["machine"]["cpu_count"] == os.cpu_count()
+
+
+def test_main_rejects_an_unknown_configuration(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--configs", "huge", "--json", "-"])
+    assert exc.value.code == 2
+    assert "configs: unknown name 'huge'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- the asv suite
+
+
+def test_asv_suite_configurations_are_the_design_ones():
+    assert _problems.CONFIGS == bench.CONFIGS
+    for name, (sizes, B) in bench.CONFIGS.items():
+        net = fastgrad.MLP(sizes)
+        assert _problems.mean_grad_flops(name) == bench.mean_grad_flops(net, B)
+        assert _problems.per_sample_bytes(name) == bench.per_sample_bytes(net, B)
+
+
+def test_asv_suite_lists_every_available_backend_but_naive():
+    names = _problems.backend_names()
+    assert set(fastgrad.available_backends()) - {"naive"} <= set(names)
+    assert "naive" not in names and names[:3] == ["numpy", "numba", "cuda"]
+    assert backprop.Grad.params == (list(bench.CONFIGS), names)
+
+
+ASV_CLASSES = [backprop.Grad, backprop.PerSample, backprop.GradNorms, backprop.Clipped,
+               backprop.GradVariance, backprop.CompareShortcut]
+
+
+@pytest.mark.parametrize("cls", ASV_CLASSES, ids=lambda c: c.__name__)
+def test_asv_benchmarks_run_and_compute_their_quantity(tiny, cls):
+    bm = cls()
+    bm.setup(tiny, "numpy")
+    methods = [m for m in dir(bm) if m.startswith(("time_", "peakmem_"))]
+    assert len(methods) == 2
+    for m in methods:
+        getattr(bm, m)(tiny, "numpy")
+    net, theta, X, y = _problems.problem(tiny)
+    got = bm.call()
+    if cls is backprop.PerSample:
+        want = fastgrad.backprop(net, theta, X, y, ("per_sample",)).per_sample
+        np.testing.assert_allclose(got.per_sample, want, rtol=1e-6, atol=1e-7)
+    elif cls is backprop.Clipped:
+        np.testing.assert_allclose(got, fastgrad.clipped_grad(net, theta, X, y, max_norm=1.0), rtol=1e-6)
+    elif cls is backprop.CompareShortcut:
+        assert isinstance(got, fastgrad.ShortcutReport)
+    else:
+        np.testing.assert_allclose(got.grad, fastgrad.backprop(net, theta, X, y).grad, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in _problems.KNOWN_BACKENDS
+                                     if b not in fastgrad.available_backends()])
+def test_asv_setup_skips_a_backend_that_cannot_run(tiny, backend):
+    with pytest.raises(NotImplementedError, match=backend):
+        backprop.Grad().setup(tiny, backend)
+
+
+@pytest.mark.parametrize("quantity", list(floors.FLOOR_OF))
+def test_asv_ratio_to_floor_is_a_positive_ratio(tiny, quantity):
+    bm = floors.RatioToFloor()
+    bm.setup(tiny, "numpy", quantity)
+    ratio = bm.track_ratio_to_floor(tiny, "numpy", quantity)
+    assert math.isfinite(ratio) and ratio > 0
+
+
+def test_asv_first_call_seconds_runs_in_a_fresh_interpreter(tmp_path):
+    seconds = compile_time.first_call_seconds("numpy", str(tmp_path))
+    assert 0 < seconds < 60
+    with pytest.raises(RuntimeError, match="first calls on 'fortran' failed"):
+        compile_time.first_call_seconds("fortran", str(tmp_path))
