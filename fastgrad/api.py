@@ -151,6 +151,7 @@ def backprop(
     backend: str = "numpy",
     *,
     out: np.ndarray | None = None,
+    workspace=None,
 ) -> BackpropResult:
     """Per-sample backpropagation: any combination of quantities from one pass.
 
@@ -174,6 +175,11 @@ def backprop(
         GEMMs), ``"numba"`` (CPU kernels), ``"cuda"`` (GPU kernels).
     out : ndarray (B, P), optional
         Receives ``per_sample`` (e.g. an ``np.memmap`` for batches that do not fit in RAM).
+    workspace : fastgrad.cpu.Workspace, optional
+        ``backend="numba"`` only: scratch buffers reused across calls, so a training
+        loop allocates nothing of size B × widths per step (by default each Python
+        thread keeps one). The numba backend may be called from several Python
+        threads at once; give each its own workspace.
 
     Returns
     -------
@@ -193,7 +199,7 @@ def backprop(
     else:
         inp = check_inputs(net, theta, X, y)
         out = check_out(out, (inp.batch_size, net.num_params), inp.dtype)
-        raw = run(net, inp, _needed(want), None, out)
+        raw = run(net, inp, _needed(want), None, out, **_workspace_kw(backend, workspace))
     res = BackpropResult(loss=float(raw["loss"]))
     for name in ("grad", "per_sample", "norms", "layer_norms", "sq_mean"):
         if name in want:
@@ -207,6 +213,19 @@ def backprop(
         ns = raw.get("noise_scale")
         res.noise_scale = float(ns if ns is not None else _noise_scale(raw["grad"], raw["norms"]))
     return res
+
+
+def _workspace_kw(backend: str, workspace) -> dict:
+    """``{"workspace": workspace}`` for the numba backend; checks its type."""
+    if workspace is None:
+        return {}
+    if backend != "numba":
+        raise ValueError(f"workspace: only the 'numba' backend takes one, got backend={backend!r}")
+    from .cpu import Workspace
+
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace: expected a fastgrad.cpu.Workspace, got {type(workspace).__name__}")
+    return {"workspace": workspace}
 
 
 def dp_noise(num_params: int, seed, dtype) -> np.ndarray:
@@ -223,6 +242,8 @@ def clipped_grad(
     noise_multiplier: float = 0.0,
     seed: int | None = None,
     backend: str = "numpy",
+    *,
+    workspace=None,
 ) -> np.ndarray:
     """DP-SGD's clipped (and optionally noised) mean gradient, from one backward pass.
 
@@ -230,7 +251,7 @@ def clipped_grad(
 
     Parameters
     ----------
-    net, theta, X, y, backend
+    net, theta, X, y, backend, workspace
         As for :func:`backprop`.
     max_norm : float
         C > 0, the per-sample clipping norm.
@@ -251,7 +272,7 @@ def clipped_grad(
         device = _backend_module(backend)
         return device.clipped_grad_device(net, theta, X, y, max_norm, noise_multiplier, seed)
     inp = check_inputs(net, theta, X, y)
-    raw = run(net, inp, frozenset({"loss"}), max_norm, None)
+    raw = run(net, inp, frozenset({"loss"}), max_norm, None, **_workspace_kw(backend, workspace))
     total = raw["clipped_sum"]
     if noise_multiplier > 0:
         total = total + inp.dtype.type(noise_multiplier * max_norm) * dp_noise(

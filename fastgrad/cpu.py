@@ -1,0 +1,477 @@
+"""Numba CPU backend (``backend="numba"``): fused per-sample backprop on CPU threads.
+
+One compiled kernel per dtype serves every activation × loss (run-time codes) and
+every combination of quantities (run-time flags). It works in two phases over a
+chunk of at most ``CHUNK`` samples:
+
+1. ``prange`` over fixed tiles of ``TILE`` samples: each tile goes forward through
+   the whole network and back, keeping its activations A_l and deltas Δ_l in the
+   workspace; the per-row reducers (loss, layer norms, clip factors, per-sample
+   rows written straight into the flat layout) run on the tile while it is hot.
+2. ``prange`` over fixed blocks of ``BLOCK`` rows of every layer's weight
+   gradient: each block is one GEMM over the whole chunk, Δ_l[:, rows]ᵀ A_{l-1},
+   with Δ plain (grad), squared (sq_mean) or row-scaled by the clip factors
+   (DP-SGD's clipped sum, DESIGN §3) — one backward pass, never two.
+
+Determinism: tiles, blocks and chunks are fixed sizes, independent of the thread
+count; every output element is written by exactly one task, sums over samples run
+in a fixed order (inside one single-threaded GEMM, or serially), and chunks are
+accumulated in order. Repeated calls and any ``numba.set_num_threads`` give the
+same bits.
+
+BLAS: the GEMMs are Numba's ``np.dot`` (SciPy's OpenBLAS) called inside ``prange``,
+so BLAS is held to one thread for the duration of a call (threadpoolctl), and the
+threads come from Numba alone. Measured on the 2-core machine, alternating Numba's
+OpenMP pool with a 2-thread OpenBLAS pool made each side wait for the other's
+spinning threads (a 4 ms GEMM took 20 ms), so the GEMMs are not run outside ``prange``.
+
+Threading layer: on import, unless the user chose one, Numba's threading layer is
+set to ``"threadsafe"`` (TBB if installed, else OpenMP), because two Python threads
+calling the backend at once abort the ``workqueue`` layer.
+
+Disk cache: compiled kernels are cached (``cache=True``) next to this file;
+set ``FASTGRAD_NUMBA_CACHE=0`` before importing fastgrad to turn it off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ._scalar import like
+from .activations import TANH, activate, activate_grad
+from .losses import CROSS_ENTROPY, output_delta_row
+from .mlp import MLP
+
+CACHE = os.environ.get("FASTGRAD_NUMBA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+"""Whether compiled kernels are cached on disk; ``FASTGRAD_NUMBA_CACHE=0`` turns it off."""
+
+TILE = 64
+"""Samples per forward/backward tile (phase 1)."""
+BLOCK = 32
+"""Weight-gradient rows per GEMM task (phase 2)."""
+CHUNK = 2048
+"""Samples per kernel call; larger batches are done in chunks, accumulated in order."""
+
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "threadsafe"
+
+
+def check_available() -> None:
+    """Raise ``RuntimeError`` if the backend cannot run here (Numba's ``np.dot`` needs SciPy)."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - scipy is a core dependency
+        raise RuntimeError("backend 'numba': SciPy is required (Numba's np.dot calls its BLAS)") from exc
+
+
+# ------------------------------------------------------------------- kernels
+
+
+def _lambert_tanh_coefficients(levels: int = 13) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Lambert's continued fraction tanh x = x / (1 + x²/(3 + x²/(5 + ...))), cut after
+    ``levels`` levels and collapsed into x · P(x²) / Q(x²); returns (P, Q) lowest degree first,
+    scaled so that Q(0) = 1. Every coefficient is positive, so Horner's rule has no cancellation."""
+    num, den = [float(2 * levels + 1)], [1.0]
+    for k in range(levels - 1, -1, -1):
+        # num/den ← ((2k+1)·num + x²·den) / num
+        times_t = [0.0, *den]
+        scaled = [(2 * k + 1) * c for c in num]
+        width = max(len(scaled), len(times_t))
+        scaled += [0.0] * (width - len(scaled))
+        times_t += [0.0] * (width - len(times_t))
+        num, den = [u + v for u, v in zip(scaled, times_t)], num
+    scale = num[0]
+    return tuple(c / scale for c in den), tuple(c / scale for c in num)
+
+
+(_P0, _P1, _P2, _P3, _P4, _P5, _P6), (_Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7) = _lambert_tanh_coefficients()
+
+
+def tanh_vectorizable(z):
+    """tanh(z); in float32 kernels a form LLVM can vectorize (see the overload)."""
+    return math.tanh(z)
+
+
+@overload(tanh_vectorizable, jit_options={"cache": CACHE, "error_model": "numpy"})
+def _tanh_vectorizable_overload(z):
+    # Numba calls libm's scalar tanhf (no SVML in pip's llvmlite): measured 19 ns per element,
+    # most of the narrow forward pass. In float32 we use Lambert's continued fraction, 13 levels,
+    # as one ratio of polynomials with positive coefficients, on |x| ≤ 9 (tanh rounds to ±1
+    # beyond): within 6 ulp of tanh on [-9, 9] (tests/test_cpu.py). float64 keeps libm's tanh.
+    if z == types.float32:
+
+        def impl(z):
+            x = z if z < np.float32(9.0) else np.float32(9.0)
+            x = x if x > np.float32(-9.0) else np.float32(-9.0)
+            t = x * x
+            p = ((((((np.float32(_P6) * t + np.float32(_P5)) * t + np.float32(_P4)) * t + np.float32(_P3))
+                   * t + np.float32(_P2)) * t + np.float32(_P1)) * t + np.float32(_P0))  # fmt: skip
+            q = (((((((np.float32(_Q7) * t + np.float32(_Q6)) * t + np.float32(_Q5)) * t + np.float32(_Q4))
+                    * t + np.float32(_Q3)) * t + np.float32(_Q2)) * t + np.float32(_Q1)) * t
+                 + np.float32(_Q0))  # fmt: skip
+            y = x * p / q  # may round a hair past ±1 near the clamp
+            y = y if y < np.float32(1.0) else np.float32(1.0)
+            return y if y > np.float32(-1.0) else np.float32(-1.0)
+
+        return impl
+    return lambda z: math.tanh(z)
+
+
+@njit(cache=CACHE)
+def _rows(buf, off, n_rows, width, r0, r1):
+    # buf flat; returns rows [r0, r1) of the (n_rows, width) matrix stored at buf[off:]
+    return buf[off + r0 * width : off + r1 * width].reshape((r1 - r0, width))
+
+
+@njit(parallel=True, cache=CACHE, error_model="numpy")
+def fused_backprop(
+    sizes, w_off, b_off, theta, X, labels, targets, act, loss,
+    backward, per_row, clip_norm, want_grad, want_sq,
+    acts, dphi, deltas, sqa, losses, layer_sq, norms, clip_c, rows_out,
+    grad, sq, clipped, accumulate, tasks, tile,
+):  # fmt: skip
+    # sizes (L+1,); theta (P,); X (R, n0); labels (R,) or (0,); targets (R, nL) or (0, nL);
+    # acts, dphi: flat (R, n_l) for l = 1..L-1; deltas: flat (R, n_l) for l = 1..L;
+    # sqa: flat (R, n_l) for l = 0..L-1 (squared inputs, when want_sq); losses, norms, clip_c (R,);
+    # layer_sq (R, L); rows_out (R, P) or (0, 0); grad, sq, clipped (P,) or (0,); tasks (T, 3)
+    L = sizes.shape[0] - 1
+    R = X.shape[0]
+    # offsets of each layer's (R, n) block in the flat buffers
+    a_off = np.zeros(L + 1, np.int64)  # a_1..a_{L-1} in acts and dphi (index: layer)
+    d_off = np.zeros(L + 1, np.int64)  # δ_1..δ_L in deltas
+    s_off = np.zeros(L + 1, np.int64)  # a_0²..a_{L-1}² in sqa
+    for j in range(2, L + 1):
+        a_off[j] = a_off[j - 1] + R * sizes[j - 1]
+        d_off[j] = d_off[j - 1] + R * sizes[j - 1]
+    for j in range(1, L + 1):
+        s_off[j] = s_off[j - 1] + R * sizes[j - 1]
+    zero = like(theta[0], 0.0)
+    one = like(theta[0], 1.0)
+    ce = loss == CROSS_ENTROPY
+    want_rows = rows_out.shape[0] > 0
+    n_tiles = (R + tile - 1) // tile
+    # phase 1: every tile forward and back through the whole network, per-row reducers on it
+    for t in prange(n_tiles):
+        r0 = t * tile
+        r1 = min(R, r0 + tile)
+        m = r1 - r0
+        for j in range(L):
+            n_in, n_out = sizes[j], sizes[j + 1]
+            W = theta[w_off[j] : b_off[j]].reshape((n_out, n_in))
+            b = theta[b_off[j] : b_off[j] + n_out]
+            a_in = X[r0:r1] if j == 0 else _rows(acts, a_off[j], R, n_in, r0, r1)
+            if want_sq:
+                a_sq = _rows(sqa, s_off[j], R, n_in, r0, r1)
+                for i in range(m):
+                    for k in range(n_in):
+                        a_sq[i, k] = a_in[i, k] * a_in[i, k]
+            if j < L - 1:
+                z = _rows(acts, a_off[j + 1], R, n_out, r0, r1)
+                g = _rows(dphi, a_off[j + 1], R, n_out, r0, r1)
+                np.dot(a_in, W.T, z)
+                if act == TANH:  # its own loop, so that it vectorizes
+                    for i in range(m):
+                        for k in range(n_out):
+                            aa = tanh_vectorizable(z[i, k] + b[k])
+                            g[i, k] = one - aa * aa
+                            z[i, k] = aa
+                else:
+                    for i in range(m):
+                        for k in range(n_out):
+                            zz = z[i, k] + b[k]
+                            aa = activate(act, zz)
+                            g[i, k] = activate_grad(act, zz, aa)
+                            z[i, k] = aa
+            else:
+                z_out = np.empty((m, n_out), X.dtype)
+                np.dot(a_in, W.T, z_out)
+                d_out = _rows(deltas, d_off[L], R, n_out, r0, r1)
+                for i in range(m):
+                    for k in range(n_out):
+                        z_out[i, k] += b[k]
+                    label = labels[r0 + i] if ce else 0
+                    target = z_out[i] if ce else targets[r0 + i]
+                    losses[r0 + i] = output_delta_row(loss, z_out[i], target, label, d_out[i])
+        if not backward:
+            continue
+        # δ_{l-1} = (δ_l W_l) ⊙ φ'(z_{l-1})
+        for j in range(L - 1, 0, -1):
+            n_mid, n_out = sizes[j], sizes[j + 1]
+            W = theta[w_off[j] : b_off[j]].reshape((n_out, n_mid))
+            d_next = _rows(deltas, d_off[j + 1], R, n_out, r0, r1)
+            d_here = _rows(deltas, d_off[j], R, n_mid, r0, r1)
+            np.dot(d_next, W, d_here)
+            g = _rows(dphi, a_off[j], R, n_mid, r0, r1)
+            for i in range(m):
+                for k in range(n_mid):
+                    d_here[i, k] *= g[i, k]
+        for i in range(r0, r1):
+            if per_row:
+                # Goodfellow: ‖∇_{W_l, b_l} ℓ_i‖² = ‖δ_l‖² (‖a_{l-1}‖² + 1)
+                total = zero
+                for j in range(L):
+                    n_in, n_out = sizes[j], sizes[j + 1]
+                    dsq = zero
+                    for k in range(n_out):
+                        v = deltas[d_off[j + 1] + i * n_out + k]
+                        dsq += v * v
+                    asq = one
+                    for k in range(n_in):
+                        v = X[i, k] if j == 0 else acts[a_off[j] + i * n_in + k]
+                        asq += v * v
+                    layer_sq[i, j] = dsq * asq
+                    total += dsq * asq
+                norms[i] = math.sqrt(total)
+                if clip_norm > 0:
+                    c = one
+                    if norms[i] > clip_norm:
+                        c = like(theta[0], clip_norm) / norms[i]
+                    clip_c[i] = c
+            if want_rows:
+                # row i of the (R, P) per-sample matrix, written once, in θ's layout
+                out_row = rows_out[i]
+                for j in range(L):
+                    n_in, n_out = sizes[j], sizes[j + 1]
+                    for r in range(n_out):
+                        d = deltas[d_off[j + 1] + i * n_out + r]
+                        base = w_off[j] + r * n_in
+                        for k in range(n_in):
+                            v = X[i, k] if j == 0 else acts[a_off[j] + i * n_in + k]
+                            out_row[base + k] = d * v
+                        out_row[b_off[j] + r] = d
+    if not (want_grad or want_sq or clip_norm > 0):
+        return
+    # phase 2: rows [r0, r1) of each layer's weight gradient, one GEMM over the chunk per task
+    for t in prange(tasks.shape[0]):
+        j, q0, q1 = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        n_in, n_out = sizes[j], sizes[j + 1]
+        nr = q1 - q0
+        a_in = X if j == 0 else _rows(acts, a_off[j], R, n_in, 0, R)
+        d = _rows(deltas, d_off[j + 1], R, n_out, 0, R)
+        d_t = np.empty((nr, R), X.dtype)
+        part = np.empty((nr, n_in), X.dtype)
+        for kind in range(3):
+            if kind == 0:
+                if not want_grad:
+                    continue
+                target_vec = grad
+                src = a_in
+                for r in range(nr):
+                    for i in range(R):
+                        d_t[r, i] = d[i, q0 + r]
+            elif kind == 1:
+                if not want_sq:
+                    continue
+                target_vec = sq
+                src = _rows(sqa, s_off[j], R, n_in, 0, R)
+                for r in range(nr):
+                    for i in range(R):
+                        d_t[r, i] = d[i, q0 + r] * d[i, q0 + r]
+            else:
+                if not clip_norm > 0:
+                    continue
+                target_vec = clipped
+                src = a_in
+                for r in range(nr):
+                    for i in range(R):
+                        d_t[r, i] = clip_c[i] * d[i, q0 + r]
+            w_part = target_vec[w_off[j] + q0 * n_in : w_off[j] + q1 * n_in]
+            if accumulate:
+                np.dot(d_t, src, part)
+                flat = part.reshape(nr * n_in)
+                for k in range(nr * n_in):
+                    w_part[k] += flat[k]
+            else:
+                np.dot(d_t, src, w_part.reshape((nr, n_in)))
+            for r in range(nr):
+                s = zero
+                for i in range(R):
+                    s += d_t[r, i]
+                if accumulate:
+                    target_vec[b_off[j] + q0 + r] += s
+                else:
+                    target_vec[b_off[j] + q0 + r] = s
+
+
+# ------------------------------------------------------------------ host side
+
+
+class Workspace:
+    """Scratch buffers of the Numba backend, reused across calls.
+
+    Pass one to :func:`fastgrad.backprop` / :func:`fastgrad.clipped_grad`
+    (``workspace=``) so a training loop allocates nothing of size B × widths per
+    step. Without one, each Python thread keeps its own. Not shareable between
+    threads that call at the same time.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._bufs = None
+
+    def buffers(self, sizes: tuple[int, ...], rows: int, dtype: np.dtype, want_sq: bool):
+        """Flat buffers (acts, dphi, deltas, sqa) and the task list for ``rows`` samples."""
+        key = (tuple(sizes), rows, np.dtype(dtype), want_sq)
+        if self._key != key:
+            hidden = sum(sizes[1:-1])
+            self._bufs = (
+                np.empty(rows * hidden, dtype),
+                np.empty(rows * hidden, dtype),
+                np.empty(rows * sum(sizes[1:]), dtype),
+                np.empty(rows * sum(sizes[:-1]) if want_sq else 0, dtype),
+                _tasks(sizes),
+            )
+            self._key = key
+        return self._bufs
+
+
+def _tasks(sizes) -> np.ndarray:
+    """(layer, first row, end row) of every phase-2 GEMM block, biggest layers first."""
+    tasks = []
+    for j in range(len(sizes) - 1):
+        for q0 in range(0, sizes[j + 1], BLOCK):
+            tasks.append((j, q0, min(sizes[j + 1], q0 + BLOCK)))
+    return np.array(tasks, dtype=np.int64).reshape(-1, 3)
+
+
+_local = threading.local()
+
+
+def _thread_workspace() -> Workspace:
+    ws = getattr(_local, "workspace", None)
+    if ws is None:
+        ws = _local.workspace = Workspace()
+    return ws
+
+
+class _SingleThreadedBLAS:
+    """Holds every loaded BLAS to one thread while any call is inside a kernel.
+
+    A counter under a lock makes nested and concurrent calls (two Python threads)
+    restore the user's setting exactly once, when the last one leaves.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved = None
+        self._controllers = None
+
+    def _blas(self):
+        if self._controllers is None:
+            import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls)
+            from threadpoolctl import ThreadpoolController
+
+            self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+        return self._controllers
+
+    @contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._inside == 0:
+                libs = self._blas()
+                self._saved = [lib.get_num_threads() for lib in libs]
+                for lib in libs:
+                    lib.set_num_threads(1)
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if self._inside == 0:
+                    for lib, n in zip(self._blas(), self._saved):
+                        lib.set_num_threads(n)
+
+
+single_threaded_blas = _SingleThreadedBLAS()
+
+
+def _layout(net: MLP):
+    sizes = np.array(net.sizes, dtype=np.int64)
+    w_off = np.array([s.w_start for s in net.layers], dtype=np.int64)
+    b_off = np.array([s.b_start for s in net.layers], dtype=np.int64)
+    return sizes, w_off, b_off
+
+
+def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray | None,
+        workspace: Workspace | None = None) -> dict:  # fmt: skip
+    """The backend contract of :mod:`fastgrad.api` (see ``api._BACKENDS``), on CPU threads."""
+    dt = inp.dtype
+    B, P, L = inp.batch_size, net.num_params, net.num_layers
+    want_grad = "grad" in need
+    want_sq = "sq_mean" in need
+    want_rows = "per_sample" in need
+    clip = max_norm is not None
+    per_row = bool(need & {"norms", "layer_norms"}) or clip
+    backward = want_grad or want_sq or want_rows or per_row
+    ws = workspace if workspace is not None else _thread_workspace()
+    acts, dphi, deltas, sqa, tasks = ws.buffers(net.sizes, min(B, CHUNK), dt, want_sq)
+    sizes, w_off, b_off = _layout(net)
+    empty1 = np.empty(0, dt)
+    grad = np.empty(P, dt) if want_grad else empty1
+    sq = np.empty(P, dt) if want_sq else empty1
+    clipped = np.empty(P, dt) if clip else empty1
+    losses = np.empty(B, dt)
+    layer_sq = np.empty((B, L), dt)
+    norms = np.empty(B, dt)
+    clip_c = np.empty(B, dt)
+    G = None
+    if want_rows:
+        G = out if out is not None else np.empty((B, P), dt)
+    no_rows = np.empty((0, 0), dt)
+    ce = net.loss_code == CROSS_ENTROPY
+    clip_norm = float(max_norm) if clip else -1.0
+    with single_threaded_blas():
+        for c0 in range(0, B, CHUNK):
+            c1 = min(B, c0 + CHUNK)
+            R = c1 - c0
+            fused_backprop(
+                sizes, w_off, b_off, inp.theta, inp.X[c0:c1],
+                inp.labels[c0:c1] if ce else inp.labels,
+                inp.targets if ce else inp.targets[c0:c1],
+                net.activation_code, net.loss_code,
+                backward, per_row, clip_norm, want_grad, want_sq,
+                acts[: R * sum(net.sizes[1:-1])], dphi[: R * sum(net.sizes[1:-1])],
+                deltas[: R * sum(net.sizes[1:])], sqa[: R * sum(net.sizes[:-1])] if want_sq else sqa,
+                losses[c0:c1], layer_sq[c0:c1], norms[c0:c1], clip_c[c0:c1],
+                np.asarray(G[c0:c1]) if want_rows else no_rows,
+                grad, sq, clipped, c0 > 0, tasks, TILE,
+            )  # fmt: skip
+    res = {"loss": losses.mean(dtype=dt)}
+    if want_grad:
+        grad /= dt.type(B)
+        res["grad"] = grad
+    if want_sq:
+        sq /= dt.type(B)
+        res["sq_mean"] = sq
+    if per_row:
+        res["norms"] = norms
+        res["layer_norms"] = np.sqrt(layer_sq)
+    if clip:
+        res["clipped_sum"] = clipped
+    if want_rows:
+        res["per_sample"] = G
+    return res
+
+
+def compile_all(dtypes=(np.float32, np.float64)) -> None:
+    """Compile (or load from the disk cache) every kernel for ``dtypes``: one tiny call each."""
+    from ._validation import check_inputs
+
+    net = MLP([2, 3, 2], activation="tanh", loss="cross_entropy")
+    for dt in dtypes:
+        theta = net.init(seed=0, dtype=dt)
+        inp = check_inputs(net, theta, np.zeros((1, 2), dt), np.zeros(1, np.int64))
+        run(net, inp, frozenset({"loss", "grad", "sq_mean", "norms", "per_sample"}), 1.0, None)
+
+
+__all__ = ["BLOCK", "CACHE", "CHUNK", "TILE", "Workspace", "check_available", "compile_all", "run"]
