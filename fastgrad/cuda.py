@@ -310,15 +310,22 @@ def kernel_functions(F) -> dict:
         if p < out.shape[0]:
             out[p] = (total[p] + sigma_c * noise[p]) * inv_b
 
-    def check_values(x, lo, hi, flags):
-        # x (n,): flags[0] = 1 if any element is NaN/Inf, flags[1] = 1 if any lies outside [lo, hi]
+    def check_values(x, lo, hi, flags, slot):
+        # x (n,): flags[slot] = 1 if any element is NaN/Inf, flags[slot + 1] = 1 if any lies outside [lo, hi]
         i = cuda.grid(1)
         if i < x.shape[0]:
             v = x[i]
             if not math.isfinite(v):
-                flags[0] = 1
+                flags[slot] = 1
             elif v < lo or v > hi:
-                flags[1] = 1
+                flags[slot + 1] = 1
+
+    def check_labels(labels, n_classes, flags, slot):
+        # labels (B,) int64: flags[slot + 1] = 1 if any lies outside [0, n_classes)
+        i = cuda.grid(1)
+        if i < labels.shape[0]:
+            if labels[i] < 0 or labels[i] >= n_classes:
+                flags[slot + 1] = 1
 
     def fused_narrow(theta, sizes, w_starts, act, loss, X, labels, targets, B, T,
                      need_ps, need_grad, need_sq, max_norm,
@@ -486,6 +493,7 @@ def kernel_functions(F) -> dict:
         "variance_from_moments": variance_from_moments,
         "noised_mean": noised_mean,
         "check_values": check_values,
+        "check_labels": check_labels,
         "fused_narrow": fused_narrow,
     }
 
@@ -507,7 +515,8 @@ def kernel_signatures(F) -> dict:
         "outer_into": (m, m, m, i64),
         "variance_from_moments": (v, v, v),
         "noised_mean": (v, v, F, F, v),
-        "check_values": (v, F, F, nbt.Array(nbt.int32, 1, "C")),
+        "check_values": (v, F, F, nbt.Array(nbt.int32, 1, "C"), i64),
+        "check_labels": (vi, i64, nbt.Array(nbt.int32, 1, "C"), i64),
         "fused_narrow": (v, vi, vi, i64, i64, m, vi, m, i64, i64, i64, i64, i64, F,
                          v, m, m, m, m, m),
     }
@@ -545,6 +554,32 @@ class _Device:
         self.batch_size, self.dtype = batch, np.dtype(dtype)
 
 
+_SCRATCH: dict = {}
+_SCRATCH_MAX = 64
+
+
+def _scratch(tag: str, shape: tuple, dtype):
+    """A device buffer for intermediates that never leave this module, reused across calls.
+
+    numba allocates with cudaMalloc/cudaFree, which cost more than the small kernels
+    here; every kernel runs on the default stream, so reuse by the next call is ordered.
+    """
+    key = (tag, tuple(int(x) for x in shape), np.dtype(dtype).str)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) >= _SCRATCH_MAX:
+            _SCRATCH.pop(next(iter(_SCRATCH)))
+        buf = _SCRATCH[key] = cuda.device_array(key[1], dtype=dtype)
+    return buf
+
+
+@functools.cache
+def _layout(sizes: tuple[int, ...]):
+    """Device copies of the widths and each layer's offset in θ, for the fused kernel."""
+    w_starts = [s.w_start for s in MLP(sizes).layers]
+    return cuda.to_device(np.asarray(sizes, dtype=np.int64)), cuda.to_device(np.asarray(w_starts, np.int64))
+
+
 def _sum_partials(K, part2d, scale, out, out_off=0):
     nrows, ncols = part2d.shape
     K["sum_rows"][(_cdiv(ncols, SUM_X),), (SUM_X, SUM_Y)](
@@ -565,19 +600,19 @@ def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | No
         raise ValueError(f"path: the fused path does not fit sizes {list(net.sizes)}")
     if "per_sample" in need and G is None:
         G = cuda.device_array((B, P), dtype=d.dtype)
-    dummy2 = cuda.device_array((1, 1), dtype=d.dtype)
-    layer_sq = cuda.device_array((B, L), dtype=d.dtype)
+    dummy2 = _scratch("dummy2", (1, 1), d.dtype)
+    layer_sq = (cuda.device_array((B, L), dtype=d.dtype) if "layer_norms" in need
+                else _scratch("layer_sq", (B, L), d.dtype))
     res: dict = {}
     act, loss = net.activation_code, net.loss_code
     scale_b = F(1.0 / B)
     if tile:
         nblk = _cdiv(B, tile)
-        sizes = cuda.to_device(np.asarray(net.sizes, dtype=np.int64))
-        w_starts = cuda.to_device(np.asarray([s.w_start for s in net.layers], dtype=np.int64))
-        loss_part = cuda.device_array(nblk, dtype=d.dtype)
-        grad_part = cuda.device_array((nblk, P), dtype=d.dtype) if "grad" in need else dummy2
-        sq_part = cuda.device_array((nblk, P), dtype=d.dtype) if "sq_mean" in need else dummy2
-        clip_part = cuda.device_array((nblk, P), dtype=d.dtype) if clip else dummy2
+        sizes, w_starts = _layout(net.sizes)
+        loss_part = _scratch("loss_part", (nblk,), d.dtype)
+        grad_part = _scratch("grad_part", (nblk, P), d.dtype) if "grad" in need else dummy2
+        sq_part = _scratch("sq_part", (nblk, P), d.dtype) if "sq_mean" in need else dummy2
+        clip_part = _scratch("clip_part", (nblk, P), d.dtype) if clip else dummy2
         shmem = _fused_shared_bytes(net, tile, d.dtype)
         K["fused_narrow"][nblk, FUSED_THREADS, 0, shmem](
             d.theta, sizes, w_starts, act, loss, d.X, d.labels, d.targets, B, tile,
@@ -593,7 +628,7 @@ def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | No
         losses = loss_part
     else:
         losses, deltas, acts = _tiled_backward(K, net, d, layer_sq if need_norms else None)
-        clip_c = cuda.device_array(B, dtype=d.dtype) if clip else cuda.device_array(1, dtype=d.dtype)
+        clip_c = _scratch("clip_c", (B if clip else 1,), d.dtype)
         if need_norms:
             norms = cuda.device_array(B, dtype=d.dtype)
             K["finish_norms"][_cdiv(B, ROW_THREADS), ROW_THREADS](
@@ -623,7 +658,7 @@ def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | No
         res["norms"] = norms
         if "layer_norms" in need:
             res["layer_norms"] = layer_sq
-    total = cuda.device_array(1, dtype=d.dtype)
+    total = _scratch("total", (1,), d.dtype)
     K["sum_vector"][1, VEC_THREADS](losses, losses.shape[0], F(1.0 / B), total)
     res["loss"] = total.copy_to_host()[0]
     if "per_sample" in need:
@@ -637,12 +672,12 @@ def _tiled_backward(K, net: MLP, d: _Device, layer_sq):
     acts = [d.X]
     derivs = []
     theta = d.theta
-    dummy = cuda.device_array(1, dtype=d.dtype)
+    dummy = _scratch("dummy", (1,), d.dtype)
     for l, s in enumerate(net.layers):
         grid = (_cdiv(s.n_out, GEMM_TILE), _cdiv(B, GEMM_TILE), 1)
         last = l == L - 1
-        out1 = cuda.device_array((B, s.n_out), dtype=d.dtype)
-        out2 = dummy if last else cuda.device_array((B, s.n_out), dtype=d.dtype)
+        out1 = _scratch(f"act{l}", (B, s.n_out), d.dtype)
+        out2 = dummy if last else _scratch(f"deriv{l}", (B, s.n_out), d.dtype)
         # Z = A W^T + b: a (B, n_in) k-contiguous, opB(k, n) = W[n, k]
         K["tiled_gemm"][grid, (GEMM_THREADS, GEMM_THREADS)](
             B, s.n_out, s.n_in, s.n_in, acts[-1].reshape(B * s.n_in), 0, s.n_in, 1,
@@ -656,8 +691,8 @@ def _tiled_backward(K, net: MLP, d: _Device, layer_sq):
             acts.append(out1)
             derivs.append(out2)
     n_out = net.n_out
-    D = cuda.device_array((B, n_out), dtype=d.dtype)
-    losses = cuda.device_array(B, dtype=d.dtype)
+    D = _scratch("delta_out", (B, n_out), d.dtype)
+    losses = _scratch("losses", (B,), d.dtype)
     K["output_deltas"][_cdiv(B, ROW_THREADS), ROW_THREADS](
         z_out, d.labels, d.targets, net.loss_code, B, D, losses
     )
@@ -689,8 +724,8 @@ def _weight_grad(K, d: _Device, D, A, s, square: int, use_scale: int, rowscale, 
     k_chunk = _cdiv(_cdiv(B, nsplit), GEMM_BK) * GEMM_BK
     nsplit = _cdiv(B, k_chunk)
     seg = M * N
-    part = cuda.device_array((nsplit, seg), dtype=d.dtype)
-    dummy = cuda.device_array(1, dtype=d.dtype)
+    part = _scratch("grad_split", (nsplit, seg), d.dtype)
+    dummy = _scratch("dummy", (1,), d.dtype)
     # C[o, j] = sum_i D[i, o] A[i, j]: opA(o, i) = D[i*M + o], opB(i, j) = A[i*n_in + j], 1 for the bias
     K["tiled_gemm"][(_cdiv(N, GEMM_TILE), _cdiv(M, GEMM_TILE), nsplit), (GEMM_THREADS, GEMM_THREADS)](
         M, N, B, k_chunk, D.reshape(B * M), 0, 1, M, A.reshape(B * s.n_in), 0, s.n_in, 1, s.n_in,
@@ -730,7 +765,9 @@ def is_device_array(a) -> bool:
     """True for arrays that live on the GPU (``__cuda_array_interface__``, or the simulator's arrays)."""
     if cuda is None:
         return False
-    return hasattr(a, "__cuda_array_interface__") or (SIMULATOR and cuda.is_cuda_array(a))
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    return SIMULATOR and type(a).__name__ == "FakeCUDAArray"
 
 
 def _as_device(name: str, a):
@@ -742,19 +779,18 @@ def _as_device(name: str, a):
     return a if SIMULATOR and not hasattr(a, "__cuda_array_interface__") else cuda.as_cuda_array(a)
 
 
-def _device_flags(K, x, lo, hi) -> tuple[bool, bool]:
-    flags = cuda.to_device(np.zeros(2, dtype=np.int32))
+def _launch_check(K, x, lo, hi, flags, slot):
     n = x.size
     if n:
-        K["check_values"][_cdiv(n, 256 if not SIMULATOR else 4), 256 if not SIMULATOR else 4](
-            x.reshape(n), lo, hi, flags
-        )
-    f = flags.copy_to_host()
-    return bool(f[0]), bool(f[1])
+        K["check_values"][_cdiv(n, ROW_THREADS), ROW_THREADS](x.reshape(n), lo, hi, flags, slot)
 
 
 def check_device_inputs(net: MLP, theta, X, y) -> _Device:
-    """The checks of :func:`fastgrad._validation.check_inputs`, done on the device; arrays used in place."""
+    """The checks of :func:`fastgrad._validation.check_inputs`, done on the device; arrays used in place.
+
+    Shapes and dtypes are read from the array interface; finiteness and value ranges
+    are checked by one kernel per array, and one 6-integer copy brings the verdicts back.
+    """
     check_available()
     _validation.check_net(net)
     theta, X, y = _as_device("theta", theta), _as_device("X", X), _as_device("y", y)
@@ -772,56 +808,49 @@ def check_device_inputs(net: MLP, theta, X, y) -> _Device:
         raise ValueError("X: the batch is empty (B = 0); need at least one sample")
     if np.dtype(X.dtype) != dt:
         raise TypeError(f"X: device inputs are used in place, so X must have θ's dtype {dt}, got {X.dtype}")
+    ce = net.loss_code == CROSS_ENTROPY
+    if ce:
+        if np.dtype(y.dtype) != np.int64:
+            raise TypeError(f"y: cross_entropy on the device expects int64 labels, got dtype {y.dtype}")
+        if tuple(y.shape) != (B,):
+            raise ValueError(f"y: cross_entropy expects labels of shape ({B},), got {tuple(y.shape)}")
+    else:
+        if y.ndim == 1 and net.n_out == 1 and y.shape[0] == B:
+            y = y.reshape(B, 1)
+        if tuple(y.shape) != (B, net.n_out):
+            raise ValueError(
+                f"y: {net.loss} expects targets of shape ({B}, {net.n_out}), got {tuple(y.shape)}"
+            )
+        if np.dtype(y.dtype) != dt:
+            raise TypeError(f"y: device targets are used in place, need θ's dtype {dt}, not {y.dtype}")
     for name, a in (("theta", theta), ("X", X), ("y", y)):
         if not a.is_c_contiguous():
             raise ValueError(f"{name}: device inputs must be C-contiguous")
     K = kernels(dt)
     inf = dt.type(np.inf)
-    for name, a in (("theta", theta), ("X", X)):
-        if _device_flags(K, a, -inf, inf)[0]:
-            raise ValueError(f"{name}: contains NaN or Inf")
-    if net.loss_code == CROSS_ENTROPY:
-        if np.dtype(y.dtype) != np.int64:
-            raise TypeError(f"y: cross_entropy on the device expects int64 labels, got dtype {y.dtype}")
-        if tuple(y.shape) != (B,):
-            raise ValueError(f"y: cross_entropy expects labels of shape ({B},), got {tuple(y.shape)}")
-        yf = cuda.device_array(B, dtype=dt)
-        _cast_labels(y, yf)
-        if _device_flags(K, yf, dt.type(0), dt.type(net.n_out - 1))[1]:
-            raise ValueError(f"y: labels must lie in [0, {net.n_out}) (sizes[-1] = {net.n_out})")
-        return _Device(theta, X, y, cuda.device_array((1, net.n_out), dtype=dt), B, dt)
-    if y.ndim == 1 and net.n_out == 1 and y.shape[0] == B:
-        y = y.reshape(B, 1)
-    if tuple(y.shape) != (B, net.n_out):
-        raise ValueError(f"y: {net.loss} expects targets of shape ({B}, {net.n_out}), got {tuple(y.shape)}")
-    if np.dtype(y.dtype) != dt:
-        raise TypeError(f"y: device targets are used in place, so y must have θ's dtype {dt}, got {y.dtype}")
-    lo, hi = (dt.type(0), dt.type(1)) if net.loss_code == BINARY_CROSS_ENTROPY else (-inf, inf)
-    bad_value, out_of_range = _device_flags(K, y, lo, hi)
-    if bad_value:
+    flags = _scratch("flags", (6,), np.int32)
+    flags.copy_to_device(np.zeros(6, dtype=np.int32))
+    _launch_check(K, theta, -inf, inf, flags, 0)
+    _launch_check(K, X, -inf, inf, flags, 2)
+    if ce:
+        K["check_labels"][_cdiv(B, ROW_THREADS), ROW_THREADS](y, net.n_out, flags, 4)
+    else:
+        lo, hi = (dt.type(0), dt.type(1)) if net.loss_code == BINARY_CROSS_ENTROPY else (-inf, inf)
+        _launch_check(K, y, lo, hi, flags, 4)
+    f = flags.copy_to_host()
+    if f[0]:
+        raise ValueError("theta: contains NaN or Inf")
+    if f[2]:
+        raise ValueError("X: contains NaN or Inf")
+    if f[4]:
         raise ValueError("y: contains NaN or Inf")
-    if out_of_range:
+    if f[5]:
+        if ce:
+            raise ValueError(f"y: labels must lie in [0, {net.n_out}) (sizes[-1] = {net.n_out})")
         raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
-    return _Device(theta, X, cuda.device_array(1, dtype=np.int64), y, B, dt)
-
-
-def _cast_labels(y, yf):
-    # labels compared as floats for the range check; exact for |label| < 2**24
-    n = y.shape[0]
-    threads = 4 if SIMULATOR else 256
-    _cast_kernel()[_cdiv(n, threads), threads](y, yf)
-
-
-@functools.cache
-def _cast_kernel():
-    @cuda.jit
-    def cast_to_float(y, yf):
-        # y (B,) int64 -> yf (B,) float
-        i = cuda.grid(1)
-        if i < y.shape[0]:
-            yf[i] = y[i]
-
-    return cast_to_float
+    if ce:
+        return _Device(theta, X, y, _scratch("no_targets", (1, net.n_out), dt), B, dt)
+    return _Device(theta, X, _scratch("no_labels", (1,), np.int64), y, B, dt)
 
 
 def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path: str = "auto") -> dict:

@@ -51,8 +51,8 @@ def test_every_kernel_compiles_to_ptx_for_sm90(dtype, monkeypatch):
             f64_kernels.append(name)
     if dtype == "float32":
         assert f64_kernels == [], f"float64 arithmetic in the float32 PTX of {f64_kernels}"
-    else:  # the check above can see float64 when it is there
-        assert set(f64_kernels) == set(funcs)
+    else:  # the check above sees float64 where it is: everywhere but the integer-only label check
+        assert set(funcs) - set(f64_kernels) == {"check_labels"}
 
 
 @needs_numba_cuda
