@@ -40,6 +40,7 @@ def require(package: str, extra: str, purpose: str):
     import importlib
 
     try:
+        importlib.import_module(package.split(".")[0])
         return importlib.import_module(package)
     except ImportError:
         raise MissingExtraError(package.split(".")[0], extra, purpose) from None

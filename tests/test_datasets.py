@@ -87,3 +87,18 @@ def test_digits_when_scikit_learn_is_installed():
     d = load_digits()
     assert d.X.shape == (1797, 64) and d.num_classes == 10
     assert d.X.min() == 0 and d.X.max() == 1
+
+
+def test_optional_packages_that_are_missing_name_the_extra_to_install(monkeypatch):
+    import fastgrad
+    from fastgrad.datasets import MissingExtraError
+
+    for module, call, extra in [
+        ("sklearn", load_digits, "digits"),
+        ("torch", lambda: fastgrad.from_torch(None), "torch"),
+        ("torch", lambda: fastgrad.to_torch(fastgrad.MLP([2, 1]), np.zeros(3, np.float32)), "torch"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setitem(__import__("sys").modules, module, None)
+            with pytest.raises(MissingExtraError, match=rf'pip install "fastgrad\[{extra}\]"'):
+                call()
