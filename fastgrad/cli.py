@@ -223,6 +223,31 @@ def _progress(total: int, desc: str, disable: bool):
     return tqdm(total=total, desc=desc, unit="step", disable=disable, leave=False, file=sys.stderr)
 
 
+def _check_plot(path: str | None) -> None:
+    """Fail before the work, not after it: matplotlib installed, the folder of ``path`` there."""
+    if path is None:
+        return
+    from .train import _pyplot
+
+    plt = _pyplot()
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--plot {path}: folder {folder!r} does not exist")
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if suffix and suffix not in formats:
+        raise UsageError(f"--plot {path}: matplotlib cannot write .{suffix}; use one of {', '.join(formats)}")
+
+
+def _save_plot(result, path: str, what: str) -> None:
+    try:
+        result.plot(path)
+    except (OSError, ValueError) as exc:  # unwritable file, or a suffix matplotlib cannot write
+        raise UsageError(f"--plot {path}: {exc}") from None
+    print(f"{what} written to {path}")
+
+
 def cmd_compare(args) -> int:
     from .shortcut import compare_shortcut
 
@@ -246,12 +271,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TRAIN_METHODS, _pyplot, train_compare
+    from .train import TRAIN_METHODS, train_compare
 
     if not 0 <= args.test_fraction < 1:
         raise UsageError(f"--test-fraction: expected a number in [0, 1), got {args.test_fraction}")
-    if args.plot:
-        _pyplot()  # a missing matplotlib is reported before minutes of training, not after
+    _check_plot(args.plot)
     data, loss = _load(args)
     backend = resolve_backend(args.backend)
     net = _net(args, data, loss)
@@ -281,13 +305,12 @@ def cmd_train(args) -> int:
     if args.dp:
         print(f"DP-SGD: clipping norm C = {args.max_norm:g}, noise multiplier σ = {args.noise_multiplier:g}")
     if args.plot:
-        result.plot(args.plot)
-        print(f"loss curves written to {args.plot}")
+        _save_plot(result, args.plot, "loss curves")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from .train import _pyplot, sweep_shortcut
+    from .train import sweep_shortcut
 
     activations = [a.strip() for a in args.activations.split(",") if a.strip()]
     for a in activations:
@@ -295,8 +318,7 @@ def cmd_sweep(args) -> int:
             raise UsageError(f"--activations: unknown {a!r}; expected any of {', '.join(ACTIVATIONS)}")
     if any(d < 0 for d in args.depths) or args.base_depth < 0:
         raise UsageError("--depths/--base-depth: numbers of hidden layers must be ≥ 0")
-    if args.plot:
-        _pyplot()
+    _check_plot(args.plot)
     data, loss = _load(args)
     backend = resolve_backend(args.backend)
     total = len(args.batch_sizes) + len(args.depths) + len(activations)
@@ -321,8 +343,7 @@ def cmd_sweep(args) -> int:
         bar.close()
     print(result.table())
     if args.plot:
-        result.plot(args.plot)
-        print(f"sweep plot written to {args.plot}")
+        _save_plot(result, args.plot, "sweep plot")
     return 0
 
 

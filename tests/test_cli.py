@@ -205,3 +205,17 @@ def test_a_missing_delegate_module_says_the_feature_is_not_available(monkeypatch
     monkeypatch.setitem(cli._DELEGATED, "validate", "no_such_module_here")
     assert cli.main(["validate"]) == 2
     assert "not available in this version" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("nowhere/x.png", "does not exist"), ("x.qqq", "cannot write .qqq")]
+)
+def test_a_plot_path_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, name, message):
+    if importlib.util.find_spec("matplotlib") is None:
+        message = 'pip install "fastgrad[plot]"'
+    try:  # 1000 epochs: were the path checked only after training, this test would take minutes
+        status = cli.main(["train", "--backend", "numpy", "--plot", str(tmp_path / name), "--epochs", "1000"])
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 2
+    assert message in capsys.readouterr().err
