@@ -2,7 +2,7 @@
 
 One compiled kernel per dtype serves every activation × loss (run-time codes) and
 every combination of quantities (run-time flags). It works in two phases over a
-chunk of at most ``CHUNK`` samples:
+chunk of samples (as many whole tiles as fit in ``WORKSPACE_BYTES``):
 
 1. ``prange`` over fixed tiles of ``TILE`` samples: each tile goes forward through
    the whole network and back, keeping its activations A_l and deltas Δ_l in the
@@ -53,12 +53,15 @@ from .mlp import MLP
 CACHE = os.environ.get("FASTGRAD_NUMBA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 """Whether compiled kernels are cached on disk; ``FASTGRAD_NUMBA_CACHE=0`` turns it off."""
 
-TILE = 64
-"""Samples per forward/backward tile (phase 1)."""
-BLOCK = 32
-"""Weight-gradient rows per GEMM task (phase 2)."""
-CHUNK = 2048
-"""Samples per kernel call; larger batches are done in chunks, accumulated in order."""
+TILE = 128
+"""Samples per forward/backward tile (phase 1). Measured (1 thread, float32): 64 → 128 made
+mnist's forward+backward 15 % and wide's 15 % faster, narrow unchanged; 256 gained no more."""
+BLOCK = 128
+"""Weight-gradient rows per GEMM task (phase 2). Measured on mnist (1 thread): 32 rows took
+16 ms for the gradient, 128 rows 11.6 ms (small GEMMs repack the other operand every call)."""
+WORKSPACE_BYTES = 32 * 2**20
+"""Scratch budget that sets the chunk: batches longer than fits are done in chunks of whole
+tiles, accumulated in order (the chunk depends on the network and dtype, never on threads)."""
 
 if numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "threadsafe"
@@ -223,10 +226,10 @@ def fused_backprop(
                     for k in range(n_out):
                         v = deltas[d_off[j + 1] + i * n_out + k]
                         dsq += v * v
+                    a_row = X[i] if j == 0 else acts[a_off[j] + i * n_in : a_off[j] + (i + 1) * n_in]
                     asq = one
                     for k in range(n_in):
-                        v = X[i, k] if j == 0 else acts[a_off[j] + i * n_in + k]
-                        asq += v * v
+                        asq += a_row[k] * a_row[k]
                     layer_sq[i, j] = dsq * asq
                     total += dsq * asq
                 norms[i] = math.sqrt(total)
@@ -240,12 +243,12 @@ def fused_backprop(
                 out_row = rows_out[i]
                 for j in range(L):
                     n_in, n_out = sizes[j], sizes[j + 1]
+                    a_row = X[i] if j == 0 else acts[a_off[j] + i * n_in : a_off[j] + (i + 1) * n_in]
                     for r in range(n_out):
                         d = deltas[d_off[j + 1] + i * n_out + r]
-                        base = w_off[j] + r * n_in
+                        w_row = out_row[w_off[j] + r * n_in : w_off[j] + (r + 1) * n_in]
                         for k in range(n_in):
-                            v = X[i, k] if j == 0 else acts[a_off[j] + i * n_in + k]
-                            out_row[base + k] = d * v
+                            w_row[k] = d * a_row[k]
                         out_row[b_off[j] + r] = d
     if not (want_grad or want_sq or clip_norm > 0):
         return
@@ -333,12 +336,19 @@ class Workspace:
         return self._bufs
 
 
+def chunk_rows(sizes: tuple[int, ...], dtype) -> int:
+    """Samples per kernel call: the whole tiles whose scratch fits in ``WORKSPACE_BYTES``."""
+    per_row = np.dtype(dtype).itemsize * (2 * sum(sizes[1:-1]) + sum(sizes[1:]) + sum(sizes[:-1]))
+    return max(TILE, WORKSPACE_BYTES // per_row // TILE * TILE)
+
+
 def _tasks(sizes) -> np.ndarray:
-    """(layer, first row, end row) of every phase-2 GEMM block, biggest layers first."""
+    """(layer, first row, end row) of every phase-2 GEMM block, costliest first (for balance)."""
     tasks = []
     for j in range(len(sizes) - 1):
         for q0 in range(0, sizes[j + 1], BLOCK):
             tasks.append((j, q0, min(sizes[j + 1], q0 + BLOCK)))
+    tasks.sort(key=lambda t: -(t[2] - t[1]) * sizes[t[0]])
     return np.array(tasks, dtype=np.int64).reshape(-1, 3)
 
 
@@ -414,7 +424,8 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     per_row = bool(need & {"norms", "layer_norms"}) or clip
     backward = want_grad or want_sq or want_rows or per_row
     ws = workspace if workspace is not None else _thread_workspace()
-    acts, dphi, deltas, sqa, tasks = ws.buffers(net.sizes, min(B, CHUNK), dt, want_sq)
+    chunk = min(B, chunk_rows(net.sizes, dt))
+    acts, dphi, deltas, sqa, tasks = ws.buffers(net.sizes, chunk, dt, want_sq)
     sizes, w_off, b_off = _layout(net)
     empty1 = np.empty(0, dt)
     grad = np.empty(P, dt) if want_grad else empty1
@@ -430,9 +441,10 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     no_rows = np.empty((0, 0), dt)
     ce = net.loss_code == CROSS_ENTROPY
     clip_norm = float(max_norm) if clip else -1.0
-    with single_threaded_blas():
-        for c0 in range(0, B, CHUNK):
-            c1 = min(B, c0 + CHUNK)
+    # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
+    with single_threaded_blas(), numba.parallel_chunksize(1):
+        for c0 in range(0, B, chunk):
+            c1 = min(B, c0 + chunk)
             R = c1 - c0
             fused_backprop(
                 sizes, w_off, b_off, inp.theta, inp.X[c0:c1],
@@ -474,4 +486,14 @@ def compile_all(dtypes=(np.float32, np.float64)) -> None:
         run(net, inp, frozenset({"loss", "grad", "sq_mean", "norms", "per_sample"}), 1.0, None)
 
 
-__all__ = ["BLOCK", "CACHE", "CHUNK", "TILE", "Workspace", "check_available", "compile_all", "run"]
+__all__ = [
+    "BLOCK",
+    "CACHE",
+    "TILE",
+    "WORKSPACE_BYTES",
+    "Workspace",
+    "check_available",
+    "chunk_rows",
+    "compile_all",
+    "run",
+]

@@ -70,7 +70,7 @@ def test_every_quantity_matches_naive_for_every_activation_and_loss(activation, 
         ([6, 1, 5, 2], 7),  # a width-1 bottleneck
         ([4, 2], 3),  # no hidden layer
         ([13, 37, 11, 9, 5], cpu.TILE + 3),  # odd sizes, a partial last tile
-        ([7, 40, 3], 2 * cpu.TILE),  # whole tiles; more weight rows than one phase-2 block
+        ([7, cpu.BLOCK + 22, 3], 2 * cpu.TILE),  # whole tiles; a layer split into phase-2 blocks
     ],
 )
 def test_shapes_single_sample_width_one_odd_sizes_partial_tile(sizes, B, dtype):
@@ -80,8 +80,10 @@ def test_shapes_single_sample_width_one_odd_sizes_partial_tile(sizes, B, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_batches_longer_than_a_chunk_are_accumulated(monkeypatch, dtype):
-    # chunking is a host-side loop; a small CHUNK exercises it without a big batch
-    monkeypatch.setattr(cpu, "CHUNK", 8)
+    # chunking is a host-side loop; a tiny scratch budget and tile exercise it without a big batch
+    monkeypatch.setattr(cpu, "TILE", 4)
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 1)
+    assert cpu.chunk_rows((4, 6, 3), np.float64) == 4
     check_against_naive([4, 6, 3], "sigmoid", "binary_cross_entropy", B=21, dtype=dtype)
 
 

@@ -1,0 +1,304 @@
+"""Measure the Numba CPU backend against the targets of issue 3 and print a Markdown table.
+
+    python benchmarks/cpu_targets.py [--rounds 3] [--reps 10] [--skip-compile] [--skip-vmap]
+
+Everything is float32, tanh hidden layers, cross-entropy, on DESIGN §6's configurations,
+with Numba and PyTorch both on 2 threads, measured side by side in this one run (the
+peer is optional: ``pip install -e ".[peers]"``). Each method is timed in blocks of
+``reps`` calls after a warm-up, the blocks rotated over ``rounds`` rounds so that a noisy
+neighbour hits every method alike; the table gives the median (and the best) per call.
+
+Floors measured in the same run: the write floor of per-sample gradients is the time a
+2-thread Numba loop takes to fill the same (B, P) array; the flop floor is
+6·B·Σ n_l n_{l-1} at NumPy's sgemm rate on a square GEMM.
+
+This is a script, not a test: nothing here asserts; it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CONFIGS = {
+    "narrow": ([64, 64, 64, 10], 4096),
+    "mnist": ([784, 512, 256, 10], 512),
+    "wide": ([1024, 1024, 1024, 10], 256),
+}
+THREADS = 2
+
+
+def problem(sizes, B, seed=0):
+    import fastgrad
+
+    net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
+    rng = np.random.default_rng(seed)
+    theta = net.init(seed=seed, dtype=np.float32)
+    X = rng.standard_normal((B, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], size=B)
+    return net, theta, X, y
+
+
+def timed_rounds(methods: dict, rounds: int, reps: int) -> dict:
+    """{name: (median ms, best ms)} per call, methods rotated over rounds."""
+    times = {name: [] for name in methods}
+    for r in range(rounds):
+        names = list(methods)
+        names = names[r % len(names) :] + names[: r % len(names)]
+        for name in names:
+            f = methods[name]
+            for _ in range(2):
+                f()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+    return {name: (1e3 * float(np.median(t)), 1e3 * float(np.min(t))) for name, t in times.items()}
+
+
+def fill_kernel():
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def fill_rows(out, value):
+        # out (B, P): every element written once, rows split over threads, like per-sample rows
+        for i in prange(out.shape[0]):
+            row = out[i]
+            for k in range(row.shape[0]):
+                row[k] = value
+
+    return fill_rows
+
+
+def torch_methods(sizes, B, X, y, theta, net, vmap: bool):
+    try:
+        import torch
+    except ImportError:
+        return {}, None
+    torch.set_num_threads(THREADS)
+    layers = []
+    for l, (W, b) in enumerate(net.unpack(theta)):
+        lin = torch.nn.Linear(W.shape[1], W.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(W))
+            lin.bias.copy_(torch.from_numpy(b))
+        layers.append(lin)
+        if l < net.num_layers - 1:
+            layers.append(torch.nn.Tanh())
+    model = torch.nn.Sequential(*layers)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    params = list(model.parameters())
+
+    def autograd_mean():
+        for p in params:
+            p.grad = None
+        torch.nn.functional.cross_entropy(model(Xt), yt).backward()
+
+    methods = {"torch autograd grad": autograd_mean}
+    if vmap:
+        from torch.func import functional_call, grad, vmap
+
+        named = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss_one(p, x, t):
+            out = functional_call(model, p, (x[None],))
+            return torch.nn.functional.cross_entropy(out, t[None])
+
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
+        methods["torch.func vmap(grad)"] = lambda: per_sample(named, Xt, yt)
+    return methods, torch.__version__
+
+
+def sgemm_rate() -> float:
+    """GFLOP/s of NumPy's float32 GEMM on 1024³, best of 10."""
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    c = np.empty_like(a)
+    best = np.inf
+    for _ in range(12):
+        t0 = time.perf_counter()
+        np.dot(a, a, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best / 1e9
+
+
+def measure_config(name, rounds, reps, vmap):
+    import fastgrad
+    from fastgrad import cpu
+
+    sizes, B = CONFIGS[name]
+    net, theta, X, y = problem(sizes, B)
+    P = net.num_params
+    ws = cpu.Workspace()
+    out = np.empty((B, P), np.float32)
+    fill = fill_kernel()
+
+    def bp(compute, **kw):
+        return lambda: fastgrad.backprop(
+            net, theta, X, y, compute=compute, backend="numba", workspace=ws, **kw
+        )
+
+    methods = {
+        "grad": bp(("grad",)),
+        "grad+norms": bp(("grad", "norms")),
+        "clipped_grad": lambda: fastgrad.clipped_grad(
+            net, theta, X, y, 1.0, 0.0, backend="numba", workspace=ws
+        ),
+        "grad+variance": bp(("grad", "variance")),
+        "per_sample": bp(("per_sample",), out=out),
+        "write floor (fill B×P)": lambda: fill(out, np.float32(1.0)),
+    }
+    peer, torch_version = torch_methods(sizes, B, X, y, theta, net, vmap)
+    methods.update(peer)
+    res = timed_rounds(methods, rounds, reps if B * P < 3e8 else max(3, reps // 3))
+    return res, B, P, torch_version
+
+
+def peak_memory_child():
+    """Run in a fresh process: RSS peak of grad+norms and clipped_grad on mnist over the inputs and θ."""
+    import fastgrad
+    from fastgrad import cpu
+
+    small = problem([3, 4, 2], 3)
+    fastgrad.backprop(*small, compute=("grad", "norms"), backend="numba")  # load the kernels
+    fastgrad.clipped_grad(*small, 1.0, backend="numba")
+    with open("/proc/self/status") as f:
+        before = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith("Vm")}
+    net, theta, X, y = problem(*CONFIGS["mnist"])
+    inputs_kib = (theta.nbytes + X.nbytes + y.nbytes) / 1024
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    with open("/proc/self/status") as f:
+        base = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith("Vm")}
+    ws = cpu.Workspace()
+    for _ in range(3):
+        fastgrad.backprop(net, theta, X, y, compute=("grad", "norms"), backend="numba", workspace=ws)
+        fastgrad.clipped_grad(net, theta, X, y, 1.0, backend="numba", workspace=ws)
+    with open("/proc/self/status") as f:
+        after = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith("Vm")}
+    peak = (after["VmHWM"] - base["VmRSS"]) / 1024
+    print(f"{peak:.1f} {inputs_kib / 1024:.1f} {before['VmRSS'] / 1024:.0f}")
+
+
+def compile_child():
+    """Run in a fresh process: seconds to import, then to compile (or load) and run every float32 kernel."""
+    t0 = time.perf_counter()
+    from fastgrad import cpu
+
+    t1 = time.perf_counter()
+    cpu.compile_all((np.float32,))
+    t2 = time.perf_counter()
+    print(f"{t1 - t0:.2f} {t2 - t1:.2f}")
+
+
+def child(kind: str, cache_dir: str | None = None) -> str:
+    env = dict(os.environ)
+    if cache_dir:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def versions() -> str:
+    import numba
+    import scipy
+    import threadpoolctl
+
+    blas = [
+        f"{i['internal_api']} {i['version']} ({i.get('architecture')}, {i['filepath'].split('/')[-2]})"
+        for i in threadpoolctl.threadpool_info()
+        if i["user_api"] == "blas"
+    ]
+    return (
+        f"Python {platform.python_version()}, NumPy {np.__version__}, Numba {numba.__version__} "
+        f"(threading layer {numba.threading_layer()}), SciPy {scipy.__version__}; BLAS: {'; '.join(blas)}"
+    )
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--configs", default="narrow,mnist,wide")
+    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--skip-vmap", action="store_true")
+    ap.add_argument("--child", choices=["memory", "compile"])
+    args = ap.parse_args()
+    if args.child == "memory":
+        return peak_memory_child()
+    if args.child == "compile":
+        return compile_child()
+
+    import numba
+
+    numba.set_num_threads(THREADS)
+    print(f"# fastgrad numba backend, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; load average at start {os.getloadavg()}")
+    print(f"env OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} "
+          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}")  # fmt: skip
+    gflops = sgemm_rate()
+    print(f"NumPy sgemm 1024³: {gflops:.0f} GFLOP/s")
+    rows = []
+    torch_version = None
+    for name in args.configs.split(","):
+        res, B, P, torch_version = measure_config(name, args.rounds, args.reps, not args.skip_vmap)
+        sizes = CONFIGS[name][0]
+        flop_floor = 1e3 * 6 * B * sum(a * b for a, b in itertools.pairwise(sizes)) / (gflops * 1e9)
+        g = res["grad"][0]
+        peer = res.get("torch autograd grad", (np.nan,))[0]
+        vm = res.get("torch.func vmap(grad)", (np.nan,))[0]
+        floor = res["write floor (fill B×P)"][0]
+        print(f"\n## {name} {sizes} B={B} P={P}")
+        for k, (med, best) in res.items():
+            print(f"  {k:28s} median {med:9.2f} ms   best {best:9.2f} ms")
+        print(f"  flop floor at {gflops:.0f} GFLOP/s: {flop_floor:.2f} ms; "
+              f"write floor {B * P * 4 / 1e9 / (floor / 1e3):.1f} GB/s")  # fmt: skip
+        rows.append(
+            (name, g, peer, peer / g, res["grad+norms"][0] / g, res["clipped_grad"][0] / g,
+             res["grad+variance"][0] / g, res["per_sample"][0], floor, res["per_sample"][0] / floor,
+             vm / res["per_sample"][0], flop_floor)
+        )  # fmt: skip
+    print(f"\nversions: {versions()}; torch {torch_version}")
+    print("\n| config | grad ms | torch autograd ms | torch / grad | grad+norms / grad | clipped / grad "
+          "| grad+variance / grad | per_sample ms | write floor ms | per_sample / floor "
+          "| vmap(grad) / per_sample | flop floor ms |")
+    print("|---" * 12 + "|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}× | {r[4]:.2f}× | {r[5]:.2f}× | {r[6]:.2f}× "
+              f"| {r[7]:.1f} | {r[8]:.1f} | {r[9]:.2f}× | {r[10]:.1f}× | {r[11]:.2f} |")  # fmt: skip
+    mem = child("memory").split()
+    print(f"\npeak memory over inputs+θ, grad+norms and clipped_grad on mnist: {mem[0]} MiB "
+          f"(inputs+θ {mem[1]} MiB, process RSS before {mem[2]} MiB)")  # fmt: skip
+    if not args.skip_compile:
+        with tempfile.TemporaryDirectory() as cache:
+            cold = child("compile", cache).split()
+            warm = child("compile", cache).split()
+        print(f"float32: cold compile {cold[1]} s (import {cold[0]} s); "
+              f"first call, disk cache warm, new process: {warm[1]} s (import {warm[0]} s)")  # fmt: skip
+    print(f"ru_maxrss of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
