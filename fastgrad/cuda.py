@@ -58,7 +58,9 @@ if SIMULATOR:
     SUM_X, SUM_Y, VEC_THREADS, ROW_THREADS, WRITE_THREADS = 2, 2, 4, 4, 4
     TARGET_BLOCKS = 2  # aim for at least this many fused blocks
 else:
-    GEMM_THREADS, GEMM_REG, GEMM_BK = 16, 4, 16  # 64x64 output tile, 256 threads
+    # 32x32 output tiles of 64 threads, 4x4 outputs each: the batches here are small (B = 256 gives
+    # only 64 blocks of 64x64 for a 1024-wide layer on 132 SMs), so more, smaller blocks fill the GPU
+    GEMM_THREADS, GEMM_REG, GEMM_BK = 8, 4, 16
     FUSED_THREADS, FUSED_MAX_TILE = 128, 32
     SUM_X, SUM_Y, VEC_THREADS, ROW_THREADS, WRITE_THREADS = 32, 8, 256, 128, 256
     TARGET_BLOCKS = 512  # fixed, not read from the card: results must not depend on it

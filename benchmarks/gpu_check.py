@@ -1,0 +1,274 @@
+"""Timings of the CUDA backend against PyTorch CUDA, in one run on one GPU.
+
+Run by ``benchmarks/gpu_check.sh`` (``PYTHONPATH=. python benchmarks/gpu_check.py``);
+needs a GPU, numba-cuda and torch. Not an asv benchmark: nothing here runs on import.
+
+Per configuration (DESIGN §6, plus a large-batch narrow case), float32, tanh,
+cross-entropy, inputs already on the GPU:
+
+- fastgrad ``backprop(..., backend="cuda")`` on numba device arrays (the public
+  call: device-side input checks, the kernels, the loss copied back), and the
+  kernels alone (inputs validated once, outside the timing);
+- PyTorch: autograd for ``grad``; ``torch.func.vmap(grad)`` for ``per_sample``
+  and, from its rows, ``norms`` (TF32 off, so both sides compute in float32);
+- floors measured in the same run: the device copy bandwidth (``Tensor.copy_``,
+  read + write bytes over time) and fill bandwidth against B·P·4 bytes of
+  per-sample gradients; the float32 GEMM rate of ``torch.mm`` against the
+  6·B·Σ n_l n_{l-1} flops of the mean gradient.
+
+Times are medians of synchronised wall-clock calls (launch overheads included,
+on both sides). The table is printed last; ``--json`` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import numpy as np
+
+CONFIGS = {
+    "narrow": ([64, 64, 64, 10], 4096),
+    "mnist": ([784, 512, 256, 10], 512),
+    "wide": ([1024, 1024, 1024, 10], 256),
+    "narrow-B65536": ([64, 64, 64, 10], 65536),
+}
+
+
+def median_ms(fn, sync, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def rel_err(got, ref) -> float:
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-300))
+
+
+def measure_floors(torch, sync, tdev: str, reps: int) -> dict:
+    """Device copy and fill bandwidth (torch, 1 GiB) and the float32 GEMM rate, in this run."""
+    n = 256 * 1024 * 1024 if tdev == "cuda" else 1024 * 1024
+    src = torch.ones(n, device=tdev)
+    dst = torch.empty_like(src)
+    t_copy = median_ms(lambda: dst.copy_(src), sync, reps)
+    t_fill = median_ms(lambda: dst.fill_(0.5), sync, reps)
+    m = 8192 if tdev == "cuda" else 256
+    a = torch.randn(m, m, device=tdev)
+    t_mm = median_ms(lambda: torch.mm(a, a), sync, 5)
+    return {
+        "copy_GBps": 2 * n * 4 / t_copy / 1e6,  # read + write
+        "fill_GBps": n * 4 / t_fill / 1e6,
+        "sgemm_TFLOPs": 2 * m**3 / t_mm / 1e9,
+    }
+
+
+def bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, reps) -> list[dict]:
+    """fastgrad (public call and kernels alone) and PyTorch on one configuration; one row per quantity."""
+    from torch.func import functional_call, grad, vmap
+
+    net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
+    P = net.num_params
+    rng = np.random.default_rng(0)
+    theta = net.init(seed=0, dtype=np.float32)
+    X = rng.standard_normal((B, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], size=B).astype(np.int64)
+    theta_d, X_d, y_d = cuda.to_device(theta), cuda.to_device(X), cuda.to_device(y)
+    G_d = cuda.device_array((B, P), dtype=np.float32)
+    path = "fused" if fc.fused_tile(net, B, np.float32) else "tiled"
+
+    def fg(compute, out=None):
+        if fc.SIMULATOR:  # the simulator's arrays lack __cuda_array_interface__
+            return SimpleNamespace(**fc.backprop_device(net, theta_d, X_d, y_d, frozenset(compute), out))
+        return fastgrad.backprop(net, theta_d, X_d, y_d, compute=compute, backend="cuda", out=out)
+
+    def fg_clipped():
+        if fc.SIMULATOR:
+            return fc.clipped_grad_device(net, theta_d, X_d, y_d, 1.0, 0.0, None)
+        return fastgrad.clipped_grad(net, theta_d, X_d, y_d, 1.0, backend="cuda")
+
+    d = fc.check_device_inputs(net, theta_d, X_d, y_d)
+
+    def kernels_only(need, out=None):
+        return fc._run_device(net, d, frozenset(need) | {"loss"}, None, out)
+
+    layers = []  # the same network in torch, with the same parameters
+    for l, (W, b) in enumerate(net.unpack(theta)):
+        lin = torch.nn.Linear(W.shape[1], W.shape[0]).to(tdev)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(W))
+            lin.bias.copy_(torch.from_numpy(b))
+        layers.append(lin)
+        if l < net.num_layers - 1:
+            layers.append(torch.nn.Tanh())
+    model = torch.nn.Sequential(*layers)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    plist = list(model.parameters())
+    Xt, yt = torch.from_numpy(X).to(tdev), torch.from_numpy(y).to(tdev)
+
+    def torch_grad():
+        loss = torch.nn.functional.cross_entropy(model(Xt), yt)
+        return torch.autograd.grad(loss, plist)
+
+    def sample_loss(p, x, t):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x[None],)), t[None])
+
+    ps_fn = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def torch_per_sample():
+        return ps_fn(params, Xt, yt)
+
+    def torch_norms():
+        g = ps_fn(params, Xt, yt)
+        return torch.sqrt(sum(v.reshape(B, -1).pow(2).sum(1) for v in g.values()))
+
+    # what is compared must agree, in the same run
+    res = fg(("grad", "norms"))
+    tg = torch.cat([g.reshape(-1) for g in torch_grad()]).cpu().numpy()
+    errs = {
+        "grad": rel_err(res.grad.copy_to_host(), tg),
+        "norms": rel_err(res.norms.copy_to_host(), torch_norms().cpu().numpy()),
+        "clipped": float("nan"),
+    }
+    fg(("per_sample",), out=G_d)
+    k = min(B, 64)  # rows compared
+    tps = torch_per_sample()
+    tps = torch.cat([tps[name_][:k].reshape(k, -1) for name_ in params], dim=1).cpu().numpy()
+    errs["per_sample"] = rel_err(G_d[:k].copy_to_host(), tps)
+
+    flops = 6 * B * sum(a * b for a, b in itertools.pairwise(sizes))
+    ps_bytes = B * P * 4
+    slow_reps = max(3, reps // 3)
+    nan = float("nan")
+    meas = {
+        "grad": (median_ms(lambda: fg(("grad",)), sync, reps),
+                 median_ms(lambda: kernels_only({"grad"}), sync, reps),
+                 median_ms(torch_grad, sync, reps),
+                 flops / (floors["sgemm_TFLOPs"] * 1e9)),
+        "per_sample": (median_ms(lambda: fg(("per_sample",), out=G_d), sync, reps),
+                       median_ms(lambda: kernels_only({"per_sample"}, G_d), sync, reps),
+                       median_ms(torch_per_sample, sync, slow_reps),
+                       ps_bytes / (floors["fill_GBps"] * 1e6)),
+        "norms": (median_ms(lambda: fg(("norms",)), sync, reps),
+                  median_ms(lambda: kernels_only({"norms"}), sync, reps),
+                  median_ms(torch_norms, sync, slow_reps),
+                  nan),
+        "clipped": (median_ms(fg_clipped, sync, reps), nan, nan, nan),
+    }
+    rows = []
+    for q, (t_api, t_kern, t_torch, t_floor) in meas.items():
+        row = {
+            "config": name, "sizes": sizes, "B": B, "P": P, "path": path, "quantity": q,
+            "fastgrad_ms": t_api, "fastgrad_kernels_ms": t_kern, "torch_ms": t_torch,
+            "speedup_vs_torch": t_torch / t_api, "floor_ms": t_floor, "rel_err_vs_torch": errs[q],
+        }
+        if q == "per_sample":
+            row["per_sample_GBps"] = ps_bytes / t_api / 1e6
+            row["fraction_of_copy_bw"] = row["per_sample_GBps"] / floors["copy_GBps"]
+            row["kernels_fraction_of_copy_bw"] = ps_bytes / t_kern / 1e6 / floors["copy_GBps"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="FILE", help="write every number to FILE")
+    parser.add_argument("--reps", type=int, default=15, help="timed calls per measurement (median)")
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny problem, torch on the CPU: checks this script under the CUDA simulator")
+    args = parser.parse_args(argv)
+    configs = {"smoke": ([3, 5, 2], 6), "smoke-wide": ([3, 5, 2], 6)} if args.smoke else {
+        k: CONFIGS[k] for k in args.configs
+    }
+    tdev = "cpu" if args.smoke else "cuda"
+
+    import numba
+    import torch
+    from numba import cuda
+
+    import fastgrad
+    from fastgrad import cuda as fc
+
+    fc.check_available()
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    def sync():
+        cuda.synchronize()
+        if tdev == "cuda":
+            torch.cuda.synchronize()
+
+    env = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": torch.cuda.get_device_name(0) if tdev == "cuda" else "CUDA simulator (smoke test)",
+        "compute_capability": list(cuda.get_current_device().compute_capability) if tdev == "cuda" else [],
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_cuda": getattr(sys.modules.get("numba_cuda"), "__version__", "?"),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "fastgrad": fastgrad.__version__,
+    }
+    print("environment:", json.dumps(env))
+
+    floors = measure_floors(torch, sync, tdev, args.reps)
+    copy_gbs, fill_gbs, sgemm_tflops = floors["copy_GBps"], floors["fill_GBps"], floors["sgemm_TFLOPs"]
+    print(f"floors: copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
+          f"sgemm {sgemm_tflops:.1f} TFLOP/s (float32, TF32 off)")
+    rows = []
+    for name, (sizes, B) in configs.items():
+        if name == "smoke-wide":  # the tiled path at a smoke test's size
+            fc.FUSED_MAX_WIDTH = 4
+        rows += bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, args.reps)
+        if tdev == "cuda":
+            torch.cuda.empty_cache()
+        fc._SCRATCH.clear()
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "floors": floors, "rows": rows}, fh, indent=1)
+
+    print()
+    print(f"{env['gpu']} (cc {env['compute_capability']}), {env['date']}; numba {env['numba']}, "
+          f"numba-cuda {env['numba_cuda']}, torch {env['torch']} (CUDA {env['torch_cuda']})")
+    print(f"floors: device copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
+          f"sgemm {sgemm_tflops:.1f} TFLOP/s")
+    head = ("config", "path", "quantity", "fastgrad ms", "kernels ms", "torch ms", "torch/fastgrad",
+            "floor ms", "rel err", "note")
+    body = []
+    for r in rows:
+        note = ""
+        if r["quantity"] == "per_sample":
+            note = (f"{r['per_sample_GBps']:.0f} GB/s = {100 * r['fraction_of_copy_bw']:.0f}% of copy bw "
+                    f"(kernels {100 * r['kernels_fraction_of_copy_bw']:.0f}%)")
+        body.append((r["config"], r["path"], r["quantity"], f"{r['fastgrad_ms']:.3f}",
+                     f"{r['fastgrad_kernels_ms']:.3f}", f"{r['torch_ms']:.3f}",
+                     f"{r['speedup_vs_torch']:.2f}x", f"{r['floor_ms']:.3f}",
+                     f"{r['rel_err_vs_torch']:.1e}", note))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    for line in [head, ["-" * w for w in widths], *body]:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
