@@ -262,6 +262,26 @@ def fused_backprop(
         d_t = np.empty((nr, R), X.dtype)
         part = np.empty((nr, n_in), X.dtype)
         for kind in range(3):
+            if kind == 0 and want_grad and nr == n_out:
+                # the whole layer in one block: Δᵀ A with BLAS reading Δ transposed, no gathered copy
+                w_part = grad[w_off[j] : b_off[j]]
+                if accumulate:
+                    np.dot(d.T, a_in, part)
+                    flat = part.reshape(nr * n_in)
+                    for k in range(nr * n_in):
+                        w_part[k] += flat[k]
+                else:
+                    np.dot(d.T, a_in, w_part.reshape((nr, n_in)))
+                col = np.zeros(nr, X.dtype)
+                for i in range(R):
+                    for r in range(nr):
+                        col[r] += d[i, r]
+                for r in range(nr):
+                    if accumulate:
+                        grad[b_off[j] + r] += col[r]
+                    else:
+                        grad[b_off[j] + r] = col[r]
+                continue
             if kind == 0:
                 if not want_grad:
                     continue
