@@ -139,6 +139,17 @@ def _rows(buf, off, n_rows, width, r0, r1):
     return buf[off + r0 * width : off + r1 * width].reshape((r1 - r0, width))
 
 
+@njit(cache=CACHE, fastmath={"reassoc", "contract"})
+def sum_squares(v):
+    # v (n,) -> Σ v²; reassociation lets LLVM keep vector partial sums (a serial sum was
+    # latency-bound: most of the norms' cost on narrow). The order is fixed by the compiled
+    # code, not by threads, so results stay bit-identical.
+    s = like(v[0], 0.0)  # widths are ≥ 1
+    for k in range(v.shape[0]):
+        s += v[k] * v[k]
+    return s
+
+
 @njit(parallel=True, cache=CACHE, error_model="numpy")
 def fused_backprop(
     sizes, w_off, b_off, theta, X, labels, targets, act, loss,
@@ -227,14 +238,9 @@ def fused_backprop(
                 total = zero
                 for j in range(L):
                     n_in, n_out = sizes[j], sizes[j + 1]
-                    dsq = zero
-                    for k in range(n_out):
-                        v = deltas[d_off[j + 1] + i * n_out + k]
-                        dsq += v * v
+                    dsq = sum_squares(deltas[d_off[j + 1] + i * n_out : d_off[j + 1] + (i + 1) * n_out])
                     a_row = X[i] if j == 0 else acts[a_off[j] + i * n_in : a_off[j] + (i + 1) * n_in]
-                    asq = one
-                    for k in range(n_in):
-                        asq += a_row[k] * a_row[k]
+                    asq = one + sum_squares(a_row)
                     layer_sq[i, j] = dsq * asq
                     total += dsq * asq
                 norms[i] = math.sqrt(total)
@@ -257,76 +263,68 @@ def fused_backprop(
                         out_row[b_off[j] + r] = d
     if not (want_grad or want_sq or clip_norm > 0):
         return
-    # phase 2: rows [r0, r1) of each layer's weight gradient, one GEMM over the chunk per task
+    # phase 2: rows [q0, q1) of each layer's weight gradient, one GEMM over the chunk per task:
+    # M (R, nr) is Δ's columns [q0, q1), plain, squared or row-scaled by the clip factors, and
+    # BLAS reads it transposed: W-rows = Mᵀ A (A squared for sq), b-rows = column sums of M
     for t in prange(tasks.shape[0]):
         j, q0, q1 = tasks[t, 0], tasks[t, 1], tasks[t, 2]
         n_in, n_out = sizes[j], sizes[j + 1]
         nr = q1 - q0
         a_in = X if j == 0 else _rows(acts, a_off[j], R, n_in, 0, R)
         d = _rows(deltas, d_off[j + 1], R, n_out, 0, R)
-        d_t = np.empty((nr, R), X.dtype)
+        blk = np.empty((R, nr), X.dtype)
         part = np.empty((nr, n_in), X.dtype)
+        col = np.empty(nr, X.dtype)
         for kind in range(3):
-            if kind == 0 and want_grad and nr == n_out:
-                # the whole layer in one block: Δᵀ A with BLAS reading Δ transposed, no gathered copy
-                w_part = grad[w_off[j] : b_off[j]]
-                if accumulate:
-                    np.dot(d.T, a_in, part)
-                    flat = part.reshape(nr * n_in)
-                    for k in range(nr * n_in):
-                        w_part[k] += flat[k]
-                else:
-                    np.dot(d.T, a_in, w_part.reshape((nr, n_in)))
-                col = np.zeros(nr, X.dtype)
-                for i in range(R):
-                    for r in range(nr):
-                        col[r] += d[i, r]
-                for r in range(nr):
-                    if accumulate:
-                        grad[b_off[j] + r] += col[r]
-                    else:
-                        grad[b_off[j] + r] = col[r]
-                continue
             if kind == 0:
                 if not want_grad:
                     continue
                 target_vec = grad
                 src = a_in
-                for r in range(nr):
+                if nr == n_out:
+                    m_blk = d  # the whole layer: no copy
+                else:
                     for i in range(R):
-                        d_t[r, i] = d[i, q0 + r]
+                        for r in range(nr):
+                            blk[i, r] = d[i, q0 + r]
+                    m_blk = blk
             elif kind == 1:
                 if not want_sq:
                     continue
                 target_vec = sq
                 src = _rows(sqa, s_off[j], R, n_in, 0, R)
-                for r in range(nr):
-                    for i in range(R):
-                        d_t[r, i] = d[i, q0 + r] * d[i, q0 + r]
+                for i in range(R):
+                    for r in range(nr):
+                        blk[i, r] = d[i, q0 + r] * d[i, q0 + r]
+                m_blk = blk
             else:
                 if not clip_norm > 0:
                     continue
                 target_vec = clipped
                 src = a_in
-                for r in range(nr):
-                    for i in range(R):
-                        d_t[r, i] = clip_c[i] * d[i, q0 + r]
+                for i in range(R):
+                    c = clip_c[i]
+                    for r in range(nr):
+                        blk[i, r] = c * d[i, q0 + r]
+                m_blk = blk
             w_part = target_vec[w_off[j] + q0 * n_in : w_off[j] + q1 * n_in]
             if accumulate:
-                np.dot(d_t, src, part)
+                np.dot(m_blk.T, src, part)
                 flat = part.reshape(nr * n_in)
                 for k in range(nr * n_in):
                     w_part[k] += flat[k]
             else:
-                np.dot(d_t, src, w_part.reshape((nr, n_in)))
+                np.dot(m_blk.T, src, w_part.reshape((nr, n_in)))
             for r in range(nr):
-                s = zero
-                for i in range(R):
-                    s += d_t[r, i]
+                col[r] = zero
+            for i in range(R):  # column sums, each in sample order
+                for r in range(nr):
+                    col[r] += m_blk[i, r]
+            for r in range(nr):
                 if accumulate:
-                    target_vec[b_off[j] + q0 + r] += s
+                    target_vec[b_off[j] + q0 + r] += col[r]
                 else:
-                    target_vec[b_off[j] + q0 + r] = s
+                    target_vec[b_off[j] + q0 + r] = col[r]
 
 
 # ------------------------------------------------------------------ host side
