@@ -389,6 +389,28 @@ def fastgrad_backends() -> list[str]:
 # --------------------------------------------------------------------- run
 
 
+def _cpu_seconds() -> tuple[float, float, float] | None:
+    """(wall, CPU seconds busy on the whole machine, CPU seconds of this process), or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+    own = os.times()
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def _other_share(start, end) -> float | None:
+    """The share of the machine's CPUs that other processes used between ``start`` and ``end``:
+    0 on a quiet machine; on a 2-CPU machine 0.5 means another process held a whole core."""
+    if start is None or end is None:
+        return None
+    wall = end[0] - start[0]
+    other = (end[1] - start[1]) - (end[2] - start[2])
+    return max(0.0, other) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
+
+
 def _versions(peers: Sequence[str]) -> dict[str, str]:
     import numba
 
@@ -491,6 +513,7 @@ def compare(
             raise ValueError(f"peers: unknown name {p!r}; expected any of torch, jax")
 
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    cpu_at_start = _cpu_seconds()
     sgemm, sgemm_flops = sgemm_timer()
     fill, fill_bytes = fill_timer()
     sgemm_size, fill_shape = SGEMM_SIZE, FILL_SHAPE
@@ -517,6 +540,7 @@ def compare(
     machine = _machine(peers)
     machine["loadavg_at_start"] = load_at_start
     machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine["other_processes_cpu_share"] = _other_share(cpu_at_start, _cpu_seconds())
     rate = sgemm_flops / statistics.median(floor_runs["sgemm"])
     bandwidth = fill_bytes / statistics.median(floor_runs["fill"])
     result_rows = []
@@ -561,6 +585,9 @@ def format_table(result: dict) -> str:
         lines.append("load average (1, 5, 15 min) at start "
                      + ", ".join(f"{x:.2f}" for x in m["loadavg_at_start"]) + "; at end "
                      + ", ".join(f"{x:.2f}" for x in m["loadavg_at_end"]))
+    if m.get("other_processes_cpu_share") is not None:
+        lines.append(f"other processes used {100 * m['other_processes_cpu_share']:.0f}% of the CPUs "
+                     "during the run (0% on a quiet machine)")
     if m.get("env"):
         lines.append("environment: " + ", ".join(f"{k}={val}" for k, val in m["env"].items()))
     lines += [

@@ -73,6 +73,8 @@ def test_compare_times_every_implementation_against_the_reference(tiny):
     assert by_q["per_sample"]["floor_s"] == pytest.approx(write_floor)
     assert result["floors"]["sgemm_size"] == 64 and result["floors"]["fill_shape"] == [8, 16, 16]
     assert json.loads(json.dumps(result))["versions"]["numpy"] == np.__version__
+    share = result["machine"]["other_processes_cpu_share"]
+    assert share is None or 0 <= share <= 1.5  # a share of the CPUs (rounding of jiffies aside)
     table = bench.format_table(result)
     assert "| tiny | per_sample | fastgrad numpy |" in table and "GFLOP/s" in table
 
