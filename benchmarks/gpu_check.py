@@ -186,11 +186,86 @@ def bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, 
     return rows
 
 
+def profile_overheads(torch, cuda, fastgrad, fc, sync, reps: int) -> dict:
+    """Where the time of a small call goes: host cost of launches and copies, GPU time of the kernels.
+
+    GPU times are taken between CUDA events queued behind a sleeping kernel, so the
+    host's launch cost is hidden and only the kernels' own time is measured.
+    """
+    import numba
+
+    @cuda.jit
+    def one_array(a):
+        i = cuda.grid(1)
+        if i < a.shape[0]:
+            a[i] = a[i]
+
+    @cuda.jit
+    def twelve_arrays(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, s0, s1, s2, s3, s4, s5, s6, s7):
+        i = cuda.grid(1)
+        if i < a0.shape[0]:
+            a0[i] = a1[i] + a2[i] + a3[i] + a4[i] + a5[i] + a6[i] + a7[i] + a8[i] + a9[i] + a10[i] + a11[i]
+
+    @cuda.jit
+    def sleep(n):
+        for _ in range(n):
+            cuda.nanosleep(1000)
+
+    a = [cuda.device_array(1024, np.float32) for _ in range(12)]
+    small = np.zeros(512, np.float32)
+    tt = torch.zeros(16, device="cuda")
+    out = {
+        "launch_1_array_us": 1e3 * median_ms(lambda: one_array[4, 256](a[0]), sync, reps),
+        "launch_12_arrays_8_scalars_us": 1e3 * median_ms(
+            lambda: twelve_arrays[4, 256](*a, 1, 2, 3, 4, 5, 6, 7, np.float32(8)), sync, reps),
+        "device_array_9000_us": 1e3 * median_ms(lambda: cuda.device_array(9000, np.float32), sync, reps),
+        "copy_to_host_512_us": 1e3 * median_ms(lambda: a[0][:512].copy_to_host(), sync, reps),
+        "copy_to_device_512_us": 1e3 * median_ms(lambda: a[0][:512].copy_to_device(small), sync, reps),
+        "torch_tiny_add_us": 1e3 * median_ms(lambda: tt.add_(1.0), sync, reps),
+        "numba": numba.__version__,
+    }
+    for name, (sizes, B) in (("narrow", CONFIGS["narrow"]), ("mnist", CONFIGS["mnist"])):
+        out.update(profile_call(name, sizes, B, cuda, fastgrad, fc, sync, sleep, reps))
+        fc._SCRATCH.clear()
+    print("overheads:", json.dumps(out), flush=True)
+    return out
+
+
+def profile_call(name, sizes, B, cuda, fastgrad, fc, sync, sleep, reps) -> dict:
+    """Host launch cost and GPU time of one kernels-only call, per set of quantities."""
+    net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
+    rng = np.random.default_rng(0)
+    theta_d = cuda.to_device(net.init(seed=0, dtype=np.float32))
+    X_d = cuda.to_device(rng.standard_normal((B, sizes[0])).astype(np.float32))
+    y_d = cuda.to_device(rng.integers(0, sizes[-1], size=B).astype(np.int64))
+    d = fc.check_device_inputs(net, theta_d, X_d, y_d)
+    out = {f"{name}_check_inputs_us": 1e3 * median_ms(lambda: fc.check_device_inputs(net, theta_d, X_d, y_d),
+                                                      sync, reps)}
+    for need in ({"loss"}, {"loss", "grad"}, {"loss", "norms"}):
+        need = frozenset(need)
+        fc._run_device(net, d, need, None)
+        sync()
+        sleep[1, 1](50000)  # about 50 ms of GPU time, while the host queues the calls
+        start, stop = cuda.event(), cuda.event()
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fc._run_device(net, d, need, None, host_loss=False)
+        host = (time.perf_counter() - t0) / 10
+        stop.record()
+        stop.synchronize()
+        key = f"{name}_{'+'.join(sorted(need))}"
+        out[f"{key}_gpu_us"] = 1e3 * cuda.event_elapsed_time(start, stop) / 10
+        out[f"{key}_host_us"] = 1e6 * host
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="write every number to FILE")
     parser.add_argument("--reps", type=int, default=15, help="timed calls per measurement (median)")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--profile", action="store_true", help="also measure launch and copy overheads")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny problem, torch on the CPU: checks this script under the CUDA simulator")
     args = parser.parse_args(argv)
@@ -230,6 +305,12 @@ def main(argv=None) -> int:
     }
     print("environment:", json.dumps(env))
 
+    overheads = {}
+    if args.profile:
+        try:
+            overheads = profile_overheads(torch, cuda, fastgrad, fc, sync, args.reps)
+        except Exception as exc:  # the profile is a diagnostic: never lose the timings to it
+            print(f"profile failed: {type(exc).__name__}: {exc}", flush=True)
     floors = measure_floors(torch, sync, tdev, args.reps)
     copy_gbs, fill_gbs, sgemm_tflops = floors["copy_GBps"], floors["fill_GBps"], floors["sgemm_TFLOPs"]
     print(f"floors: copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
@@ -245,7 +326,8 @@ def main(argv=None) -> int:
 
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"environment": env, "floors": floors, "rows": rows}, fh, indent=1)
+            json.dump({"environment": env, "floors": floors, "overheads": overheads, "rows": rows}, fh,
+                      indent=1)
 
     print()
     print(f"{env['gpu']} (cc {env['compute_capability']}), {env['date']}; numba {env['numba']}, "

@@ -30,7 +30,8 @@ tail -n 1 "$OUT/validate.txt"
 echo "   ($((SECONDS - start)) s so far)"
 
 echo "== 3. timings against PyTorch CUDA"
-python benchmarks/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/timings.txt"
+NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0 python benchmarks/gpu_check.py --profile --json "$OUT/gpu_check.json" 2>&1 |
+    tee "$OUT/timings.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu_check: $((SECONDS - start)) s, status $status"
 exit $status

@@ -37,6 +37,11 @@ from . import _validation, activations, losses
 from .losses import CROSS_ENTROPY, BINARY_CROSS_ENTROPY
 from .mlp import FLOAT_DTYPES, MLP
 
+if not hasattr(np, "row_stack"):
+    # NumPy 2.5 removed np.row_stack, but numba-cuda 0.30.4 registers an overload of it when it
+    # first compiles a kernel (AttributeError); the alias it had since NumPy 2.0 keeps it working.
+    np.row_stack = np.vstack
+
 try:  # numba-cuda is an optional dependency: without it the backend reports itself unavailable
     import numba
     from numba import cuda
@@ -55,14 +60,14 @@ SIMULATOR = bool(cuda is not None and numba.config.ENABLE_CUDASIM)
 if SIMULATOR:
     GEMM_THREADS, GEMM_REG, GEMM_BK = 2, 2, 2  # 4x4 output tile, 4 threads
     FUSED_THREADS, FUSED_MAX_TILE = 4, 4
-    SUM_X, SUM_Y, VEC_THREADS, ROW_THREADS, WRITE_THREADS = 2, 2, 4, 4, 4
+    SUM_X, SUM_Y, ROW_THREADS, WRITE_THREADS = 2, 2, 4, 4
     TARGET_BLOCKS = 2  # aim for at least this many fused blocks
 else:
     # 32x32 output tiles of 64 threads, 4x4 outputs each: the batches here are small (B = 256 gives
     # only 64 blocks of 64x64 for a 1024-wide layer on 132 SMs), so more, smaller blocks fill the GPU
     GEMM_THREADS, GEMM_REG, GEMM_BK = 8, 4, 16
     FUSED_THREADS, FUSED_MAX_TILE = 128, 32
-    SUM_X, SUM_Y, VEC_THREADS, ROW_THREADS, WRITE_THREADS = 32, 8, 256, 128, 256
+    SUM_X, SUM_Y, ROW_THREADS, WRITE_THREADS = 32, 8, 128, 256
     TARGET_BLOCKS = 512  # fixed, not read from the card: results must not depend on it
 GEMM_TILE = GEMM_THREADS * GEMM_REG
 
@@ -271,21 +276,6 @@ def kernel_functions(F) -> dict:
                 t += sh[y, tx]
             out[out_off + c] = t * scale
 
-    def sum_vector(x, n, scale, out):
-        # x (n,) -> out[0] = scale * sum(x), one block, fixed order
-        sh = cuda.shared.array(VEC_THREADS, F)
-        t = cuda.threadIdx.x
-        acc = zero
-        for i in range(t, n, VEC_THREADS):
-            acc += x[i]
-        sh[t] = acc
-        cuda.syncthreads()
-        if t == 0:
-            s = zero
-            for k in range(VEC_THREADS):
-                s += sh[k]
-            out[0] = s * scale
-
     def outer_into(D, A, G, w_start):
         # D (B, n_out), A (B, n_in), G (B, P): G[i, w_start + o*n_in + j] = D[i,o] A[i,j], then b: D[i,o]
         n_out = D.shape[1]
@@ -312,22 +302,25 @@ def kernel_functions(F) -> dict:
         if p < out.shape[0]:
             out[p] = (total[p] + sigma_c * noise[p]) * inv_b
 
-    def check_values(x, lo, hi, flags, slot):
-        # x (n,): flags[slot] = 1 if any element is NaN/Inf, flags[slot + 1] = 1 if any lies outside [lo, hi]
-        i = cuda.grid(1)
-        if i < x.shape[0]:
-            v = x[i]
+    def check_inputs(theta, X, targets, labels, lo, hi, n_classes, flags):
+        # theta (P,), X (B*n0,), targets (B*nL,), labels (B,): flags = non-finite theta, X, y; y out of range
+        start = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        for k in range(start, theta.shape[0], stride):
+            if not math.isfinite(theta[k]):
+                flags[0] = 1
+        for k in range(start, X.shape[0], stride):
+            if not math.isfinite(X[k]):
+                flags[1] = 1
+        for k in range(start, targets.shape[0], stride):
+            v = targets[k]
             if not math.isfinite(v):
-                flags[slot] = 1
+                flags[2] = 1
             elif v < lo or v > hi:
-                flags[slot + 1] = 1
-
-    def check_labels(labels, n_classes, flags, slot):
-        # labels (B,) int64: flags[slot + 1] = 1 if any lies outside [0, n_classes)
-        i = cuda.grid(1)
-        if i < labels.shape[0]:
-            if labels[i] < 0 or labels[i] >= n_classes:
-                flags[slot + 1] = 1
+                flags[3] = 1
+        for k in range(start, labels.shape[0], stride):
+            if labels[k] < 0 or labels[k] >= n_classes:
+                flags[3] = 1
 
     def fused_narrow(theta, sizes, w_starts, act, loss, X, labels, targets, B, T,
                      need_ps, need_grad, need_sq, max_norm,
@@ -463,9 +456,12 @@ def kernel_functions(F) -> dict:
                         d = sh[doff[l] + s * (nout + 1) + o]
                         av = sh[aoff[l - 1] + s * (nin + 1) + j] if j >= 0 else one
                         da = d * av
-                        g += da
-                        q += da * da
-                        cg += sh[coff + s] * da
+                        if need_grad:
+                            g += da
+                        if need_sq:
+                            q += da * da
+                        if max_norm > zero:
+                            cg += sh[coff + s] * da
                     if need_grad:
                         grad_part[blk, w + k] = g
                     if need_sq:
@@ -490,12 +486,10 @@ def kernel_functions(F) -> dict:
         "layer_sq_rows": layer_sq_rows,
         "finish_norms": finish_norms,
         "sum_rows": sum_rows,
-        "sum_vector": sum_vector,
         "outer_into": outer_into,
         "variance_from_moments": variance_from_moments,
         "noised_mean": noised_mean,
-        "check_values": check_values,
-        "check_labels": check_labels,
+        "check_inputs": check_inputs,
         "fused_narrow": fused_narrow,
     }
 
@@ -513,12 +507,10 @@ def kernel_signatures(F) -> dict:
         "layer_sq_rows": (m, m, m, i64),
         "finish_norms": (m, v, i64, F, v),
         "sum_rows": (v, i64, i64, F, v, i64),
-        "sum_vector": (v, i64, F, v),
         "outer_into": (m, m, m, i64),
         "variance_from_moments": (v, v, v),
         "noised_mean": (v, v, F, F, v),
-        "check_values": (v, F, F, nbt.Array(nbt.int32, 1, "C"), i64),
-        "check_labels": (vi, i64, nbt.Array(nbt.int32, 1, "C"), i64),
+        "check_inputs": (v, v, v, vi, F, F, i64, nbt.Array(nbt.int32, 1, "C")),
         "fused_narrow": (v, vi, vi, i64, i64, m, vi, m, i64, i64, i64, i64, i64, F,
                          v, m, m, m, m, m),
     }
@@ -560,18 +552,21 @@ _SCRATCH: dict = {}
 _SCRATCH_MAX = 64
 
 
-def _scratch(tag: str, shape: tuple, dtype):
+def _scratch(tag: str, shape: tuple, dtype, zero: bool = False):
     """A device buffer for intermediates that never leave this module, reused across calls.
 
     numba allocates with cudaMalloc/cudaFree, which cost more than the small kernels
     here; every kernel runs on the default stream, so reuse by the next call is ordered.
     """
-    key = (tag, tuple(int(x) for x in shape), np.dtype(dtype).str)
+    key = (tag, tuple(int(x) for x in shape), np.dtype(dtype).str, zero)
     buf = _SCRATCH.get(key)
     if buf is None:
         if len(_SCRATCH) >= _SCRATCH_MAX:
             _SCRATCH.pop(next(iter(_SCRATCH)))
-        buf = _SCRATCH[key] = cuda.device_array(key[1], dtype=dtype)
+        if zero:
+            buf = _SCRATCH[key] = cuda.to_device(np.zeros(key[1], dtype=dtype))
+        else:
+            buf = _SCRATCH[key] = cuda.device_array(key[1], dtype=dtype)
     return buf
 
 
@@ -590,8 +585,12 @@ def _sum_partials(K, part2d, scale, out, out_off=0):
 
 
 def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | None, G=None,
-                path: str = "auto") -> dict:
-    """Every quantity in ``need`` (and ``clipped_sum`` with ``max_norm``) as device arrays; loss a float."""
+                path: str = "auto", host_loss: bool = True) -> dict:
+    """Every quantity in ``need`` (and ``clipped_sum`` with ``max_norm``) as device arrays; loss a float.
+
+    With ``host_loss=False`` nothing waits for the GPU: the loss stays as its device partial
+    sums (``loss_partials``), which is how the benchmarks time the launches alone.
+    """
     K = kernels(d.dtype)
     F = d.dtype.type
     B, P, L = d.batch_size, net.num_params, net.num_layers
@@ -660,9 +659,12 @@ def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | No
         res["norms"] = norms
         if "layer_norms" in need:
             res["layer_norms"] = layer_sq
-    total = _scratch("total", (1,), d.dtype)
-    K["sum_vector"][1, VEC_THREADS](losses, losses.shape[0], F(1.0 / B), total)
-    res["loss"] = total.copy_to_host()[0]
+    # the per-block (fused) or per-sample (tiled) losses, summed on the host in a fixed order:
+    # a copy of a few KB costs less than another launch
+    if host_loss:
+        res["loss"] = losses.copy_to_host().sum(dtype=d.dtype) / F(B)
+    else:
+        res["loss_partials"] = losses
     if "per_sample" in need:
         res["per_sample"] = G
     return res
@@ -781,12 +783,6 @@ def _as_device(name: str, a):
     return a if SIMULATOR and not hasattr(a, "__cuda_array_interface__") else cuda.as_cuda_array(a)
 
 
-def _launch_check(K, x, lo, hi, flags, slot):
-    n = x.size
-    if n:
-        K["check_values"][_cdiv(n, ROW_THREADS), ROW_THREADS](x.reshape(n), lo, hi, flags, slot)
-
-
 def check_device_inputs(net: MLP, theta, X, y) -> _Device:
     """The checks of :func:`fastgrad._validation.check_inputs`, done on the device; arrays used in place.
 
@@ -830,29 +826,24 @@ def check_device_inputs(net: MLP, theta, X, y) -> _Device:
             raise ValueError(f"{name}: device inputs must be C-contiguous")
     K = kernels(dt)
     inf = dt.type(np.inf)
-    flags = _scratch("flags", (6,), np.int32)
-    flags.copy_to_device(np.zeros(6, dtype=np.int32))
-    _launch_check(K, theta, -inf, inf, flags, 0)
-    _launch_check(K, X, -inf, inf, flags, 2)
-    if ce:
-        K["check_labels"][_cdiv(B, ROW_THREADS), ROW_THREADS](y, net.n_out, flags, 4)
-    else:
-        lo, hi = (dt.type(0), dt.type(1)) if net.loss_code == BINARY_CROSS_ENTROPY else (-inf, inf)
-        _launch_check(K, y, lo, hi, flags, 4)
+    labels = y if ce else _scratch("no_labels", (1,), np.int64, zero=True)
+    targets = _scratch("no_targets", (1, net.n_out), dt, zero=True) if ce else y
+    lo, hi = (dt.type(0), dt.type(1)) if net.loss_code == BINARY_CROSS_ENTROPY else (-inf, inf)
+    flags = _scratch("flags", (4,), np.int32, zero=True)  # stays zero unless a check fails
+    n = max(theta.size, X.size, targets.size, labels.size)
+    K["check_inputs"][min(_cdiv(n, ROW_THREADS), 1024), ROW_THREADS](
+        theta, X.reshape(X.size), targets.reshape(targets.size), labels, lo, hi, net.n_out, flags
+    )
     f = flags.copy_to_host()
-    if f[0]:
-        raise ValueError("theta: contains NaN or Inf")
-    if f[2]:
-        raise ValueError("X: contains NaN or Inf")
-    if f[4]:
-        raise ValueError("y: contains NaN or Inf")
-    if f[5]:
+    if f.any():
+        flags.copy_to_device(np.zeros(4, dtype=np.int32))
+        for name, bad in (("theta", f[0]), ("X", f[1]), ("y", f[2])):
+            if bad:
+                raise ValueError(f"{name}: contains NaN or Inf")
         if ce:
             raise ValueError(f"y: labels must lie in [0, {net.n_out}) (sizes[-1] = {net.n_out})")
         raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
-    if ce:
-        return _Device(theta, X, y, _scratch("no_targets", (1, net.n_out), dt), B, dt)
-    return _Device(theta, X, _scratch("no_labels", (1,), np.int64), y, B, dt)
+    return _Device(theta, X, labels, targets, B, dt)
 
 
 def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path: str = "auto") -> dict:
