@@ -219,3 +219,9 @@ def test_a_plot_path_that_cannot_be_written_is_refused_before_the_work(tmp_path,
         status = exc.code
     assert status == 2
     assert message in capsys.readouterr().err
+
+
+def test_validate_runs_the_real_validation_module_end_to_end():
+    p = run("validate", "--quick", "--backend", "numpy")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "checks passed" in p.stdout
