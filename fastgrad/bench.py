@@ -404,11 +404,11 @@ def _cpu_seconds() -> tuple[float, float, float] | None:
 def _other_share(start, end) -> float | None:
     """The share of the machine's CPUs that other processes used between ``start`` and ``end``:
     0 on a quiet machine; on a 2-CPU machine 0.5 means another process held a whole core."""
-    if start is None or end is None:
-        return None
+    if start is None or end is None or end[0] - start[0] < 1.0:
+        return None  # the kernel counts in clock ticks (10 ms): too coarse for a shorter run
     wall = end[0] - start[0]
     other = (end[1] - start[1]) - (end[2] - start[2])
-    return max(0.0, other) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
+    return min(1.0, max(0.0, other / (wall * (os.cpu_count() or 1))))
 
 
 def _versions(peers: Sequence[str]) -> dict[str, str]:
