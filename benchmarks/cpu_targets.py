@@ -119,6 +119,23 @@ def torch_methods(sizes, B, X, y, theta, net, vmap: bool):
     return methods, torch.__version__
 
 
+def table_row(name: str, res: dict, flop_floor: float) -> tuple[str, ...]:
+    """One Markdown row: times and ratios as "median (best)"."""
+    nan = (np.nan, np.nan)
+
+    def ratio(num, den):
+        a, b = res.get(num, nan), res.get(den, nan)
+        return f"{a[0] / b[0]:.2f} ({a[1] / b[1]:.2f})"
+
+    g, ps = res["grad"], res["per_sample"]
+    return (
+        name, f"{g[0]:.2f} ({g[1]:.2f})", ratio("torch autograd grad", "grad"), ratio("grad+norms", "grad"),
+        ratio("clipped_grad", "grad"), ratio("grad+variance", "grad"), f"{ps[0]:.1f} ({ps[1]:.1f})",
+        ratio("per_sample", "write floor (fill B×P)"), ratio("torch.func vmap(grad)", "per_sample"),
+        f"{flop_floor:.2f}",
+    )  # fmt: skip
+
+
 def sgemm_rate() -> float:
     """GFLOP/s of NumPy's float32 GEMM on 1024³, best of 10."""
     a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
@@ -266,28 +283,21 @@ def main():
         res, B, P, torch_version = measure_config(name, args.rounds, args.reps, not args.skip_vmap)
         sizes = CONFIGS[name][0]
         flop_floor = 1e3 * 6 * B * sum(a * b for a, b in itertools.pairwise(sizes)) / (gflops * 1e9)
-        g = res["grad"][0]
-        peer = res.get("torch autograd grad", (np.nan,))[0]
-        vm = res.get("torch.func vmap(grad)", (np.nan,))[0]
-        floor = res["write floor (fill B×P)"][0]
         print(f"\n## {name} {sizes} B={B} P={P}")
         for k, (med, best) in res.items():
             print(f"  {k:28s} median {med:9.2f} ms   best {best:9.2f} ms")
+        floor = res["write floor (fill B×P)"]
         print(f"  flop floor at {gflops:.0f} GFLOP/s: {flop_floor:.2f} ms; "
-              f"write floor {B * P * 4 / 1e9 / (floor / 1e3):.1f} GB/s")  # fmt: skip
-        rows.append(
-            (name, g, peer, peer / g, res["grad+norms"][0] / g, res["clipped_grad"][0] / g,
-             res["grad+variance"][0] / g, res["per_sample"][0], floor, res["per_sample"][0] / floor,
-             vm / res["per_sample"][0], flop_floor)
-        )  # fmt: skip
-    print(f"\nversions: {versions()}; torch {torch_version}")
-    print("\n| config | grad ms | torch autograd ms | torch / grad | grad+norms / grad | clipped / grad "
-          "| grad+variance / grad | per_sample ms | write floor ms | per_sample / floor "
+              f"write floor {B * P * 4 / 1e9 / (floor[1] / 1e3):.1f} GB/s (best)")  # fmt: skip
+        rows.append(table_row(name, res, flop_floor))
+    print(f"\nversions: {versions()}; torch {torch_version}; load average at end {os.getloadavg()}")
+    print("\nmedian (best) of each, in the same run:\n")
+    print("| config | grad ms | torch autograd / grad | grad+norms / grad | clipped_grad / grad "
+          "| grad+variance / grad | per_sample ms | per_sample / write floor "
           "| vmap(grad) / per_sample | flop floor ms |")
-    print("|---" * 12 + "|")
+    print("|---" * 10 + "|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f}× | {r[4]:.2f}× | {r[5]:.2f}× | {r[6]:.2f}× "
-              f"| {r[7]:.1f} | {r[8]:.1f} | {r[9]:.2f}× | {r[10]:.1f}× | {r[11]:.2f} |")  # fmt: skip
+        print("| " + " | ".join(r) + " |")
     mem = child("memory").split()
     print(f"\npeak memory over inputs+θ, grad+norms and clipped_grad on mnist: {mem[0]} MiB "
           f"(inputs+θ {mem[1]} MiB, process RSS before {mem[2]} MiB)")  # fmt: skip

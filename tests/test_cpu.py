@@ -87,6 +87,13 @@ def test_batches_longer_than_a_chunk_are_accumulated(monkeypatch, dtype):
     check_against_naive([4, 6, 3], "sigmoid", "binary_cross_entropy", B=21, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_forward_with_w_read_transposed_matches_too(monkeypatch, dtype):
+    # small layers are forwarded with a stored Wᵀ; big ones read W transposed: force the latter
+    monkeypatch.setattr(cpu, "SMALL_LAYER", 0)
+    check_against_naive([5, 7, 6, 3], "relu", "cross_entropy", B=9, dtype=dtype)
+
+
 def test_large_logits_stay_finite():
     # saturated tanh (the float32 rational form clamps at |z| = 9) and log-sum-exp at large logits
     check_against_naive([3, 8, 4], "tanh", "cross_entropy", B=6, dtype=np.float32, scale=60.0)
