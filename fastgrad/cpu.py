@@ -346,6 +346,16 @@ def fused_backprop(
                     target_vec[b_off[j] + q0 + r] = col[r]
 
 
+@njit(parallel=True, cache=CACHE)
+def variance_from_moments(grad, sq, var):
+    # grad, sq, var (P,): var = max(sq - grad², 0), one pass (NumPy's took three, with temporaries)
+    n = grad.shape[0]
+    for c in prange((n + 65535) // 65536):
+        for k in range(c * 65536, min(n, (c + 1) * 65536)):
+            v = sq[k] - grad[k] * grad[k]
+            var[k] = v if v > like(v, 0.0) else like(v, 0.0)
+
+
 # ------------------------------------------------------------------ host side
 
 
@@ -508,6 +518,10 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     if want_sq:
         sq /= dt.type(B)
         res["sq_mean"] = sq
+    if want_grad and want_sq and "variance" in need:
+        res["variance"] = np.empty(P, dt)
+        with numba.parallel_chunksize(1):
+            variance_from_moments(grad, sq, res["variance"])
     if per_row:
         res["norms"] = norms
         res["layer_norms"] = np.sqrt(layer_sq)
