@@ -62,6 +62,7 @@ if SIMULATOR:
     FUSED_THREADS, FUSED_MAX_TILE = 4, 4
     SUM_X, SUM_Y, ROW_THREADS, WRITE_THREADS = 2, 2, 4, 4
     TARGET_BLOCKS = 2  # aim for at least this many fused blocks
+    GRAD_MIN_BLOCKS = 4  # fewer weight-gradient output tiles than this: split the batch
 else:
     # 32x32 output tiles of 64 threads, 4x4 outputs each: the batches here are small (B = 256 gives
     # only 64 blocks of 64x64 for a 1024-wide layer on 132 SMs), so more, smaller blocks fill the GPU
@@ -69,6 +70,7 @@ else:
     FUSED_THREADS, FUSED_MAX_TILE = 128, 32
     SUM_X, SUM_Y, ROW_THREADS, WRITE_THREADS = 32, 8, 128, 256
     TARGET_BLOCKS = 512  # fixed, not read from the card: results must not depend on it
+    GRAD_MIN_BLOCKS = 96
 GEMM_TILE = GEMM_THREADS * GEMM_REG
 
 FUSED_MAX_WIDTH = 128  # the fused path is used when every width is at most this
@@ -145,7 +147,7 @@ def kernel_functions(F) -> dict:
     MAXL = FUSED_MAX_LAYERS + 1
 
     def tiled_gemm(M, N, K, k_chunk, a, a_off, a_sm, a_sk, b, b_off, b_sk, b_sn, n_real,
-                   rowscale, use_scale, square, mode, act, theta, bias_off, out1, out2, ld_out, part):
+                   rowscale, use_scale, square, mode, act, theta, bias_off, out1, out2, ld_out, part, scale):
         # C (M, N) = sum_k opA(m, k) opB(k, n) over this block's K chunk; opB(k, n >= n_real) = 1
         As = cuda.shared.array((BK, TT), F)
         Bs = cuda.shared.array((BK, TT), F)
@@ -222,7 +224,7 @@ def kernel_functions(F) -> dict:
                         else:  # GRAD_PARTIAL: row m = output unit, column n = input unit or the bias
                             seg = M * (N - 1)
                             idx = m * (N - 1) + n if n < N - 1 else seg + m
-                            part[cuda.blockIdx.z * (seg + M) + idx] = v
+                            part[bias_off + cuda.blockIdx.z * (seg + M) + idx] = v * scale
 
     def output_deltas(act_out, labels, targets, loss, B, deltas, losses):
         # act_out, deltas (B, nL); losses (B,): d loss_i / d z_L and loss_i, one thread per sample
@@ -244,22 +246,22 @@ def kernel_functions(F) -> dict:
                 aa += A[i, j] * A[i, j]
             layer_sq[i, l] = dd * aa
 
-    def finish_norms(layer_sq, norms, want_layer_norms, max_norm, clip_c):
-        # layer_sq (B, L) -> norms (B,), sqrt in place if asked, clip factors (B,) when max_norm > 0
+    def finish_norms(layer_sq, norms, want_layer_norms, layer_norms, max_norm, clip_c):
+        # layer_sq (B, L) -> norms (B,), layer_norms (B, L) if asked, clip factors (B,) when max_norm > 0
         i = cuda.grid(1)
         if i < layer_sq.shape[0]:
             t = zero
             for l in range(layer_sq.shape[1]):
                 t += layer_sq[i, l]
                 if want_layer_norms:
-                    layer_sq[i, l] = math.sqrt(layer_sq[i, l])
+                    layer_norms[i, l] = math.sqrt(layer_sq[i, l])
             nrm = math.sqrt(t)
             norms[i] = nrm
             if max_norm > zero:
                 clip_c[i] = max_norm / nrm if nrm > max_norm else one
 
-    def sum_rows(part, nrows, ncols, scale, out, out_off):
-        # part (nrows * ncols,) -> out[out_off + c] = scale * sum_r part[r, c], rows summed in a fixed order
+    def sum_rows(part, part_off, nrows, ncols, scale, out, out_off):
+        # part[part_off:] (nrows, ncols) -> out[out_off + c] = scale * sum_r part[r, c], in a fixed order
         sh = cuda.shared.array((SUM_Y, SUM_X), F)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
@@ -267,7 +269,7 @@ def kernel_functions(F) -> dict:
         acc = zero
         if c < ncols:
             for r in range(ty, nrows, SUM_Y):
-                acc += part[r * ncols + c]
+                acc += part[part_off + r * ncols + c]
         sh[ty, tx] = acc
         cuda.syncthreads()
         if ty == 0 and c < ncols:
@@ -322,17 +324,20 @@ def kernel_functions(F) -> dict:
             if labels[k] < 0 or labels[k] >= n_classes:
                 flags[3] = 1
 
-    def fused_narrow(theta, sizes, w_starts, act, loss, X, labels, targets, B, T,
-                     need_ps, need_grad, need_sq, max_norm,
-                     loss_part, layer_sq, grad_part, sq_part, clip_part, G):
-        # X (B, n0) -> per tile of T samples: loss_part (nblk,), layer_sq (B, L), *_part (nblk, P), G (B, P)
+    def fused_narrow(theta, layout, act, loss, X, labels, targets, B, T, need_ps, need_grad, need_sq,
+                     max_norm, lo, hi, ws, P, off_lsq, off_grad, off_sq, off_clip, G):
+        # X (B, n0) -> ws: tile losses, input flags (4,), layer_sq (B, L), partials (nblk, P); G (B, P)
         sh = cuda.shared.array(0, F)
         aoff = cuda.local.array((MAXL,), nbt.int64)
         doff = cuda.local.array((MAXL,), nbt.int64)
-        L = sizes.shape[0] - 1
+        L = (layout.shape[0] - 1) // 2  # layout: the L + 1 widths, then each layer's offset in theta
+        sizes = layout[: L + 1]
+        w_starts = layout[L + 1:]
         tid = cuda.threadIdx.x
         NT = cuda.blockDim.x
         blk = cuda.blockIdx.x
+        nblk = cuda.gridDim.x
+        fl = nblk  # flags in ws: non-finite theta, X, y; y out of range
         i0 = blk * T
         # shared layout, rows padded to n + 1 so a warp walking the samples hits distinct banks:
         # A_0..A_{L-1} (T, n_l + 1) | D_1..D_L (T, n_l + 1) | Z_L (T, n_L + 1) | clip c (T) | loss (T)
@@ -348,11 +353,19 @@ def kernel_functions(F) -> dict:
         coff = pos
         loff = pos + T
         n0 = sizes[0]
+        # the inputs are checked as they are read: each block its samples and a slice of theta
         for e in range(tid, T * n0, NT):
             s = e // n0
             j = e - s * n0
             i = i0 + s
-            sh[s * (n0 + 1) + j] = X[i, j] if i < B else zero
+            v = X[i, j] if i < B else zero
+            if not math.isfinite(v):
+                ws[fl + 1] = one
+            sh[s * (n0 + 1) + j] = v
+        chunk = (P + nblk - 1) // nblk
+        for p in range(blk * chunk + tid, min(P, blk * chunk + chunk), NT):
+            if not math.isfinite(theta[p]):
+                ws[fl] = one
         cuda.syncthreads()
         # forward: z = W a + b; hidden layers keep a = phi(z) and phi'(z) (the latter becomes delta)
         for l in range(1, L + 1):
@@ -383,9 +396,20 @@ def kernel_functions(F) -> dict:
             zrow = sh[zoff + s * (nL + 1): zoff + s * (nL + 1) + nL]
             drow = sh[doff[L] + s * (nL + 1): doff[L] + s * (nL + 1) + nL]
             if i < B:
-                sh[loff + s] = output_delta_row(
-                    loss, zrow, targets[i % targets.shape[0]], labels[i % labels.shape[0]], drow
-                )
+                label = labels[i % labels.shape[0]]
+                target = targets[i % targets.shape[0]]
+                if loss == CROSS_ENTROPY:
+                    if label < 0 or label >= nL:
+                        ws[fl + 3] = one
+                        label = 0
+                else:
+                    for k in range(nL):
+                        v = target[k]
+                        if not math.isfinite(v):
+                            ws[fl + 2] = one
+                        elif v < lo or v > hi:
+                            ws[fl + 3] = one
+                sh[loff + s] = output_delta_row(loss, zrow, target, label, drow)
             else:
                 sh[loff + s] = zero
                 for k in range(nL):
@@ -395,7 +419,7 @@ def kernel_functions(F) -> dict:
             t = zero
             for s in range(T):
                 t += sh[loff + s]
-            loss_part[blk] = t
+            ws[blk] = t
         # backward: delta_{l-1} = (W_l^T delta_l) * phi'(z_{l-1}), written over phi'
         for l in range(L, 1, -1):
             nout = sizes[l]
@@ -427,7 +451,7 @@ def kernel_functions(F) -> dict:
                     aa += av * av
                 v = dd * aa
                 if i < B:
-                    layer_sq[i, l - 1] = v
+                    ws[off_lsq + i * L + l - 1] = v
                 tot += v
             c = one
             nrm = math.sqrt(tot)
@@ -463,11 +487,11 @@ def kernel_functions(F) -> dict:
                         if max_norm > zero:
                             cg += sh[coff + s] * da
                     if need_grad:
-                        grad_part[blk, w + k] = g
+                        ws[off_grad + blk * P + w + k] = g
                     if need_sq:
-                        sq_part[blk, w + k] = q
+                        ws[off_sq + blk * P + w + k] = q
                     if max_norm > zero:
-                        clip_part[blk, w + k] = cg
+                        ws[off_clip + blk * P + w + k] = cg
             if need_ps:
                 for s in range(T):
                     i = i0 + s
@@ -502,17 +526,17 @@ def kernel_signatures(F) -> dict:
     vi = nbt.Array(i64, 1, "C")
     return {
         "tiled_gemm": (i64, i64, i64, i64, v, i64, i64, i64, v, i64, i64, i64, i64,
-                       v, i64, i64, i64, i64, v, i64, v, v, i64, v),
+                       v, i64, i64, i64, i64, v, i64, v, v, i64, v, F),
         "output_deltas": (m, vi, m, i64, i64, m, v),
         "layer_sq_rows": (m, m, m, i64),
-        "finish_norms": (m, v, i64, F, v),
-        "sum_rows": (v, i64, i64, F, v, i64),
+        "finish_norms": (m, v, i64, m, F, v),
+        "sum_rows": (v, i64, i64, i64, F, v, i64),
         "outer_into": (m, m, m, i64),
         "variance_from_moments": (v, v, v),
         "noised_mean": (v, v, F, F, v),
         "check_inputs": (v, v, v, vi, F, F, i64, nbt.Array(nbt.int32, 1, "C")),
-        "fused_narrow": (v, vi, vi, i64, i64, m, vi, m, i64, i64, i64, i64, i64, F,
-                         v, m, m, m, m, m),
+        "fused_narrow": (v, vi, i64, i64, m, vi, m, i64, i64, i64, i64, i64, F, F, F,
+                         v, i64, i64, i64, i64, i64, m),
     }
 
 
@@ -541,18 +565,24 @@ def _fused_shared_bytes(net: MLP, tile: int, dtype) -> int:
 
 
 class _Device:
-    """Validated device inputs: θ (P,), X (B, n0), labels (B,) int64, targets (B, nL); one unused dummy."""
+    """Device inputs: θ (P,), X (B, n0), labels (B,) int64, targets (B, nL); one unused dummy.
 
-    def __init__(self, theta, X, labels, targets, batch, dtype):
+    Shapes and dtypes are checked; ``values_checked`` says whether the values are too (host
+    inputs were checked on the host; device inputs are checked by the kernels that read them).
+    """
+
+    def __init__(self, theta, X, labels, targets, batch, dtype, values_checked):
         self.theta, self.X, self.labels, self.targets = theta, X, labels, targets
         self.batch_size, self.dtype = batch, np.dtype(dtype)
+        self.values_checked = values_checked
 
 
 _SCRATCH: dict = {}
+_FLAT: dict = {}
 _SCRATCH_MAX = 64
 
 
-def _scratch(tag: str, shape: tuple, dtype, zero: bool = False):
+def _scratch(tag: str, shape: tuple, dtype, zero: bool = False, on_create=None):
     """A device buffer for intermediates that never leave this module, reused across calls.
 
     numba allocates with cudaMalloc/cudaFree, which cost more than the small kernels
@@ -562,26 +592,55 @@ def _scratch(tag: str, shape: tuple, dtype, zero: bool = False):
     buf = _SCRATCH.get(key)
     if buf is None:
         if len(_SCRATCH) >= _SCRATCH_MAX:
+            _FLAT.pop(next(iter(_SCRATCH)), None)
             _SCRATCH.pop(next(iter(_SCRATCH)))
         if zero:
             buf = _SCRATCH[key] = cuda.to_device(np.zeros(key[1], dtype=dtype))
         else:
             buf = _SCRATCH[key] = cuda.device_array(key[1], dtype=dtype)
+        _FLAT[key] = buf.reshape(buf.size)
+        if on_create is not None:
+            on_create(buf)
     return buf
+
+
+def _scratch_flat(tag: str, shape: tuple, dtype):
+    """``_scratch`` and a cached flat view of it (a reshape costs tens of µs of Python per call)."""
+    buf = _scratch(tag, shape, dtype)
+    return buf, _FLAT[(tag, tuple(int(x) for x in shape), np.dtype(dtype).str, False)]
 
 
 @functools.cache
 def _layout(sizes: tuple[int, ...]):
-    """Device copies of the widths and each layer's offset in θ, for the fused kernel."""
+    """The widths, then each layer's offset in θ, on the device (the fused kernel's ``layout``)."""
     w_starts = [s.w_start for s in MLP(sizes).layers]
-    return cuda.to_device(np.asarray(sizes, dtype=np.int64)), cuda.to_device(np.asarray(w_starts, np.int64))
+    return cuda.to_device(np.asarray(list(sizes) + w_starts, dtype=np.int64))
 
 
-def _sum_partials(K, part2d, scale, out, out_off=0):
-    nrows, ncols = part2d.shape
-    K["sum_rows"][(_cdiv(ncols, SUM_X),), (SUM_X, SUM_Y)](
-        part2d.reshape(nrows * ncols), nrows, ncols, scale, out, out_off
-    )
+@functools.cache
+def _pinned(n: int, dtype: str):
+    """A page-locked host buffer: small device-to-host copies into it are several times cheaper."""
+    return cuda.pinned_array(n, dtype=np.dtype(dtype))
+
+
+def _raise_input_error(flags, net: MLP) -> None:
+    """Turn the device checks' flags (non-finite θ, X, y; y out of range) into the host checks' errors."""
+    for name, bad in (("theta", flags[0]), ("X", flags[1]), ("y", flags[2])):
+        if bad:
+            raise ValueError(f"{name}: contains NaN or Inf")
+    if net.loss_code == CROSS_ENTROPY:
+        raise ValueError(f"y: labels must lie in [0, {net.n_out}) (sizes[-1] = {net.n_out})")
+    raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
+
+
+def _target_range(net: MLP, dt: np.dtype):
+    if net.loss_code == BINARY_CROSS_ENTROPY:
+        return dt.type(0), dt.type(1)
+    return dt.type(-np.inf), dt.type(np.inf)
+
+
+def _sum_partials(K, part, part_off, nrows, ncols, scale, out, out_off=0):
+    K["sum_rows"][(_cdiv(ncols, SUM_X),), (SUM_X, SUM_Y)](part, part_off, nrows, ncols, scale, out, out_off)
 
 
 def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | None, G=None,
@@ -602,42 +661,62 @@ def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | No
     if "per_sample" in need and G is None:
         G = cuda.device_array((B, P), dtype=d.dtype)
     dummy2 = _scratch("dummy2", (1, 1), d.dtype)
-    layer_sq = (cuda.device_array((B, L), dtype=d.dtype) if "layer_norms" in need
-                else _scratch("layer_sq", (B, L), d.dtype))
+    layer_norms = cuda.device_array((B, L), dtype=d.dtype) if "layer_norms" in need else dummy2
     res: dict = {}
     act, loss = net.activation_code, net.loss_code
     scale_b = F(1.0 / B)
+    if not tile and not d.values_checked:
+        _check_values(K, net, d)
     if tile:
+        # one workspace: tile losses | input flags | layer_sq | grad, sq_mean, clipped partials
         nblk = _cdiv(B, tile)
-        sizes, w_starts = _layout(net.sizes)
-        loss_part = _scratch("loss_part", (nblk,), d.dtype)
-        grad_part = _scratch("grad_part", (nblk, P), d.dtype) if "grad" in need else dummy2
-        sq_part = _scratch("sq_part", (nblk, P), d.dtype) if "sq_mean" in need else dummy2
-        clip_part = _scratch("clip_part", (nblk, P), d.dtype) if clip else dummy2
-        shmem = _fused_shared_bytes(net, tile, d.dtype)
-        K["fused_narrow"][nblk, FUSED_THREADS, 0, shmem](
-            d.theta, sizes, w_starts, act, loss, d.X, d.labels, d.targets, B, tile,
+        off_lsq = nblk + 4
+        offs, end = {}, off_lsq + B * L
+        for name, wanted in (("grad", "grad" in need), ("sq_mean", "sq_mean" in need),
+                             ("clipped_sum", clip)):
+            offs[name] = end
+            end += nblk * P if wanted else 0
+        zero_flags = np.zeros(4, dtype=d.dtype)
+        ws = _scratch("fused_ws", (end,), d.dtype,
+                      on_create=lambda buf: buf[nblk: nblk + 4].copy_to_device(zero_flags))
+        lo, hi = _target_range(net, d.dtype)
+        K["fused_narrow"][nblk, FUSED_THREADS, 0, _fused_shared_bytes(net, tile, d.dtype)](
+            d.theta, _layout(net.sizes), act, loss, d.X, d.labels, d.targets, B, tile,
             int("per_sample" in need), int("grad" in need), int("sq_mean" in need),
-            F(max_norm if clip else 0.0),
-            loss_part, layer_sq, grad_part, sq_part, clip_part, G if G is not None else dummy2,
+            F(max_norm if clip else 0.0), lo, hi,
+            ws, P, off_lsq, offs["grad"], offs["sq_mean"], offs["clipped_sum"],
+            G if G is not None else dummy2,
         )
-        for name, part, scale in (("grad", grad_part, scale_b), ("sq_mean", sq_part, scale_b),
-                                  ("clipped_sum", clip_part, F(1.0))):
+        for name, scale in (("grad", scale_b), ("sq_mean", scale_b), ("clipped_sum", F(1.0))):
             if (name == "clipped_sum" and clip) or (name != "clipped_sum" and name in need):
                 res[name] = cuda.device_array(P, dtype=d.dtype)
-                _sum_partials(K, part, scale, res[name])
-        losses = loss_part
+                _sum_partials(K, ws, offs[name], nblk, P, scale, res[name])
+        if need_norms:
+            res["norms"] = cuda.device_array(B, dtype=d.dtype)
+            K["finish_norms"][_cdiv(B, ROW_THREADS), ROW_THREADS](
+                ws[off_lsq: off_lsq + B * L].reshape(B, L), res["norms"], int("layer_norms" in need),
+                layer_norms, F(0.0), dummy2.reshape(1),
+            )
+        if not host_loss:
+            res["loss_partials"] = ws[:nblk]
+        else:
+            # the tile losses and the input flags in one small copy; the losses summed here in a fixed order
+            head = ws[: nblk + 4].copy_to_host(_pinned(nblk + 4, d.dtype.str))
+            if head[nblk:].any():
+                ws[nblk: nblk + 4].copy_to_device(np.zeros(4, dtype=d.dtype))
+                _raise_input_error(head[nblk:], net)
+            res["loss"] = head[:nblk].sum(dtype=d.dtype) / F(B)
     else:
+        layer_sq = _scratch("layer_sq", (B, L), d.dtype)
         losses, deltas, acts = _tiled_backward(K, net, d, layer_sq if need_norms else None)
         clip_c = _scratch("clip_c", (B if clip else 1,), d.dtype)
         if need_norms:
             norms = cuda.device_array(B, dtype=d.dtype)
             K["finish_norms"][_cdiv(B, ROW_THREADS), ROW_THREADS](
-                layer_sq, norms, int("layer_norms" in need), F(max_norm if clip else 0.0), clip_c
+                layer_sq, norms, int("layer_norms" in need), layer_norms, F(max_norm if clip else 0.0),
+                clip_c,
             )
             res["norms"] = norms
-            if "layer_norms" in need:
-                res["layer_norms"] = layer_sq
         for name, square, use_scale, scale in (("grad", 0, 0, scale_b), ("sq_mean", 1, 0, scale_b),
                                                ("clipped_sum", 0, 1, F(1.0))):
             if (name == "clipped_sum" and clip) or (name != "clipped_sum" and name in need):
@@ -649,93 +728,115 @@ def _run_device(net: MLP, d: _Device, need: frozenset[str], max_norm: float | No
             for l, s in enumerate(net.layers):
                 seg = s.end - s.w_start
                 K["outer_into"][(_cdiv(seg, WRITE_THREADS), min(B, 65535)), WRITE_THREADS](
-                    deltas[l], acts[l], G, s.w_start
+                    deltas[l][0], acts[l][0], G, s.w_start
                 )
-    if tile and need_norms:
-        norms = cuda.device_array(B, dtype=d.dtype)
-        K["finish_norms"][_cdiv(B, ROW_THREADS), ROW_THREADS](
-            layer_sq, norms, int("layer_norms" in need), F(0.0), dummy2.reshape(1)
-        )
-        res["norms"] = norms
-        if "layer_norms" in need:
-            res["layer_norms"] = layer_sq
-    # the per-block (fused) or per-sample (tiled) losses, summed on the host in a fixed order:
-    # a copy of a few KB costs less than another launch
-    if host_loss:
-        res["loss"] = losses.copy_to_host().sum(dtype=d.dtype) / F(B)
-    else:
-        res["loss_partials"] = losses
+        if host_loss:  # per-sample losses summed here in a fixed order
+            res["loss"] = losses.copy_to_host(_pinned(B, d.dtype.str)).sum(dtype=d.dtype) / F(B)
+        else:
+            res["loss_partials"] = losses
+    if "layer_norms" in need:
+        res["layer_norms"] = layer_norms
     if "per_sample" in need:
         res["per_sample"] = G
     return res
+
+
+def _check_values(K, net: MLP, d: _Device) -> None:
+    """The value checks of device inputs for the tiled path: one kernel, one flag copy."""
+    flags = _scratch("flags", (4,), np.int32, zero=True)  # stays zero unless a check fails
+    lo, hi = _target_range(net, d.dtype)
+    n = max(d.theta.size, d.X.size, d.targets.size, d.labels.size)
+    K["check_inputs"][min(_cdiv(n, ROW_THREADS), 1024), ROW_THREADS](
+        d.theta, d.X.reshape(d.X.size), d.targets.reshape(d.targets.size), d.labels, lo, hi, net.n_out,
+        flags,
+    )
+    f = flags.copy_to_host()
+    if f.any():
+        flags.copy_to_device(np.zeros(4, dtype=np.int32))
+        _raise_input_error(f, net)
+    d.values_checked = True
 
 
 def _tiled_backward(K, net: MLP, d: _Device, layer_sq):
     """Forward and backward by tiled GEMMs: losses (B,), deltas [Δ_1..Δ_L], layer inputs [A_0..A_{L-1}]."""
     B, L = d.batch_size, net.num_layers
     acts = [d.X]
+    flats = [d.X.reshape(d.X.size)]  # flat views of acts
     derivs = []
     theta = d.theta
     dummy = _scratch("dummy", (1,), d.dtype)
+    one = d.dtype.type(1.0)
     for l, s in enumerate(net.layers):
         grid = (_cdiv(s.n_out, GEMM_TILE), _cdiv(B, GEMM_TILE), 1)
         last = l == L - 1
-        out1 = _scratch(f"act{l}", (B, s.n_out), d.dtype)
-        out2 = dummy if last else _scratch(f"deriv{l}", (B, s.n_out), d.dtype)
+        out1, out1_flat = _scratch_flat(f"act{l}", (B, s.n_out), d.dtype)
+        out2, out2_flat = (dummy, dummy) if last else _scratch_flat(f"deriv{l}", (B, s.n_out), d.dtype)
         # Z = A W^T + b: a (B, n_in) k-contiguous, opB(k, n) = W[n, k]
         K["tiled_gemm"][grid, (GEMM_THREADS, GEMM_THREADS)](
-            B, s.n_out, s.n_in, s.n_in, acts[-1].reshape(B * s.n_in), 0, s.n_in, 1,
+            B, s.n_out, s.n_in, s.n_in, flats[-1], 0, s.n_in, 1,
             theta, s.w_start, 1, s.n_in, s.n_out,
             dummy, 0, 0, FWD_OUTPUT if last else FWD_HIDDEN, net.activation_code, theta, s.b_start,
-            out1.reshape(B * s.n_out), out2.reshape(-1), s.n_out, dummy,
+            out1_flat, out2_flat, s.n_out, dummy, one,
         )
         if last:
             z_out = out1
         else:
             acts.append(out1)
-            derivs.append(out2)
+            flats.append(out1_flat)
+            derivs.append((out2, out2_flat))
     n_out = net.n_out
-    D = _scratch("delta_out", (B, n_out), d.dtype)
+    D, D_flat = _scratch_flat("delta_out", (B, n_out), d.dtype)
     losses = _scratch("losses", (B,), d.dtype)
     K["output_deltas"][_cdiv(B, ROW_THREADS), ROW_THREADS](
         z_out, d.labels, d.targets, net.loss_code, B, D, losses
     )
     deltas = [None] * L
-    deltas[L - 1] = D
+    deltas[L - 1] = (D, D_flat)
     for l in range(L - 1, 0, -1):
         s = net.layers[l]
-        Dp = derivs[l - 1]  # phi'(z_{l-1}), overwritten with delta_{l-1}
+        Dp, Dp_flat = derivs[l - 1]  # phi'(z_{l-1}), overwritten with delta_{l-1}
         grid = (_cdiv(s.n_in, GEMM_TILE), _cdiv(B, GEMM_TILE), 1)
         # delta_{l-1} = (delta_l W) * phi': a (B, n_out) k-contiguous, opB(k, n) = W[k, n]
         K["tiled_gemm"][grid, (GEMM_THREADS, GEMM_THREADS)](
-            B, s.n_in, s.n_out, s.n_out, deltas[l].reshape(B * s.n_out), 0, s.n_out, 1,
+            B, s.n_in, s.n_out, s.n_out, deltas[l][1], 0, s.n_out, 1,
             theta, s.w_start, s.n_in, 1, s.n_in,
-            dummy, 0, 0, BWD_INPUT, 0, theta, 0, Dp.reshape(B * s.n_in), dummy, s.n_in, dummy,
+            dummy, 0, 0, BWD_INPUT, 0, theta, 0, Dp_flat, dummy, s.n_in, dummy, one,
         )
-        deltas[l - 1] = Dp
+        deltas[l - 1] = (Dp, Dp_flat)
     if layer_sq is not None:
         for l in range(L):
-            K["layer_sq_rows"][_cdiv(B, ROW_THREADS), ROW_THREADS](deltas[l], acts[l], layer_sq, l)
-    return losses, deltas, acts
+            K["layer_sq_rows"][_cdiv(B, ROW_THREADS), ROW_THREADS](deltas[l][0], acts[l], layer_sq, l)
+    return losses, deltas, list(zip(acts, flats))
 
 
 def _weight_grad(K, d: _Device, D, A, s, square: int, use_scale: int, rowscale, scale, out):
-    """out[s.w_start:s.end] = scale * sum_i opD_i opA_i^T (W part, then bias), split-K over the batch."""
+    """out[s.w_start:s.end] = scale * sum_i opD_i opA_i^T (W part, then bias); D, A are (array, flat view).
+
+    Enough output tiles: one GEMM writes θ's layout directly. Too few (a narrow layer, a big
+    batch): the batch is split into K chunks, each block writes a partial, and sum_rows adds
+    them in a fixed order. A launch costs more than a small GEMM, so splitting is the exception.
+    """
     B = d.batch_size
     M, N = s.n_out, s.n_in + 1
     blocks_mn = _cdiv(M, GEMM_TILE) * _cdiv(N, GEMM_TILE)
-    nsplit = max(1, min(_cdiv(TARGET_BLOCKS, blocks_mn), _cdiv(B, 4 * GEMM_BK)))
+    nsplit = 1
+    if blocks_mn < GRAD_MIN_BLOCKS:
+        nsplit = max(1, min(_cdiv(TARGET_BLOCKS, blocks_mn), _cdiv(B, 4 * GEMM_BK)))
     k_chunk = _cdiv(_cdiv(B, nsplit), GEMM_BK) * GEMM_BK
     nsplit = _cdiv(B, k_chunk)
     seg = M * N
-    part = _scratch("grad_split", (nsplit, seg), d.dtype)
     dummy = _scratch("dummy", (1,), d.dtype)
+    if nsplit == 1:
+        part, part_off, part_scale = out, s.w_start, scale
+    else:
+        part, part_off, part_scale = _scratch("grad_split", (nsplit * seg,), d.dtype), 0, d.dtype.type(1.0)
     # C[o, j] = sum_i D[i, o] A[i, j]: opA(o, i) = D[i*M + o], opB(i, j) = A[i*n_in + j], 1 for the bias
     K["tiled_gemm"][(_cdiv(N, GEMM_TILE), _cdiv(M, GEMM_TILE), nsplit), (GEMM_THREADS, GEMM_THREADS)](
-        M, N, B, k_chunk, D.reshape(B * M), 0, 1, M, A.reshape(B * s.n_in), 0, s.n_in, 1, s.n_in,
-        rowscale, use_scale, square, GRAD_PARTIAL, 0, d.theta, 0, dummy, dummy, 0, part.reshape(nsplit * seg),
+        M, N, B, k_chunk, D[1], 0, 1, M, A[1], 0, s.n_in, 1, s.n_in,
+        rowscale, use_scale, square, GRAD_PARTIAL, 0, d.theta, part_off, dummy, dummy, 0, part, part_scale,
     )
-    _sum_partials(K, part, scale, out, s.w_start)
+    if nsplit > 1:
+        _sum_partials(K, part, 0, nsplit, seg, scale, out, s.w_start)
 
 
 # ---------------------------------------------------------------- entry points
@@ -753,6 +854,7 @@ def run(net: MLP, inp: _validation.Inputs, need: frozenset[str], max_norm: float
         cuda.to_device(inp.targets if inp.targets.shape[0] else np.zeros((1, net.n_out), dtype=dt)),
         inp.batch_size,
         dt,
+        values_checked=True,
     )
     raw = _run_device(net, d, need, max_norm, None, path)
     res = {"loss": raw.pop("loss")}
@@ -783,11 +885,13 @@ def _as_device(name: str, a):
     return a if SIMULATOR and not hasattr(a, "__cuda_array_interface__") else cuda.as_cuda_array(a)
 
 
-def check_device_inputs(net: MLP, theta, X, y) -> _Device:
-    """The checks of :func:`fastgrad._validation.check_inputs`, done on the device; arrays used in place.
+def check_device_inputs(net: MLP, theta, X, y, values: bool = True) -> _Device:
+    """The checks of :func:`fastgrad._validation.check_inputs` for device arrays, used in place.
 
-    Shapes and dtypes are read from the array interface; finiteness and value ranges
-    are checked by one kernel per array, and one 6-integer copy brings the verdicts back.
+    Shapes and dtypes are read from the array interface. The values (finite, labels and
+    targets in range) are checked on the device: by one kernel here (``values=True``), or,
+    with ``values=False``, by the kernels of the pass itself, whose verdict comes back with
+    the loss; either way a bad input raises the host checks' error and returns nothing.
     """
     check_available()
     _validation.check_net(net)
@@ -824,31 +928,17 @@ def check_device_inputs(net: MLP, theta, X, y) -> _Device:
     for name, a in (("theta", theta), ("X", X), ("y", y)):
         if not a.is_c_contiguous():
             raise ValueError(f"{name}: device inputs must be C-contiguous")
-    K = kernels(dt)
-    inf = dt.type(np.inf)
     labels = y if ce else _scratch("no_labels", (1,), np.int64, zero=True)
     targets = _scratch("no_targets", (1, net.n_out), dt, zero=True) if ce else y
-    lo, hi = (dt.type(0), dt.type(1)) if net.loss_code == BINARY_CROSS_ENTROPY else (-inf, inf)
-    flags = _scratch("flags", (4,), np.int32, zero=True)  # stays zero unless a check fails
-    n = max(theta.size, X.size, targets.size, labels.size)
-    K["check_inputs"][min(_cdiv(n, ROW_THREADS), 1024), ROW_THREADS](
-        theta, X.reshape(X.size), targets.reshape(targets.size), labels, lo, hi, net.n_out, flags
-    )
-    f = flags.copy_to_host()
-    if f.any():
-        flags.copy_to_device(np.zeros(4, dtype=np.int32))
-        for name, bad in (("theta", f[0]), ("X", f[1]), ("y", f[2])):
-            if bad:
-                raise ValueError(f"{name}: contains NaN or Inf")
-        if ce:
-            raise ValueError(f"y: labels must lie in [0, {net.n_out}) (sizes[-1] = {net.n_out})")
-        raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
-    return _Device(theta, X, labels, targets, B, dt)
+    d = _Device(theta, X, labels, targets, B, dt, values_checked=False)
+    if values:
+        _check_values(kernels(dt), net, d)
+    return d
 
 
 def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path: str = "auto") -> dict:
     """Raw quantities for device inputs, as device arrays (plus ``variance`` and ``noise_scale``)."""
-    d = check_device_inputs(net, theta, X, y)
+    d = check_device_inputs(net, theta, X, y, values=False)
     if out is not None:
         out = _as_device("out", out)
         if tuple(out.shape) != (d.batch_size, net.num_params) or np.dtype(out.dtype) != d.dtype:
@@ -877,7 +967,7 @@ def clipped_grad_device(net: MLP, theta, X, y, max_norm: float, noise_multiplier
     """DP-SGD's clipped, noised mean gradient for device inputs, as a device array (P,)."""
     from .api import dp_noise
 
-    d = check_device_inputs(net, theta, X, y)
+    d = check_device_inputs(net, theta, X, y, values=False)
     raw = _run_device(net, d, frozenset({"loss"}), max_norm, None, path)
     P = net.num_params
     xi = dp_noise(P, seed, d.dtype) if noise_multiplier > 0 else np.zeros(P, dtype=d.dtype)

@@ -183,6 +183,29 @@ def test_bad_device_inputs_are_rejected_before_any_kernel():
         fc.check_device_inputs(net, theta_d, X_d, y)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator computes with the inf on the host
+@pytest.mark.parametrize("path", ["fused", "tiled"])
+def test_bad_values_found_by_the_pass_itself_raise_and_leave_no_trace(path):
+    # device inputs: the fused kernel checks the values it reads; the tiled path runs a check kernel
+    net, theta, X, y, theta_d, X_d, y_d = device_problem()
+    bad_X = X.copy()
+    bad_X[4, 0] = np.inf
+    bad_theta = theta.copy()
+    bad_theta[-1] = np.nan
+    need = frozenset({"loss", "grad"})
+    with pytest.raises(ValueError, match="X: contains NaN or Inf"):
+        fc.backprop_device(net, theta_d, cuda.to_device(bad_X), y_d, need, path=path)
+    with pytest.raises(ValueError, match="theta: contains NaN or Inf"):
+        fc.backprop_device(net, cuda.to_device(bad_theta), X_d, y_d, need, path=path)
+    with pytest.raises(ValueError, match=r"y: labels must lie in \[0, 2\)"):
+        fc.backprop_device(net, theta_d, X_d, cuda.to_device(np.array([0, 1, -1, 0, 1])), need, path=path)
+    good = fc.backprop_device(net, theta_d, X_d, y_d, need, path=path)  # the flags were reset
+    assert rel_err(good["grad"].copy_to_host(), fastgrad.backprop(net, theta, X, y).grad) < 1e-12
+    net_bce, theta, X, y, theta_d, X_d, _ = device_problem(loss="binary_cross_entropy")
+    with pytest.raises(ValueError, match=r"binary_cross_entropy targets must lie in \[0, 1\]"):
+        fc.backprop_device(net_bce, theta_d, X_d, cuda.to_device(y + 1.5), need, path=path)
+
+
 @pytest.mark.skipif(SIM, reason="CuPy and PyTorch arrays need a real GPU")
 @pytest.mark.parametrize("lib", ["torch", "cupy"])
 def test_cuda_array_interface_of_other_libraries(lib):
