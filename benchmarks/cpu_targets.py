@@ -152,6 +152,35 @@ def sgemm_rate() -> float:
     return 2 * 1024**3 / best / 1e9
 
 
+def gemm_rates(m: int, k: int, n: int) -> str:
+    """GFLOP/s of an (m, k) @ (k, n) float32 GEMM: Numba's np.dot (SciPy's OpenBLAS) and torch.mm."""
+    from numba import njit
+
+    @njit
+    def numba_dot(a, b, c):
+        np.dot(a, b, c)
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = np.empty((m, n), np.float32)
+    numba_dot(a, b, c)  # compile, and load SciPy's BLAS before limiting it
+    methods = {"Numba np.dot (OpenBLAS)": lambda: numba_dot(a, b, c)}
+    try:
+        import torch
+
+        ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
+        methods["torch.mm"] = lambda: torch.mm(ta, tb, out=tc)
+    except ImportError:
+        pass
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(THREADS, user_api="blas"):
+        res = timed_rounds(methods, 3, 10)
+    flop = 2 * m * k * n / 1e9
+    return ", ".join(f"{name} {flop / (best / 1e3):.0f}" for name, (med, best) in res.items())
+
+
 def measure_config(name, rounds, reps, vmap):
     import fastgrad
     from fastgrad import cpu
@@ -290,6 +319,14 @@ def main():
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}")  # fmt: skip
     gflops = sgemm_rate()
     print(f"NumPy sgemm 1024³: {gflops:.0f} GFLOP/s")
+    try:
+        import torch
+
+        torch.set_num_threads(THREADS)
+    except ImportError:
+        pass
+    for shape in ((512, 784, 512), (128, 784, 512), (256, 1024, 1024)):
+        print(f"GEMM {shape}, best GFLOP/s: {gemm_rates(*shape)}")
     rows = []
     torch_version = None
     for name in args.configs.split(","):
