@@ -74,6 +74,7 @@ else:
 GEMM_TILE = GEMM_THREADS * GEMM_REG
 
 FUSED_MAX_WIDTH = 128  # the fused path is used when every width is at most this
+FUSED_SAMPLES_PER_THREAD = 4  # register blocking of the fused kernel's products
 FUSED_MAX_LAYERS = 16
 SHARED_BYTES = 48 * 1024  # dynamic shared memory available without an opt-in
 
@@ -145,6 +146,7 @@ def kernel_functions(F) -> dict:
     TB, RB, BK, TT = GEMM_THREADS, GEMM_REG, GEMM_BK, GEMM_TILE
     NTHR = TB * TB
     MAXL = FUSED_MAX_LAYERS + 1
+    RS = FUSED_SAMPLES_PER_THREAD
 
     def tiled_gemm(M, N, K, k_chunk, a, a_off, a_sm, a_sk, b, b_off, b_sk, b_sn, n_real,
                    rowscale, use_scale, square, mode, act, theta, bias_off, out1, out2, ld_out, part, scale):
@@ -339,6 +341,9 @@ def kernel_functions(F) -> dict:
         nblk = cuda.gridDim.x
         fl = nblk  # flags in ws: non-finite theta, X, y; y out of range
         i0 = blk * T
+        TG = (T + RS - 1) // RS  # sample groups of the forward and backward products
+        acc = cuda.local.array((RS,), F)
+        rows = cuda.local.array((RS,), nbt.int64)
         # shared layout, rows padded to n + 1 so a warp walking the samples hits distinct banks:
         # A_0..A_{L-1} (T, n_l + 1) | D_1..D_L (T, n_l + 1) | Z_L (T, n_L + 1) | clip c (T) | loss (T)
         pos = 0
@@ -374,20 +379,28 @@ def kernel_functions(F) -> dict:
             w = w_starts[l - 1]
             bo = w + nout * nin
             ain = aoff[l - 1]
-            for e in range(tid, T * nout, NT):
-                o = e // T
-                s = e - o * T
-                z = theta[bo + o]
-                arow = ain + s * (nin + 1)
+            # a thread takes unit o for RS samples sg, sg + TG, ...: one weight load feeds RS FMAs
+            for e in range(tid, TG * nout, NT):
+                o = e // TG
+                sg = e - o * TG
                 wrow = w + o * nin
+                for q in range(RS):
+                    acc[q] = theta[bo + o]
+                    rows[q] = ain + min(sg + q * TG, T - 1) * (nin + 1)
                 for j in range(nin):
-                    z += theta[wrow + j] * sh[arow + j]
-                if l < L:
-                    h = activate(act, z)
-                    sh[aoff[l] + s * (nout + 1) + o] = h
-                    sh[doff[l] + s * (nout + 1) + o] = activate_grad(act, z, h)
-                else:
-                    sh[zoff + s * (nout + 1) + o] = z
+                    wv = theta[wrow + j]
+                    for q in range(RS):
+                        acc[q] += wv * sh[rows[q] + j]
+                for q in range(RS):
+                    s = sg + q * TG
+                    if s < T:
+                        z = acc[q]
+                        if l < L:
+                            h = activate(act, z)
+                            sh[aoff[l] + s * (nout + 1) + o] = h
+                            sh[doff[l] + s * (nout + 1) + o] = activate_grad(act, z, h)
+                        else:
+                            sh[zoff + s * (nout + 1) + o] = z
             cuda.syncthreads()
         nL = sizes[L]
         if tid < T:
@@ -425,15 +438,21 @@ def kernel_functions(F) -> dict:
             nout = sizes[l]
             nin = sizes[l - 1]
             w = w_starts[l - 1]
-            for e in range(tid, T * nin, NT):
-                j = e // T
-                s = e - j * T
-                acc = zero
-                dbase = doff[l] + s * (nout + 1)
+            for e in range(tid, TG * nin, NT):
+                j = e // TG
+                sg = e - j * TG
+                for q in range(RS):
+                    acc[q] = zero
+                    rows[q] = doff[l] + min(sg + q * TG, T - 1) * (nout + 1)
                 for o in range(nout):
-                    acc += theta[w + o * nin + j] * sh[dbase + o]
-                p = doff[l - 1] + s * (nin + 1) + j
-                sh[p] = acc * sh[p]
+                    wv = theta[w + o * nin + j]
+                    for q in range(RS):
+                        acc[q] += wv * sh[rows[q] + o]
+                for q in range(RS):
+                    s = sg + q * TG
+                    if s < T:
+                        p = doff[l - 1] + s * (nin + 1) + j
+                        sh[p] = acc[q] * sh[p]
             cuda.syncthreads()
         # norms from the deltas (Goodfellow): ||grad_l||^2 = ||delta_l||^2 (||a_{l-1}||^2 + 1); clip factor
         if tid < T:
@@ -492,17 +511,18 @@ def kernel_functions(F) -> dict:
                         ws[off_sq + blk * P + w + k] = q
                     if max_norm > zero:
                         ws[off_clip + blk * P + w + k] = cg
-            if need_ps:
-                for s in range(T):
-                    i = i0 + s
-                    if i < B:
-                        for k in range(tid, nw + nout, NT):
-                            if k < nw:
-                                o = k // nin
-                                d = sh[doff[l] + s * (nout + 1) + o]
-                                G[i, w + k] = d * sh[aoff[l - 1] + s * (nin + 1) + k - o * nin]
-                            else:
-                                G[i, w + k] = sh[doff[l] + s * (nout + 1) + k - nw]
+            if need_ps:  # for fixed s, consecutive threads write consecutive addresses of row i
+                ns = min(T, B - i0)
+                for k in range(tid, nw + nout, NT):
+                    if k < nw:
+                        o = k // nin
+                        j = k - o * nin
+                        for s in range(ns):
+                            d = sh[doff[l] + s * (nout + 1) + o]
+                            G[i0 + s, w + k] = d * sh[aoff[l - 1] + s * (nin + 1) + j]
+                    else:
+                        for s in range(ns):
+                            G[i0 + s, w + k] = sh[doff[l] + s * (nout + 1) + k - nw]
 
     return {
         "tiled_gemm": tiled_gemm,
