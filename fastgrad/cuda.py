@@ -51,6 +51,10 @@ try:  # numba-cuda is an optional dependency: without it the backend reports its
 except Exception as exc:  # pragma: no cover - depends on the installation
     cuda = None
     _IMPORT_ERROR = exc
+try:
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+except Exception:  # the simulator, or no numba-cuda
+    DeviceNDArray = ()
 
 SIMULATOR = bool(cuda is not None and numba.config.ENABLE_CUDASIM)
 
@@ -89,7 +93,8 @@ def check_available() -> None:
             "backend 'cuda': numba-cuda is not installed or failed to import "
             f"({_IMPORT_ERROR}); install it with: pip install 'fastgrad[cuda]'"
         )
-    if SIMULATOR:
+    global _GPU_OK
+    if SIMULATOR or _GPU_OK:
         return
     try:
         ok = cuda.is_available()
@@ -101,6 +106,10 @@ def check_available() -> None:
             "use backend='numba' for the CPU, or set NUMBA_ENABLE_CUDASIM=1 to run the kernels "
             "slowly in the CUDA simulator"
         )
+    _GPU_OK = True
+
+
+_GPU_OK = False  # a GPU was found once: later calls skip the driver query
 
 
 # ------------------------------------------------------- shared scalar code
@@ -902,7 +911,9 @@ def _as_device(name: str, a):
             f"{name}: expected a device array like the other inputs (θ, X and y must all be on the GPU, "
             f"or all on the host), got {type(a).__name__}"
         )
-    return a if SIMULATOR and not hasattr(a, "__cuda_array_interface__") else cuda.as_cuda_array(a)
+    if isinstance(a, DeviceNDArray) or (SIMULATOR and not hasattr(a, "__cuda_array_interface__")):
+        return a  # numba's own arrays need no wrapping (as_cuda_array would also synchronise)
+    return cuda.as_cuda_array(a)
 
 
 def check_device_inputs(net: MLP, theta, X, y, values: bool = True) -> _Device:

@@ -59,6 +59,7 @@ def test_every_kernel_compiles_to_ptx_for_sm90(dtype, monkeypatch):
 @not_simulated
 def test_cuda_backend_without_gpu_is_a_clear_runtime_error(monkeypatch):
     monkeypatch.setattr(fc.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fc, "_GPU_OK", False)  # forget an earlier success
     net = fastgrad.MLP([3, 4, 2])
     X, y = np.zeros((2, 3), dtype=np.float32), np.array([0, 1])
     with pytest.raises(RuntimeError, match="backend 'cuda': no CUDA GPU or driver found"):
