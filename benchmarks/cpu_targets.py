@@ -4,9 +4,11 @@
 
 Everything is float32, tanh hidden layers, cross-entropy, on DESIGN §6's configurations,
 with Numba and PyTorch both on 2 threads, measured side by side in this one run (the
-peer is optional: ``pip install -e ".[peers]"``). Each method is timed in blocks of
-``reps`` calls after a warm-up, the blocks rotated over ``rounds`` rounds so that a noisy
-neighbour hits every method alike; the table gives the median (and the best) per call.
+peer is optional: ``pip install -e ".[peers]"``). After a warm-up, the methods are called
+in turn, one call each, ``rounds × reps`` times, so call i of every method sees the same
+load from a noisy neighbour; ratios are medians of the per-call paired ratios (and the
+ratio of the best calls). ``--threads 1 --clock cpu`` measures CPU time on one thread,
+which a loaded machine disturbs least.
 
 Floors measured in the same run: the write floor of per-sample gradients is the time a
 2-thread Numba loop takes to fill the same (B, P) array; the flop floor is
@@ -51,20 +53,19 @@ def problem(sizes, B, seed=0):
 
 
 def timed_rounds(methods: dict, rounds: int, reps: int) -> dict:
-    """{name: (median ms, best ms)} per call, methods rotated over rounds."""
+    """{name: (median ms, best ms, per-call ms)}: after a warm-up of each, the methods are
+    called in turn, one call each, ``rounds * reps`` times, so that call i of every method
+    sees the same load on a shared machine and ratios can be taken pair by pair."""
+    for f in methods.values():
+        f()
+        f()
     times = {name: [] for name in methods}
-    for r in range(rounds):
-        names = list(methods)
-        names = names[r % len(names) :] + names[: r % len(names)]
-        for name in names:
-            f = methods[name]
-            for _ in range(2):
-                f()
-            for _ in range(reps):
-                t0 = CLOCK()
-                f()
-                times[name].append(CLOCK() - t0)
-    return {name: (1e3 * float(np.median(t)), 1e3 * float(np.min(t))) for name, t in times.items()}
+    for _ in range(rounds * reps):
+        for name, f in methods.items():
+            t0 = CLOCK()
+            f()
+            times[name].append(1e3 * (CLOCK() - t0))
+    return {name: (float(np.median(t)), float(np.min(t)), np.array(t)) for name, t in times.items()}
 
 
 def fill_kernel():
@@ -121,12 +122,13 @@ def torch_methods(sizes, B, X, y, theta, net, vmap: bool):
 
 
 def table_row(name: str, res: dict, flop_floor: float) -> tuple[str, ...]:
-    """One Markdown row: times and ratios as "median (best)"."""
-    nan = (np.nan, np.nan)
+    """One Markdown row: times as "median (best)", ratios as "median of paired ratios (ratio of bests)"."""
 
     def ratio(num, den):
-        a, b = res.get(num, nan), res.get(den, nan)
-        return f"{a[0] / b[0]:.2f} ({a[1] / b[1]:.2f})"
+        if num not in res or den not in res:
+            return "–"
+        a, b = res[num], res[den]
+        return f"{np.median(a[2] / b[2]):.2f} ({a[1] / b[1]:.2f})"
 
     g, ps = res["grad"], res["per_sample"]
     return (
@@ -178,7 +180,7 @@ def gemm_rates(m: int, k: int, n: int) -> str:
     with threadpool_limits(THREADS, user_api="blas"):
         res = timed_rounds(methods, 3, 10)
     flop = 2 * m * k * n / 1e9
-    return ", ".join(f"{name} {flop / (best / 1e3):.0f}" for name, (med, best) in res.items())
+    return ", ".join(f"{name} {flop / (best / 1e3):.0f}" for name, (med, best, _) in res.items())
 
 
 def measure_config(name, rounds, reps, vmap):
@@ -334,14 +336,14 @@ def main():
         sizes = CONFIGS[name][0]
         flop_floor = 1e3 * 6 * B * sum(a * b for a, b in itertools.pairwise(sizes)) / (gflops * 1e9)
         print(f"\n## {name} {sizes} B={B} P={P}")
-        for k, (med, best) in res.items():
+        for k, (med, best, _) in res.items():
             print(f"  {k:28s} median {med:9.2f} ms   best {best:9.2f} ms")
         floor = res["write floor (fill B×P)"]
         print(f"  flop floor at {gflops:.0f} GFLOP/s: {flop_floor:.2f} ms; "
               f"write floor {B * P * 4 / 1e9 / (floor[1] / 1e3):.1f} GB/s (best)")  # fmt: skip
         rows.append(table_row(name, res, flop_floor))
     print(f"\nversions: {versions()}; torch {torch_version}; load average at end {os.getloadavg()}")
-    print("\nmedian (best) of each, in the same run:\n")
+    print("\ntimes: median (best); ratios: median of the paired per-call ratios (ratio of the bests)\n")
     print("| config | grad ms | torch autograd / grad | grad+norms / grad | clipped_grad / grad "
           "| grad+variance / grad | per_sample ms | per_sample / write floor "
           "| vmap(grad) / per_sample | flop floor ms |")
