@@ -8,16 +8,19 @@ The only module that imports ``numba.cuda``. Two paths share the reducers' maths
   in shared memory, then reduces the tile into per-tile partial sums of the
   gradient, the second moment and the clipped gradient (the clip factor is known
   in-block, since the block holds every layer of its samples), writes its
-  per-sample gradient rows and norms. One launch per pass, as in tiny-cuda-nn.
+  per-sample gradient rows and norms, and checks the device inputs it reads.
+  One launch per pass, as in tiny-cuda-nn (without tensor cores).
 - **tiled** (wider networks): a register-blocked shared-memory GEMM with fused
   epilogues (bias + activation forward, activation derivative backward), the
-  weight gradients as split-K GEMMs over the batch (row-scaled deltas for the
-  clipped sum, squared operands for the second moment) and a coalesced
-  per-sample outer-product write.
+  weight gradients as GEMMs over the batch written straight into θ's layout
+  (row-scaled deltas for the clipped sum, squared operands for the second
+  moment; split over the batch only when a layer has too few output tiles), and a
+  coalesced per-sample outer-product write.
 
 Reductions are deterministic: every block writes its own partial row and a second
 kernel sums the rows in a fixed order; there are no floating-point atomics, so
-the same inputs give the same bits on every run.
+the same inputs give the same bits on every run. Tile sizes are constants, not
+read from the card.
 
 Inputs are NumPy arrays (copied in, results copied out) or device arrays (numba,
 CuPy, PyTorch through ``__cuda_array_interface__``), used in place; results then
