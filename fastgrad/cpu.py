@@ -458,6 +458,10 @@ class _SingleThreadedBLAS:
 single_threaded_blas = _SingleThreadedBLAS()
 
 
+def _writeable(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.writeable else a.copy()
+
+
 def _layout(net: MLP):
     sizes = np.array(net.sizes, dtype=np.int64)
     w_off = np.array([s.w_start for s in net.layers], dtype=np.int64)
@@ -480,6 +484,8 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     chunk = min(B, chunk_rows(net.sizes, dt))
     acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(net.sizes, chunk, dt, want_sq)
     sizes, w_off, b_off = _layout(net)
+    # Numba types read-only arrays apart: copy them rather than compile the kernel a second time
+    theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
     empty1 = np.empty(0, dt)
     grad = np.empty(P, dt) if want_grad else empty1
     sq = np.empty(P, dt) if want_sq else empty1
@@ -500,9 +506,9 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
             c1 = min(B, c0 + chunk)
             R = c1 - c0
             fused_backprop(
-                sizes, w_off, b_off, inp.theta, inp.X[c0:c1],
-                inp.labels[c0:c1] if ce else inp.labels,
-                inp.targets if ce else inp.targets[c0:c1],
+                sizes, w_off, b_off, theta, X[c0:c1],
+                labels[c0:c1] if ce else labels,
+                targets if ce else targets[c0:c1],
                 net.activation_code, net.loss_code,
                 backward, per_row, clip_norm, want_grad, want_sq,
                 acts[: R * sum(net.sizes[1:-1])], dphi[: R * sum(net.sizes[1:-1])],

@@ -180,6 +180,17 @@ def test_workspace_is_reused_across_calls_and_shapes():
     assert ws.buffers((5, 8, 3), 10, np.dtype(np.float64), True)[0] is bufs[0]  # no new allocation
 
 
+def test_read_only_inputs_reuse_the_compiled_kernel():
+    net, theta, X, y = make_problem([5, 8, 3], "tanh", "mse", B=6)
+    want = fastgrad.backprop(net, theta, X, y, compute=("grad",), backend="numba").grad
+    compiled = len(cpu.fused_backprop.signatures)
+    for a in (theta, X, y):
+        a.flags.writeable = False
+    got = fastgrad.backprop(net, theta, X, y, compute=("grad",), backend="numba").grad
+    np.testing.assert_array_equal(got, want)
+    assert len(cpu.fused_backprop.signatures) == compiled
+
+
 def test_bad_workspace_is_rejected_naming_the_argument():
     net, theta, X, y = make_problem([3, 4, 2], B=4)
     with pytest.raises(TypeError, match="workspace"):
