@@ -88,6 +88,14 @@ def test_batches_longer_than_a_chunk_are_accumulated(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_mean_gradient_by_phase_two_gemms_matches_too(monkeypatch, dtype):
+    # small problems sum the gradient per tile; big ones (tiles × P over PARTIALS_BYTES) by GEMM blocks
+    monkeypatch.setattr(cpu, "PARTIALS_BYTES", 0)
+    check_against_naive([13, 37, 11, 9, 5], "tanh", "cross_entropy", B=cpu.TILE + 3, dtype=dtype)
+    check_against_naive([7, cpu.BLOCK + 22, 3], "gelu", "mse", B=9, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_forward_with_w_read_transposed_matches_too(monkeypatch, dtype):
     # small layers are forwarded with a stored Wᵀ; big ones read W transposed: force the latter
     monkeypatch.setattr(cpu, "SMALL_LAYER", 0)
@@ -209,8 +217,10 @@ def _all_quantities(net, theta, X, y):
     return {name: np.array(raw[name], copy=True) for name in RAW}
 
 
+@pytest.mark.parametrize("partials_bytes", [cpu.PARTIALS_BYTES, 0])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bit_identical_across_calls_and_thread_counts(dtype):
+def test_bit_identical_across_calls_and_thread_counts(dtype, partials_bytes, monkeypatch):
+    monkeypatch.setattr(cpu, "PARTIALS_BYTES", partials_bytes)
     # enough samples for several tiles and weight rows for several phase-2 blocks
     net, theta, X, y = make_problem([20, 70, 33, 4], "tanh", "cross_entropy", B=5 * cpu.TILE + 7, dtype=dtype)
     first = _all_quantities(net, theta, X, y)
