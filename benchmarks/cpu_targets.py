@@ -5,7 +5,7 @@
 Everything is float32, tanh hidden layers, cross-entropy, on DESIGN §6's configurations,
 with Numba and PyTorch both on 2 threads, measured side by side in this one run (the
 peer is optional: ``pip install -e ".[peers]"``). After a warm-up, the methods take turns
-(an untimed call, then a timed one), ``rounds × reps`` times, so call i of every method sees the same
+(two untimed calls, then a timed one), ``rounds × reps`` times, so call i of every method sees the same
 load from a noisy neighbour; ratios are medians of the per-call paired ratios (and the
 ratio of the best calls). ``--threads 1 --clock cpu`` measures CPU time on one thread,
 which a loaded machine disturbs least.
@@ -54,7 +54,7 @@ def problem(sizes, B, seed=0):
 
 def timed_rounds(methods: dict, rounds: int, reps: int) -> dict:
     """{name: (median ms, best ms, per-call ms)}: after a warm-up of each, the methods take
-    turns, ``rounds * reps`` times, each turn one untimed call (so no method pays for the
+    turns, ``rounds * reps`` times, each turn two untimed calls (so no method pays for the
     caches the previous one evicted) and one timed call; call i of every method sees the
     same load on a shared machine, so ratios can be taken pair by pair."""
     for f in methods.values():
@@ -63,7 +63,9 @@ def timed_rounds(methods: dict, rounds: int, reps: int) -> dict:
     times = {name: [] for name in methods}
     for _ in range(rounds * reps):
         for name, f in methods.items():
-            f()  # untimed: refills the caches the previous method evicted
+            time.sleep(0.01)  # lets the previous library's worker threads go idle
+            f()  # untimed, twice: refills the caches (and pages) the previous method took;
+            f()  # with one, the method after torch.func's vmap still ran 10 % slow
             t0 = CLOCK()
             f()
             times[name].append(1e3 * (CLOCK() - t0))

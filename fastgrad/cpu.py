@@ -60,12 +60,13 @@ mnist's forward+backward 15 % and wide's 15 % faster, narrow unchanged; 256 gain
 BLOCK = 128
 """Weight-gradient rows per GEMM task (phase 2). Measured on mnist (1 thread): 32 rows took
 16 ms for the gradient, 128 rows 11.6 ms (small GEMMs repack the other operand every call)."""
-PARTIALS_BYTES = 16 * 2**20
-"""When the per-tile gradient sums (tiles × P) fit in this, the mean gradient is summed per
-tile inside phase 1 and the tiles' sums added in order; otherwise phase 2 makes it with GEMMs
-over the chunk. Measured (float32): phase 2's 64×64 GEMM over K = 4096 samples ran at 54 GFLOP/s
-(625 µs, 1 thread), and per-tile sums took narrow's gradient from 2.37 to 2.05 ms and mnist's
-(8.6 MB of sums) from 7.9 to 6.9 ms on 2 threads; wide's (17 MB) gained nothing."""
+PARTIALS_BYTES = 32 * 2**20
+"""While per-tile sums (tiles × P each, for grad, then sq_mean, then the clipped sum) fit in
+this, those quantities are summed per tile inside phase 1 and the tiles' sums added in order;
+the others are made in phase 2 with GEMMs over the chunk. Measured (float32): phase 2's
+64×64 GEMM over K = 4096 samples ran at 54 GFLOP/s (625 µs, 1 thread), and per-tile sums took
+narrow's gradient from 2.37 to 2.05 ms and mnist's (8.6 MB of sums) from 7.9 to 6.9 ms on
+2 threads; wide's (17 MB) gained nothing."""
 SMALL_LAYER = 128 * 128
 """Layers with at most this many weights are forwarded with a transposed copy of W."""
 WORKSPACE_BYTES = 32 * 2**20
@@ -164,14 +165,15 @@ def fused_backprop(
     sizes, w_off, b_off, theta, X, labels, targets, act, loss,
     backward, per_row, clip_norm, want_grad, want_sq,
     acts, dphi, deltas, sqa, losses, layer_sq, norms, clip_c, rows_out,
-    grad, sq, clipped, accumulate, tasks, tile, w_t, small_layer, partial,
+    grad, sq, clipped, accumulate, tasks, tile, w_t, small_layer, partial, slots,
 ):  # fmt: skip
     # sizes (L+1,); theta (P,); X (R, n0); labels (R,) or (0,); targets (R, nL) or (0, nL);
     # acts, dphi: flat (R, n_l) for l = 1..L-1; deltas: flat (R, n_l) for l = 1..L;
     # sqa: flat (R, n_l) for l = 0..L-1 (squared inputs, when want_sq); losses, norms, clip_c (R,);
     # layer_sq (R, L); rows_out (R, P) or (0, 0); grad, sq, clipped (P,) or (0,); tasks (T, 3);
     # w_t (P,) scratch: Wᵀ of the layers with at most small_layer weights;
-    # partial (n_tiles, P) or (0, 0): per-tile gradient sums, when the mean gradient is made that way
+    # partial (n_slots, n_tiles, P): per-tile sums for the kinds (grad, sq, clipped) whose slots[kind]
+    # is ≥ 0; the other kinds are made in phase 2
     L = sizes.shape[0] - 1
     R = X.shape[0]
     # offsets of each layer's (R, n) block in the flat buffers
@@ -187,7 +189,7 @@ def fused_backprop(
     one = like(theta[0], 1.0)
     ce = loss == CROSS_ENTROPY
     want_rows = rows_out.shape[0] > 0
-    tile_grad = want_grad and partial.shape[0] > 0
+    n_slots = partial.shape[0]
     n_tiles = (R + tile - 1) // tile
     # small GEMMs ran 1.8x faster here with Wᵀ stored than with W read transposed (128x64x64)
     for j in range(L):
@@ -288,38 +290,62 @@ def fused_backprop(
                         for k in range(n_in):
                             w_row[k] = d * a_row[k]
                         out_row[b_off[j] + r] = d
-        if tile_grad:
-            # this tile's Σ_i ∇ℓ_i, per layer Δ_tᵀ A_t, while Δ_t and A_t are hot; summed below
-            p_row = partial[t]
+        if n_slots > 0:
+            # this tile's sums, per layer Mᵀ A with M = Δ_t, Δ_t² (A²) or c ⊙ Δ_t, while the tile
+            # is hot (the clip factors of its rows are known: the norms loop above ran); summed below
             for j in range(L):
                 n_in, n_out = sizes[j], sizes[j + 1]
                 a_in = X[r0:r1] if j == 0 else _rows(acts, a_off[j], R, n_in, r0, r1)
                 d = _rows(deltas, d_off[j + 1], R, n_out, r0, r1)
-                np.dot(d.T, a_in, p_row[w_off[j] : b_off[j]].reshape((n_out, n_in)))
-                p_b = p_row[b_off[j] : b_off[j] + n_out]
-                for r in range(n_out):
-                    p_b[r] = zero
-                for i in range(m):
+                for kind in range(3):
+                    if slots[kind] < 0:
+                        continue
+                    if kind == 0:
+                        m_blk = d
+                        src = a_in
+                    elif kind == 1:
+                        m_blk = np.empty((m, n_out), X.dtype)
+                        for i in range(m):
+                            for r in range(n_out):
+                                m_blk[i, r] = d[i, r] * d[i, r]
+                        src = _rows(sqa, s_off[j], R, n_in, r0, r1)
+                    else:
+                        m_blk = np.empty((m, n_out), X.dtype)
+                        for i in range(m):
+                            c = clip_c[r0 + i]
+                            for r in range(n_out):
+                                m_blk[i, r] = c * d[i, r]
+                        src = a_in
+                    p_row = partial[slots[kind], t]
+                    np.dot(m_blk.T, src, p_row[w_off[j] : b_off[j]].reshape((n_out, n_in)))
+                    p_b = p_row[b_off[j] : b_off[j] + n_out]
                     for r in range(n_out):
-                        p_b[r] += d[i, r]
+                        p_b[r] = zero
+                    for i in range(m):
+                        for r in range(n_out):
+                            p_b[r] += m_blk[i, r]
     if not (want_grad or want_sq or clip_norm > 0):
         return
-    if tile_grad:
+    for kind in range(3):
+        if slots[kind] < 0:
+            continue
         # the tiles' sums added in tile order, over fixed chunks of parameters
-        n_par = partial.shape[1]
+        target_vec = grad if kind == 0 else (sq if kind == 1 else clipped)
+        part_k = partial[slots[kind]]
+        n_par = part_k.shape[1]
         for c in prange((n_par + 4095) // 4096):
             k0 = c * 4096
             k1 = min(n_par, k0 + 4096)
             for k in range(k0, k1):
                 if accumulate:
-                    grad[k] += partial[0, k]
+                    target_vec[k] += part_k[0, k]
                 else:
-                    grad[k] = partial[0, k]
+                    target_vec[k] = part_k[0, k]
             for u in range(1, n_tiles):
                 for k in range(k0, k1):
-                    grad[k] += partial[u, k]
-        if not (want_sq or clip_norm > 0):
-            return
+                    target_vec[k] += part_k[u, k]
+    if not ((want_grad and slots[0] < 0) or (want_sq and slots[1] < 0) or (clip_norm > 0 and slots[2] < 0)):
+        return
     # phase 2: rows [q0, q1) of each layer's weight gradient, one GEMM over the chunk per task:
     # M (R, nr) is Δ's columns [q0, q1), plain, squared or row-scaled by the clip factors, and
     # BLAS reads it transposed: W-rows = Mᵀ A (A squared for sq), b-rows = column sums of M
@@ -334,7 +360,7 @@ def fused_backprop(
         col = np.empty(nr, X.dtype)
         for kind in range(3):
             if kind == 0:
-                if not want_grad or tile_grad:
+                if not want_grad or slots[0] >= 0:
                     continue
                 target_vec = grad
                 src = a_in
@@ -346,7 +372,7 @@ def fused_backprop(
                             blk[i, r] = d[i, q0 + r]
                     m_blk = blk
             elif kind == 1:
-                if not want_sq:
+                if not want_sq or slots[1] >= 0:
                     continue
                 target_vec = sq
                 src = _rows(sqa, s_off[j], R, n_in, 0, R)
@@ -355,7 +381,7 @@ def fused_backprop(
                         blk[i, r] = d[i, q0 + r] * d[i, q0 + r]
                 m_blk = blk
             else:
-                if not clip_norm > 0:
+                if not clip_norm > 0 or slots[2] >= 0:
                     continue
                 target_vec = clipped
                 src = a_in
@@ -426,11 +452,12 @@ class Workspace:
             self._key = key
         return self._bufs
 
-    def partials(self, n_tiles: int, num_params: int, dtype: np.dtype) -> np.ndarray:
-        """The (tiles, P) buffer of per-tile gradient sums."""
+    def partials(self, n_slots: int, n_tiles: int, num_params: int, dtype: np.dtype) -> np.ndarray:
+        """The (slots, tiles, P) buffer of per-tile sums."""
         buf = getattr(self, "_partials", None)
-        if buf is None or buf.shape != (n_tiles, num_params) or buf.dtype != dtype:
-            buf = self._partials = np.empty((n_tiles, num_params), dtype)
+        shape = (n_slots, n_tiles, num_params)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._partials = np.empty(shape, dtype)
         return buf
 
 
@@ -543,10 +570,15 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     if want_rows:
         G = out if out is not None else np.empty((B, P), dt)
     no_rows = np.empty((0, 0), dt)
+    # per-tile sums for grad, then sq, then clipped, while they fit in PARTIALS_BYTES
     n_tiles = -(-chunk // TILE)
-    partial = no_rows
-    if want_grad and n_tiles * P * dt.itemsize <= PARTIALS_BYTES:
-        partial = ws.partials(n_tiles, P, dt)
+    slots = np.full(3, -1, np.int64)
+    n_slots = 0
+    for kind, wanted in enumerate((want_grad, want_sq, clip)):
+        if wanted and (n_slots + 1) * n_tiles * P * dt.itemsize <= PARTIALS_BYTES:
+            slots[kind] = n_slots
+            n_slots += 1
+    partial = ws.partials(n_slots, n_tiles, P, dt) if n_slots else np.empty((0, 0, 0), dt)
     ce = net.loss_code == CROSS_ENTROPY
     clip_norm = float(max_norm) if clip else -1.0
     # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
@@ -564,7 +596,7 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
                 deltas[: R * sum(net.sizes[1:])], sqa[: R * sum(net.sizes[:-1])] if want_sq else sqa,
                 losses[c0:c1], layer_sq[c0:c1], norms[c0:c1], clip_c[c0:c1],
                 np.asarray(G[c0:c1]) if want_rows else no_rows,
-                grad, sq, clipped, c0 > 0, tasks, TILE, w_t, SMALL_LAYER, partial,
+                grad, sq, clipped, c0 > 0, tasks, TILE, w_t, SMALL_LAYER, partial, slots,
             )  # fmt: skip
     res = {"loss": losses.mean(dtype=dt)}
     if want_grad:

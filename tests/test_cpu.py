@@ -96,6 +96,15 @@ def test_mean_gradient_by_phase_two_gemms_matches_too(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_grad_and_sq_per_tile_with_clipped_sum_by_gemm_blocks(monkeypatch, dtype):
+    # a budget for two kinds of per-tile sums: grad and sq_mean per tile, the clipped sum in phase 2
+    sizes, B = [13, 37, 11, 9, 5], cpu.TILE + 3
+    num_params = fastgrad.MLP(sizes).num_params
+    monkeypatch.setattr(cpu, "PARTIALS_BYTES", 2 * 2 * num_params * np.dtype(dtype).itemsize)
+    check_against_naive(sizes, "softplus", "cross_entropy", B=B, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_forward_with_w_read_transposed_matches_too(monkeypatch, dtype):
     # small layers are forwarded with a stored Wᵀ; big ones read W transposed: force the latter
     monkeypatch.setattr(cpu, "SMALL_LAYER", 0)
