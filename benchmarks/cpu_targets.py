@@ -315,6 +315,10 @@ def main():
     if args.child == "compile":
         return compile_child()
 
+    try:  # loaded first, as a user's training script would
+        import torch
+    except ImportError:
+        pass
     import numba
 
     numba.set_num_threads(THREADS)
