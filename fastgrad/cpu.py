@@ -7,15 +7,19 @@ chunk of samples (as many whole tiles as fit in ``WORKSPACE_BYTES``):
 1. ``prange`` over fixed tiles of ``TILE`` samples: each tile goes forward through
    the whole network and back, keeping its activations A_l and deltas Δ_l in the
    workspace; the per-row reducers (loss, layer norms, clip factors, per-sample
-   rows written straight into the flat layout) run on the tile while it is hot.
-2. ``prange`` over fixed blocks of ``BLOCK`` rows of every layer's weight
-   gradient: each block is one GEMM over the whole chunk, Δ_l[:, rows]ᵀ A_{l-1},
-   with Δ plain (grad), squared (sq_mean) or row-scaled by the clip factors
-   (DP-SGD's clipped sum, DESIGN §3) — one backward pass, never two.
+   rows written straight into the flat layout) run on the tile while it is hot,
+   and so do the tile's sums Mᵀ A per layer, with M = Δ plain (grad), squared
+   (sq_mean, against A²) or row-scaled by the clip factors (DP-SGD's clipped sum,
+   DESIGN §3: one backward pass, never two), while tiles × P fits in
+   ``PARTIALS_BYTES``; the tiles' sums are then added in tile order.
+2. For a quantity whose per-tile sums do not fit: ``prange`` over fixed blocks of
+   ``BLOCK`` rows of every layer's weight gradient, one GEMM over the whole chunk
+   per block, Δ_l[:, rows]ᵀ A_{l-1} with the same three kinds of M.
 
 Determinism: tiles, blocks and chunks are fixed sizes, independent of the thread
 count; every output element is written by exactly one task, sums over samples run
-in a fixed order (inside one single-threaded GEMM, or serially), and chunks are
+in a fixed order (tile sums in tile order, inside one single-threaded GEMM, or
+serially), and chunks are
 accumulated in order. Repeated calls and any ``numba.set_num_threads`` give the
 same bits.
 
