@@ -46,7 +46,7 @@ def activation_code(name: str) -> int:
     return ACTIVATIONS.index(name)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def stable_sigmoid(z):
     """1 / (1 + exp(-z)) without overflow for large |z|."""
     if z >= like(z, 0.0):
@@ -55,13 +55,13 @@ def stable_sigmoid(z):
     return e / (like(z, 1.0) + e)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def stable_softplus(z):
     """log(1 + exp(z)) without overflow: max(z, 0) + log1p(exp(-|z|))."""
     return max(z, like(z, 0.0)) + math.log1p(math.exp(-abs(z)))
 
 
-@register_jitable(inline="always")
+@register_jitable
 def activate(code, z):
     """phi(z) for activation ``code``."""
     if code == TANH:
@@ -80,7 +80,7 @@ def activate(code, z):
     return z  # IDENTITY
 
 
-@register_jitable(inline="always")
+@register_jitable
 def activate_grad(code, z, a):
     """phi'(z), given z and a = phi(z) (tanh and sigmoid are cheaper from a)."""
     if code == TANH:

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 
 import numpy as np
-from numba.extending import register_jitable
 
 from . import _validation, activations, losses
 from .losses import CROSS_ENTROPY, BINARY_CROSS_ENTROPY
@@ -116,29 +114,12 @@ _GPU_OK = False  # a GPU was found once: later calls skip the driver query
 
 
 # ------------------------------------------------------- shared scalar code
-# The scalar activation/loss functions are register_jitable(inline="always"). numba-cuda 0.30.4
-# cannot inline numba-core IR into CUDA code (an AssertionError on ir.Del, or "add(omitted,
-# omitted)" typing errors), so the CUDA target compiles the *same code objects* re-bound to
-# non-inlined copies of their helpers: one definition, two targets.
-
-
-def _rebind(fn, **helpers):
-    """``fn``'s code with its global helper names bound to ``helpers``, registered without inlining."""
-    env = dict(fn.__globals__)
-    env.update(helpers)
-    copy = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
-    return register_jitable(copy)
-
-
-_sigmoid = _rebind(activations.stable_sigmoid)
-_softplus = _rebind(activations.stable_softplus)
-activate = _rebind(activations.activate, stable_sigmoid=_sigmoid, stable_softplus=_softplus)
-activate_grad = _rebind(activations.activate_grad, stable_sigmoid=_sigmoid, stable_softplus=_softplus)
-_pointwise_loss = _rebind(losses.pointwise_loss, stable_sigmoid=_sigmoid, stable_softplus=_softplus)
-_pointwise_delta = _rebind(losses.pointwise_delta, stable_sigmoid=_sigmoid, stable_softplus=_softplus)
-output_delta_row = _rebind(
-    losses.output_delta_row, pointwise_loss=_pointwise_loss, pointwise_delta=_pointwise_delta
-)
+# activate, activate_grad and output_delta_row are the register_jitable definitions that the CPU
+# kernels compile too: one definition, two targets. (They are registered without inline="always":
+# numba-cuda 0.30 cannot inline numba-core IR into CUDA code; LLVM and NVVM inline them anyway.)
+activate = activations.activate
+activate_grad = activations.activate_grad
+output_delta_row = losses.output_delta_row
 
 # ------------------------------------------------------------------- kernels
 

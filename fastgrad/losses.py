@@ -33,7 +33,7 @@ def loss_code(name: str) -> int:
     return LOSSES.index(name)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def pointwise_loss(code, z, y):
     """Contribution of one output unit to loss_i, for the element-wise losses."""
     if code == MSE:
@@ -44,7 +44,7 @@ def pointwise_loss(code, z, y):
     return y - z  # LINEAR
 
 
-@register_jitable(inline="always")
+@register_jitable
 def pointwise_delta(code, z, y):
     """d loss_i / d z for one output unit, for the element-wise losses."""
     if code == MSE:
@@ -54,7 +54,7 @@ def pointwise_delta(code, z, y):
     return like(z, -1.0)  # LINEAR
 
 
-@register_jitable(inline="always")
+@register_jitable
 def output_delta_row(code, z, target, label, delta):
     """Write d loss_i / d z into ``delta`` and return loss_i, for one sample.
 
