@@ -970,10 +970,9 @@ def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path:
         )
         raw["variance"] = var
     if "grad" in raw and "norms" in raw:
-        g = raw["grad"].copy_to_host().astype(np.float64)
-        n = raw["norms"].copy_to_host().astype(np.float64)
-        grad_sq = float(g @ g)
-        raw["noise_scale"] = (float(np.mean(n * n)) - grad_sq) / grad_sq if grad_sq > 0 else float("inf")
+        from .api import _noise_scale  # the one definition, on host copies (P + B numbers)
+
+        raw["noise_scale"] = _noise_scale(raw["grad"].copy_to_host(), raw["norms"].copy_to_host())
     return raw
 
 
