@@ -165,6 +165,7 @@ def fill_timer(shape: tuple[int, int, int] | None = None) -> tuple[Callable[[], 
 
 
 FLOOR_CALLS = 3
+SETTLE_SECONDS = 0.1  # pause before each implementation's turn (see compare())
 """Back-to-back calls of a floor timer per round, the fastest kept: the previous implementation's
 thread pool may still hold the cores for the first one, and a floor is what the machine reaches."""
 
@@ -531,6 +532,13 @@ def compare(
             for timer, key in ((sgemm, "sgemm"), (fill, "fill")):
                 floor_runs[key].append(_best_of(timer, FLOOR_CALLS))
             for cand in cands:
+                # Each library keeps its own thread pool, whose threads spin for a while after a
+                # call: timed straight after another library's call, an implementation shares the
+                # 2 cores with those spinners (seen here: numba's mnist grad 23-32 ms in the
+                # round, 6.5 ms alone). So: let the previous pool go idle, wake this one with an
+                # untimed call, as a training loop calling it every step would, then time a call.
+                time.sleep(SETTLE_SECONDS)
+                cand.call()
                 t0 = time.perf_counter()
                 cand.call()
                 cand.times.append(time.perf_counter() - t0)
