@@ -91,17 +91,10 @@ def torch_methods(sizes, B, X, y, theta, net, vmap: bool):
         import torch
     except ImportError:
         return {}, None
+    import fastgrad
+
     torch.set_num_threads(THREADS)
-    layers = []
-    for l, (W, b) in enumerate(net.unpack(theta)):
-        lin = torch.nn.Linear(W.shape[1], W.shape[0])
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(W))
-            lin.bias.copy_(torch.from_numpy(b))
-        layers.append(lin)
-        if l < net.num_layers - 1:
-            layers.append(torch.nn.Tanh())
-    model = torch.nn.Sequential(*layers)
+    model = fastgrad.to_torch(net, theta)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     params = list(model.parameters())
 

@@ -107,16 +107,7 @@ def bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, 
     def kernels_only(need, out=None):
         return fc._run_device(net, d, frozenset(need) | {"loss"}, None, out)
 
-    layers = []  # the same network in torch, with the same parameters
-    for l, (W, b) in enumerate(net.unpack(theta)):
-        lin = torch.nn.Linear(W.shape[1], W.shape[0]).to(tdev)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(W))
-            lin.bias.copy_(torch.from_numpy(b))
-        layers.append(lin)
-        if l < net.num_layers - 1:
-            layers.append(torch.nn.Tanh())
-    model = torch.nn.Sequential(*layers)
+    model = fastgrad.to_torch(net, theta).to(tdev)  # the same network in torch, same parameters
     params = {k: v.detach() for k, v in model.named_parameters()}
     plist = list(model.parameters())
     Xt, yt = torch.from_numpy(X).to(tdev), torch.from_numpy(y).to(tdev)
