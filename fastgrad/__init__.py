@@ -11,12 +11,12 @@
 ((115,), (32,))
 """
 
-from ._validation import QUANTITIES
 from .activations import ACTIVATIONS
-from .api import BackpropResult, available_backends, backprop, clipped_grad
+from .api import BackpropResult, available_backends, backprop, clipped_grad, resolve_backend
 from .interop import from_torch, to_torch
 from .losses import LOSSES
 from .mlp import MLP
+from .quantities import QUANTITIES
 from .shortcut import METHODS, ShortcutReport, compare_shortcut, covariance_terms, shortcut_grad
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "compare_shortcut",
     "covariance_terms",
     "from_torch",
+    "resolve_backend",
     "shortcut_grad",
     "to_torch",
 ]

@@ -9,13 +9,15 @@ compile time, so it costs nothing, and it works on the CPU and CUDA targets.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import types
 from numba.extending import overload
 
 
 def like(z, c):
-    """Return constant ``c`` in the floating type of ``z`` (pure-Python fallback)."""
-    return type(z)(c)
+    """Return constant ``c`` in the floating type of ``z`` (pure-Python fallback: ``z`` may be
+    a NumPy scalar or array, so the shared scalar code also runs element-wise on host arrays)."""
+    return np.asarray(z).dtype.type(c)
 
 
 @overload(like)

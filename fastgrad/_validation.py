@@ -14,18 +14,8 @@ import numpy as np
 
 from .losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY
 from .mlp import FLOAT_DTYPES, MLP
+from .quantities import QUANTITIES
 
-QUANTITIES: tuple[str, ...] = (
-    "loss",
-    "grad",
-    "per_sample",
-    "norms",
-    "layer_norms",
-    "sq_mean",
-    "variance",
-    "noise_scale",
-)
-"""Names accepted by ``compute``; see DESIGN §2 for their definitions."""
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields, make_dataclass
 
 import numpy as np
 
 from ._validation import (
-    QUANTITIES,
+    Inputs,
     check_compute,
     check_inputs,
     check_max_norm,
@@ -23,49 +23,45 @@ from ._validation import (
     check_out,
 )
 from .mlp import MLP
+from .quantities import QUANTITIES, REGISTRY, dp_noise, finish, needed, noised_mean
 
 
-@dataclass
-class BackpropResult:
-    """What :func:`backprop` computed; a quantity not requested is ``None``.
+def _result_doc() -> str:
+    lines = [
+        "What :func:`backprop` computed; a quantity not requested is ``None``.",
+        "",
+        "One field per name of :data:`fastgrad.QUANTITIES`, read from the registry",
+        "(:mod:`fastgrad.quantities`).",
+        "",
+        "Attributes",
+        "----------",
+    ]
+    for name in QUANTITIES:
+        q = REGISTRY[name]
+        kind = "float" if q.shape == "scalar" else f"ndarray {q.shape}"
+        lines += [f"{name} : {kind}", f"    {q.doc}"]
+    return "\n".join(lines) + "\n"
 
-    Attributes
-    ----------
-    loss : float
-        (1/B) Σ ℓ_i. Always computed: it is a by-product of the forward pass.
-    grad : ndarray (P,)
-        (1/B) Σ ∇ℓ_i, in θ's layout.
-    per_sample : ndarray (B, P)
-        Row i is ∇ℓ_i.
-    norms : ndarray (B,)
-        ‖∇ℓ_i‖₂.
-    layer_norms : ndarray (B, L)
-        ‖∇_{W_l, b_l} ℓ_i‖₂; the rows' Euclidean norms are ``norms``.
-    sq_mean : ndarray (P,)
-        (1/B) Σ (∇ℓ_i)², element-wise.
-    variance : ndarray (P,)
-        sq_mean − grad², the population variance (clamped at 0 against rounding).
-    noise_scale : float
-        Simple gradient noise scale B_simple = tr(Σ) / ‖grad‖² (inf when grad = 0).
-    """
 
-    loss: float | None = None
-    grad: np.ndarray | None = None
-    per_sample: np.ndarray | None = None
-    norms: np.ndarray | None = None
-    layer_norms: np.ndarray | None = None
-    sq_mean: np.ndarray | None = None
-    variance: np.ndarray | None = None
-    noise_scale: float | None = None
+def _result_repr(self) -> str:
+    parts = []
+    for f in fields(self):
+        v = getattr(self, f.name)
+        if v is None:
+            continue
+        parts.append(f"{f.name}={v:.6g}" if np.ndim(v) == 0 else f"{f.name}=<{v.dtype} {v.shape}>")
+    return f"BackpropResult({', '.join(parts)})"
 
-    def __repr__(self) -> str:
-        parts = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None:
-                continue
-            parts.append(f"{f.name}={v:.6g}" if np.ndim(v) == 0 else f"{f.name}=<{v.dtype} {v.shape}>")
-        return f"BackpropResult({', '.join(parts)})"
+
+BackpropResult = make_dataclass(
+    "BackpropResult",
+    [
+        (name, "float | None" if REGISTRY[name].shape == "scalar" else "np.ndarray | None", None)
+        for name in QUANTITIES
+    ],
+    namespace={"__repr__": _result_repr, "__doc__": _result_doc()},
+)
+BackpropResult.__module__ = __name__
 
 
 # ------------------------------------------------------------------- backends
@@ -80,6 +76,13 @@ _BACKENDS: dict[str, str] = {
 }
 
 
+BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
+"""Every backend name, whether or not it can run here."""
+
+BACKEND_PREFERENCE: tuple[str, ...] = ("cuda", "numba", "numpy")
+"""The order in which ``resolve_backend("auto")`` picks a backend: fastest first."""
+
+
 def available_backends() -> list[str]:
     """Names of the backends that can run here (the CUDA one only with a GPU)."""
     names = []
@@ -90,6 +93,34 @@ def available_backends() -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def resolve_backend(name: str) -> str:
+    """Check that backend ``name`` can run here and return it; ``"auto"`` picks the fastest
+    that can (cuda, else numba, else numpy).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    RuntimeError, ImportError
+        Saying why a known backend cannot run here (no GPU, a missing extra).
+    """
+    if name == "auto":
+        avail = available_backends()
+        return next((b for b in BACKEND_PREFERENCE if b in avail), "numpy")
+    _backend(name)
+    return name
+
+
+def run_backend(
+    name: str, net: MLP, inputs: Inputs, need: frozenset[str], max_norm: float | None = None, out=None
+) -> dict:
+    """The raw quantities ``need`` (names of :data:`fastgrad.quantities.RAW`) from backend ``name``,
+    for inputs already validated by :func:`fastgrad._validation.check_inputs`, as a dict of host
+    arrays; ``clipped_sum`` too when ``max_norm`` is given. For tools that check the backends
+    themselves (``fastgrad validate``); everyone else wants :func:`backprop`."""
+    return _backend(name)(net, inputs, need, max_norm, out)
 
 
 def _backend(name: str) -> Callable:
@@ -123,23 +154,6 @@ def _on_device(backend: str, *arrays) -> bool:
 
 def _backend_module(name: str):
     return importlib.import_module(_BACKENDS[name].split(":")[0])
-
-
-def _needed(want: frozenset[str]) -> frozenset[str]:
-    """What the backend must compute for ``want`` (the derived quantities need their parts)."""
-    need = set(want) | {"loss"}
-    if "variance" in want:
-        need |= {"grad", "sq_mean"}
-    if "noise_scale" in want:
-        need |= {"grad", "norms"}
-    return frozenset(need)
-
-
-def _noise_scale(grad: np.ndarray, norms: np.ndarray) -> float:
-    """B_simple = (mean ‖∇ℓ_i‖² − ‖G‖²) / ‖G‖², accumulated in float64."""
-    grad_sq = float(np.dot(grad.astype(np.float64), grad.astype(np.float64)))
-    trace = float(np.mean(norms.astype(np.float64) ** 2)) - grad_sq
-    return trace / grad_sq if grad_sq > 0 else float("inf")
 
 
 def backprop(
@@ -195,24 +209,13 @@ def backprop(
     if out is not None and "per_sample" not in want:
         raise ValueError("out: given, but 'per_sample' is not in compute")
     if _on_device(backend, theta, X, y, out):  # validated on the GPU, results stay there
-        raw = _backend_module(backend).backprop_device(net, theta, X, y, _needed(want), out)
+        raw = _backend_module(backend).backprop_device(net, theta, X, y, needed(want), out)
     else:
         inp = check_inputs(net, theta, X, y)
         out = check_out(out, (inp.batch_size, net.num_params), inp.dtype)
-        raw = run(net, inp, _needed(want), None, out, **_workspace_kw(backend, workspace))
-    res = BackpropResult(loss=float(raw["loss"]))
-    for name in ("grad", "per_sample", "norms", "layer_norms", "sq_mean"):
-        if name in want:
-            setattr(res, name, raw[name])
-    if "variance" in want:
-        var = raw.get("variance")
-        if var is None:
-            var = np.maximum(raw["sq_mean"] - raw["grad"] * raw["grad"], 0)
-        res.variance = var
-    if "noise_scale" in want:
-        ns = raw.get("noise_scale")
-        res.noise_scale = float(ns if ns is not None else _noise_scale(raw["grad"], raw["norms"]))
-    return res
+        raw = run(net, inp, needed(want), None, out, **_workspace_kw(backend, workspace))
+    values = finish(want - {"loss"}, raw)
+    return BackpropResult(loss=float(raw["loss"]), **values)
 
 
 def _workspace_kw(backend: str, workspace) -> dict:
@@ -226,11 +229,6 @@ def _workspace_kw(backend: str, workspace) -> dict:
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace: expected a fastgrad.cpu.Workspace, got {type(workspace).__name__}")
     return {"workspace": workspace}
-
-
-def dp_noise(num_params: int, seed, dtype) -> np.ndarray:
-    """ξ ~ N(0, I) of DP-SGD, drawn on the host by ``numpy.random.default_rng(seed)``."""
-    return np.random.default_rng(seed).standard_normal(num_params).astype(dtype)
 
 
 def clipped_grad(
@@ -272,13 +270,20 @@ def clipped_grad(
         device = _backend_module(backend)
         return device.clipped_grad_device(net, theta, X, y, max_norm, noise_multiplier, seed)
     inp = check_inputs(net, theta, X, y)
-    raw = run(net, inp, frozenset({"loss"}), max_norm, None, **_workspace_kw(backend, workspace))
-    total = raw["clipped_sum"]
-    if noise_multiplier > 0:
-        total = total + inp.dtype.type(noise_multiplier * max_norm) * dp_noise(
-            net.num_params, seed, inp.dtype
-        )
-    return total / inp.dtype.type(inp.batch_size)
+    raw = run(net, inp, needed((), clipping=True), max_norm, None, **_workspace_kw(backend, workspace))
+    noise_std = noise_multiplier * max_norm
+    noise = dp_noise(net.num_params, seed, inp.dtype) if noise_std > 0 else None
+    return noised_mean(raw["clipped_sum"], noise_std, noise, inp.batch_size)
 
 
-__all__ = ["QUANTITIES", "BackpropResult", "available_backends", "backprop", "clipped_grad"]
+__all__ = [
+    "BACKENDS",
+    "BACKEND_PREFERENCE",
+    "QUANTITIES",
+    "BackpropResult",
+    "available_backends",
+    "backprop",
+    "clipped_grad",
+    "resolve_backend",
+    "run_backend",
+]

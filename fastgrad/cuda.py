@@ -37,6 +37,7 @@ import numpy as np
 from . import _validation, activations, losses
 from .losses import CROSS_ENTROPY, BINARY_CROSS_ENTROPY
 from .mlp import FLOAT_DTYPES, MLP
+from .quantities import dp_noise, noise_scale
 
 if not hasattr(np, "row_stack"):
     # NumPy 2.5 removed np.row_stack, but numba-cuda 0.30.4 registers an overload of it when it
@@ -970,17 +971,14 @@ def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path:
         )
         raw["variance"] = var
     if "grad" in raw and "norms" in raw:
-        from .api import _noise_scale  # the one definition, on host copies (P + B numbers)
-
-        raw["noise_scale"] = _noise_scale(raw["grad"].copy_to_host(), raw["norms"].copy_to_host())
+        # the one definition, on host copies (P + B numbers)
+        raw["noise_scale"] = noise_scale(raw["grad"].copy_to_host(), raw["norms"].copy_to_host())
     return raw
 
 
 def clipped_grad_device(net: MLP, theta, X, y, max_norm: float, noise_multiplier: float, seed,
                         path: str = "auto"):
     """DP-SGD's clipped, noised mean gradient for device inputs, as a device array (P,)."""
-    from .api import dp_noise
-
     d = check_device_inputs(net, theta, X, y, values=False)
     raw = _run_device(net, d, frozenset({"loss"}), max_norm, None, path)
     P = net.num_params

@@ -18,6 +18,15 @@ import numpy as np
 from ._validation import Inputs, check_inputs
 from .losses import CROSS_ENTROPY
 from .mlp import MLP
+from .quantities import (
+    DELTA,
+    DELTA_SQUARED,
+    INPUT,
+    PER_ROW,
+    SUMS,
+    clip_factor,
+    layer_norm_sq,
+)
 
 # ---------------------------------------------------------------- activations
 
@@ -130,6 +139,39 @@ def sample_gradient(net: MLP, theta: np.ndarray, x: np.ndarray, label: int, targ
     return loss[0], grad
 
 
+def clip_factors(norms: np.ndarray, max_norm: float) -> np.ndarray:
+    """c_i = min(1, C / ‖∇ℓ_i‖), 1 where the norm is 0: the definition, written out apart from
+    the kernels' :func:`fastgrad.quantities.clip_factor` on purpose."""
+    c = np.ones_like(norms)
+    big = norms > max_norm
+    c[big] = norms.dtype.type(max_norm) / norms[big]
+    return c
+
+
+def _naive_noise_scale(res: dict) -> float:
+    # B_simple = tr(Σ) / ‖G‖², with tr(Σ) the sum of the per-parameter variances
+    grad_sq = float((res["grad"].astype(np.float64) ** 2).sum())
+    trace = float(res["variance"].sum(dtype=np.float64))
+    return trace / grad_sq if grad_sq > 0 else np.inf
+
+
+# The definition of every quantity of the registry (fastgrad.quantities), from the stacked
+# per-sample gradients G (B, P), in order (later ones read earlier ones from ``res``):
+# name -> f(net, G, res, max_norm)
+NAIVE = {
+    "grad": lambda net, G, res, C: G.mean(axis=0),
+    "norms": lambda net, G, res, C: np.sqrt((G * G).sum(axis=1)),
+    "layer_norms": lambda net, G, res, C: np.stack(
+        [np.sqrt((G[:, s.w_start : s.end] ** 2).sum(axis=1)) for s in net.layers], axis=1
+    ),
+    "sq_mean": lambda net, G, res, C: (G * G).mean(axis=0),
+    "variance": lambda net, G, res, C: ((G - res["grad"]) ** 2).mean(axis=0),
+    "noise_scale": lambda net, G, res, C: _naive_noise_scale(res),
+    "clipped_sum": lambda net, G, res, C: (clip_factors(res["norms"], C)[:, None] * G).sum(axis=0),
+    "per_sample": lambda net, G, res, C: G,
+}
+
+
 def run_naive(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | None = None, out=None):
     """Every quantity from the stacked per-sample gradients; the definition of DESIGN §2."""
     B = inp.batch_size
@@ -140,30 +182,12 @@ def run_naive(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | Non
         label = int(inp.labels[i]) if ce else 0
         target = inp.targets[i] if not ce else np.zeros(net.n_out, dtype=inp.dtype)
         losses[i], G[i] = sample_gradient(net, inp.theta, inp.X[i], label, target)
-    res = {"loss": losses.mean(dtype=inp.dtype), "grad": G.mean(axis=0)}
-    res["norms"] = np.sqrt((G * G).sum(axis=1))
-    res["layer_norms"] = np.stack(
-        [np.sqrt((G[:, s.w_start : s.end] ** 2).sum(axis=1)) for s in net.layers], axis=1
-    )
-    res["sq_mean"] = (G * G).mean(axis=0)
-    res["variance"] = ((G - res["grad"]) ** 2).mean(axis=0)
-    # B_simple = tr(Σ) / ‖G‖², with tr(Σ) the sum of the per-parameter variances
-    grad_sq = float((res["grad"].astype(np.float64) ** 2).sum())
-    trace = float(res["variance"].sum(dtype=np.float64))
-    res["noise_scale"] = trace / grad_sq if grad_sq > 0 else np.inf
-    if max_norm is not None:
-        res["clipped_sum"] = (clip_factors(res["norms"], max_norm)[:, None] * G).sum(axis=0)
-    if "per_sample" in need:
-        res["per_sample"] = G
+    res = {"loss": losses.mean(dtype=inp.dtype)}
+    for name, definition in NAIVE.items():
+        if name == "clipped_sum" and max_norm is None or name == "per_sample" and name not in need:
+            continue
+        res[name] = definition(net, G, res, max_norm)
     return res
-
-
-def clip_factors(norms: np.ndarray, max_norm: float) -> np.ndarray:
-    """c_i = min(1, C / ‖∇ℓ_i‖), with c_i = 1 where the norm is 0."""
-    c = np.ones_like(norms)
-    big = norms > max_norm
-    c[big] = norms.dtype.type(max_norm) / norms[big]
-    return c
 
 
 # ------------------------------------------------------------ the batched form
@@ -192,6 +216,20 @@ def backward(net: MLP, theta: np.ndarray, Zs, labels, targets):
     return losses, deltas[::-1]
 
 
+def operand(kind: int, D: np.ndarray, clip_c: np.ndarray | None) -> np.ndarray:
+    """The operand M (B, n_l) of a sum over samples: Δ, Δ ⊙ Δ or c ⊙ Δ (rows scaled by c)."""
+    if kind == DELTA:
+        return D
+    if kind == DELTA_SQUARED:
+        return D * D
+    return clip_c[:, None] * D  # CLIPPED_DELTA
+
+
+def source(kind: int, A: np.ndarray) -> np.ndarray:
+    """The source S (B, n_{l-1}) of a sum over samples: A or A ⊙ A."""
+    return A if kind == INPUT else A * A
+
+
 def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | None = None, out=None):
     """Every requested quantity with one GEMM per layer and quantity; no (B, P) matrix unless asked."""
     B, dt = inp.batch_size, inp.dtype
@@ -199,33 +237,30 @@ def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | N
     losses, deltas = backward(net, inp.theta, Zs, inp.labels, inp.targets)
     res = {"loss": losses.mean(dtype=dt)}
     P = net.num_params
-    if "grad" in need:
-        grad = np.empty(P, dtype=dt)
-        for (gW, gb), D, Ain in zip(net.unpack(grad), deltas, A):
-            gW[...] = D.T @ Ain / dt.type(B)
-            gb[...] = D.sum(axis=0) / dt.type(B)
-        res["grad"] = grad
-    if "sq_mean" in need:
-        sq = np.empty(P, dtype=dt)
-        for (gW, gb), D, Ain in zip(net.unpack(sq), deltas, A):
-            gW[...] = (D * D).T @ (Ain * Ain) / dt.type(B)
-            gb[...] = (D * D).sum(axis=0) / dt.type(B)
-        res["sq_mean"] = sq
-    if need & {"norms", "layer_norms"} or max_norm is not None:
-        # Goodfellow's trick: ‖δ aᵀ‖²_F + ‖δ‖² = ‖δ‖² (‖a‖² + 1)
+    clip_c = None
+    if need & PER_ROW or max_norm is not None:
+        # Goodfellow's trick, per layer: ‖δ aᵀ‖²_F + ‖δ‖² = ‖δ‖² (‖a‖² + 1)
         layer_sq = np.stack(
-            [(D * D).sum(axis=1) * ((Ain * Ain).sum(axis=1) + 1) for D, Ain in zip(deltas, A)], axis=1
+            [layer_norm_sq((D * D).sum(axis=1), (Ain * Ain).sum(axis=1)) for D, Ain in zip(deltas, A)], axis=1
         )
         res["layer_norms"] = np.sqrt(layer_sq)
         res["norms"] = np.sqrt(layer_sq.sum(axis=1))
-    if max_norm is not None:
-        c = clip_factors(res["norms"], max_norm)
-        clipped = np.empty(P, dtype=dt)
-        for (gW, gb), D, Ain in zip(net.unpack(clipped), deltas, A):
-            cD = c[:, None] * D
-            gW[...] = cD.T @ Ain
-            gb[...] = cD.sum(axis=0)
-        res["clipped_sum"] = clipped
+        if max_norm is not None:
+            clip_c = clip_factor(res["norms"], dt.type(max_norm))
+    for q in SUMS:
+        if q.name not in need and not (q.name == "clipped_sum" and max_norm is not None):
+            continue
+        # per layer: W-part Mᵀ S, b-part Σ_i M_i, divided by B for a mean
+        total = np.empty(P, dtype=dt)
+        for (gW, gb), D, Ain in zip(net.unpack(total), deltas, A):
+            M = operand(q.operand, D, clip_c)
+            if q.mean:
+                gW[...] = M.T @ source(q.source, Ain) / dt.type(B)
+                gb[...] = M.sum(axis=0) / dt.type(B)
+            else:
+                gW[...] = M.T @ source(q.source, Ain)
+                gb[...] = M.sum(axis=0)
+        res[q.name] = total
     if "per_sample" in need:
         G = out if out is not None else np.empty((B, P), dtype=dt)
         for s, D, Ain in zip(net.layers, deltas, A):
