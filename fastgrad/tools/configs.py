@@ -1,0 +1,163 @@
+"""One source for the benchmark configurations, their problems and the floors (DESIGN §6).
+
+Every timing harness of the tools and of ``benchmarks/`` (``fastgrad bench``,
+``benchmarks/cpu_targets.py``, ``benchmarks/gpu_check.py``) reads these. The asv suite
+(``benchmarks/_problems.py``) keeps a frozen copy of :data:`CONFIGS`, because asv runs it
+against old commits that lack this module; a test checks the copy matches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+
+from ..mlp import MLP
+
+CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
+    "narrow": ((64, 64, 64, 10), 4096),
+    "mnist": ((784, 512, 256, 10), 512),
+    "wide": ((1024, 1024, 1024, 10), 256),
+}
+"""DESIGN §6: name -> (layer sizes, batch size); tanh hidden layers, cross-entropy, float32."""
+
+SMALL_BATCH_CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
+    "mnist128-B64": ((784, 128, 10), 64),
+    "narrow-B32": ((64, 64, 64, 10), 32),
+    "narrow-B256": ((64, 64, 64, 10), 256),
+}
+"""DESIGN §6's small-batch set (where training loops live): name -> (sizes, batch size)."""
+
+ALL_CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {**CONFIGS, **SMALL_BATCH_CONFIGS}
+"""Both sets, by name."""
+
+
+def config(name: str) -> tuple[tuple[int, ...], int]:
+    """``(sizes, batch size)`` of a named configuration of :data:`ALL_CONFIGS`."""
+    if name not in ALL_CONFIGS:
+        raise ValueError(f"config: unknown name {name!r}; expected one of {', '.join(ALL_CONFIGS)}")
+    return ALL_CONFIGS[name]
+
+
+def problem(config_or_sizes, batch_size: int | None = None, *, dtype=np.float32, seed: int = 0):
+    """``(net, theta, X, y)``: a random, reproducible problem of DESIGN §6.
+
+    Parameters
+    ----------
+    config_or_sizes : str or sequence of int
+        A name of :data:`ALL_CONFIGS`, or layer sizes (then ``batch_size`` is required).
+    batch_size : int, optional
+        Overrides the configuration's batch size.
+    dtype : float32 (default) or float64
+    seed : int
+        Seeds θ (``net.init``), the inputs and the labels.
+
+    Returns
+    -------
+    net : MLP, tanh hidden layers, cross-entropy
+    theta : ndarray (P,)
+    X : ndarray (B, n0), standard normal
+    y : ndarray (B,) of int64 labels in [0, n_L)
+    """
+    if isinstance(config_or_sizes, str):
+        sizes, B = config(config_or_sizes)
+        B = B if batch_size is None else batch_size
+    else:
+        if batch_size is None:
+            raise ValueError("batch_size: required when layer sizes are given")
+        sizes, B = tuple(config_or_sizes), batch_size
+    net = MLP(list(sizes), activation="tanh", loss="cross_entropy")
+    rng = np.random.default_rng(seed)
+    theta = net.init(seed=seed, dtype=dtype)
+    X = rng.standard_normal((B, sizes[0])).astype(dtype)
+    y = rng.integers(0, sizes[-1], size=B)
+    return net, theta, X, y
+
+
+def num_params(sizes) -> int:
+    """P = Σ n_l (n_{l-1} + 1): weights and biases."""
+    return sum(b * (a + 1) for a, b in itertools.pairwise(sizes))
+
+
+def mean_grad_flops(sizes, batch_size: int) -> int:
+    """6·B·Σ n_l n_{l-1}: the forward, input-gradient and weight-gradient GEMMs.
+
+    ``sizes`` is a sequence of layer sizes or an :class:`~fastgrad.MLP`.
+    """
+    sizes = _sizes(sizes)
+    return 6 * batch_size * sum(a * b for a, b in itertools.pairwise(sizes))
+
+
+def per_sample_bytes(sizes, batch_size: int, dtype=np.float32) -> int:
+    """B·P·itemsize: the bytes the per-sample gradient matrix writes.
+
+    ``sizes`` is a sequence of layer sizes or an :class:`~fastgrad.MLP`.
+    """
+    return batch_size * num_params(_sizes(sizes)) * np.dtype(dtype).itemsize
+
+
+def _sizes(sizes) -> list[int]:
+    return list(sizes.sizes) if isinstance(sizes, MLP) else list(sizes)
+
+
+# ------------------------------------------------------------------ floors
+
+FILL_WIDTH = 512
+"""Length m of the second vector of each outer product the fill floor writes."""
+
+_FILL_KERNEL = None
+
+
+def fill_kernel():
+    """The fill floor's compiled loop, ``fill_outer(a, b, out)`` (compiled on first use).
+
+    a (R, n), b (R, m), out (R, L) with L ≤ n·m: row r of ``out`` is
+    ``outer(a[r], b[r]).ravel()[:L]``, rows split over Numba's threads.
+
+    This is THE fill floor of per-sample gradients (DESIGN §6: B·P numbers written). It
+    writes outer products, not a constant, because that is what a per-sample gradient
+    row is (δ_l ⊗ a_{l-1} per layer): the least work any per-sample kernel does once it
+    has the operands, two short cached vectors read and one product per number written.
+    A constant fill (the former ``fill_rows`` of cpu_targets) lets LLVM turn the loop into
+    a memset with streaming stores, a rate no kernel that computes its numbers can reach,
+    and it is not the "plain Numba loop writing outer products" that DESIGN §6 calls the
+    fill rate.
+    """
+    global _FILL_KERNEL
+    if _FILL_KERNEL is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=False)
+        def fill_outer(a, b, out):
+            # a (R, n), b (R, m), out (R, L ≤ n*m): out[r] = outer(a[r], b[r]).ravel()[:L]
+            m = b.shape[1]
+            L = out.shape[1]
+            for r in numba.prange(out.shape[0]):
+                for j in range(a.shape[1]):
+                    base = j * m
+                    if base >= L:
+                        break
+                    aj = a[r, j]
+                    for k in range(min(m, L - base)):
+                        out[r, base + k] = aj * b[r, k]
+
+        _FILL_KERNEL = fill_outer
+    return _FILL_KERNEL
+
+
+def fill_timer(out: np.ndarray, seed: int = 0) -> Callable[[], object]:
+    """A call writing every number of ``out`` (R, L) as the fill floor does (:func:`fill_kernel`).
+
+    ``out`` is float32 or float64, C-contiguous; the kernel is compiled and ``out``'s pages
+    are touched here, so the call times only the writes (``out.nbytes`` of them).
+    """
+    R, L = out.shape
+    m = min(FILL_WIDTH, L)
+    n = -(-L // m)
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((R, n)).astype(out.dtype)
+    b = rng.standard_normal((R, m)).astype(out.dtype)
+    kernel = fill_kernel()
+    kernel(a, b, out)
+    return lambda: kernel(a, b, out)
