@@ -184,7 +184,7 @@ def run_naive(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | Non
         losses[i], G[i] = sample_gradient(net, inp.theta, inp.X[i], label, target)
     res = {"loss": losses.mean(dtype=inp.dtype)}
     for name, definition in NAIVE.items():
-        if name == "clipped_sum" and max_norm is None or name == "per_sample" and name not in need:
+        if (name == "clipped_sum" and max_norm is None) or (name == "per_sample" and name not in need):
             continue
         res[name] = definition(net, G, res, max_norm)
     return res

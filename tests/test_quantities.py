@@ -1,0 +1,155 @@
+"""The registry of quantities and the per-row math both compiled targets share.
+
+The shared functions run in three places: compiled by Numba for the CPU, compiled by
+numba-cuda (tests/test_cuda.py compiles every kernel to PTX), and element-wise on NumPy
+arrays in the batched reference. Here: their values at the edges, that the compiled and
+the NumPy forms agree bit for bit, that float32 stays float32, and that everything which
+lists quantities reads the registry.
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+import fastgrad
+from fastgrad import quantities, reference
+from fastgrad.quantities import REGISTRY, Derived, PerSample, Sum
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@numba.njit(cache=False)
+def _compiled_row_math(norms, max_norm, dsq, asq, sq, g, out):
+    # every input (n,) but max_norm (scalar); out (3, n): clip factor, layer term, variance
+    for i in range(norms.shape[0]):
+        out[0, i] = quantities.clip_factor(norms[i], max_norm)
+        out[1, i] = quantities.layer_norm_sq(dsq[i], asq[i])
+        out[2, i] = quantities.variance_from_moments(sq[i], g[i])
+
+
+@numba.njit(cache=False)
+def _compiled_types(x, c):
+    return (
+        quantities.clip_factor(x, c),
+        quantities.layer_norm_sq(x, x),
+        quantities.variance_from_moments(x, x),
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_factor_is_one_at_or_below_the_norm_and_c_over_norm_above(dtype):
+    C = dtype(1.5)
+    norms = np.array([0.0, 1e-30, 1.0, 1.5, np.nextafter(C, dtype(2)), 3.0, 1e30, np.inf], dtype)
+    c = quantities.clip_factor(norms, C)
+    assert c.dtype == dtype
+    np.testing.assert_array_equal(c[:4], 1)  # a zero gradient and a gradient at C are left as they are
+    above = norms[4:] > C
+    assert above.all()
+    np.testing.assert_array_equal(c[4:], C / norms[4:])  # exactly C / ‖g‖, so ‖c g‖ = C to rounding
+    assert c[-1] == 0
+    assert np.isnan(quantities.clip_factor(np.array([np.nan], dtype), C)[0])  # never silently unclipped
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_norm_sq_is_the_frobenius_norm_of_the_layer_gradient(dtype):
+    rng = np.random.default_rng(0)
+    delta, a = rng.standard_normal(5).astype(dtype), rng.standard_normal(7).astype(dtype)
+    dense = np.concatenate([np.outer(delta, a).ravel(), delta]).astype(np.float64)
+    got = quantities.layer_norm_sq((delta * delta).sum(), (a * a).sum())
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, (dense**2).sum(), rtol=10 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_variance_from_moments_clamps_rounding_below_zero(dtype):
+    g = np.array([3.0, 0.5, 1e-3], dtype)
+    sq = np.array([9.0, 0.5, np.nextafter(dtype(1e-6), dtype(0))], dtype)  # the last one rounds below g²
+    v = quantities.variance_from_moments(sq, g)
+    assert v.dtype == dtype
+    np.testing.assert_array_equal(v, np.maximum(sq - g * g, 0))
+    assert (v >= 0).all() and v[1] == dtype(0.25)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_and_numpy_row_math_agree_bit_for_bit(dtype):
+    rng = np.random.default_rng(1)
+    n = 257
+    norms = np.abs(rng.standard_normal(n)).astype(dtype)
+    norms[:3] = 0
+    C = dtype(0.8)
+    dsq, asq = (np.abs(rng.standard_normal(n)) ** 2).astype(dtype), (rng.uniform(0, 50, n)).astype(dtype)
+    g = rng.standard_normal(n).astype(dtype)
+    sq = (g * g + rng.uniform(-1e-6, 1, n)).astype(dtype)
+    out = np.empty((3, n), dtype)
+    _compiled_row_math(norms, C, dsq, asq, sq, g, out)
+    want = [
+        quantities.clip_factor(norms, C),
+        quantities.layer_norm_sq(dsq, asq),
+        quantities.variance_from_moments(sq, g),
+    ]
+    for got, w in zip(out, want):
+        assert w.dtype == dtype
+        assert got.tobytes() == w.tobytes()
+
+
+def test_float32_row_math_stays_float32_when_compiled():
+    # a float literal would make these float64 (slow on the GPU, and not what was asked for)
+    _compiled_types(np.float32(2.0), np.float32(1.0))
+    assert _compiled_types.nopython_signatures[-1].return_type == numba.types.UniTuple(numba.float32, 3)
+
+
+# ------------------------------------------------------------------ registry
+
+
+def test_compute_accepts_exactly_the_public_entries_in_registry_order():
+    assert fastgrad.QUANTITIES == tuple(n for n, q in REGISTRY.items() if q.public)
+    assert [f.name for f in dataclasses.fields(fastgrad.BackpropResult)] == list(fastgrad.QUANTITIES)
+    for name in fastgrad.QUANTITIES:
+        assert REGISTRY[name].doc in fastgrad.BackpropResult.__doc__
+
+
+def test_every_raw_quantity_has_its_naive_definition_and_every_sum_a_valid_reducer():
+    raw = set(quantities.RAW) - {"loss"}
+    assert raw <= set(reference.NAIVE)
+    for q in quantities.SUMS:
+        assert q.operand in range(len(quantities.OPERANDS))
+        assert q.source in range(len(quantities.SOURCES))
+        assert q.shape == "(P,)"
+    for q in REGISTRY.values():
+        if isinstance(q, Derived):
+            assert set(q.needs) <= set(quantities.RAW), q.name
+            assert q.name in reference.NAIVE  # the naive loop defines it independently
+        else:
+            assert isinstance(q, (Sum, PerSample))
+
+
+def test_needed_adds_the_parts_of_derived_quantities_and_the_loss():
+    assert quantities.needed(["grad"]) == {"loss", "grad"}
+    assert quantities.needed(["variance"]) >= {"loss", "grad", "sq_mean"}
+    assert quantities.needed(["noise_scale"]) >= {"loss", "grad", "norms"}
+    assert "clipped_sum" in quantities.needed([], clipping=True)
+    assert "clipped_sum" not in quantities.needed(fastgrad.QUANTITIES)
+
+
+def test_the_docs_table_of_quantities_is_the_registry():
+    text = (DOCS / "api.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \|", text, flags=re.M)
+    table = {name: shape.strip() for name, shape in rows if name in REGISTRY or name in fastgrad.QUANTITIES}
+    assert list(table) == list(fastgrad.QUANTITIES)
+    for name, shape in table.items():
+        assert shape == REGISTRY[name].shape, name
+
+
+@pytest.mark.parametrize("backend", ["naive", "numpy", "numba"])
+def test_derived_quantities_are_finished_by_the_registry_functions(backend):
+    net = fastgrad.MLP([3, 5, 2], activation="tanh", loss="mse")
+    rng = np.random.default_rng(2)
+    theta = net.init(seed=2, dtype=np.float64)
+    X, y = rng.standard_normal((9, 3)), rng.standard_normal((9, 2))
+    r = fastgrad.backprop(net, theta, X, y, ("grad", "sq_mean", "norms", "variance", "noise_scale"), backend)
+    np.testing.assert_allclose(r.variance, quantities.variance_from_moments(r.sq_mean, r.grad), atol=1e-15)
+    assert r.noise_scale == pytest.approx(quantities.noise_scale(r.grad, r.norms), rel=1e-10)
