@@ -3,8 +3,9 @@
 Floors (DESIGN §6): the mean gradient needs 6·B·Σ n_l n_{l-1} flops, run at the
 machine's sgemm rate; per-sample gradients write B·P float32 numbers, at the fill
 bandwidth of a Numba loop writing outer products. Ratios travel across machines and
-noisy runs better than times. The floor timers come from ``fastgrad.bench``; commits
-before it are skipped.
+noisy runs better than times. The floor timers come from ``fastgrad.tools.bench``
+(``fastgrad.bench`` on older commits; commits before it are skipped), so the fill floor is
+the one of ``fastgrad.tools.configs``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ ROUNDS = 7
 """Interleaved rounds: floor timer, then the quantity; medians of each."""
 
 FLOOR_CALLS = 3
-"""Back-to-back floor calls per round, the fastest kept (as in ``fastgrad.bench``): a floor
+"""Back-to-back floor calls per round, the fastest kept (as in ``fastgrad.tools.bench``): a floor
 is what the machine reaches, and the first call may find the cores still busy."""
 
 FLOOR_OF = {"grad": "flops", "grad_norms": "flops", "clipped": "flops", "grad_variance": "flops",
@@ -31,9 +32,12 @@ FLOOR_OF = {"grad": "flops", "grad_norms": "flops", "clipped": "flops", "grad_va
 def floor_timer(kind: str):
     """``(call, work)``: an sgemm and its flops, or an outer-product fill and its bytes."""
     try:
-        from fastgrad import bench
-    except ImportError:
-        raise NotImplementedError("fastgrad.bench (the floor timers) is missing in this commit") from None
+        from fastgrad.tools import bench
+    except ImportError:  # commits before fastgrad.tools
+        try:
+            from fastgrad import bench
+        except ImportError:
+            raise NotImplementedError("fastgrad.bench (the floor timers) is missing in this commit") from None
     return bench.sgemm_timer() if kind == "flops" else bench.fill_timer()
 
 

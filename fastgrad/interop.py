@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .datasets import require
 from .mlp import MLP
 
 _TORCH_DTYPES = ("float32", "float64")
@@ -18,6 +17,8 @@ _TORCH_DTYPES = ("float32", "float64")
 
 def _activation_name(module) -> str:
     """fastgrad's name for a torch activation module, or ``TypeError`` saying why it is not one."""
+    from .tools.extras import require  # lazily: import fastgrad loads no tools
+
     nn = require("torch.nn", "torch", "PyTorch interop")
     kind = type(module).__name__
     if isinstance(module, nn.Identity):
@@ -81,6 +82,8 @@ def from_torch(module, loss: str = "cross_entropy") -> tuple[MLP, np.ndarray]:
     fastgrad.datasets.MissingExtraError
         When torch is not installed.
     """
+    from .tools.extras import require  # lazily: import fastgrad loads no tools
+
     torch = require("torch", "torch", "PyTorch interop")
     nn = torch.nn
     if not isinstance(module, nn.Sequential):
@@ -153,6 +156,7 @@ def to_torch(net: MLP, theta: np.ndarray):
         ``GELU(approximate="tanh")`` or ``Softplus()``. The loss is not part of it.
     """
     from ._validation import check_net, check_theta
+    from .tools.extras import require  # lazily: import fastgrad loads no tools
 
     torch = require("torch", "torch", "PyTorch interop")
     nn = torch.nn

@@ -17,7 +17,7 @@ import functools
 import numpy as np
 import pytest
 
-from fastgrad import bench
+from fastgrad.tools import bench
 
 BACKENDS = bench.fastgrad_backends()
 PEERS = bench.installed_peers()
@@ -32,7 +32,7 @@ CASES = [
 
 @functools.cache
 def problem(config):
-    return bench.make_problem(config)
+    return bench.problem(config)
 
 
 @functools.cache

@@ -1,5 +1,5 @@
-"""The benchmark tooling itself, on tiny problems: the peer comparison (fastgrad.bench) and
-the asv suite (benchmarks/). Nothing here times anything that is asserted on; these tests
+"""The benchmark tooling itself, on tiny problems: the configurations and floors
+(fastgrad.tools.configs), the peer comparison (fastgrad.tools.bench) and the asv suite (benchmarks/). Nothing here times anything that is asserted on; these tests
 check that the tools run, compute what they claim, and refuse bad input."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastgrad
-from fastgrad import bench
+from fastgrad.tools import bench, configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -27,7 +27,7 @@ TINY = ((6, 5, 4, 3), 16)
 @pytest.fixture
 def tiny(monkeypatch):
     """A tiny configuration in both the peer comparison and the asv suite, and small floor timers."""
-    monkeypatch.setitem(bench.CONFIGS, "tiny", TINY)
+    monkeypatch.setitem(configs.CONFIGS, "tiny", TINY)
     monkeypatch.setitem(_problems.CONFIGS, "tiny", TINY)
     monkeypatch.setattr(bench, "SGEMM_SIZE", 64)
     monkeypatch.setattr(bench, "FILL_SHAPE", (8, 16, 16))
@@ -36,23 +36,71 @@ def tiny(monkeypatch):
     floors.floor_timer.cache_clear()
 
 
-# ------------------------------------------------------------- fastgrad.bench
+# ---------------------------------------------------- fastgrad.tools.configs
 
 
-def test_fill_timer_writes_the_outer_products():
+def test_the_configurations_are_the_design_ones():
+    assert configs.CONFIGS == {
+        "narrow": ((64, 64, 64, 10), 4096),
+        "mnist": ((784, 512, 256, 10), 512),
+        "wide": ((1024, 1024, 1024, 10), 256),
+    }
+    assert sorted(configs.SMALL_BATCH_CONFIGS.values()) == [
+        ((64, 64, 64, 10), 32),
+        ((64, 64, 64, 10), 256),
+        ((784, 128, 10), 64),
+    ]
+
+
+def test_fill_kernel_writes_the_outer_products():
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     b = np.arange(8, dtype=np.float32).reshape(2, 4) - 3
     out = np.full((2, 12), np.nan, dtype=np.float32)
-    bench._fill_kernel()(a, b, out)
+    configs.fill_kernel()(a, b, out)
     np.testing.assert_array_equal(out, np.einsum("rj,rk->rjk", a, b).reshape(2, 12))
+    short = np.full((2, 10), np.nan, dtype=np.float32)  # a row length that is not n·m: cut short
+    configs.fill_kernel()(a, b, short)
+    np.testing.assert_array_equal(short, out[:, :10])
+
+
+def test_fill_timer_writes_every_number_of_its_output():
+    out = np.full((3, 1000), np.nan, dtype=np.float32)
+    call = configs.fill_timer(out)
+    out[...] = np.nan
+    call()
+    assert np.isfinite(out).all() and np.count_nonzero(out) > 0.99 * out.size
+
+
+def test_problem_is_seeded_and_takes_a_name_or_sizes():
+    net, theta, X, y = configs.problem("mnist")
+    assert net.sizes == (784, 512, 256, 10) and net.activation == "tanh" and net.loss == "cross_entropy"
+    assert X.shape == (512, 784) and X.dtype == theta.dtype == np.float32 and y.shape == (512,)
+    again = configs.problem([784, 512, 256, 10], 512)
+    np.testing.assert_array_equal(theta, again[1])
+    np.testing.assert_array_equal(X, again[2])
+    assert configs.problem("narrow-B32")[2].shape == (32, 64)
+    assert configs.problem("narrow", 8, dtype=np.float64)[2].dtype == np.float64
+    with pytest.raises(ValueError, match="config: unknown name 'huge'"):
+        configs.problem("huge")
+    with pytest.raises(ValueError, match="batch_size"):
+        configs.problem([3, 2])
 
 
 def test_floor_work_counts_match_the_design():
-    net, theta, X, _ = bench.make_problem("mnist")
-    assert bench.mean_grad_flops(net, 512) == 6 * 512 * (784 * 512 + 512 * 256 + 256 * 10)
-    assert bench.per_sample_bytes(net, 512) == 512 * theta.size * 4
-    assert X.shape == (512, 784) and X.dtype == np.float32
-    assert bench.sgemm_timer(8)[1] == 2 * 8**3
+    net, theta, X, _ = configs.problem("mnist")
+    assert configs.mean_grad_flops(net, 512) == 6 * 512 * (784 * 512 + 512 * 256 + 256 * 10)
+    assert configs.mean_grad_flops(net.sizes, 512) == configs.mean_grad_flops(net, 512)
+    assert configs.per_sample_bytes(net, 512) == 512 * theta.size * 4
+    assert configs.per_sample_bytes(net.sizes, 512, np.float64) == 512 * theta.size * 8
+    assert configs.sgemm_timer(8)[1] == 2 * 8**3
+
+
+# ------------------------------------------------------ fastgrad.tools.bench
+
+
+def test_bench_floor_timers_default_to_its_measurement_sizes(monkeypatch):
+    monkeypatch.setattr(bench, "SGEMM_SIZE", 8)
+    assert bench.sgemm_timer()[1] == 2 * 8**3
     assert bench.fill_timer((2, 3, 4))[1] == 2 * 12 * 4
 
 
@@ -66,8 +114,8 @@ def test_compare_times_every_implementation_against_the_reference(tiny):
         assert r["vs_numpy"] == 1.0
         assert r["rel_error"] < 1e-5  # float32 against float64 on a tiny network
     net = fastgrad.MLP(TINY[0])
-    flops_floor = bench.mean_grad_flops(net, TINY[1]) / result["floors"]["sgemm_flops_per_s"]
-    write_floor = bench.per_sample_bytes(net, TINY[1]) / result["floors"]["fill_bytes_per_s"]
+    flops_floor = configs.mean_grad_flops(net, TINY[1]) / result["floors"]["sgemm_flops_per_s"]
+    write_floor = configs.per_sample_bytes(net, TINY[1]) / result["floors"]["fill_bytes_per_s"]
     by_q = {r["quantity"]: r for r in rows}
     assert by_q["grad"]["floor_s"] == pytest.approx(flops_floor)
     assert by_q["per_sample"]["floor_s"] == pytest.approx(write_floor)
@@ -138,19 +186,24 @@ def test_main_rejects_an_unknown_configuration(capsys):
 # --------------------------------------------------------------- the asv suite
 
 
-def test_asv_suite_configurations_are_the_design_ones():
-    assert _problems.CONFIGS == bench.CONFIGS
-    for name, (sizes, B) in bench.CONFIGS.items():
-        net = fastgrad.MLP(sizes)
-        assert _problems.mean_grad_flops(name) == bench.mean_grad_flops(net, B)
-        assert _problems.per_sample_bytes(name) == bench.per_sample_bytes(net, B)
+def test_asv_suites_frozen_copy_of_the_configurations_matches_the_single_source():
+    # benchmarks/_problems.py keeps its own copy (asv runs it against commits without
+    # fastgrad.tools); it must stay equal to fastgrad.tools.configs
+    assert _problems.CONFIGS == configs.CONFIGS
+    for name, (sizes, B) in configs.CONFIGS.items():
+        assert _problems.mean_grad_flops(name) == configs.mean_grad_flops(sizes, B)
+        assert _problems.per_sample_bytes(name) == configs.per_sample_bytes(sizes, B)
+        a, b = _problems.problem(name), configs.problem(name)
+        assert a[0] == b[0]
+        for x, y in zip(a[1:], b[1:]):
+            np.testing.assert_array_equal(x, y)
 
 
 def test_asv_suite_lists_every_available_backend_but_naive():
     names = _problems.backend_names()
     assert set(fastgrad.available_backends()) - {"naive"} <= set(names)
     assert "naive" not in names and names[:3] == ["numpy", "numba", "cuda"]
-    assert backprop.Grad.params == (list(bench.CONFIGS), names)
+    assert backprop.Grad.params == (list(configs.CONFIGS), names)
 
 
 ASV_CLASSES = [backprop.Grad, backprop.PerSample, backprop.GradNorms, backprop.Clipped,

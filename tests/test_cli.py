@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import fastgrad
-from fastgrad import cli
-from fastgrad.datasets import make_spirals
+from fastgrad.tools import cli
+from fastgrad.tools.datasets import make_spirals
 
 ROOT = Path(__file__).resolve().parents[1]
 # run fastgrad's main with some modules made unimportable: sys.modules[name] = None
@@ -24,7 +24,7 @@ BLOCKING = (
     "import sys\n"
     "for name in sys.argv[1].split(','):\n"
     "    sys.modules[name] = None\n"
-    "from fastgrad.cli import main\n"
+    "from fastgrad.tools.cli import main\n"
     "sys.exit(main(sys.argv[2:]))\n"
 )
 
@@ -194,9 +194,9 @@ def test_an_explicit_backend_that_cannot_run_is_a_usage_error(monkeypatch):
 def test_validate_and_bench_delegate_to_their_modules_with_the_remaining_arguments(monkeypatch):
     seen = {}
     for command in ("validate", "bench"):
-        fake = types.ModuleType(f"fastgrad.{command}")
+        fake = types.ModuleType(f"fastgrad.tools.{command}")
         fake.main = lambda argv, command=command: seen.setdefault(command, list(argv)) and 3
-        monkeypatch.setitem(sys.modules, f"fastgrad.{command}", fake)
+        monkeypatch.setitem(sys.modules, f"fastgrad.tools.{command}", fake)
         assert cli.main([command, "--quick", "x"]) == 3
     assert seen == {"validate": ["--quick", "x"], "bench": ["--quick", "x"]}
 

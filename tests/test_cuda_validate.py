@@ -13,7 +13,8 @@ import types
 import numpy as np
 import pytest
 
-from fastgrad import api, reference, validate
+from fastgrad import api, reference
+from fastgrad.tools import validate
 
 
 @pytest.fixture

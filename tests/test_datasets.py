@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fastgrad.datasets import Dataset, load_dataset, load_digits, load_npz, make_spirals
+from fastgrad.tools.datasets import Dataset, load_dataset, load_digits, load_npz, make_spirals
 
 
 def test_spirals_are_deterministic_balanced_standardised_and_change_with_the_seed():
@@ -91,7 +91,7 @@ def test_digits_when_scikit_learn_is_installed():
 
 def test_optional_packages_that_are_missing_name_the_extra_to_install(monkeypatch):
     import fastgrad
-    from fastgrad.datasets import MissingExtraError
+    from fastgrad.tools.datasets import MissingExtraError
 
     for module, call, extra in [
         ("sklearn", load_digits, "digits"),

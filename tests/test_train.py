@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import fastgrad
-from fastgrad.datasets import make_spirals
-from fastgrad.train import evaluate, sweep_shortcut, train_compare
+from fastgrad.tools.datasets import make_spirals
+from fastgrad.tools.train import evaluate, sweep_shortcut, train_compare
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,15 @@ SMALL_BATCH_CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 """DESIGN §6's small-batch set (where training loops live): name -> (sizes, batch size)."""
 
-ALL_CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {**CONFIGS, **SMALL_BATCH_CONFIGS}
-"""Both sets, by name."""
 
 
 def config(name: str) -> tuple[tuple[int, ...], int]:
-    """``(sizes, batch size)`` of a named configuration of :data:`ALL_CONFIGS`."""
-    if name not in ALL_CONFIGS:
-        raise ValueError(f"config: unknown name {name!r}; expected one of {', '.join(ALL_CONFIGS)}")
-    return ALL_CONFIGS[name]
+    """``(sizes, batch size)`` of a configuration named in :data:`CONFIGS` or :data:`SMALL_BATCH_CONFIGS`."""
+    for table in (CONFIGS, SMALL_BATCH_CONFIGS):
+        if name in table:
+            return table[name]
+    known = ", ".join([*CONFIGS, *SMALL_BATCH_CONFIGS])
+    raise ValueError(f"config: unknown name {name!r}; expected one of {known}")
 
 
 def problem(config_or_sizes, batch_size: int | None = None, *, dtype=np.float32, seed: int = 0):
@@ -46,7 +46,7 @@ def problem(config_or_sizes, batch_size: int | None = None, *, dtype=np.float32,
     Parameters
     ----------
     config_or_sizes : str or sequence of int
-        A name of :data:`ALL_CONFIGS`, or layer sizes (then ``batch_size`` is required).
+        A name of :data:`CONFIGS` or :data:`SMALL_BATCH_CONFIGS`, or layer sizes (then ``batch_size`` is required).
     batch_size : int, optional
         Overrides the configuration's batch size.
     dtype : float32 (default) or float64
@@ -103,6 +103,18 @@ def _sizes(sizes) -> list[int]:
 
 # ------------------------------------------------------------------ floors
 
+
+def sgemm_timer(n: int = 1024) -> tuple[Callable[[], object], int]:
+    """The flop floor's rate: a call running one float32 (n × n) @ (n × n) NumPy matmul into a
+    fixed buffer, and its flop count 2n³. n = 1024 is the size of the ``wide`` layers, large
+    enough to reach the BLAS's sustained rate. Limit BLAS threads around it as you time."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    b = rng.standard_normal((n, n)).astype(np.float32)
+    c = np.empty((n, n), dtype=np.float32)
+    return (lambda: np.matmul(a, b, out=c)), 2 * n**3
+
+
 FILL_WIDTH = 512
 """Length m of the second vector of each outer product the fill floor writes."""
 
@@ -146,14 +158,15 @@ def fill_kernel():
     return _FILL_KERNEL
 
 
-def fill_timer(out: np.ndarray, seed: int = 0) -> Callable[[], object]:
-    """A call writing every number of ``out`` (R, L) as the fill floor does (:func:`fill_kernel`).
+def fill_timer(out: np.ndarray, width: int = FILL_WIDTH, seed: int = 0) -> Callable[[], object]:
+    """A call writing every number of ``out`` (R, L) as the fill floor does (:func:`fill_kernel`),
+    outer products of n- and m-vectors with m = min(``width``, L).
 
     ``out`` is float32 or float64, C-contiguous; the kernel is compiled and ``out``'s pages
     are touched here, so the call times only the writes (``out.nbytes`` of them).
     """
     R, L = out.shape
-    m = min(FILL_WIDTH, L)
+    m = min(width, L)
     n = -(-L // m)
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((R, n)).astype(out.dtype)

@@ -1,0 +1,445 @@
+"""The training demo and the sweep behind ``fastgrad train`` and ``fastgrad sweep``.
+
+``train_compare`` trains the same network from the same θ on the same minibatch
+sequence with the true mean gradient, with each shortcut, and optionally with
+DP-SGD, and records the loss curves: the picture that shows what the shortcut
+costs. ``sweep_shortcut`` measures the shortcut's error against batch size,
+depth and activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import reference
+from ..api import backprop, clipped_grad
+from .datasets import Dataset
+from .plotting import pyplot
+from ..losses import CROSS_ENTROPY
+from ..mlp import MLP
+from ..shortcut import METHODS, compare_shortcut, shortcut_grad
+
+TRAIN_METHODS: tuple[str, ...] = ("true", *METHODS, "dp_sgd")
+"""Methods ``train_compare`` knows: the true gradient, each shortcut, DP-SGD."""
+
+
+def predict(net: MLP, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Network outputs z_L (N, n_L) for inputs X (N, n0)."""
+    X = np.ascontiguousarray(X, dtype=theta.dtype)
+    return reference.forward(net, theta, X)[0][-1]
+
+
+def evaluate(net: MLP, theta: np.ndarray, data: Dataset, backend: str = "numpy") -> tuple[float, float]:
+    """Mean loss on ``data`` and, for a classification dataset, accuracy (argmax of z_L); else NaN."""
+    if data.num_samples == 0:
+        return float("nan"), float("nan")
+    loss = backprop(net, theta, data.X, data.targets_for(net.loss), ("loss",), backend=backend).loss
+    if not data.is_classification:
+        return loss, float("nan")
+    acc = float(np.mean(np.argmax(predict(net, theta, data.X), axis=1) == data.y))
+    return loss, acc
+
+
+@dataclass
+class MethodHistory:
+    """One method's record per epoch (index 0 = before training): losses and accuracies."""
+
+    method: str
+    train_loss: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    diverged_at: int | None = None  # epoch at which θ became non-finite
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_compare` recorded, one :class:`MethodHistory` per method."""
+
+    histories: dict[str, MethodHistory]
+    sizes: tuple[int, ...]
+    activation: str
+    loss: str
+    dataset: str
+    epochs: int
+    batch_size: int
+    lr: float
+    backend: str
+    dtype: str
+
+    def table(self) -> str:
+        """Final loss and accuracy per method, as text."""
+        head = (
+            f"training {self.dataset}: sizes {list(self.sizes)}, {self.activation}, {self.loss}, "
+            f"B = {self.batch_size}, lr = {self.lr:g}, {self.epochs} epochs, {self.dtype}, "
+            f"backend {self.backend}"
+        )
+        cols = f"{'method':<11} {'train loss':>11} {'train acc':>10} {'test loss':>10} {'test acc':>9}  note"
+        lines = [head, cols, "-" * len(cols)]
+        for h in self.histories.values():
+            note = f"diverged in epoch {h.diverged_at}" if h.diverged_at is not None else ""
+            lines.append(
+                f"{h.method:<11} {_fmt(h.train_loss[-1]):>11} {_fmt(h.train_accuracy[-1], pct=True):>10} "
+                f"{_fmt(h.test_loss[-1]):>10} {_fmt(h.test_accuracy[-1], pct=True):>9}  {note}".rstrip()
+            )
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> None:
+        """Loss curves (train loss per epoch, per method) and test accuracy, saved to ``path``."""
+        plt = pyplot()
+        with_acc = any(np.isfinite(h.test_accuracy).any() for h in self.histories.values())
+        fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(11 if with_acc else 6.5, 4.2))
+        axes = np.atleast_1d(axes)
+        epochs = np.arange(self.epochs + 1)
+        for h, style in zip(self.histories.values(), _STYLES):
+            n = len(h.train_loss)
+            axes[0].plot(epochs[:n], h.train_loss, label=_LABELS.get(h.method, h.method), **style)
+            if with_acc:
+                axes[1].plot(epochs[:n], np.asarray(h.test_accuracy) * 100, **style)
+        axes[0].set_xlabel("epoch")
+        axes[0].set_ylabel(f"training loss ({self.loss})")
+        axes[0].set_yscale("log")
+        axes[0].set_title("training loss")
+        axes[0].legend(frameon=False)
+        if with_acc:
+            axes[1].set_xlabel("epoch")
+            axes[1].set_ylabel("held-out accuracy (%)")
+            axes[1].set_title("held-out accuracy")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        fig.suptitle(
+            f"{self.dataset}: MLP {list(self.sizes)}, {self.activation}, {self.loss}, "
+            f"B = {self.batch_size}, SGD lr = {self.lr:g}, same seed and batches",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+_LABELS = {
+    "true": "true gradient (fastgrad)",
+    "mean_error": "shortcut: mean error",
+    "mean_input": "shortcut: mean input",
+    "dp_sgd": "DP-SGD (clip + noise)",
+}
+_STYLES = [
+    {"color": "black", "linewidth": 2.2},
+    {"color": "tab:red", "linestyle": "--"},
+    {"color": "tab:orange", "linestyle": "-."},
+    {"color": "tab:blue", "linestyle": ":"},
+    {"color": "tab:green"},
+]
+
+
+def _fmt(x: float, pct: bool = False) -> str:
+    if not np.isfinite(x):
+        return "-" if np.isnan(x) else "inf"
+    return f"{100 * x:.1f}%" if pct else f"{x:.4f}"
+
+
+def _check_positive(name: str, value, kind=float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not np.isfinite(value) or value <= 0 or (kind is int and int(value) != value):
+        raise ValueError(f"{name}: expected a positive {'integer' if kind is int else 'number'}, got {value}")
+
+
+def train_compare(
+    net: MLP,
+    train: Dataset,
+    test: Dataset | None = None,
+    methods: Sequence[str] = TRAIN_METHODS[:3],
+    epochs: int = 20,
+    batch_size: int = 64,
+    lr: float = 0.1,
+    seed: int = 0,
+    dtype=np.float32,
+    backend: str = "numpy",
+    max_norm: float = 1.0,
+    noise_multiplier: float = 0.5,
+    progress: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``net`` from the same initial θ and minibatch order with each method; record loss curves.
+
+    Parameters
+    ----------
+    net : MLP
+        Its ``sizes[0]`` must match the features and ``sizes[-1]`` the classes (or target width).
+    train, test : Dataset
+        Training data and optional held-out data (evaluated after every epoch).
+    methods : sequence of str
+        Any of ``true`` (the true mean gradient from ``backend``), ``mean_error``,
+        ``mean_input`` (the shortcuts) and ``dp_sgd`` (the clipped mean gradient
+        plus Gaussian noise of standard deviation ``noise_multiplier * max_norm / B``).
+    epochs, batch_size : int
+        Plain SGD, ``theta -= lr * g``; the last partial batch of an epoch is dropped.
+    lr : float
+    seed : int
+        Seeds θ's initialisation, the minibatch order and DP-SGD's noise.
+    dtype : float32 or float64
+    backend : str
+        Backend of the true gradient, DP-SGD and the loss evaluations.
+    max_norm, noise_multiplier : float
+        DP-SGD's clipping norm C and noise multiplier σ.
+    progress : callable, optional
+        Called with the number of SGD steps just taken (for a progress bar).
+
+    Returns
+    -------
+    TrainResult
+        A method whose θ becomes non-finite stops there (``diverged_at``); its last
+        recorded values are then ``inf``/NaN.
+    """
+    methods = tuple(methods)
+    for m in methods:
+        if m not in TRAIN_METHODS:
+            raise ValueError(f"methods: unknown method {m!r}; expected any of {', '.join(TRAIN_METHODS)}")
+    if not methods:
+        raise ValueError(f"methods: empty; expected any of {', '.join(TRAIN_METHODS)}")
+    _check_positive("epochs", epochs, int)
+    _check_positive("batch_size", batch_size, int)
+    _check_positive("lr", lr)
+    if train.num_features != net.n_in:
+        raise ValueError(
+            f"sizes: the network takes {net.n_in} inputs but dataset {train.name!r} has "
+            f"{train.num_features} features"
+        )
+    if train.num_outputs != net.n_out:
+        raise ValueError(
+            f"sizes: the network has {net.n_out} outputs but dataset {train.name!r} needs {train.num_outputs}"
+        )
+    if batch_size > train.num_samples:
+        raise ValueError(f"batch_size: {batch_size} exceeds the {train.num_samples} training samples")
+    if net.loss_code == CROSS_ENTROPY and not train.is_classification:
+        train.targets_for(net.loss)  # raises the explanatory ValueError
+    test = test if test is not None else train.subset(np.arange(0))
+    theta0 = net.init(seed=seed, dtype=dtype)
+    steps = train.num_samples // batch_size
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(train.num_samples) for _ in range(epochs)]
+    Y = train.targets_for(net.loss)
+    histories: dict[str, MethodHistory] = {}
+    for method in methods:
+        h = MethodHistory(method)
+        histories[method] = h
+        theta = theta0.copy()
+        _record(h, net, theta, train, test, backend)
+        for epoch in range(1, epochs + 1):
+            for s in range(steps):
+                idx = orders[epoch - 1][s * batch_size : (s + 1) * batch_size]
+                X, y = train.X[idx], Y[idx]
+                # a diverging run overflows on its way to Inf/NaN; that is caught just below
+                with np.errstate(all="ignore"):
+                    if method == "true":
+                        g = backprop(net, theta, X, y, ("grad",), backend=backend).grad
+                    elif method == "dp_sgd":
+                        noise_seed = (seed, epoch, s)
+                        g = clipped_grad(net, theta, X, y, max_norm, noise_multiplier, noise_seed, backend)
+                    else:
+                        g = shortcut_grad(net, theta, X, y, method)
+                    theta -= theta.dtype.type(lr) * g
+                if not np.isfinite(theta).all():
+                    h.diverged_at = epoch
+                    break
+            if progress is not None:
+                progress(steps if h.diverged_at is None else steps * (epochs - epoch + 1))
+            if h.diverged_at is not None:
+                for rec in (h.train_loss, h.test_loss):
+                    rec.append(float("inf"))
+                for rec in (h.train_accuracy, h.test_accuracy):
+                    rec.append(float("nan"))
+                break
+            _record(h, net, theta, train, test, backend)
+    return TrainResult(
+        histories,
+        net.sizes,
+        net.activation,
+        net.loss,
+        train.name,
+        int(epochs),
+        int(batch_size),
+        float(lr),
+        backend,
+        np.dtype(dtype).name,
+    )
+
+
+def _record(h: MethodHistory, net, theta, train, test, backend) -> None:
+    with np.errstate(all="ignore"):  # a large but finite θ may overflow the loss to inf
+        _record_unguarded(h, net, theta, train, test, backend)
+
+
+def _record_unguarded(h: MethodHistory, net, theta, train, test, backend) -> None:
+    loss, acc = evaluate(net, theta, train, backend)
+    h.train_loss.append(loss)
+    h.train_accuracy.append(acc)
+    loss, acc = evaluate(net, theta, test, backend)
+    h.test_loss.append(loss)
+    h.test_accuracy.append(acc)
+
+
+# ---------------------------------------------------------------------- sweep
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """The total relative error of each shortcut at one setting of the sweep."""
+
+    axis: str  # "batch_size", "depth" or "activation"
+    value: int | str
+    sizes: tuple[int, ...]
+    activation: str
+    batch_size: int
+    rel_error: dict[str, float]
+    cosine: dict[str, float]
+
+
+@dataclass
+class SweepResult:
+    points: list[SweepPoint]
+    loss: str
+    dataset: str
+    seeds: int
+
+    def table(self) -> str:
+        methods = list(self.points[0].rel_error) if self.points else []
+        head = (
+            f"shortcut error on {self.dataset}, {self.loss}: relative error ‖g_s − g‖/‖g‖ and cosine, "
+            f"median over {self.seeds} seed(s)"
+        )
+        cols = f"{'axis':<11} {'value':>10} {'sizes':<22} {'act':<10} {'B':>5}" + "".join(
+            f" {m + ' err':>15} {'cos':>7}" for m in methods
+        )
+        lines = [head, cols, "-" * len(cols)]
+        for p in self.points:
+            lines.append(
+                f"{p.axis:<11} {p.value!s:>10} {list(p.sizes)!s:<22} {p.activation:<10} {p.batch_size:>5}"
+                + "".join(f" {p.rel_error[m]:>15.4g} {p.cosine[m]:>7.3f}" for m in methods)
+            )
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> None:
+        """One panel per swept axis: relative error of each shortcut."""
+        plt = pyplot()
+        axes_names = [
+            a for a in ("batch_size", "depth", "activation") if any(p.axis == a for p in self.points)
+        ]
+        fig, axes = plt.subplots(1, len(axes_names), figsize=(4.6 * len(axes_names), 4.0), squeeze=False)
+        titles = {"batch_size": "batch size B", "depth": "hidden layers", "activation": "activation"}
+        for ax, name in zip(axes[0], axes_names):
+            pts = [p for p in self.points if p.axis == name]
+            methods = list(pts[0].rel_error)
+            x = np.arange(len(pts))
+            for i, (m, style) in enumerate(zip(methods, _STYLES[1:])):
+                err = [p.rel_error[m] for p in pts]
+                if name == "activation":
+                    w = 0.8 / len(methods)
+                    ax.bar(
+                        x + (i - (len(methods) - 1) / 2) * w, err, w, label=_LABELS[m], color=style["color"]
+                    )
+                else:
+                    ax.plot(x, err, marker="o", label=_LABELS[m], **style)
+            ax.set_xticks(x, [str(p.value) for p in pts], rotation=30 if name == "activation" else 0)
+            ax.set_ylim(0, max(1.05, 1.05 * max(max(p.rel_error.values()) for p in pts)))
+            ax.set_xlabel(titles[name])
+            ax.set_ylabel("relative error ‖g_s − g‖ / ‖g‖")
+            ax.set_title(f"error vs {titles[name]}")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(frameon=False)
+        fig.suptitle(
+            f"{self.dataset}, {self.loss}: how far the shortcut is from the true gradient", fontsize=10
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def sweep_shortcut(
+    data: Dataset,
+    loss: str = "cross_entropy",
+    width: int = 32,
+    batch_sizes: Sequence[int] = (1, 4, 16, 64, 256),
+    depths: Sequence[int] = (1, 2, 3, 4),
+    activations: Sequence[str] = ("identity", "relu", "tanh", "sigmoid", "gelu"),
+    base_depth: int = 2,
+    base_batch: int = 64,
+    base_activation: str = "tanh",
+    seeds: int = 3,
+    dtype=np.float64,
+    backend: str = "numpy",
+    progress: Callable[[int], None] | None = None,
+) -> SweepResult:
+    """Total relative error of both shortcuts at the initial θ, varying one thing at a time.
+
+    Each point fixes the other two at ``base_*``; the network has ``depth`` hidden
+    layers of ``width`` units. The error is the median over ``seeds`` draws of
+    (θ, batch); batches are drawn from ``data`` without replacement.
+
+    Returns
+    -------
+    SweepResult
+    """
+    _check_positive("width", width, int)
+    _check_positive("seeds", seeds, int)
+    _check_positive("base_batch", base_batch, int)
+    uses_base = len(depths) + len(activations) > 0
+    for name, b in [("batch_sizes", b) for b in batch_sizes] + [("base_batch", base_batch)] * uses_base:
+        _check_positive(name, b, int)
+        if b > data.num_samples:
+            raise ValueError(f"{name}: {b} exceeds the {data.num_samples} samples of {data.name!r}")
+    for d in depths:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"depths: expected non-negative integers (hidden layers), got {d!r}")
+    settings = (
+        [("batch_size", b, base_depth, base_activation, b) for b in batch_sizes]
+        + [("depth", d, d, base_activation, base_batch) for d in depths]
+        + [("activation", a, base_depth, a, base_batch) for a in activations]
+    )
+    y_all = data.targets_for(loss)
+    points = []
+    for axis, value, depth, act, B in settings:
+        sizes = [data.num_features, *([width] * depth), data.num_outputs]
+        net = MLP(sizes, activation=act, loss=loss)
+        errs: dict[str, list[float]] = {m: [] for m in METHODS}
+        coss: dict[str, list[float]] = {m: [] for m in METHODS}
+        for s in range(seeds):
+            theta = net.init(seed=s, dtype=dtype)
+            idx = np.random.default_rng(1000 + s).choice(data.num_samples, size=B, replace=False)
+            rep = compare_shortcut(net, theta, data.X[idx], y_all[idx], backend=backend)
+            for m in METHODS:
+                errs[m].append(rep.row(m).rel_error)
+                coss[m].append(rep.row(m).cosine)
+        points.append(
+            SweepPoint(
+                axis,
+                value,
+                tuple(sizes),
+                act,
+                B,
+                {m: float(np.median(v)) for m, v in errs.items()},
+                {
+                    m: float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
+                    for m, v in coss.items()
+                },
+            )
+        )
+        if progress is not None:
+            progress(1)
+    return SweepResult(points, loss, data.name, int(seeds))
+
+
+__all__ = [
+    "TRAIN_METHODS",
+    "MethodHistory",
+    "SweepPoint",
+    "SweepResult",
+    "TrainResult",
+    "evaluate",
+    "predict",
+    "sweep_shortcut",
+    "train_compare",
+]
