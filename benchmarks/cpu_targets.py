@@ -1,5 +1,11 @@
 """Measure the Numba CPU backend against the targets of issue 3 and print a Markdown table.
 
+Job: the A/B of a CPU-kernel change (run it before and after, same machine; ``--threads 1
+--clock cpu`` for the least noise): paired per-call ratios of the numba backend's quantities
+to its own mean gradient, to PyTorch and to the floors, plus peak memory and compile time.
+(``fastgrad bench`` is the user-facing comparison of every backend and peer; the asv suite
+tracks history; ``benchmarks/gpu_check.py`` is the GPU's counterpart of this script.)
+
     python benchmarks/cpu_targets.py [--rounds 3] [--reps 10] [--skip-compile] [--skip-vmap]
 
 Everything is float32, tanh hidden layers, cross-entropy, on DESIGN §6's configurations,
@@ -10,9 +16,11 @@ load from a noisy neighbour; ratios are medians of the per-call paired ratios (a
 ratio of the best calls). ``--threads 1 --clock cpu`` measures CPU time on one thread,
 which a loaded machine disturbs least.
 
-Floors measured in the same run: the write floor of per-sample gradients is the time a
-2-thread Numba loop takes to fill the same (B, P) array; the flop floor is
-6·B·Σ n_l n_{l-1} at NumPy's sgemm rate on a square GEMM.
+Configurations, problems and floors come from ``fastgrad.tools.configs`` (any name of its
+``CONFIGS`` or ``SMALL_BATCH_CONFIGS`` for ``--configs``). Floors measured in the same run:
+the write floor of per-sample gradients is the time the fill floor (a 2-thread Numba loop
+writing outer products, ``configs.fill_kernel``) takes to fill the same (B, P) array; the
+flop floor is 6·B·Σ n_l n_{l-1} at NumPy's sgemm rate on a square GEMM.
 
 This is a script, not a test: nothing here asserts; it reports.
 """
@@ -21,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import os
 import platform
 import resource
@@ -32,24 +39,9 @@ import time
 
 import numpy as np
 
-CONFIGS = {
-    "narrow": ([64, 64, 64, 10], 4096),
-    "mnist": ([784, 512, 256, 10], 512),
-    "wide": ([1024, 1024, 1024, 10], 256),
-}
 THREADS = 2
 CLOCK = time.perf_counter
-
-
-def problem(sizes, B, seed=0):
-    import fastgrad
-
-    net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
-    rng = np.random.default_rng(seed)
-    theta = net.init(seed=seed, dtype=np.float32)
-    X = rng.standard_normal((B, sizes[0])).astype(np.float32)
-    y = rng.integers(0, sizes[-1], size=B)
-    return net, theta, X, y
+# fastgrad (and so Numba) is imported inside the functions: the child processes time its import
 
 
 def timed_rounds(methods: dict, rounds: int, reps: int) -> dict:
@@ -70,20 +62,6 @@ def timed_rounds(methods: dict, rounds: int, reps: int) -> dict:
             f()
             times[name].append(1e3 * (CLOCK() - t0))
     return {name: (float(np.median(t)), float(np.min(t)), np.array(t)) for name, t in times.items()}
-
-
-def fill_kernel():
-    from numba import njit, prange
-
-    @njit(parallel=True)
-    def fill_rows(out, value):
-        # out (B, P): every element written once, rows split over threads, like per-sample rows
-        for i in prange(out.shape[0]):
-            row = out[i]
-            for k in range(row.shape[0]):
-                row[k] = value
-
-    return fill_rows
 
 
 def torch_methods(sizes, B, X, y, theta, net, vmap: bool):
@@ -137,18 +115,19 @@ def table_row(name: str, res: dict, flop_floor: float) -> tuple[str, ...]:
 
 
 def sgemm_rate() -> float:
-    """GFLOP/s of NumPy's float32 GEMM on 1024³, best of 10."""
-    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
-    c = np.empty_like(a)
-    best = np.inf
+    """GFLOP/s of NumPy's float32 GEMM on 1024³ (``configs.sgemm_timer``), best of 12."""
     from threadpoolctl import threadpool_limits
 
+    from fastgrad.tools import configs
+
+    call, flops = configs.sgemm_timer(1024)
+    best = np.inf
     with threadpool_limits(THREADS, user_api="blas"):
         for _ in range(12):
             t0 = time.perf_counter()
-            np.dot(a, a, out=c)
+            call()
             best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 / best / 1e9
+    return flops / best / 1e9
 
 
 def gemm_rates(m: int, k: int, n: int) -> str:
@@ -183,13 +162,14 @@ def gemm_rates(m: int, k: int, n: int) -> str:
 def measure_config(name, rounds, reps, vmap):
     import fastgrad
     from fastgrad import cpu
+    from fastgrad.tools import configs
 
-    sizes, B = CONFIGS[name]
-    net, theta, X, y = problem(sizes, B)
+    sizes, B = configs.config(name)
+    net, theta, X, y = configs.problem(sizes, B)
     P = net.num_params
     ws = cpu.Workspace()
     out = np.empty((B, P), np.float32)
-    fill = fill_kernel()
+    fill = configs.fill_timer(out)  # the fill floor, into the very array per_sample writes
 
     def bp(compute, **kw):
         return lambda: fastgrad.backprop(
@@ -204,7 +184,7 @@ def measure_config(name, rounds, reps, vmap):
         ),
         "grad+variance": bp(("grad", "variance")),
         "per_sample": bp(("per_sample",), out=out),
-        "write floor (fill B×P)": lambda: fill(out, np.float32(1.0)),
+        "write floor (fill B×P)": fill,
     }
     peer, torch_version = torch_methods(sizes, B, X, y, theta, net, vmap)
     methods.update(peer)
@@ -216,13 +196,14 @@ def peak_memory_child():
     """Run in a fresh process: RSS peak of grad+norms and clipped_grad on mnist over the inputs and θ."""
     import fastgrad
     from fastgrad import cpu
+    from fastgrad.tools import configs
 
-    small = problem([3, 4, 2], 3)
+    small = configs.problem([3, 4, 2], 3)
     fastgrad.backprop(*small, compute=("grad", "norms"), backend="numba")  # load the kernels
     fastgrad.clipped_grad(*small, 1.0, backend="numba")
     with open("/proc/self/status") as f:
         before = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith("Vm")}
-    net, theta, X, y = problem(*CONFIGS["mnist"])
+    net, theta, X, y = configs.problem("mnist")
     inputs_kib = (theta.nbytes + X.nbytes + y.nbytes) / 1024
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
@@ -291,7 +272,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--configs", default="narrow,mnist,wide")
+    ap.add_argument("--configs", default="narrow,mnist,wide", help="names in fastgrad.tools.configs")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--skip-vmap", action="store_true")
     ap.add_argument("--threads", type=int, default=THREADS, help="Numba and PyTorch threads (default 2)")
@@ -314,6 +295,8 @@ def main():
         pass
     import numba
 
+    from fastgrad.tools import configs
+
     numba.set_num_threads(THREADS)
     print(f"# fastgrad numba backend, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; load average at start {os.getloadavg()}")
@@ -334,14 +317,14 @@ def main():
     torch_version = None
     for name in args.configs.split(","):
         res, B, P, torch_version = measure_config(name, args.rounds, args.reps, not args.skip_vmap)
-        sizes = CONFIGS[name][0]
-        flop_floor = 1e3 * 6 * B * sum(a * b for a, b in itertools.pairwise(sizes)) / (gflops * 1e9)
+        sizes = configs.config(name)[0]
+        flop_floor = 1e3 * configs.mean_grad_flops(sizes, B) / (gflops * 1e9)
         print(f"\n## {name} {sizes} B={B} P={P}")
         for k, (med, best, _) in res.items():
             print(f"  {k:28s} median {med:9.2f} ms   best {best:9.2f} ms")
-        floor = res["write floor (fill B×P)"]
+        write_gbs = configs.per_sample_bytes(sizes, B) / 1e9 / (res["write floor (fill B×P)"][1] / 1e3)
         print(f"  flop floor at {gflops:.0f} GFLOP/s: {flop_floor:.2f} ms; "
-              f"write floor {B * P * 4 / 1e9 / (floor[1] / 1e3):.1f} GB/s (best)")  # fmt: skip
+              f"write floor {write_gbs:.1f} GB/s (best)")  # fmt: skip
         rows.append(table_row(name, res, flop_floor))
     print(f"\nversions: {versions()}; torch {torch_version}; load average at end {os.getloadavg()}")
     print("\ntimes: median (best); ratios: median of the paired per-call ratios (ratio of the bests)\n")
