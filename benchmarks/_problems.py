@@ -3,7 +3,10 @@
 asv (≥ 0.6) re-runs ``setup`` before timed calls, so everything ``setup`` needs is
 built once per process here. The suite must also run against old commits in
 asv-built environments: it uses only the public API of ``fastgrad`` and imports
-newer modules (``fastgrad.bench``) lazily, skipping what a commit lacks.
+newer modules (``fastgrad.tools.bench``, before it ``fastgrad.bench``) lazily,
+skipping what a commit lacks. That is why the configurations, the problem builder and
+the work counts below are a frozen copy of ``fastgrad.tools.configs``, not imports of
+it: old commits lack that module.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
     "mnist": ((784, 512, 256, 10), 512),
     "wide": ((1024, 1024, 1024, 10), 256),
 }
-"""DESIGN §6 (the same as ``fastgrad.bench.CONFIGS``, which old commits lack): name ->
-(sizes, batch size); tanh hidden layers, cross-entropy, float32."""
+"""DESIGN §6: name -> (sizes, batch size); tanh hidden layers, cross-entropy, float32.
+
+A FROZEN COPY of ``fastgrad.tools.configs.CONFIGS`` (asv runs this suite against old
+commits that lack ``fastgrad.tools``). It must stay equal to it, or the history breaks:
+tests/test_benchmarks.py checks the two match, and that ``problem`` below builds the
+same arrays as ``fastgrad.tools.configs.problem``."""
 
 KNOWN_BACKENDS = ("numpy", "numba", "cuda")
 """Always listed, so results keep their keys across commits and machines; a backend that

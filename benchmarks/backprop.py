@@ -1,5 +1,7 @@
 """Time and peak memory of each quantity, per configuration (DESIGN §6) and backend.
 
+Part of the asv suite, whose job is the history across commits (see benchmarks/__init__.py).
+
 Every class times one quantity; ``setup`` takes the cached problem and runs the call
 once, so JIT compilation (or loading it from Numba's cache) happens before timing.
 """

@@ -1,5 +1,7 @@
 """Cold and cached JIT compile time of the compiled backends, each in a fresh subprocess.
 
+Part of the asv suite, whose job is the history across commits (see benchmarks/__init__.py).
+
 Cold: fastgrad's disk cache is off (``FASTGRAD_NUMBA_CACHE=0``) and Numba's cache points
 at an empty temporary directory, so everything compiles.
 Cached: a first subprocess fills that directory, a second one is timed loading from it.
@@ -40,8 +42,9 @@ def first_call_seconds(backend: str, cache_dir: str, use_cache: bool = True) -> 
     so nothing is loaded or written; the empty ``cache_dir`` covers commits without that switch.
     """
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, FASTGRAD_NUMBA_CACHE="1" if use_cache else "0")
-    done = subprocess.run([sys.executable, "-c", FIRST_CALLS, backend], env=env, capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_CALLS, backend], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(f"first calls on {backend!r} failed:\n{done.stderr}")
     return float(done.stdout.strip().splitlines()[-1])

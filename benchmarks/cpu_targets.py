@@ -328,9 +328,11 @@ def main():
         rows.append(table_row(name, res, flop_floor))
     print(f"\nversions: {versions()}; torch {torch_version}; load average at end {os.getloadavg()}")
     print("\ntimes: median (best); ratios: median of the paired per-call ratios (ratio of the bests)\n")
-    print("| config | grad ms | torch autograd / grad | grad+norms / grad | clipped_grad / grad "
-          "| grad+variance / grad | per_sample ms | per_sample / write floor "
-          "| vmap(grad) / per_sample | flop floor ms |")
+    print(
+        "| config | grad ms | torch autograd / grad | grad+norms / grad | clipped_grad / grad "
+        "| grad+variance / grad | per_sample ms | per_sample / write floor "
+        "| vmap(grad) / per_sample | flop floor ms |"
+    )
     print("|---" * 10 + "|")
     for r in rows:
         print("| " + " | ".join(r) + " |")

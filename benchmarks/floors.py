@@ -1,5 +1,7 @@
 """The ratio of each quantity's time to its floor, both measured in the same process.
 
+Part of the asv suite, whose job is the history across commits (see benchmarks/__init__.py).
+
 Floors (DESIGN §6): the mean gradient needs 6·B·Σ n_l n_{l-1} flops, run at the
 machine's sgemm rate; per-sample gradients write B·P float32 numbers, at the fill
 bandwidth of a Numba loop writing outer products. Ratios travel across machines and
@@ -24,8 +26,13 @@ FLOOR_CALLS = 3
 """Back-to-back floor calls per round, the fastest kept (as in ``fastgrad.tools.bench``): a floor
 is what the machine reaches, and the first call may find the cores still busy."""
 
-FLOOR_OF = {"grad": "flops", "grad_norms": "flops", "clipped": "flops", "grad_variance": "flops",
-            "per_sample": "writes"}
+FLOOR_OF = {
+    "grad": "flops",
+    "grad_norms": "flops",
+    "clipped": "flops",
+    "grad_variance": "flops",
+    "per_sample": "writes",
+}
 
 
 @functools.cache

@@ -1,5 +1,6 @@
-"""The benchmark tooling itself, on tiny problems: the configurations and floors
-(fastgrad.tools.configs), the peer comparison (fastgrad.tools.bench) and the asv suite (benchmarks/). Nothing here times anything that is asserted on; these tests
+"""The benchmark tooling itself, on tiny problems: the peer comparison (fastgrad.tools.bench)
+and the asv suite (benchmarks/). The configurations and floors they share are tested in
+tests/test_benchmarks.py. Nothing here times anything that is asserted on; these tests
 check that the tools run, compute what they claim, and refuse bad input."""
 
 from __future__ import annotations
@@ -34,65 +35,6 @@ def tiny(monkeypatch):
     floors.floor_timer.cache_clear()
     yield "tiny"
     floors.floor_timer.cache_clear()
-
-
-# ---------------------------------------------------- fastgrad.tools.configs
-
-
-def test_the_configurations_are_the_design_ones():
-    assert configs.CONFIGS == {
-        "narrow": ((64, 64, 64, 10), 4096),
-        "mnist": ((784, 512, 256, 10), 512),
-        "wide": ((1024, 1024, 1024, 10), 256),
-    }
-    assert sorted(configs.SMALL_BATCH_CONFIGS.values()) == [
-        ((64, 64, 64, 10), 32),
-        ((64, 64, 64, 10), 256),
-        ((784, 128, 10), 64),
-    ]
-
-
-def test_fill_kernel_writes_the_outer_products():
-    a = np.arange(6, dtype=np.float32).reshape(2, 3)
-    b = np.arange(8, dtype=np.float32).reshape(2, 4) - 3
-    out = np.full((2, 12), np.nan, dtype=np.float32)
-    configs.fill_kernel()(a, b, out)
-    np.testing.assert_array_equal(out, np.einsum("rj,rk->rjk", a, b).reshape(2, 12))
-    short = np.full((2, 10), np.nan, dtype=np.float32)  # a row length that is not n·m: cut short
-    configs.fill_kernel()(a, b, short)
-    np.testing.assert_array_equal(short, out[:, :10])
-
-
-def test_fill_timer_writes_every_number_of_its_output():
-    out = np.full((3, 1000), np.nan, dtype=np.float32)
-    call = configs.fill_timer(out)
-    out[...] = np.nan
-    call()
-    assert np.isfinite(out).all() and np.count_nonzero(out) > 0.99 * out.size
-
-
-def test_problem_is_seeded_and_takes_a_name_or_sizes():
-    net, theta, X, y = configs.problem("mnist")
-    assert net.sizes == (784, 512, 256, 10) and net.activation == "tanh" and net.loss == "cross_entropy"
-    assert X.shape == (512, 784) and X.dtype == theta.dtype == np.float32 and y.shape == (512,)
-    again = configs.problem([784, 512, 256, 10], 512)
-    np.testing.assert_array_equal(theta, again[1])
-    np.testing.assert_array_equal(X, again[2])
-    assert configs.problem("narrow-B32")[2].shape == (32, 64)
-    assert configs.problem("narrow", 8, dtype=np.float64)[2].dtype == np.float64
-    with pytest.raises(ValueError, match="config: unknown name 'huge'"):
-        configs.problem("huge")
-    with pytest.raises(ValueError, match="batch_size"):
-        configs.problem([3, 2])
-
-
-def test_floor_work_counts_match_the_design():
-    net, theta, X, _ = configs.problem("mnist")
-    assert configs.mean_grad_flops(net, 512) == 6 * 512 * (784 * 512 + 512 * 256 + 256 * 10)
-    assert configs.mean_grad_flops(net.sizes, 512) == configs.mean_grad_flops(net, 512)
-    assert configs.per_sample_bytes(net, 512) == 512 * theta.size * 4
-    assert configs.per_sample_bytes(net.sizes, 512, np.float64) == 512 * theta.size * 8
-    assert configs.sgemm_timer(8)[1] == 2 * 8**3
 
 
 # ------------------------------------------------------ fastgrad.tools.bench
@@ -166,8 +108,21 @@ def test_compare_rejects_bad_arguments(kwargs, match):
 
 def test_main_prints_the_table_and_writes_json(tiny, tmp_path, capsys):
     path = tmp_path / "peers.json"
-    rc = bench.main(["--configs", tiny, "--repeat", "2", "--no-peers", "--backends", "numpy",
-                     "--quantities", "grad,per_sample", "--json", str(path)])
+    rc = bench.main(
+        [
+            "--configs",
+            tiny,
+            "--repeat",
+            "2",
+            "--no-peers",
+            "--backends",
+            "numpy",
+            "--quantities",
+            "grad,per_sample",
+            "--json",
+            str(path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "| tiny | grad | fastgrad numpy |" in out and "| tiny | per_sample | fastgrad numpy |" in out
@@ -186,19 +141,6 @@ def test_main_rejects_an_unknown_configuration(capsys):
 # --------------------------------------------------------------- the asv suite
 
 
-def test_asv_suites_frozen_copy_of_the_configurations_matches_the_single_source():
-    # benchmarks/_problems.py keeps its own copy (asv runs it against commits without
-    # fastgrad.tools); it must stay equal to fastgrad.tools.configs
-    assert _problems.CONFIGS == configs.CONFIGS
-    for name, (sizes, B) in configs.CONFIGS.items():
-        assert _problems.mean_grad_flops(name) == configs.mean_grad_flops(sizes, B)
-        assert _problems.per_sample_bytes(name) == configs.per_sample_bytes(sizes, B)
-        a, b = _problems.problem(name), configs.problem(name)
-        assert a[0] == b[0]
-        for x, y in zip(a[1:], b[1:]):
-            np.testing.assert_array_equal(x, y)
-
-
 def test_asv_suite_lists_every_available_backend_but_naive():
     names = _problems.backend_names()
     assert set(fastgrad.available_backends()) - {"naive"} <= set(names)
@@ -206,8 +148,14 @@ def test_asv_suite_lists_every_available_backend_but_naive():
     assert backprop.Grad.params == (list(configs.CONFIGS), names)
 
 
-ASV_CLASSES = [backprop.Grad, backprop.PerSample, backprop.GradNorms, backprop.Clipped,
-               backprop.GradVariance, backprop.CompareShortcut]
+ASV_CLASSES = [
+    backprop.Grad,
+    backprop.PerSample,
+    backprop.GradNorms,
+    backprop.Clipped,
+    backprop.GradVariance,
+    backprop.CompareShortcut,
+]
 
 
 @pytest.mark.parametrize("cls", ASV_CLASSES, ids=lambda c: c.__name__)
@@ -231,8 +179,9 @@ def test_asv_benchmarks_run_and_compute_their_quantity(tiny, cls):
         np.testing.assert_allclose(got.grad, fastgrad.backprop(net, theta, X, y).grad, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [b for b in _problems.KNOWN_BACKENDS
-                                     if b not in fastgrad.available_backends()])
+@pytest.mark.parametrize(
+    "backend", [b for b in _problems.KNOWN_BACKENDS if b not in fastgrad.available_backends()]
+)
 def test_asv_setup_skips_a_backend_that_cannot_run(tiny, backend):
     with pytest.raises(NotImplementedError, match=backend):
         backprop.Grad().setup(tiny, backend)
