@@ -181,14 +181,19 @@ def _rel_error(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
 def _fastgrad_calls(backend: str, net, theta, X, y, out) -> dict[str, tuple[Callable, Callable]]:
     k = min(CHECK_ROWS, X.shape[0])
     return {
-        "grad": (lambda: backprop(net, theta, X, y, ("grad",), backend=backend),
-                 lambda r: {"grad": r.grad}),
-        "per_sample": (lambda: backprop(net, theta, X, y, ("per_sample",), backend=backend, out=out),
-                       lambda r: {"per_sample": r.per_sample[:k]}),
-        "grad+norms": (lambda: backprop(net, theta, X, y, ("grad", "norms"), backend=backend),
-                       lambda r: {"grad": r.grad, "norms": r.norms}),
-        "clipped": (lambda: clipped_grad(net, theta, X, y, max_norm=MAX_NORM, backend=backend),
-                    lambda r: {"clipped": r}),
+        "grad": (lambda: backprop(net, theta, X, y, ("grad",), backend=backend), lambda r: {"grad": r.grad}),
+        "per_sample": (
+            lambda: backprop(net, theta, X, y, ("per_sample",), backend=backend, out=out),
+            lambda r: {"per_sample": r.per_sample[:k]},
+        ),
+        "grad+norms": (
+            lambda: backprop(net, theta, X, y, ("grad", "norms"), backend=backend),
+            lambda r: {"grad": r.grad, "norms": r.norms},
+        ),
+        "clipped": (
+            lambda: clipped_grad(net, theta, X, y, max_norm=MAX_NORM, backend=backend),
+            lambda r: {"clipped": r},
+        ),
     }
 
 
@@ -224,11 +229,11 @@ def _torch_calls(net, theta, X, y) -> dict[str, tuple[Callable, Callable]]:
 
     k = min(CHECK_ROWS, X.shape[0])
     return {
-        "grad": (mean_grad,
-                 lambda gs: {"grad": np.concatenate([g.detach().numpy().ravel() for g in gs])}),
-        "per_sample": (lambda: per_sample_grad(detached, Xt, yt),
-                       lambda gs: {"per_sample": np.concatenate([g[:k].reshape(k, -1).numpy() for g in gs],
-                                                                axis=1)}),
+        "grad": (mean_grad, lambda gs: {"grad": np.concatenate([g.detach().numpy().ravel() for g in gs])}),
+        "per_sample": (
+            lambda: per_sample_grad(detached, Xt, yt),
+            lambda gs: {"per_sample": np.concatenate([g[:k].reshape(k, -1).numpy() for g in gs], axis=1)},
+        ),
     }
 
 
@@ -259,11 +264,14 @@ def _jax_calls(net, theta, X, y) -> dict[str, tuple[Callable, Callable]]:
     per_sample = jax.jit(jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0)))
     k = min(CHECK_ROWS, X.shape[0])
     return {
-        "grad": (lambda: jax.block_until_ready(mean_grad(params, Xj, yj)),
-                 lambda gs: {"grad": np.concatenate([np.asarray(g).ravel() for g in gs])}),
-        "per_sample": (lambda: jax.block_until_ready(per_sample(params, Xj, yj)),
-                       lambda gs: {"per_sample": np.concatenate(
-                           [np.asarray(g[:k]).reshape(k, -1) for g in gs], axis=1)}),
+        "grad": (
+            lambda: jax.block_until_ready(mean_grad(params, Xj, yj)),
+            lambda gs: {"grad": np.concatenate([np.asarray(g).ravel() for g in gs])},
+        ),
+        "per_sample": (
+            lambda: jax.block_until_ready(per_sample(params, Xj, yj)),
+            lambda gs: {"per_sample": np.concatenate([np.asarray(g[:k]).reshape(k, -1) for g in gs], axis=1)},
+        ),
     }
 
 
@@ -363,8 +371,17 @@ def _machine(peers: Sequence[str]) -> dict:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
-                                          "OMP_NUM_THREADS", "NUMBA_NUM_THREADS") if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in (
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE",
+                "OPENBLAS_NUM_THREADS",
+                "OMP_NUM_THREADS",
+                "NUMBA_NUM_THREADS",
+            )
+            if k in os.environ
+        },
     }
     try:
         import numba
@@ -479,16 +496,31 @@ def compare(
     bandwidth = fill_bytes / statistics.median(floor_runs["fill"])
     result_rows = []
     for cand, net, B in rows:
-        floor = (mean_grad_flops(net, B) / rate if FLOOR_OF[cand.quantity] == "flops"
-                 else per_sample_bytes(net, B) / bandwidth)
-        result_rows.append({
-            "config": cand.config, "quantity": cand.quantity, "impl": cand.impl,
-            "median_s": cand.median, "times_s": cand.times, "floor_s": floor,
-            "floor_kind": FLOOR_OF[cand.quantity], "rel_error": cand.rel_error,
-        })
+        floor = (
+            mean_grad_flops(net, B) / rate
+            if FLOOR_OF[cand.quantity] == "flops"
+            else per_sample_bytes(net, B) / bandwidth
+        )
+        result_rows.append(
+            {
+                "config": cand.config,
+                "quantity": cand.quantity,
+                "impl": cand.impl,
+                "median_s": cand.median,
+                "times_s": cand.times,
+                "floor_s": floor,
+                "floor_kind": FLOOR_OF[cand.quantity],
+                "rel_error": cand.rel_error,
+            }
+        )
     for row in result_rows:
-        ref = [r for r in result_rows if r["config"] == row["config"] and r["quantity"] == row["quantity"]
-               and r["impl"] == "fastgrad numpy"]
+        ref = [
+            r
+            for r in result_rows
+            if r["config"] == row["config"]
+            and r["quantity"] == row["quantity"]
+            and r["impl"] == "fastgrad numpy"
+        ]
         row["vs_floor"] = row["median_s"] / row["floor_s"]
         row["vs_numpy"] = row["median_s"] / ref[0]["median_s"] if ref else None
     return {
@@ -496,8 +528,12 @@ def compare(
         "machine": machine,
         "versions": _versions(peers),
         "repeat": repeat,
-        "floors": {"sgemm_flops_per_s": rate, "sgemm_size": sgemm_size,
-                   "fill_bytes_per_s": bandwidth, "fill_shape": list(fill_shape)},
+        "floors": {
+            "sgemm_flops_per_s": rate,
+            "sgemm_size": sgemm_size,
+            "fill_bytes_per_s": bandwidth,
+            "fill_shape": list(fill_shape),
+        },
         "rows": result_rows,
     }
 
@@ -516,12 +552,17 @@ def format_table(result: dict) -> str:
         f"{result['repeat']} interleaved rounds",
     ]
     if m.get("loadavg_at_start") is not None:
-        lines.append("load average (1, 5, 15 min) at start "
-                     + ", ".join(f"{x:.2f}" for x in m["loadavg_at_start"]) + "; at end "
-                     + ", ".join(f"{x:.2f}" for x in m["loadavg_at_end"]))
+        lines.append(
+            "load average (1, 5, 15 min) at start "
+            + ", ".join(f"{x:.2f}" for x in m["loadavg_at_start"])
+            + "; at end "
+            + ", ".join(f"{x:.2f}" for x in m["loadavg_at_end"])
+        )
     if m.get("other_processes_cpu_share") is not None:
-        lines.append(f"other processes used {100 * m['other_processes_cpu_share']:.0f}% of the CPUs "
-                     "during the run (0% on a quiet machine)")
+        lines.append(
+            f"other processes used {100 * m['other_processes_cpu_share']:.0f}% of the CPUs "
+            "during the run (0% on a quiet machine)"
+        )
     if m.get("env"):
         lines.append("environment: " + ", ".join(f"{k}={val}" for k, val in m["env"].items()))
     lines += [
@@ -544,20 +585,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fastgrad bench",
         description="Time fastgrad's backends against the NumPy reference, PyTorch and JAX (when "
-                    "installed) and the measured floors: one process, interleaved rounds, medians.",
+        "installed) and the measured floors: one process, interleaved rounds, medians.",
     )
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated, any of {', '.join(CONFIGS)} (default: all)")
-    parser.add_argument("--quantities", default=",".join(QUANTITIES),
-                        help=f"comma-separated, any of {', '.join(QUANTITIES)} (default: all)")
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated, any of {', '.join(CONFIGS)} (default: all)",
+    )
+    parser.add_argument(
+        "--quantities",
+        default=",".join(QUANTITIES),
+        help=f"comma-separated, any of {', '.join(QUANTITIES)} (default: all)",
+    )
     parser.add_argument("--repeat", type=int, default=None, help="rounds (default 7; 3 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="3 rounds on narrow and mnist only (about a minute)")
-    parser.add_argument("--backends", default=None,
-                        help="comma-separated fastgrad backends (default: every available one but naive)")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds on narrow and mnist only (about a minute)"
+    )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated fastgrad backends (default: every available one but naive)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch and JAX even if installed")
-    parser.add_argument("--json", default="peers.json", metavar="PATH",
-                        help="where to write the results (default peers.json; '-' for none)")
+    parser.add_argument(
+        "--json",
+        default="peers.json",
+        metavar="PATH",
+        help="where to write the results (default peers.json; '-' for none)",
+    )
     args = parser.parse_args(argv)
 
     def split(text):

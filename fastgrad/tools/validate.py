@@ -98,8 +98,12 @@ def runners(names: Sequence[str] | None) -> dict[str, Callable]:
     return out
 
 
-def validate(backends: Sequence[str] | None = None, quick: bool = False, seed: int = 0,
-             progress: Callable[[str], None] | None = None) -> list[Row]:
+def validate(
+    backends: Sequence[str] | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
     """Every backend against the float64 naive loop: a :class:`Row` per backend, quantity, dtype, shape."""
     runs = runners(backends)
     combos = [(a, lo) for a in ACTIVATIONS for lo in LOSSES]
@@ -132,16 +136,25 @@ def validate(backends: Sequence[str] | None = None, quick: bool = False, seed: i
         for (label, q, dtype, shape), (err, case) in worst.items()
     ]
     labels, shapes = list(runs), [f"{list(s)} B={b}" for s, b in SHAPES]
-    rows.sort(key=lambda r: (labels.index(r.backend), r.dtype, shapes.index(r.shape),
-                             QUANTITIES.index(r.quantity)))
+    rows.sort(
+        key=lambda r: (labels.index(r.backend), r.dtype, shapes.index(r.shape), QUANTITIES.index(r.quantity))
+    )
     return rows
 
 
 def format_table(rows: Sequence[Row]) -> str:
     head = ("backend", "quantity", "dtype", "shape", "max rel error", "tolerance", "result", "worst case")
     body = [
-        (r.backend, r.quantity, r.dtype, r.shape, f"{r.max_rel_error:.2e}", f"{TOLERANCE[r.dtype]:.0e}",
-         "pass" if r.passed else "FAIL", r.worst_case)
+        (
+            r.backend,
+            r.quantity,
+            r.dtype,
+            r.shape,
+            f"{r.max_rel_error:.2e}",
+            f"{TOLERANCE[r.dtype]:.0e}",
+            "pass" if r.passed else "FAIL",
+            r.worst_case,
+        )
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -156,11 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="fastgrad validate",
         description="Check every available backend against the float64 NumPy reference.",
     )
-    parser.add_argument("--backend", action="append", metavar="NAME",
-                        help=f"a backend to check (repeatable; default: every available one of "
-                             f"{', '.join(api.BACKENDS)})")
-    parser.add_argument("--quick", action="store_true",
-                        help="each activation and each loss once, instead of every pair")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        help=f"a backend to check (repeatable; default: every available one of {', '.join(api.BACKENDS)})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="each activation and each loss once, instead of every pair"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
     args = parser.parse_args(argv)
@@ -172,8 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     failed = [r for r in rows if not r.passed]
     labels = sorted({r.backend for r in rows})
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} checks passed ({', '.join(labels)}; "
-          f"tolerance float32 {TOLERANCE['float32']:.0e}, float64 {TOLERANCE['float64']:.0e})")
+    print(
+        f"\n{len(rows) - len(failed)}/{len(rows)} checks passed ({', '.join(labels)}; "
+        f"tolerance float32 {TOLERANCE['float32']:.0e}, float64 {TOLERANCE['float64']:.0e})"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([asdict(r) for r in rows], fh, indent=1)
