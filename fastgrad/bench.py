@@ -7,7 +7,9 @@ from .tools.bench import *  # noqa: F403
 from .tools.bench import main
 
 warnings.warn(
-    "fastgrad.bench is deprecated; import fastgrad.tools.bench instead", DeprecationWarning, stacklevel=2
+    "fastgrad.bench is deprecated; use fastgrad.tools.bench instead",
+    DeprecationWarning,
+    stacklevel=1 if __name__ == "__main__" else 2,  # python -m fastgrad.bench: shown to the user
 )
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from .tools.cli import *  # noqa: F403
 from .tools.cli import main
 
 warnings.warn(
-    "fastgrad.cli is deprecated; import fastgrad.tools.cli instead", DeprecationWarning, stacklevel=2
+    "fastgrad.cli is deprecated; use fastgrad.tools.cli instead",
+    DeprecationWarning,
+    stacklevel=1 if __name__ == "__main__" else 2,  # python -m fastgrad.cli: shown to the user
 )
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import warnings
 from .tools.datasets import *  # noqa: F403
 
 warnings.warn(
-    "fastgrad.datasets is deprecated; import fastgrad.tools.datasets instead",
+    "fastgrad.datasets is deprecated; use fastgrad.tools.datasets instead",
     DeprecationWarning,
     stacklevel=2,
 )

@@ -5,5 +5,5 @@ import warnings
 from .tools.train import *  # noqa: F403
 
 warnings.warn(
-    "fastgrad.train is deprecated; import fastgrad.tools.train instead", DeprecationWarning, stacklevel=2
+    "fastgrad.train is deprecated; use fastgrad.tools.train instead", DeprecationWarning, stacklevel=2
 )

@@ -7,9 +7,9 @@ from .tools.validate import *  # noqa: F403
 from .tools.validate import main
 
 warnings.warn(
-    "fastgrad.validate is deprecated; import fastgrad.tools.validate instead",
+    "fastgrad.validate is deprecated; use fastgrad.tools.validate instead",
     DeprecationWarning,
-    stacklevel=2,
+    stacklevel=1 if __name__ == "__main__" else 2,  # python -m fastgrad.validate: shown to the user
 )
 
 if __name__ == "__main__":

@@ -225,3 +225,20 @@ def test_validate_runs_the_real_validation_module_end_to_end():
     p = run("validate", "--quick", "--backend", "numpy")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "checks passed" in p.stdout
+
+
+@pytest.mark.parametrize("name", ["cli", "train", "bench", "datasets", "validate"])
+def test_old_module_paths_still_work_with_a_deprecation_warning(monkeypatch, name):
+    monkeypatch.delitem(sys.modules, f"fastgrad.{name}", raising=False)
+    with pytest.warns(DeprecationWarning, match=f"fastgrad.{name} is deprecated; use fastgrad.tools.{name}"):
+        old = importlib.import_module(f"fastgrad.{name}")
+    new = importlib.import_module(f"fastgrad.tools.{name}")
+    public = getattr(new, "__all__", [n for n in vars(new) if not n.startswith("_")])
+    assert public and all(getattr(old, n) is getattr(new, n) for n in public)
+
+
+def test_import_fastgrad_loads_none_of_the_tools():
+    code = "import sys, fastgrad; print(sorted(m for m in sys.modules if m.startswith('fastgrad.tools')))"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
