@@ -1,6 +1,16 @@
-"""Applications built on the fastgrad core: the CLI, training demos, the benchmark harness,
-datasets, the validator, and the benchmark configurations and floors they share.
+"""Applications built on the fastgrad core; they use only its public names.
 
-``import fastgrad`` does not import this package; import its modules directly, e.g.
-``from fastgrad.tools import configs``.
+- ``cli``: the ``fastgrad`` command (compare, train, sweep, validate, bench).
+- ``train``: training with the true gradient, the shortcuts and DP-SGD; the shortcut sweep.
+- ``datasets``: spirals, scikit-learn's digits, the user's ``.npz``.
+- ``validate``: every backend against the float64 reference (``fastgrad validate``).
+- ``bench``: the peer comparison (``fastgrad bench``).
+- ``configs``: DESIGN §6's benchmark configurations, problem builder and floors, the one
+  source of every timing harness.
+- ``plotting``, ``extras``: matplotlib, headless; optional packages named by their extra.
+
+``import fastgrad`` imports none of these; import them directly, e.g.
+``from fastgrad.tools import configs``. The old paths (``fastgrad.cli``, ``fastgrad.train``,
+``fastgrad.bench``, ``fastgrad.datasets``, ``fastgrad.validate``) still work, with a
+``DeprecationWarning``.
 """
