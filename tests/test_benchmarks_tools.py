@@ -69,6 +69,12 @@ def test_compare_times_every_implementation_against_the_reference(tiny):
     assert "| tiny | per_sample | fastgrad numpy |" in table and "GFLOP/s" in table
 
 
+def test_compare_takes_the_small_batch_set_too(tiny):
+    result = bench.compare(["narrow-B32"], repeat=1, backends=["numpy"], peers=[], quantities=["grad"])
+    assert [(r["config"], r["quantity"]) for r in result["rows"]] == [("narrow-B32", "grad")]
+    assert "| narrow-B32 | grad | fastgrad numpy |" in bench.format_table(result)
+
+
 def test_other_processes_share_is_the_machine_time_this_process_did_not_use():
     cpus = os.cpu_count()
     # 10 s wall; the machine was busy 8 CPU-seconds, 3 of them this process's

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..api import available_backends, backprop, clipped_grad
 from . import configs
-from .configs import CONFIGS, mean_grad_flops, per_sample_bytes, problem
+from .configs import CONFIGS, SMALL_BATCH_CONFIGS, mean_grad_flops, per_sample_bytes, problem
 
 QUANTITIES: tuple[str, ...] = ("grad", "per_sample", "grad+norms", "clipped")
 """What is timed: the mean gradient, per-sample gradients (written into a preallocated
@@ -59,6 +59,13 @@ FLOOR_OF = {"grad": "flops", "grad+norms": "flops", "clipped": "flops", "per_sam
 
 MAX_NORM = 1.0
 """Clipping norm of the ``clipped`` rows."""
+
+
+def config_names() -> list[str]:
+    """Every name ``compare`` takes: DESIGN §6's :data:`CONFIGS` (the default), then its
+    small-batch set (``SMALL_BATCH_CONFIGS``, where training loops live)."""
+    return [*CONFIGS, *SMALL_BATCH_CONFIGS]
+
 
 SGEMM_SIZE = 1024
 """The sgemm rate is measured on (n × n) @ (n × n) float32, n = SGEMM_SIZE: the size of
@@ -417,7 +424,7 @@ def compare(
     Parameters
     ----------
     configs : sequence of str
-        Names from :data:`CONFIGS` (fixed, so results compare across runs).
+        Names from :func:`config_names` (fixed, so results compare across runs).
     repeat : int
         Rounds; each round runs every implementation once. Medians are reported.
     backends : sequence of str, optional
@@ -441,8 +448,8 @@ def compare(
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat: expected a positive int, got {repeat!r}")
     for name in configs:
-        if name not in CONFIGS:
-            raise ValueError(f"configs: unknown name {name!r}; expected any of {', '.join(CONFIGS)}")
+        if name not in config_names():
+            raise ValueError(f"configs: unknown name {name!r}; expected any of {', '.join(config_names())}")
     for q in quantities:
         if q not in QUANTITIES:
             raise ValueError(f"quantities: unknown name {q!r}; expected any of {', '.join(QUANTITIES)}")
@@ -571,7 +578,7 @@ def format_table(result: dict) -> str:
         "|---|---|---|---:|---:|---:|---:|",
     ]
     order = {q: i for i, q in enumerate(QUANTITIES)}
-    for r in sorted(result["rows"], key=lambda r: (list(CONFIGS).index(r["config"]), order[r["quantity"]])):
+    for r in sorted(result["rows"], key=lambda r: (config_names().index(r["config"]), order[r["quantity"]])):
         vs_np = f"{r['vs_numpy']:.2f}" if r["vs_numpy"] is not None else "–"
         lines.append(
             f"| {r['config']} | {r['quantity']} | {r['impl']} | {r['median_s'] * 1e3:.2f} | "
@@ -590,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         default=",".join(CONFIGS),
-        help=f"comma-separated, any of {', '.join(CONFIGS)} (default: all)",
+        help=f"comma-separated, any of {', '.join(config_names())} (default: {','.join(CONFIGS)})",
     )
     parser.add_argument(
         "--quantities",
