@@ -1,20 +1,30 @@
 """Numba CPU backend (``backend="numba"``): fused per-sample backprop on CPU threads.
 
-One compiled kernel per dtype serves every activation × loss (run-time codes) and
-every combination of quantities (run-time flags). It works in two phases over a
-chunk of samples (as many whole tiles as fit in ``WORKSPACE_BYTES``):
+One compiled driver per dtype, :func:`fused_backprop`, serves every activation × loss
+(run-time codes) and every combination of quantities: the host turns the requested sums
+over samples of :data:`fastgrad.quantities.SUMS` into a ``plan``, one row of (operand kind,
+source kind, partial-sum slot) per sum, and the kernels know those kinds, never quantity
+names. The driver works in two phases over a chunk of samples (as many whole tiles as fit
+in ``WORKSPACE_BYTES``):
 
-1. ``prange`` over fixed tiles of ``TILE`` samples: each tile goes forward through
-   the whole network and back, keeping its activations A_l and deltas Δ_l in the
-   workspace; the per-row reducers (loss, layer norms, clip factors, per-sample
-   rows written straight into the flat layout) run on the tile while it is hot,
-   and so do the tile's sums Mᵀ A per layer, with M = Δ plain (grad), squared
-   (sq_mean, against A²) or row-scaled by the clip factors (DP-SGD's clipped sum,
-   DESIGN §3: one backward pass, never two), while tiles × P fits in
-   ``PARTIALS_BYTES``; the tiles' sums are then added in tile order.
-2. For a quantity whose per-tile sums do not fit: ``prange`` over fixed blocks of
-   ``BLOCK`` rows of every layer's weight gradient, one GEMM over the whole chunk
-   per block, Δ_l[:, rows]ᵀ A_{l-1} with the same three kinds of M.
+1. ``prange`` over fixed tiles of ``TILE`` samples: each tile goes forward through the
+   whole network (:func:`dense_forward` per hidden layer, :func:`output_forward` for the
+   loss and Δ_L) and back (:func:`dense_backward`), keeping its activations A_l and
+   deltas Δ_l in the workspace; the per-row reducers run on the tile while it is hot
+   (:func:`tile_norms`: Goodfellow's layer terms and the clip factors; :func:`tile_write_rows`:
+   per-sample rows straight into the flat layout), and so do the tile's sums
+   (:func:`tile_sums`: per layer Mᵀ S with M = Δ, Δ⊙Δ or c⊙Δ and S = A or A⊙A, DESIGN §3:
+   one backward pass, never two), while tiles × P fits in ``PARTIALS_BYTES``; the tiles'
+   sums are then added in tile order (:func:`sum_partials`).
+2. For a sum whose per-tile sums do not fit: ``prange`` over fixed blocks of ``BLOCK``
+   rows of every layer's weights, one GEMM over the whole chunk per block
+   (:func:`gemm_block`), with the same operands (:func:`reducer_operand`, :func:`outer_sum`).
+
+The per-row math (clip factor, layer norm term, variance) is ``quantities``' shared
+``register_jitable`` code. Each kernel opens with a one-line shape comment; helpers are
+called once per tile (or per layer of a tile), never per sample, and the ``prange`` bodies
+share no arrays beyond the inputs, outputs, workspace and the small layout and offsets tables:
+a split that ignored both was 10-24 % slower on narrow.
 
 Determinism: tiles, blocks and chunks are fixed sizes, independent of the thread
 count; every output element is written by exactly one task, sums over samples run
@@ -34,7 +44,9 @@ set to ``"threadsafe"`` (TBB if installed, else OpenMP), because two Python thre
 calling the backend at once abort the ``workqueue`` layer.
 
 Disk cache: compiled kernels are cached (``cache=True``) next to this file;
-set ``FASTGRAD_NUMBA_CACHE=0`` before importing fastgrad to turn it off.
+set ``FASTGRAD_NUMBA_CACHE=0`` before importing fastgrad to turn it off. The cache of a
+kernel does not see edits to the kernels it calls (nor to ``quantities``, ``activations``,
+``losses``): while editing them, turn it off or delete ``__pycache__/cpu.*.nb[ci]``.
 """
 
 from __future__ import annotations
@@ -50,10 +62,21 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from . import quantities
 from ._scalar import like
 from .activations import TANH, activate, activate_grad
 from .losses import CROSS_ENTROPY, output_delta_row
 from .mlp import MLP
+from .quantities import (
+    CLIPPED_DELTA,
+    DELTA,
+    DELTA_SQUARED,
+    INPUT,
+    INPUT_SQUARED,
+    clip_factor,
+    layer_norm_sq,
+    variance_from_moments,
+)
 
 CACHE = os.environ.get("FASTGRAD_NUMBA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 """Whether compiled kernels are cached on disk; ``FASTGRAD_NUMBA_CACHE=0`` turns it off."""
@@ -146,10 +169,167 @@ def _tanh_vectorizable_overload(z):
     return lambda z: math.tanh(z)
 
 
+# Every kernel below works on m rows of a tile (m ≤ TILE) or the R rows of a chunk. Layers are
+# numbered l = 1..L as in DESIGN; layer l maps n_{l-1} inputs to n_l outputs. The kernels share
+# three packs, so that none takes a long argument list:
+#   net   = (layout (L, 5) int64, θ (P,), w_t (P,): the stored W_lᵀ of small layers)
+#   chunk = (X (R, n_0), acts, dphi, deltas, sqa (flat workspace), offsets (L+1, 3) int64)
+#   plan  (n_sums, 3) int64: one row per sum over samples to make (see quantities.SUMS)
+
+N_IN, N_OUT, W_AT, B_AT, STORED_WT = range(5)
+"""Columns of ``layout``, row l-1 for layer l: n_{l-1}, n_l, where W_l and b_l start in θ, and
+1 when the layer is forwarded with a stored W_lᵀ (at most ``SMALL_LAYER`` weights)."""
+A_AT, D_AT, S_AT = range(3)
+"""Columns of a chunk's ``offsets``, row l: where the (R, n_l) block of A_l (and of φ'(z_l)) starts
+in acts (and dphi), l = 1..L-1; of Δ_l in deltas, l = 1..L; of A_l ⊙ A_l in sqa, l = 0..L-1."""
+OPERAND, SOURCE, SLOT = range(3)
+"""Columns of ``plan``: the operand kind M (quantities.DELTA, ...), the source kind S
+(quantities.INPUT, ...), and the sum's row of per-tile partial sums (-1: made in phase 2)."""
+FIRST = np.int64(0)
+"""Row or column 0 as an int64: a literal 0 argument would make Numba compile the callee once more
+per dtype (so would ``prange``'s index, unsigned inside the loop: it is passed as ``np.int64(t)``)."""
+
+
 @njit(cache=CACHE)
 def _rows(buf, off, n_rows, width, r0, r1):
     # buf flat; returns rows [r0, r1) of the (n_rows, width) matrix stored at buf[off:]
     return buf[off + r0 * width : off + r1 * width].reshape((r1 - r0, width))
+
+
+@njit(cache=CACHE)
+def chunk_offsets(layout, R):
+    # layout (L, 5), R rows -> offsets (L+1, 3): where each layer's (R, n) blocks start in the workspace
+    L = layout.shape[0]
+    offsets = np.zeros((L + 1, 3), np.int64)
+    for l in range(2, L + 1):  # A_l, φ'(z_l) and Δ_l follow A_{l-1}, φ'(z_{l-1}) and Δ_{l-1}
+        offsets[l, A_AT] = offsets[l - 1, A_AT] + R * layout[l - 2, N_OUT]
+        offsets[l, D_AT] = offsets[l - 1, D_AT] + R * layout[l - 2, N_OUT]
+    for l in range(1, L + 1):
+        offsets[l, S_AT] = offsets[l - 1, S_AT] + R * layout[l - 1, N_IN]
+    return offsets
+
+
+@njit(cache=CACHE)
+def layer_params(net, l):
+    # θ (P,) -> W_l (n_l, n_{l-1}), its stored transpose (n_{l-1}, n_l; valid when STORED_WT), b_l (n_l,)
+    layout, theta, w_t = net
+    n_in, n_out = layout[l - 1, N_IN], layout[l - 1, N_OUT]
+    w0, b0 = layout[l - 1, W_AT], layout[l - 1, B_AT]
+    return theta[w0:b0].reshape((n_out, n_in)), w_t[w0:b0].reshape((n_in, n_out)), theta[b0 : b0 + n_out]
+
+
+@njit(cache=CACHE)
+def layer_input(net, chunk, l, r0, r1):
+    # rows [r0, r1) of A_{l-1} (m, n_{l-1}); A_0 = X
+    X, acts, offsets = chunk[0], chunk[1], chunk[5]
+    if l == 1:
+        return X[r0:r1]
+    return _rows(acts, offsets[l - 1, A_AT], X.shape[0], net[0][l - 1, N_IN], r0, r1)
+
+
+@njit(cache=CACHE)
+def layer_input_squared(net, chunk, l, r0, r1):
+    # rows [r0, r1) of A_{l-1} ⊙ A_{l-1} (m, n_{l-1}), kept in sqa
+    return _rows(chunk[4], chunk[5][l - 1, S_AT], chunk[0].shape[0], net[0][l - 1, N_IN], r0, r1)
+
+
+@njit(cache=CACHE)
+def layer_source(net, chunk, source, l, r0, r1):
+    # rows [r0, r1) of the source S (m, n_{l-1}) of a sum: A_{l-1} (INPUT) or A_{l-1} ⊙ A_{l-1}
+    if source == INPUT:
+        return layer_input(net, chunk, l, r0, r1)
+    return layer_input_squared(net, chunk, l, r0, r1)
+
+
+@njit(cache=CACHE)
+def layer_output(net, chunk, l, r0, r1):
+    # rows [r0, r1) of A_l and of φ'(z_l), both (m, n_l), for a hidden layer l < L
+    R, off, n_out = chunk[0].shape[0], chunk[5][l, A_AT], net[0][l - 1, N_OUT]
+    return _rows(chunk[1], off, R, n_out, r0, r1), _rows(chunk[2], off, R, n_out, r0, r1)
+
+
+@njit(cache=CACHE)
+def layer_delta(net, chunk, l, r0, r1):
+    # rows [r0, r1) of Δ_l (m, n_l)
+    return _rows(chunk[3], chunk[5][l, D_AT], chunk[0].shape[0], net[0][l - 1, N_OUT], r0, r1)
+
+
+@njit(cache=CACHE)
+def store_transposed(net):
+    # w_t (P,) gets W_lᵀ (n_{l-1}, n_l) at W_l's place, for every layer forwarded with it
+    layout = net[0]
+    for l in range(1, layout.shape[0] + 1):
+        if layout[l - 1, STORED_WT]:
+            W, WT, _ = layer_params(net, l)
+            for k in range(WT.shape[0]):
+                for o in range(WT.shape[1]):
+                    WT[k, o] = W[o, k]
+
+
+@njit(cache=CACHE, error_model="numpy")
+def forward_gemm(net, l, a_in, out):
+    # A_{l-1} (m, n_{l-1}) -> out (m, n_l) = A_{l-1} W_lᵀ
+    # small GEMMs ran 1.8x faster here with Wᵀ stored than with W read transposed (128x64x64)
+    W, WT, _ = layer_params(net, l)
+    if net[0][l - 1, STORED_WT]:
+        np.dot(a_in, WT, out)
+    else:
+        np.dot(a_in, W.T, out)
+
+
+@njit(cache=CACHE, error_model="numpy")
+def square_into(a, out):
+    # a (m, n) -> out (m, n) = a ⊙ a: the source A_{l-1} ⊙ A_{l-1} of the squared sums
+    for i in range(a.shape[0]):
+        for k in range(a.shape[1]):
+            out[i, k] = a[i, k] * a[i, k]
+
+
+@njit(cache=CACHE, error_model="numpy")
+def dense_forward(net, l, a_in, act, z, g):
+    # A_{l-1} (m, n_{l-1}) -> z: A_l = φ(A_{l-1} W_lᵀ + b_l) (m, n_l), g: φ'(z_l) (m, n_l); l < L
+    forward_gemm(net, l, a_in, z)
+    b = layer_params(net, l)[2]
+    one = like(b[0], 1.0)
+    if act == TANH:  # its own loop, so that it vectorizes
+        for i in range(z.shape[0]):
+            for k in range(z.shape[1]):
+                aa = tanh_vectorizable(z[i, k] + b[k])
+                g[i, k] = one - aa * aa
+                z[i, k] = aa
+    else:
+        for i in range(z.shape[0]):
+            for k in range(z.shape[1]):
+                zz = z[i, k] + b[k]
+                aa = activate(act, zz)
+                g[i, k] = activate_grad(act, zz, aa)
+                z[i, k] = aa
+
+
+@njit(cache=CACHE, error_model="numpy")
+def dense_backward(net, l, d_out, g, d_in):
+    # Δ_l (m, n_l), g = φ'(z_{l-1}) (m, n_{l-1}) -> d_in: Δ_{l-1} = (Δ_l W_l) ⊙ φ'(z_{l-1}) (m, n_{l-1})
+    np.dot(d_out, layer_params(net, l)[0], d_in)
+    for i in range(d_in.shape[0]):
+        for k in range(d_in.shape[1]):
+            d_in[i, k] *= g[i, k]
+
+
+@njit(cache=CACHE, error_model="numpy")
+def output_forward(net, a_in, loss, labels, targets, r0, losses, d_out):
+    # A_{L-1} (m, n_{L-1}) -> losses[r0 + i] = ℓ_i, d_out: Δ_L = ∂ℓ/∂z_L (m, n_L), z_L = A_{L-1} W_Lᵀ + b_L;
+    # labels (R,) (cross-entropy) and targets (R, n_L) (the other losses) are the chunk's
+    L = net[0].shape[0]
+    z_out = np.empty(d_out.shape, d_out.dtype)
+    forward_gemm(net, L, a_in, z_out)
+    b = layer_params(net, L)[2]
+    ce = loss == CROSS_ENTROPY
+    for i in range(z_out.shape[0]):
+        for k in range(z_out.shape[1]):
+            z_out[i, k] += b[k]
+        label = labels[r0 + i] if ce else 0
+        target = z_out[i] if ce else targets[r0 + i]
+        losses[r0 + i] = output_delta_row(loss, z_out[i], target, label, d_out[i])
 
 
 @njit(cache=CACHE, fastmath={"reassoc", "contract"})
@@ -163,264 +343,210 @@ def sum_squares(v):
     return s
 
 
+@njit(cache=CACHE, error_model="numpy")
+def tile_norms(net, chunk, r0, r1, max_norm, row_out):
+    # rows [r0, r1) of A_{l-1}, Δ_l -> layer_sq[i, l-1] = ‖∇_{W_l,b_l} ℓ_i‖² (R, L), norms[i] = ‖∇ℓ_i‖ (R,),
+    # and when max_norm > 0 the clip factors clip_c[i] = min(1, C/‖∇ℓ_i‖) (R,); row_out as the driver's
+    layout, X, acts, deltas, offsets = net[0], chunk[0], chunk[1], chunk[3], chunk[5]
+    layer_sq, norms, clip_c = row_out[1], row_out[2], row_out[3]
+    for i in range(r0, r1):
+        total = like(max_norm, 0.0)
+        for l in range(1, layout.shape[0] + 1):
+            n_in, n_out, d0 = layout[l - 1, N_IN], layout[l - 1, N_OUT], offsets[l, D_AT]
+            dsq = sum_squares(deltas[d0 + i * n_out : d0 + (i + 1) * n_out])
+            a0 = offsets[l - 1, A_AT]
+            a_row = X[i] if l == 1 else acts[a0 + i * n_in : a0 + (i + 1) * n_in]
+            term = layer_norm_sq(dsq, sum_squares(a_row))
+            layer_sq[i, l - 1] = term
+            total += term
+        norms[i] = math.sqrt(total)
+        if max_norm > 0:
+            clip_c[i] = clip_factor(norms[i], max_norm)
+
+
+@njit(cache=CACHE, error_model="numpy")
+def tile_write_rows(net, chunk, r0, r1, rows_out):
+    # rows [r0, r1) of A_{l-1}, Δ_l -> rows_out[i] (P,) = ∇ℓ_i in θ's layout:
+    # per layer δ_{l,i} a_{l-1,i}ᵀ, then δ_{l,i}
+    layout, X, acts, deltas, offsets = net[0], chunk[0], chunk[1], chunk[3], chunk[5]
+    for i in range(r0, r1):
+        out_row = rows_out[i]
+        for l in range(1, layout.shape[0] + 1):
+            n_in, n_out = layout[l - 1, N_IN], layout[l - 1, N_OUT]
+            w0, b0, d0, a0 = layout[l - 1, W_AT], layout[l - 1, B_AT], offsets[l, D_AT], offsets[l - 1, A_AT]
+            a_row = X[i] if l == 1 else acts[a0 + i * n_in : a0 + (i + 1) * n_in]
+            for r in range(n_out):
+                d = deltas[d0 + i * n_out + r]
+                w_row = out_row[w0 + r * n_in : w0 + (r + 1) * n_in]
+                for k in range(n_in):
+                    w_row[k] = d * a_row[k]
+                out_row[b0 + r] = d
+
+
+@njit(cache=CACHE, error_model="numpy")
+def reducer_operand(operand, d, q0, c, blk):
+    # Δ_l (m, n_l), clip factors c (m,) -> columns [q0, q0 + nr) of the operand M = Δ_l, Δ_l ⊙ Δ_l or
+    # c ⊙ Δ_l, written into blk (m, nr), or Δ_l itself when that is all of it
+    m, nr = blk.shape
+    if operand == DELTA and nr == d.shape[1]:
+        return d
+    if operand == DELTA:
+        for i in range(m):
+            for r in range(nr):
+                blk[i, r] = d[i, q0 + r]
+    elif operand == DELTA_SQUARED:
+        for i in range(m):
+            for r in range(nr):
+                blk[i, r] = d[i, q0 + r] * d[i, q0 + r]
+    else:  # CLIPPED_DELTA
+        for i in range(m):
+            ci = c[i]
+            for r in range(nr):
+                blk[i, r] = ci * d[i, q0 + r]
+    return blk
+
+
+@njit(cache=CACHE, error_model="numpy")
+def outer_sum(M, S, w_out, b_out):
+    # M (m, nr), S (m, n_{l-1}) -> w_out (nr, n_{l-1}) = Mᵀ S (BLAS reads M transposed), b_out (nr,) = Σ_i M_i
+    np.dot(M.T, S, w_out)
+    b_out[:] = 0
+    for i in range(M.shape[0]):  # in sample order
+        for r in range(M.shape[1]):
+            b_out[r] += M[i, r]
+
+
+@njit(cache=CACHE, error_model="numpy")
+def tile_sums(plan, net, chunk, r0, r1, clip_c, partial, t):
+    # rows [r0, r1) (tile t) -> partial[slot, t] (P,): per layer Mᵀ S and Σ_i M_i, for the planned sums
+    # that have a slot
+    layout = net[0]
+    for l in range(1, layout.shape[0] + 1):
+        n_in, n_out = layout[l - 1, N_IN], layout[l - 1, N_OUT]
+        w0, b0 = layout[l - 1, W_AT], layout[l - 1, B_AT]
+        d = layer_delta(net, chunk, l, r0, r1)
+        for s in range(plan.shape[0]):
+            slot, operand = plan[s, SLOT], plan[s, OPERAND]
+            if slot < 0:
+                continue
+            M = reducer_operand(operand, d, FIRST, clip_c[r0:r1], d if operand == DELTA else np.empty_like(d))
+            S = layer_source(net, chunk, plan[s, SOURCE], l, r0, r1)
+            p = partial[slot, t]
+            outer_sum(M, S, p[w0:b0].reshape((n_out, n_in)), p[b0 : b0 + n_out])
+
+
+@njit(cache=CACHE, error_model="numpy")
+def sum_partials(part, k0, k1, out, accumulate):
+    # part (n_tiles, P) -> out[k0:k1] = Σ_t part[t, k0:k1] in tile order (added to out when accumulate)
+    for k in range(k0, k1):
+        if accumulate:
+            out[k] += part[0, k]
+        else:
+            out[k] = part[0, k]
+    for u in range(1, part.shape[0]):
+        for k in range(k0, k1):
+            out[k] += part[u, k]
+
+
+@njit(cache=CACHE, error_model="numpy")
+def gemm_block(plan, net, chunk, task, clip_c, sums, accumulate):
+    # task = (l, q0, q1) -> rows [q0, q1) of W_l's and b_l's part of sums[s] (P,), one GEMM over the chunk's
+    # R samples each, for the planned sums without a slot; M (R, nr) = Δ_l[:, q0:q1] plain, squared or scaled
+    layout, R = net[0], chunk[0].shape[0]
+    l, q0, q1 = task[0], task[1], task[2]
+    n_in, w0, b0 = layout[l - 1, N_IN], layout[l - 1, W_AT], layout[l - 1, B_AT]
+    nr = q1 - q0
+    d = layer_delta(net, chunk, l, FIRST, R)
+    blk = np.empty((R, nr), d.dtype)
+    part = np.empty((nr, n_in), d.dtype)
+    col = np.empty(nr, d.dtype)
+    for s in range(plan.shape[0]):
+        if plan[s, SLOT] >= 0:
+            continue
+        M = reducer_operand(plan[s, OPERAND], d, q0, clip_c, blk)
+        S = layer_source(net, chunk, plan[s, SOURCE], l, FIRST, R)
+        out = sums[s]
+        w_part = out[w0 + q0 * n_in : w0 + q1 * n_in]
+        if accumulate:
+            outer_sum(M, S, part, col)
+            flat = part.reshape(nr * n_in)
+            for k in range(nr * n_in):
+                w_part[k] += flat[k]
+            for r in range(nr):
+                out[b0 + q0 + r] += col[r]
+        else:
+            outer_sum(M, S, w_part.reshape((nr, n_in)), col)
+            for r in range(nr):
+                out[b0 + q0 + r] = col[r]
+
+
 @njit(parallel=True, cache=CACHE, error_model="numpy")
-def fused_backprop(
-    sizes, w_off, b_off, theta, X, labels, targets, act, loss,
-    backward, per_row, clip_norm, want_grad, want_sq,
-    acts, dphi, deltas, sqa, losses, layer_sq, norms, clip_c, rows_out,
-    grad, sq, clipped, accumulate, tasks, tile, w_t, small_layer, partial, slots,
-):  # fmt: skip
-    # sizes (L+1,); theta (P,); X (R, n0); labels (R,) or (0,); targets (R, nL) or (0, nL);
-    # acts, dphi: flat (R, n_l) for l = 1..L-1; deltas: flat (R, n_l) for l = 1..L;
-    # sqa: flat (R, n_l) for l = 0..L-1 (squared inputs, when want_sq); losses, norms, clip_c (R,);
-    # layer_sq (R, L); rows_out (R, P) or (0, 0); grad, sq, clipped (P,) or (0,); tasks (T, 3);
-    # w_t (P,) scratch: Wᵀ of the layers with at most small_layer weights;
-    # partial (n_slots, n_tiles, P): per-tile sums for the kinds (grad, sq, clipped) whose slots[kind]
-    # is ≥ 0; the other kinds are made in phase 2
-    L = sizes.shape[0] - 1
-    R = X.shape[0]
-    # offsets of each layer's (R, n) block in the flat buffers
-    a_off = np.zeros(L + 1, np.int64)  # a_1..a_{L-1} in acts and dphi (index: layer)
-    d_off = np.zeros(L + 1, np.int64)  # δ_1..δ_L in deltas
-    s_off = np.zeros(L + 1, np.int64)  # a_0²..a_{L-1}² in sqa
-    for j in range(2, L + 1):
-        a_off[j] = a_off[j - 1] + R * sizes[j - 1]
-        d_off[j] = d_off[j - 1] + R * sizes[j - 1]
-    for j in range(1, L + 1):
-        s_off[j] = s_off[j - 1] + R * sizes[j - 1]
-    zero = like(theta[0], 0.0)
-    one = like(theta[0], 1.0)
-    ce = loss == CROSS_ENTROPY
-    want_rows = rows_out.shape[0] > 0
-    n_slots = partial.shape[0]
+def fused_backprop(net, data, codes, flags, plan, max_norm, bufs, row_out, sums, partial, tasks):
+    # net = (layout, θ, w_t) as above; data = (X (R, n_0), labels (R,) or (0,), targets (R, n_L) or (0, n_L));
+    # codes = (activation, loss, tile); flags = (backward, per_row, squares, accumulate); plan (n_sums, 3);
+    # max_norm: C in θ's dtype (≤ 0: no clipping); bufs = (acts, dphi: flat (R, n_l) for l = 1..L-1,
+    # deltas: flat (R, n_l) for l = 1..L, sqa: flat (R, n_l) for l = 0..L-1 when squares);
+    # row_out = (losses (R,), layer_sq (R, L), norms (R,), clip_c (R,), rows_out (R, P) or (0, 0));
+    # sums (n_sums, P); partial (n_slots, n_tiles, P): per-tile sums of the plan's rows with a slot;
+    # tasks (T, 3): (l, q0, q1) of every phase-2 GEMM block
+    X, labels, targets = data
+    act, loss, tile = codes
+    backward, per_row, squares, accumulate = flags
+    losses, rows_out, clip_c = row_out[0], row_out[4], row_out[3]
+    L, R = net[0].shape[0], X.shape[0]
+    chunk = (X, bufs[0], bufs[1], bufs[2], bufs[3], chunk_offsets(net[0], R))
     n_tiles = (R + tile - 1) // tile
-    # small GEMMs ran 1.8x faster here with Wᵀ stored than with W read transposed (128x64x64)
-    for j in range(L):
-        n_in, n_out = sizes[j], sizes[j + 1]
-        if n_in * n_out <= small_layer:
-            W = theta[w_off[j] : b_off[j]].reshape((n_out, n_in))
-            WT = w_t[w_off[j] : b_off[j]].reshape((n_in, n_out))
-            for k in range(n_in):
-                for o in range(n_out):
-                    WT[k, o] = W[o, k]
-    # phase 1: every tile forward and back through the whole network, per-row reducers on it
+    store_transposed(net)
+    # phase 1: every tile forward and back through the whole network, per-row reducers on it while it is hot
     for t in prange(n_tiles):
         r0 = t * tile
         r1 = min(R, r0 + tile)
-        m = r1 - r0
-        for j in range(L):
-            n_in, n_out = sizes[j], sizes[j + 1]
-            W = theta[w_off[j] : b_off[j]].reshape((n_out, n_in))
-            b = theta[b_off[j] : b_off[j] + n_out]
-            a_in = X[r0:r1] if j == 0 else _rows(acts, a_off[j], R, n_in, r0, r1)
-            if want_sq:
-                a_sq = _rows(sqa, s_off[j], R, n_in, r0, r1)
-                for i in range(m):
-                    for k in range(n_in):
-                        a_sq[i, k] = a_in[i, k] * a_in[i, k]
-            if j < L - 1:
-                z = _rows(acts, a_off[j + 1], R, n_out, r0, r1)
-                g = _rows(dphi, a_off[j + 1], R, n_out, r0, r1)
-                if n_in * n_out <= small_layer:
-                    np.dot(a_in, w_t[w_off[j] : b_off[j]].reshape((n_in, n_out)), z)
-                else:
-                    np.dot(a_in, W.T, z)
-                if act == TANH:  # its own loop, so that it vectorizes
-                    for i in range(m):
-                        for k in range(n_out):
-                            aa = tanh_vectorizable(z[i, k] + b[k])
-                            g[i, k] = one - aa * aa
-                            z[i, k] = aa
-                else:
-                    for i in range(m):
-                        for k in range(n_out):
-                            zz = z[i, k] + b[k]
-                            aa = activate(act, zz)
-                            g[i, k] = activate_grad(act, zz, aa)
-                            z[i, k] = aa
+        for l in range(1, L + 1):  # forward: A_l = φ(A_{l-1} W_lᵀ + b_l), then ℓ_i and Δ_L
+            a_in = layer_input(net, chunk, l, r0, r1)
+            if squares:
+                square_into(a_in, layer_input_squared(net, chunk, l, r0, r1))
+            if l < L:
+                z, g = layer_output(net, chunk, l, r0, r1)
+                dense_forward(net, l, a_in, act, z, g)
             else:
-                z_out = np.empty((m, n_out), X.dtype)
-                if n_in * n_out <= small_layer:
-                    np.dot(a_in, w_t[w_off[j] : b_off[j]].reshape((n_in, n_out)), z_out)
-                else:
-                    np.dot(a_in, W.T, z_out)
-                d_out = _rows(deltas, d_off[L], R, n_out, r0, r1)
-                for i in range(m):
-                    for k in range(n_out):
-                        z_out[i, k] += b[k]
-                    label = labels[r0 + i] if ce else 0
-                    target = z_out[i] if ce else targets[r0 + i]
-                    losses[r0 + i] = output_delta_row(loss, z_out[i], target, label, d_out[i])
+                d_out = layer_delta(net, chunk, L, r0, r1)
+                output_forward(net, a_in, loss, labels, targets, r0, losses, d_out)
         if not backward:
             continue
-        # δ_{l-1} = (δ_l W_l) ⊙ φ'(z_{l-1})
-        for j in range(L - 1, 0, -1):
-            n_mid, n_out = sizes[j], sizes[j + 1]
-            W = theta[w_off[j] : b_off[j]].reshape((n_out, n_mid))
-            d_next = _rows(deltas, d_off[j + 1], R, n_out, r0, r1)
-            d_here = _rows(deltas, d_off[j], R, n_mid, r0, r1)
-            np.dot(d_next, W, d_here)
-            g = _rows(dphi, a_off[j], R, n_mid, r0, r1)
-            for i in range(m):
-                for k in range(n_mid):
-                    d_here[i, k] *= g[i, k]
-        for i in range(r0, r1):
-            if per_row:
-                # Goodfellow: ‖∇_{W_l, b_l} ℓ_i‖² = ‖δ_l‖² (‖a_{l-1}‖² + 1)
-                total = zero
-                for j in range(L):
-                    n_in, n_out = sizes[j], sizes[j + 1]
-                    dsq = sum_squares(deltas[d_off[j + 1] + i * n_out : d_off[j + 1] + (i + 1) * n_out])
-                    a_row = X[i] if j == 0 else acts[a_off[j] + i * n_in : a_off[j] + (i + 1) * n_in]
-                    asq = one + sum_squares(a_row)
-                    layer_sq[i, j] = dsq * asq
-                    total += dsq * asq
-                norms[i] = math.sqrt(total)
-                if clip_norm > 0:
-                    c = one
-                    if norms[i] > clip_norm:
-                        c = like(theta[0], clip_norm) / norms[i]
-                    clip_c[i] = c
-            if want_rows:
-                # row i of the (R, P) per-sample matrix, written once, in θ's layout
-                out_row = rows_out[i]
-                for j in range(L):
-                    n_in, n_out = sizes[j], sizes[j + 1]
-                    a_row = X[i] if j == 0 else acts[a_off[j] + i * n_in : a_off[j] + (i + 1) * n_in]
-                    for r in range(n_out):
-                        d = deltas[d_off[j + 1] + i * n_out + r]
-                        w_row = out_row[w_off[j] + r * n_in : w_off[j] + (r + 1) * n_in]
-                        for k in range(n_in):
-                            w_row[k] = d * a_row[k]
-                        out_row[b_off[j] + r] = d
-        if n_slots > 0:
-            # this tile's sums, per layer Mᵀ A with M = Δ_t, Δ_t² (A²) or c ⊙ Δ_t, while the tile
-            # is hot (the clip factors of its rows are known: the norms loop above ran); summed below
-            for j in range(L):
-                n_in, n_out = sizes[j], sizes[j + 1]
-                a_in = X[r0:r1] if j == 0 else _rows(acts, a_off[j], R, n_in, r0, r1)
-                d = _rows(deltas, d_off[j + 1], R, n_out, r0, r1)
-                for kind in range(3):
-                    if slots[kind] < 0:
-                        continue
-                    if kind == 0:
-                        m_blk = d
-                        src = a_in
-                    elif kind == 1:
-                        m_blk = np.empty((m, n_out), X.dtype)
-                        for i in range(m):
-                            for r in range(n_out):
-                                m_blk[i, r] = d[i, r] * d[i, r]
-                        src = _rows(sqa, s_off[j], R, n_in, r0, r1)
-                    else:
-                        m_blk = np.empty((m, n_out), X.dtype)
-                        for i in range(m):
-                            c = clip_c[r0 + i]
-                            for r in range(n_out):
-                                m_blk[i, r] = c * d[i, r]
-                        src = a_in
-                    p_row = partial[slots[kind], t]
-                    np.dot(m_blk.T, src, p_row[w_off[j] : b_off[j]].reshape((n_out, n_in)))
-                    p_b = p_row[b_off[j] : b_off[j] + n_out]
-                    for r in range(n_out):
-                        p_b[r] = zero
-                    for i in range(m):
-                        for r in range(n_out):
-                            p_b[r] += m_blk[i, r]
-    if not (want_grad or want_sq or clip_norm > 0):
-        return
-    for kind in range(3):
-        if slots[kind] < 0:
+        for l in range(L, 1, -1):  # backward: Δ_{l-1} = (Δ_l W_l) ⊙ φ'(z_{l-1})
+            d_out, d_in = layer_delta(net, chunk, l, r0, r1), layer_delta(net, chunk, l - 1, r0, r1)
+            dense_backward(net, l, d_out, layer_output(net, chunk, l - 1, r0, r1)[1], d_in)
+        if per_row:
+            tile_norms(net, chunk, r0, r1, max_norm, row_out)
+        if rows_out.shape[0] > 0:
+            tile_write_rows(net, chunk, r0, r1, rows_out)
+        if partial.shape[0] > 0:  # the clip factors of the tile's rows are known: tile_norms ran
+            tile_sums(plan, net, chunk, r0, r1, clip_c, partial, np.int64(t))
+    # the tiles' sums added in tile order, over fixed chunks of parameters
+    P = sums.shape[1]
+    in_phase_2 = 0
+    for s in range(plan.shape[0]):
+        if plan[s, SLOT] < 0:
+            in_phase_2 += 1
             continue
-        # the tiles' sums added in tile order, over fixed chunks of parameters
-        target_vec = grad if kind == 0 else (sq if kind == 1 else clipped)
-        part_k = partial[slots[kind]]
-        n_par = part_k.shape[1]
-        for c in prange((n_par + 4095) // 4096):
-            k0 = c * 4096
-            k1 = min(n_par, k0 + 4096)
-            for k in range(k0, k1):
-                if accumulate:
-                    target_vec[k] += part_k[0, k]
-                else:
-                    target_vec[k] = part_k[0, k]
-            for u in range(1, n_tiles):
-                for k in range(k0, k1):
-                    target_vec[k] += part_k[u, k]
-    if not ((want_grad and slots[0] < 0) or (want_sq and slots[1] < 0) or (clip_norm > 0 and slots[2] < 0)):
+        part, out = partial[plan[s, SLOT]], sums[s]
+        for c in prange((P + 4095) // 4096):
+            sum_partials(part, c * 4096, min(P, c * 4096 + 4096), out, accumulate)
+    if in_phase_2 == 0:
         return
-    # phase 2: rows [q0, q1) of each layer's weight gradient, one GEMM over the chunk per task:
-    # M (R, nr) is Δ's columns [q0, q1), plain, squared or row-scaled by the clip factors, and
-    # BLAS reads it transposed: W-rows = Mᵀ A (A squared for sq), b-rows = column sums of M
+    # phase 2: rows [q0, q1) of each layer's sums, one GEMM over the chunk per task
     for t in prange(tasks.shape[0]):
-        j, q0, q1 = tasks[t, 0], tasks[t, 1], tasks[t, 2]
-        n_in, n_out = sizes[j], sizes[j + 1]
-        nr = q1 - q0
-        a_in = X if j == 0 else _rows(acts, a_off[j], R, n_in, 0, R)
-        d = _rows(deltas, d_off[j + 1], R, n_out, 0, R)
-        blk = np.empty((R, nr), X.dtype)
-        part = np.empty((nr, n_in), X.dtype)
-        col = np.empty(nr, X.dtype)
-        for kind in range(3):
-            if kind == 0:
-                if not want_grad or slots[0] >= 0:
-                    continue
-                target_vec = grad
-                src = a_in
-                if nr == n_out:
-                    m_blk = d  # the whole layer: no copy
-                else:
-                    for i in range(R):
-                        for r in range(nr):
-                            blk[i, r] = d[i, q0 + r]
-                    m_blk = blk
-            elif kind == 1:
-                if not want_sq or slots[1] >= 0:
-                    continue
-                target_vec = sq
-                src = _rows(sqa, s_off[j], R, n_in, 0, R)
-                for i in range(R):
-                    for r in range(nr):
-                        blk[i, r] = d[i, q0 + r] * d[i, q0 + r]
-                m_blk = blk
-            else:
-                if not clip_norm > 0 or slots[2] >= 0:
-                    continue
-                target_vec = clipped
-                src = a_in
-                for i in range(R):
-                    c = clip_c[i]
-                    for r in range(nr):
-                        blk[i, r] = c * d[i, q0 + r]
-                m_blk = blk
-            w_part = target_vec[w_off[j] + q0 * n_in : w_off[j] + q1 * n_in]
-            if accumulate:
-                np.dot(m_blk.T, src, part)
-                flat = part.reshape(nr * n_in)
-                for k in range(nr * n_in):
-                    w_part[k] += flat[k]
-            else:
-                np.dot(m_blk.T, src, w_part.reshape((nr, n_in)))
-            for r in range(nr):
-                col[r] = zero
-            for i in range(R):  # column sums, each in sample order
-                for r in range(nr):
-                    col[r] += m_blk[i, r]
-            for r in range(nr):
-                if accumulate:
-                    target_vec[b_off[j] + q0 + r] += col[r]
-                else:
-                    target_vec[b_off[j] + q0 + r] = col[r]
+        gemm_block(plan, net, chunk, tasks[t], clip_c, sums, accumulate)
 
 
 @njit(parallel=True, cache=CACHE)
-def variance_from_moments(grad, sq, var):
-    # grad, sq, var (P,): var = max(sq - grad², 0), one pass (NumPy's took three, with temporaries)
+def variance_into(grad, sq_mean, var):
+    # grad, sq_mean, var (P,): var = sq_mean − grad² clamped at 0, in one pass
+    # (NumPy's took three, with temporaries)
     n = grad.shape[0]
     for c in prange((n + 65535) // 65536):
         for k in range(c * 65536, min(n, (c + 1) * 65536)):
-            v = sq[k] - grad[k] * grad[k]
-            var[k] = v if v > like(v, 0.0) else like(v, 0.0)
+            var[k] = variance_from_moments(sq_mean[k], grad[k])
 
 
 # ------------------------------------------------------------------ host side
@@ -471,12 +597,12 @@ def chunk_rows(sizes: tuple[int, ...], dtype) -> int:
 
 
 def _tasks(sizes) -> np.ndarray:
-    """(layer, first row, end row) of every phase-2 GEMM block, costliest first (for balance)."""
+    """(layer l, first row, end row) of every phase-2 GEMM block, l = 1..L, costliest first (for balance)."""
     tasks = []
-    for j in range(len(sizes) - 1):
-        for q0 in range(0, sizes[j + 1], BLOCK):
-            tasks.append((j, q0, min(sizes[j + 1], q0 + BLOCK)))
-    tasks.sort(key=lambda t: -(t[2] - t[1]) * sizes[t[0]])
+    for l in range(1, len(sizes)):
+        for q0 in range(0, sizes[l], BLOCK):
+            tasks.append((l, q0, min(sizes[l], q0 + BLOCK)))
+    tasks.sort(key=lambda t: -(t[2] - t[1]) * sizes[t[0] - 1])
     return np.array(tasks, dtype=np.int64).reshape(-1, 3)
 
 
@@ -537,11 +663,32 @@ def _writeable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def _layout(net: MLP):
-    sizes = np.array(net.sizes, dtype=np.int64)
-    w_off = np.array([s.w_start for s in net.layers], dtype=np.int64)
-    b_off = np.array([s.b_start for s in net.layers], dtype=np.int64)
-    return sizes, w_off, b_off
+def _layout(net: MLP) -> np.ndarray:
+    """The kernels' ``layout`` (L, 5): per layer n_{l-1}, n_l, W_l's and b_l's start in θ, and whether
+    it is forwarded with a stored W_lᵀ (read at call time: ``SMALL_LAYER``)."""
+    rows = [(s.n_in, s.n_out, s.w_start, s.b_start, s.n_in * s.n_out <= SMALL_LAYER) for s in net.layers]
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def _sums_to_make(need: frozenset, clip: bool) -> list:
+    """The sums over samples of ``quantities.SUMS`` to make: those in ``need``; a clipped one exactly
+    when clipping (its operand needs the clip factors of ``max_norm``)."""
+    return [q for q in quantities.SUMS if (clip if q.operand == CLIPPED_DELTA else q.name in need)]
+
+
+def _plan(sums: list, n_tiles: int, num_params: int, itemsize: int) -> tuple[np.ndarray, int]:
+    """The kernels' ``plan`` (n_sums, 3): operand, source and slot of each sum, and the number of slots.
+
+    Sums get a slot of per-tile partial sums, in order, while slots × tiles × P fit in
+    ``PARTIALS_BYTES`` (read at call time); the others are made in phase 2."""
+    plan = np.empty((len(sums), 3), np.int64)
+    n_slots = 0
+    for s, q in enumerate(sums):
+        slot = -1
+        if (n_slots + 1) * n_tiles * num_params * itemsize <= PARTIALS_BYTES:
+            slot, n_slots = n_slots, n_slots + 1
+        plan[s] = (q.operand, q.source, slot)
+    return plan, n_slots
 
 
 def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray | None,
@@ -549,22 +696,18 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     """The backend contract of :mod:`fastgrad.api` (see ``api._BACKENDS``), on CPU threads."""
     dt = inp.dtype
     B, P, L = inp.batch_size, net.num_params, net.num_layers
-    want_grad = "grad" in need
-    want_sq = "sq_mean" in need
-    want_rows = "per_sample" in need
     clip = max_norm is not None
-    per_row = bool(need & {"norms", "layer_norms"}) or clip
-    backward = want_grad or want_sq or want_rows or per_row
+    made = _sums_to_make(need, clip)
+    want_rows = "per_sample" in need
+    per_row = bool(need & quantities.PER_ROW) or clip
+    backward = bool(made) or want_rows or per_row
+    squares = any(q.source == INPUT_SQUARED for q in made)
     ws = workspace if workspace is not None else _thread_workspace()
     chunk = min(B, chunk_rows(net.sizes, dt))
-    acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(net.sizes, chunk, dt, want_sq)
-    sizes, w_off, b_off = _layout(net)
+    acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(net.sizes, chunk, dt, squares)
     # Numba types read-only arrays apart: copy them rather than compile the kernel a second time
     theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
-    empty1 = np.empty(0, dt)
-    grad = np.empty(P, dt) if want_grad else empty1
-    sq = np.empty(P, dt) if want_sq else empty1
-    clipped = np.empty(P, dt) if clip else empty1
+    sums = np.empty((len(made), P), dt)
     losses = np.empty(B, dt)
     layer_sq = np.empty((B, L), dt)
     norms = np.empty(B, dt)
@@ -573,50 +716,38 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     if want_rows:
         G = out if out is not None else np.empty((B, P), dt)
     no_rows = np.empty((0, 0), dt)
-    # per-tile sums for grad, then sq, then clipped, while they fit in PARTIALS_BYTES
     n_tiles = -(-chunk // TILE)
-    slots = np.full(3, -1, np.int64)
-    n_slots = 0
-    for kind, wanted in enumerate((want_grad, want_sq, clip)):
-        if wanted and (n_slots + 1) * n_tiles * P * dt.itemsize <= PARTIALS_BYTES:
-            slots[kind] = n_slots
-            n_slots += 1
+    plan, n_slots = _plan(made, n_tiles, P, dt.itemsize)
     partial = ws.partials(n_slots, n_tiles, P, dt) if n_slots else np.empty((0, 0, 0), dt)
     ce = net.loss_code == CROSS_ENTROPY
-    clip_norm = float(max_norm) if clip else -1.0
+    net_pack = (_layout(net), theta, w_t)
+    codes = (net.activation_code, net.loss_code, TILE)
+    c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
+    hidden, width, inputs = sum(net.sizes[1:-1]), sum(net.sizes[1:]), sum(net.sizes[:-1])
     # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
     with single_threaded_blas(), numba.parallel_chunksize(1):
         for c0 in range(0, B, chunk):
             c1 = min(B, c0 + chunk)
             R = c1 - c0
-            fused_backprop(
-                sizes, w_off, b_off, theta, X[c0:c1],
-                labels[c0:c1] if ce else labels,
-                targets if ce else targets[c0:c1],
-                net.activation_code, net.loss_code,
-                backward, per_row, clip_norm, want_grad, want_sq,
-                acts[: R * sum(net.sizes[1:-1])], dphi[: R * sum(net.sizes[1:-1])],
-                deltas[: R * sum(net.sizes[1:])], sqa[: R * sum(net.sizes[:-1])] if want_sq else sqa,
-                losses[c0:c1], layer_sq[c0:c1], norms[c0:c1], clip_c[c0:c1],
-                np.asarray(G[c0:c1]) if want_rows else no_rows,
-                grad, sq, clipped, c0 > 0, tasks, TILE, w_t, SMALL_LAYER, partial, slots,
-            )  # fmt: skip
+            data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
+            bufs = (acts[: R * hidden], dphi[: R * hidden], deltas[: R * width],
+                    sqa[: R * inputs] if squares else sqa)  # fmt: skip
+            row_out = (losses[c0:c1], layer_sq[c0:c1], norms[c0:c1], clip_c[c0:c1],
+                       np.asarray(G[c0:c1]) if want_rows else no_rows)  # fmt: skip
+            flags = (backward, per_row, squares, c0 > 0)
+            fused_backprop(net_pack, data, codes, flags, plan, c_max, bufs, row_out, sums, partial, tasks)
     res = {"loss": losses.mean(dtype=dt)}
-    if want_grad:
-        grad /= dt.type(B)
-        res["grad"] = grad
-    if want_sq:
-        sq /= dt.type(B)
-        res["sq_mean"] = sq
-    if want_grad and want_sq and "variance" in need:
+    for s, q in enumerate(made):
+        if q.mean:
+            sums[s] /= dt.type(B)
+        res[q.name] = sums[s]
+    if "variance" in need and "grad" in res and "sq_mean" in res:
         res["variance"] = np.empty(P, dt)
         with numba.parallel_chunksize(1):
-            variance_from_moments(grad, sq, res["variance"])
+            variance_into(res["grad"], res["sq_mean"], res["variance"])
     if per_row:
         res["norms"] = norms
         res["layer_norms"] = np.sqrt(layer_sq)
-    if clip:
-        res["clipped_sum"] = clipped
     if want_rows:
         res["per_sample"] = G
     return res

@@ -17,13 +17,14 @@ from hypothesis import strategies as st
 from problems import make_problem
 
 import fastgrad
-from fastgrad import cpu, reference
+from fastgrad import cpu, quantities, reference
 from fastgrad._validation import check_inputs
 from fastgrad.activations import ACTIVATIONS
 from fastgrad.losses import LOSSES
 
-ALL = frozenset({"loss", "grad", "per_sample", "norms", "layer_norms", "sq_mean"})
-RAW = ("loss", "grad", "per_sample", "norms", "layer_norms", "sq_mean", "clipped_sum")
+# every raw quantity; the clipped sum is made when max_norm is given, not by name
+ALL = frozenset(quantities.RAW) - {"clipped_sum"}
+RAW = quantities.RAW
 # float32 kernels against the float64 definition: rounding of a few hundred terms, far below any real bug
 RTOL = {np.float32: 2e-4, np.float64: 1e-10}
 
@@ -102,6 +103,30 @@ def test_grad_and_sq_per_tile_with_clipped_sum_by_gemm_blocks(monkeypatch, dtype
     num_params = fastgrad.MLP(sizes).num_params
     monkeypatch.setattr(cpu, "PARTIALS_BYTES", 2 * 2 * num_params * np.dtype(dtype).itemsize)
     check_against_naive(sizes, "softplus", "cross_entropy", B=B, dtype=dtype)
+
+
+@pytest.mark.parametrize("partials_bytes", [cpu.PARTIALS_BYTES, 0])
+def test_a_new_sum_in_the_registry_is_made_without_a_kernel_edit(monkeypatch, partials_bytes):
+    # the kernel reads operand and source kinds from the plan the host builds from quantities.SUMS,
+    # never quantity names: a squared sum that is not divided by B comes out as B × sq_mean
+    monkeypatch.setattr(cpu, "PARTIALS_BYTES", partials_bytes)
+    extra = quantities.Sum("sq_sum", quantities.DELTA_SQUARED, quantities.INPUT_SQUARED, False, "Σ (∇ℓ_i)²")
+    monkeypatch.setattr(quantities, "SUMS", (*quantities.SUMS, extra))
+    net, theta, X, y = make_problem([13, 37, 11, 9, 5], "tanh", "cross_entropy", B=cpu.TILE + 3)
+    got = cpu.run(net, check_inputs(net, theta, X, y), frozenset({"loss", "sq_mean", "sq_sum"}), None, None)
+    np.testing.assert_allclose(got["sq_sum"], got["sq_mean"] * X.shape[0], rtol=1e-12, atol=1e-15)
+    assert "grad" not in got
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_variance_kernel_is_the_registry_formula(dtype):
+    rng = np.random.default_rng(0)
+    grad = rng.standard_normal(70_000).astype(dtype)
+    sq_mean = (grad * grad + rng.uniform(-1e-3, 1.0, grad.shape)).astype(dtype)  # some below grad²
+    var = np.empty_like(grad)
+    cpu.variance_into(grad, sq_mean, var)
+    np.testing.assert_array_equal(var, quantities.variance_from_moments(sq_mean, grad))
+    assert var.min() == 0
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
