@@ -3,6 +3,12 @@
 Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong
 shape or value) naming the argument and what was expected. What comes out is
 clean: C-contiguous, in θ's dtype, finite, labels in range.
+
+The shape and dtype checks (:func:`check_theta_shape`, :func:`check_X_shape`,
+:func:`check_y_shape`) read only ``.shape`` and ``.dtype``, so the CUDA backend runs
+the same functions on device arrays (``fastgrad.cuda.check_device_inputs``) and the
+two cannot word an error differently. The value checks (finite, label range) are the
+host's here; the device's run in its kernels and raise these same messages.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import numpy as np
 from .losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY
 from .mlp import FLOAT_DTYPES, MLP
 from .quantities import QUANTITIES
-
 
 
 @dataclass(frozen=True)
@@ -43,15 +48,54 @@ def check_net(net) -> MLP:
     return net
 
 
+# ------------------------------------------------ shapes and dtypes (host and device)
+
+
+def check_theta_shape(net: MLP, shape: tuple, dtype) -> None:
+    """θ's dtype (float32 or float64) and shape (P,), from its ``.shape`` and ``.dtype``."""
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"theta: expected dtype float32 or float64, got {dtype}")
+    shape = tuple(shape)
+    if len(shape) != 1 or shape[0] != net.num_params:
+        raise ValueError(
+            f"theta: expected shape ({net.num_params},) for sizes {list(net.sizes)}, got {shape}"
+        )
+
+
+def check_X_shape(net: MLP, shape: tuple) -> None:
+    """X's shape (B, n0) with B ≥ 1, from its ``.shape``."""
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ValueError(f"X: expected a 2-D array (B, {net.n_in}), got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError("X: the batch is empty (B = 0); need at least one sample")
+    if shape[1] != net.n_in:
+        raise ValueError(f"X: expected {net.n_in} columns (sizes[0]), got shape {shape}")
+
+
+def check_y_shape(net: MLP, shape: tuple, batch: int) -> tuple:
+    """y's shape for the loss: labels (B,) for cross-entropy, else targets (B, n_L); returns the
+    shape the kernels take (flat targets (B,) of a one-output network become (B, 1))."""
+    shape = tuple(shape)
+    n_out = net.n_out
+    if net.loss_code == CROSS_ENTROPY:
+        if shape != (batch,):
+            raise ValueError(f"y: cross_entropy expects labels of shape ({batch},), got {shape}")
+        return shape
+    if len(shape) == 1 and n_out == 1 and shape[0] == batch:
+        shape = (batch, 1)
+    if shape != (batch, n_out):
+        raise ValueError(f"y: {net.loss} expects targets of shape ({batch}, {n_out}), got {shape}")
+    return shape
+
+
+# ------------------------------------------------------------- host arrays
+
+
 def check_theta(net: MLP, theta) -> np.ndarray:
     if not isinstance(theta, np.ndarray):
         raise TypeError(f"theta: expected a NumPy array, got {type(theta).__name__}")
-    if theta.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"theta: expected dtype float32 or float64, got {theta.dtype}")
-    if theta.ndim != 1 or theta.shape[0] != net.num_params:
-        raise ValueError(
-            f"theta: expected shape ({net.num_params},) for sizes {list(net.sizes)}, got {theta.shape}"
-        )
+    check_theta_shape(net, theta.shape, theta.dtype)
     if not np.isfinite(theta).all():
         raise ValueError("theta: contains NaN or Inf")
     return np.ascontiguousarray(theta)
@@ -68,12 +112,7 @@ def _real_array(name: str, a) -> np.ndarray:
 
 def check_X(net: MLP, X, dtype: np.dtype) -> np.ndarray:
     X = _real_array("X", X)
-    if X.ndim != 2:
-        raise ValueError(f"X: expected a 2-D array (B, {net.n_in}), got shape {X.shape}")
-    if X.shape[0] == 0:
-        raise ValueError("X: the batch is empty (B = 0); need at least one sample")
-    if X.shape[1] != net.n_in:
-        raise ValueError(f"X: expected {net.n_in} columns (sizes[0]), got shape {X.shape}")
+    check_X_shape(net, X.shape)
     X = np.ascontiguousarray(X, dtype=dtype)
     if not np.isfinite(X).all():
         raise ValueError("X: contains NaN or Inf")
@@ -87,19 +126,14 @@ def check_y(net: MLP, y, batch: int, dtype: np.dtype) -> tuple[np.ndarray, np.nd
     if net.loss_code == CROSS_ENTROPY:
         if not np.issubdtype(y.dtype, np.integer):
             raise TypeError(f"y: cross_entropy expects integer class labels, got dtype {y.dtype}")
-        if y.shape != (batch,):
-            raise ValueError(f"y: cross_entropy expects labels of shape ({batch},), got {y.shape}")
+        check_y_shape(net, y.shape, batch)
         if y.min() < 0 or y.max() >= n_out:
             raise ValueError(
                 f"y: labels must lie in [0, {n_out}) (sizes[-1] = {n_out}), "
                 f"got values in [{y.min()}, {y.max()}]"
             )
         return np.ascontiguousarray(y, dtype=np.int64), np.zeros((0, n_out), dtype=dtype)
-    if y.ndim == 1 and n_out == 1 and y.shape[0] == batch:
-        y = y.reshape(batch, 1)
-    if y.shape != (batch, n_out):
-        raise ValueError(f"y: {net.loss} expects targets of shape ({batch}, {n_out}), got {y.shape}")
-    targets = np.ascontiguousarray(y, dtype=dtype)
+    targets = np.ascontiguousarray(y.reshape(check_y_shape(net, y.shape, batch)), dtype=dtype)
     if not np.isfinite(targets).all():
         raise ValueError("y: contains NaN or Inf")
     if net.loss_code == BINARY_CROSS_ENTROPY and (targets.min() < 0 or targets.max() > 1):
