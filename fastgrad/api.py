@@ -114,13 +114,22 @@ def resolve_backend(name: str) -> str:
 
 
 def run_backend(
-    name: str, net: MLP, inputs: Inputs, need: frozenset[str], max_norm: float | None = None, out=None
+    name: str,
+    net: MLP,
+    inputs: Inputs,
+    need: frozenset[str],
+    max_norm: float | None = None,
+    out=None,
+    **options,
 ) -> dict:
-    """The raw quantities ``need`` (names of :data:`fastgrad.quantities.RAW`) from backend ``name``,
-    for inputs already validated by :func:`fastgrad._validation.check_inputs`, as a dict of host
-    arrays; ``clipped_sum`` too when ``max_norm`` is given. For tools that check the backends
-    themselves (``fastgrad validate``); everyone else wants :func:`backprop`."""
-    return _backend(name)(net, inputs, need, max_norm, out)
+    """The raw quantities ``need`` (names of :data:`fastgrad.quantities.RAW`) from backend ``name``.
+
+    For tools that check the backends themselves (``fastgrad validate``); everyone else
+    wants :func:`backprop`. ``inputs`` come from :func:`check_inputs`; the result is a dict
+    of host arrays, with ``clipped_sum`` too when ``max_norm`` is given. ``options`` go to
+    the backend as they are (the CUDA backend takes ``path="fused"`` or ``"tiled"``).
+    """
+    return _backend(name)(net, inputs, need, max_norm, out, **options)
 
 
 def _backend(name: str) -> Callable:
@@ -283,6 +292,7 @@ __all__ = [
     "BackpropResult",
     "available_backends",
     "backprop",
+    "check_inputs",
     "clipped_grad",
     "resolve_backend",
     "run_backend",

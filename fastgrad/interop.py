@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .extras import require
 from .mlp import MLP
 
 _TORCH_DTYPES = ("float32", "float64")
@@ -17,7 +18,6 @@ _TORCH_DTYPES = ("float32", "float64")
 
 def _activation_name(module) -> str:
     """fastgrad's name for a torch activation module, or ``TypeError`` saying why it is not one."""
-    from .tools.extras import require  # lazily: import fastgrad loads no tools
 
     nn = require("torch.nn", "torch", "PyTorch interop")
     kind = type(module).__name__
@@ -53,42 +53,8 @@ def _activation_name(module) -> str:
     )
 
 
-def from_torch(module, loss: str = "cross_entropy") -> tuple[MLP, np.ndarray]:
-    """The fastgrad network and flat θ of a PyTorch MLP.
-
-    Parameters
-    ----------
-    module : torch.nn.Sequential
-        ``Linear, act, Linear, act, ..., Linear``: every hidden activation the same
-        kind (or none at all between the ``Linear`` layers, meaning ``identity``),
-        nothing after the last ``Linear``. A ``Linear`` without bias gets b = 0.
-        Parameters float32 or float64, all the same dtype.
-    loss : str
-        The loss to attach (PyTorch keeps the loss outside the module).
-
-    Returns
-    -------
-    net : MLP
-    theta : ndarray (P,)
-        A copy of the parameters in θ's layout (W_l row-major, then b_l), in the
-        module's dtype. ``torch.nn.Linear.weight`` is already (out, in).
-
-    Raises
-    ------
-    TypeError
-        For a module that is not a ``Sequential`` or holds an unsupported layer.
-    ValueError
-        For mismatched widths, mixed activations or a trailing activation.
-    fastgrad.datasets.MissingExtraError
-        When torch is not installed.
-    """
-    from .tools.extras import require  # lazily: import fastgrad loads no tools
-
-    torch = require("torch", "torch", "PyTorch interop")
-    nn = torch.nn
-    if not isinstance(module, nn.Sequential):
-        raise TypeError(f"module: expected a torch.nn.Sequential, got {type(module).__name__}")
-    layers = list(module)
+def _linears_and_activation(layers: list, nn) -> tuple[list, str]:
+    """The ``Linear`` layers of ``Linear, act, ..., Linear`` and the one hidden activation's name."""
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("module: holds no torch.nn.Linear layer")
@@ -118,7 +84,43 @@ def from_torch(module, loss: str = "cross_entropy") -> tuple[MLP, np.ndarray]:
         raise ValueError(
             f"module: mixes hidden activations {sorted(set(acts))}; fastgrad uses one for all layers"
         )
-    activation = acts[0] if acts else "identity"
+    return linears, acts[0] if acts else "identity"
+
+
+def from_torch(module, loss: str = "cross_entropy") -> tuple[MLP, np.ndarray]:
+    """The fastgrad network and flat θ of a PyTorch MLP.
+
+    Parameters
+    ----------
+    module : torch.nn.Sequential
+        ``Linear, act, Linear, act, ..., Linear``: every hidden activation the same
+        kind (or none at all between the ``Linear`` layers, meaning ``identity``),
+        nothing after the last ``Linear``. A ``Linear`` without bias gets b = 0.
+        Parameters float32 or float64, all the same dtype.
+    loss : str
+        The loss to attach (PyTorch keeps the loss outside the module).
+
+    Returns
+    -------
+    net : MLP
+    theta : ndarray (P,)
+        A copy of the parameters in θ's layout (W_l row-major, then b_l), in the
+        module's dtype. ``torch.nn.Linear.weight`` is already (out, in).
+
+    Raises
+    ------
+    TypeError
+        For a module that is not a ``Sequential`` or holds an unsupported layer.
+    ValueError
+        For mismatched widths, mixed activations or a trailing activation.
+    fastgrad.extras.MissingExtraError
+        When torch is not installed.
+    """
+
+    torch = require("torch", "torch", "PyTorch interop")
+    if not isinstance(module, torch.nn.Sequential):
+        raise TypeError(f"module: expected a torch.nn.Sequential, got {type(module).__name__}")
+    linears, activation = _linears_and_activation(list(module), torch.nn)
     sizes = [linears[0].in_features]
     for i, lin in enumerate(linears):
         if lin.in_features != sizes[-1]:
@@ -156,7 +158,6 @@ def to_torch(net: MLP, theta: np.ndarray):
         ``GELU(approximate="tanh")`` or ``Softplus()``. The loss is not part of it.
     """
     from ._validation import check_net, check_theta
-    from .tools.extras import require  # lazily: import fastgrad loads no tools
 
     torch = require("torch", "torch", "PyTorch interop")
     nn = torch.nn

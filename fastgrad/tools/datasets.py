@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..losses import CROSS_ENTROPY, loss_code
-from .extras import MissingExtraError, require
+from ..extras import MissingExtraError, require
 
 DATASETS: tuple[str, ...] = ("spirals", "digits")
 """Names accepted by :func:`load_dataset` (besides a ``.npz`` file)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .extras import require
+from ..extras import require
 
 
 def pyplot():
@@ -10,7 +10,7 @@ def pyplot():
 
     Raises
     ------
-    fastgrad.tools.extras.MissingExtraError
+    fastgrad.extras.MissingExtraError
         When matplotlib is not installed (extra: ``plot``).
     """
     mpl = require("matplotlib", "plot", "plotting")

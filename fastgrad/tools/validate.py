@@ -89,10 +89,8 @@ def runners(names: Sequence[str] | None) -> dict[str, Callable]:
     for name in wanted:
         api.resolve_backend(name)  # raises a clear error for unknown or unavailable backends
         if name == "cuda":
-            from .. import cuda  # api.run_backend cannot choose the path
-
             for path in CUDA_PATHS:
-                out[f"cuda/{path}"] = functools.partial(cuda.run, path=path)
+                out[f"cuda/{path}"] = functools.partial(api.run_backend, "cuda", path=path)
         else:
             out[name] = functools.partial(api.run_backend, name)
     return out

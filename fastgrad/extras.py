@@ -1,7 +1,7 @@
 """Optional packages (the ``extras`` of pyproject.toml): import one, or say which extra to install.
 
-Used by the tools (plots, the digits dataset) and, lazily, by :mod:`fastgrad.interop`
-(PyTorch). It depends on nothing else in fastgrad, so it can move into the core as is.
+Part of the core: used by :mod:`fastgrad.interop` (PyTorch) and by the tools (plots, the
+digits dataset). It imports nothing else of fastgrad.
 """
 
 from __future__ import annotations
