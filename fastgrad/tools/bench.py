@@ -445,6 +445,51 @@ def compare(
         the ratios to the floor and to the NumPy reference, and the relative error of
         its result against the float64 NumPy reference (checked before timing).
     """
+    backends, peers = _checked_args(configs, repeat, backends, peers, quantities)
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    cpu_at_start = _cpu_seconds()
+    sgemm, sgemm_flops = sgemm_timer()
+    fill, fill_bytes = fill_timer()
+    floor_runs = {"sgemm": [], "fill": []}
+    rows = []
+    for config in configs:
+        if log is not None:
+            log(f"{config}: {repeat} rounds")
+        net, theta, X, y = problem(config)
+        B = X.shape[0]
+        out = np.empty((B, net.num_params), dtype=theta.dtype)
+        cands = candidates(config, net, theta, X, y, out, backends, peers, quantities)
+        check(cands, reference(net, theta, X, y, quantities))
+        for _ in range(repeat):
+            for timer, key in ((sgemm, "sgemm"), (fill, "fill")):
+                floor_runs[key].append(_best_of(timer, FLOOR_CALLS))
+            _time_round(cands)
+        del out
+        rows += [(cand, net, B) for cand in cands]
+
+    machine = _machine(peers)
+    machine["loadavg_at_start"] = load_at_start
+    machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine["other_processes_cpu_share"] = _other_share(cpu_at_start, _cpu_seconds())
+    rate = sgemm_flops / statistics.median(floor_runs["sgemm"])
+    bandwidth = fill_bytes / statistics.median(floor_runs["fill"])
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "versions": _versions(peers),
+        "repeat": repeat,
+        "floors": {
+            "sgemm_flops_per_s": rate,
+            "sgemm_size": SGEMM_SIZE,
+            "fill_bytes_per_s": bandwidth,
+            "fill_shape": list(FILL_SHAPE),
+        },
+        "rows": _result_rows(rows, rate, bandwidth),
+    }
+
+
+def _checked_args(configs, repeat, backends, peers, quantities) -> tuple[list[str], list[str]]:
+    """Check :func:`compare`'s arguments; return the backends and peers to run."""
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat: expected a positive int, got {repeat!r}")
     for name in configs:
@@ -462,45 +507,26 @@ def compare(
     for p in peers:
         if p not in ("torch", "jax"):
             raise ValueError(f"peers: unknown name {p!r}; expected any of torch, jax")
+    return backends, peers
 
-    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    cpu_at_start = _cpu_seconds()
-    sgemm, sgemm_flops = sgemm_timer()
-    fill, fill_bytes = fill_timer()
-    sgemm_size, fill_shape = SGEMM_SIZE, FILL_SHAPE
-    floor_runs = {"sgemm": [], "fill": []}
-    rows = []
-    for config in configs:
-        if log is not None:
-            log(f"{config}: {repeat} rounds")
-        net, theta, X, y = problem(config)
-        B = X.shape[0]
-        out = np.empty((B, net.num_params), dtype=theta.dtype)
-        cands = candidates(config, net, theta, X, y, out, backends, peers, quantities)
-        check(cands, reference(net, theta, X, y, quantities))
-        for _ in range(repeat):
-            for timer, key in ((sgemm, "sgemm"), (fill, "fill")):
-                floor_runs[key].append(_best_of(timer, FLOOR_CALLS))
-            for cand in cands:
-                # Each library keeps its own thread pool, whose threads spin for a while after a
-                # call: timed straight after another library's call, an implementation shares the
-                # 2 cores with those spinners (seen here: numba's mnist grad 23-32 ms in the
-                # round, 6.5 ms alone). So: let the previous pool go idle, wake this one with an
-                # untimed call, as a training loop calling it every step would, then time a call.
-                time.sleep(SETTLE_SECONDS)
-                cand.call()
-                t0 = time.perf_counter()
-                cand.call()
-                cand.times.append(time.perf_counter() - t0)
-        del out
-        rows += [(cand, net, B) for cand in cands]
 
-    machine = _machine(peers)
-    machine["loadavg_at_start"] = load_at_start
-    machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    machine["other_processes_cpu_share"] = _other_share(cpu_at_start, _cpu_seconds())
-    rate = sgemm_flops / statistics.median(floor_runs["sgemm"])
-    bandwidth = fill_bytes / statistics.median(floor_runs["fill"])
+def _time_round(cands: Sequence[Candidate]) -> None:
+    """One timed call of every candidate, in order, appended to its ``times``."""
+    for cand in cands:
+        # Each library keeps its own thread pool, whose threads spin for a while after a
+        # call: timed straight after another library's call, an implementation shares the
+        # 2 cores with those spinners (seen here: numba's mnist grad 23-32 ms in the
+        # round, 6.5 ms alone). So: let the previous pool go idle, wake this one with an
+        # untimed call, as a training loop calling it every step would, then time a call.
+        time.sleep(SETTLE_SECONDS)
+        cand.call()
+        t0 = time.perf_counter()
+        cand.call()
+        cand.times.append(time.perf_counter() - t0)
+
+
+def _result_rows(rows, rate: float, bandwidth: float) -> list[dict]:
+    """One dict per (candidate, net, B): median, times, floor and the ratios to it and to NumPy."""
     result_rows = []
     for cand, net, B in rows:
         floor = (
@@ -530,19 +556,7 @@ def compare(
         ]
         row["vs_floor"] = row["median_s"] / row["floor_s"]
         row["vs_numpy"] = row["median_s"] / ref[0]["median_s"] if ref else None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "versions": _versions(peers),
-        "repeat": repeat,
-        "floors": {
-            "sgemm_flops_per_s": rate,
-            "sgemm_size": sgemm_size,
-            "fill_bytes_per_s": bandwidth,
-            "fill_shape": list(fill_shape),
-        },
-        "rows": result_rows,
-    }
+    return result_rows
 
 
 def format_table(result: dict) -> str:
