@@ -148,6 +148,85 @@ def _check_positive(name: str, value, kind=float) -> None:
         raise ValueError(f"{name}: expected a positive {'integer' if kind is int else 'number'}, got {value}")
 
 
+def _check_train_args(net: MLP, train: Dataset, methods: tuple, epochs, batch_size, lr) -> None:
+    for m in methods:
+        if m not in TRAIN_METHODS:
+            raise ValueError(f"methods: unknown method {m!r}; expected any of {', '.join(TRAIN_METHODS)}")
+    if not methods:
+        raise ValueError(f"methods: empty; expected any of {', '.join(TRAIN_METHODS)}")
+    _check_positive("epochs", epochs, int)
+    _check_positive("batch_size", batch_size, int)
+    _check_positive("lr", lr)
+    if train.num_features != net.n_in:
+        raise ValueError(
+            f"sizes: the network takes {net.n_in} inputs but dataset {train.name!r} has "
+            f"{train.num_features} features"
+        )
+    if train.num_outputs != net.n_out:
+        raise ValueError(
+            f"sizes: the network has {net.n_out} outputs but dataset {train.name!r} needs {train.num_outputs}"
+        )
+    if batch_size > train.num_samples:
+        raise ValueError(f"batch_size: {batch_size} exceeds the {train.num_samples} training samples")
+    if net.loss_code == CROSS_ENTROPY and not train.is_classification:
+        train.targets_for(net.loss)  # raises the explanatory ValueError
+
+
+@dataclass
+class _SGD:
+    """Plain SGD on one dataset with the settings of :func:`train_compare`, one method at a time."""
+
+    net: MLP
+    train: Dataset
+    test: Dataset
+    Y: np.ndarray  # the training targets in the form net.loss takes
+    batch_size: int
+    lr: float
+    seed: int
+    backend: str
+    max_norm: float
+    noise_multiplier: float
+    progress: Callable[[int], None] | None
+
+    def gradient(self, method: str, theta: np.ndarray, idx: np.ndarray, epoch: int, step: int):
+        X, y = self.train.X[idx], self.Y[idx]
+        if method == "true":
+            return backprop(self.net, theta, X, y, ("grad",), backend=self.backend).grad
+        if method == "dp_sgd":
+            noise_seed = (self.seed, epoch, step)
+            return clipped_grad(
+                self.net, theta, X, y, self.max_norm, self.noise_multiplier, noise_seed, self.backend
+            )
+        return shortcut_grad(self.net, theta, X, y, method)
+
+    def run(self, method: str, theta0: np.ndarray, orders: list[np.ndarray]) -> MethodHistory:
+        """Train from ``theta0`` with ``method``, one epoch per entry of ``orders``."""
+        h = MethodHistory(method)
+        theta = theta0.copy()
+        steps = self.train.num_samples // self.batch_size
+        epochs = len(orders)
+        _record(h, self.net, theta, self.train, self.test, self.backend)
+        for epoch in range(1, epochs + 1):
+            for s in range(steps):
+                idx = orders[epoch - 1][s * self.batch_size : (s + 1) * self.batch_size]
+                # a diverging run overflows on its way to Inf/NaN; that is caught just below
+                with np.errstate(all="ignore"):
+                    theta -= theta.dtype.type(self.lr) * self.gradient(method, theta, idx, epoch, s)
+                if not np.isfinite(theta).all():
+                    h.diverged_at = epoch
+                    break
+            if self.progress is not None:
+                self.progress(steps if h.diverged_at is None else steps * (epochs - epoch + 1))
+            if h.diverged_at is not None:
+                for rec in (h.train_loss, h.test_loss):
+                    rec.append(float("inf"))
+                for rec in (h.train_accuracy, h.test_accuracy):
+                    rec.append(float("nan"))
+                break
+            _record(h, self.net, theta, self.train, self.test, self.backend)
+        return h
+
+
 def train_compare(
     net: MLP,
     train: Dataset,
@@ -195,65 +274,14 @@ def train_compare(
         recorded values are then ``inf``/NaN.
     """
     methods = tuple(methods)
-    for m in methods:
-        if m not in TRAIN_METHODS:
-            raise ValueError(f"methods: unknown method {m!r}; expected any of {', '.join(TRAIN_METHODS)}")
-    if not methods:
-        raise ValueError(f"methods: empty; expected any of {', '.join(TRAIN_METHODS)}")
-    _check_positive("epochs", epochs, int)
-    _check_positive("batch_size", batch_size, int)
-    _check_positive("lr", lr)
-    if train.num_features != net.n_in:
-        raise ValueError(
-            f"sizes: the network takes {net.n_in} inputs but dataset {train.name!r} has "
-            f"{train.num_features} features"
-        )
-    if train.num_outputs != net.n_out:
-        raise ValueError(
-            f"sizes: the network has {net.n_out} outputs but dataset {train.name!r} needs {train.num_outputs}"
-        )
-    if batch_size > train.num_samples:
-        raise ValueError(f"batch_size: {batch_size} exceeds the {train.num_samples} training samples")
-    if net.loss_code == CROSS_ENTROPY and not train.is_classification:
-        train.targets_for(net.loss)  # raises the explanatory ValueError
+    _check_train_args(net, train, methods, epochs, batch_size, lr)
     test = test if test is not None else train.subset(np.arange(0))
+    sgd = _SGD(net, train, test, train.targets_for(net.loss), batch_size, lr, seed, backend, max_norm,
+               noise_multiplier, progress)  # fmt: skip
     theta0 = net.init(seed=seed, dtype=dtype)
-    steps = train.num_samples // batch_size
     rng = np.random.default_rng(seed)
     orders = [rng.permutation(train.num_samples) for _ in range(epochs)]
-    Y = train.targets_for(net.loss)
-    histories: dict[str, MethodHistory] = {}
-    for method in methods:
-        h = MethodHistory(method)
-        histories[method] = h
-        theta = theta0.copy()
-        _record(h, net, theta, train, test, backend)
-        for epoch in range(1, epochs + 1):
-            for s in range(steps):
-                idx = orders[epoch - 1][s * batch_size : (s + 1) * batch_size]
-                X, y = train.X[idx], Y[idx]
-                # a diverging run overflows on its way to Inf/NaN; that is caught just below
-                with np.errstate(all="ignore"):
-                    if method == "true":
-                        g = backprop(net, theta, X, y, ("grad",), backend=backend).grad
-                    elif method == "dp_sgd":
-                        noise_seed = (seed, epoch, s)
-                        g = clipped_grad(net, theta, X, y, max_norm, noise_multiplier, noise_seed, backend)
-                    else:
-                        g = shortcut_grad(net, theta, X, y, method)
-                    theta -= theta.dtype.type(lr) * g
-                if not np.isfinite(theta).all():
-                    h.diverged_at = epoch
-                    break
-            if progress is not None:
-                progress(steps if h.diverged_at is None else steps * (epochs - epoch + 1))
-            if h.diverged_at is not None:
-                for rec in (h.train_loss, h.test_loss):
-                    rec.append(float("inf"))
-                for rec in (h.train_accuracy, h.test_accuracy):
-                    rec.append(float("nan"))
-                break
-            _record(h, net, theta, train, test, backend)
+    histories = {method: sgd.run(method, theta0, orders) for method in methods}
     return TrainResult(
         histories,
         net.sizes,
