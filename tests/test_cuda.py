@@ -41,18 +41,17 @@ def test_every_kernel_compiles_to_ptx_for_sm90(dtype, monkeypatch):
 
         monkeypatch.setattr("numba.cuda.dispatcher.get_current_device", lambda: Hopper())
     F = getattr(types, dtype)
-    funcs, sigs = fc.kernel_functions(F), fc.kernel_signatures(F)
-    assert set(funcs) == set(sigs)
+    assert {"tiled_gemm_kernel", "fused_narrow_kernel", "sum_rows_kernel"} <= set(fc.KERNELS)
     f64_kernels = []
-    for name, func in funcs.items():
-        ptx, _ = cuda.compile_ptx(func, sigs[name], cc=(9, 0))
+    for name, kern in fc.KERNELS.items():  # each kernel's signature is registered beside it
+        ptx, _ = cuda.compile_ptx(kern.build(F), kern.signature(F), cc=(9, 0))
         assert ".target sm_90" in ptx, name
         if re.search(r"\.f64\b", ptx):
             f64_kernels.append(name)
     if dtype == "float32":
         assert f64_kernels == [], f"float64 arithmetic in the float32 PTX of {f64_kernels}"
     else:  # the check above sees float64 where it is
-        assert set(f64_kernels) == set(funcs)
+        assert set(f64_kernels) == set(fc.KERNELS)
 
 
 @needs_numba_cuda
@@ -100,8 +99,8 @@ def test_fused_path_is_chosen_only_for_narrow_networks(monkeypatch):
     for B in (1, 100, 10**6):  # the tile always fits the shared memory
         for dt in (np.float32, np.float64):
             tile = fc.fused_tile(narrow, B, dt)
-            assert tile >= 1 and fc._fused_shared_bytes(narrow, tile, dt) <= fc.SHARED_BYTES
-    monkeypatch.setattr(fc, "FUSED_MAX_WIDTH", 32)
+            assert tile >= 1 and fc.fused.shared_bytes(narrow, tile, dt) <= fc.SHARED_BYTES
+    monkeypatch.setattr(fc.config, "FUSED_MAX_WIDTH", 32)  # the tunables are read through config
     assert fc.fused_tile(narrow, 4096, np.float32) == 0
 
 

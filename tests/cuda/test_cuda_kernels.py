@@ -16,11 +16,12 @@ import fastgrad
 from fastgrad import cuda as fc
 from fastgrad import reference
 from fastgrad._validation import check_inputs
+from fastgrad.quantities import RAW, REGISTRY, needed
 
 cuda = fc.cuda
 SIM = fc.SIMULATOR
-ALL = frozenset({"loss", "grad", "per_sample", "norms", "layer_norms", "sq_mean"})
-QUANTITIES = ("loss", "grad", "per_sample", "norms", "layer_norms", "sq_mean", "clipped_sum")
+QUANTITIES = RAW  # every raw quantity of the registry (the clipped sum with MAX_NORM)
+ALL = frozenset(name for name in RAW if REGISTRY[name].public)
 RTOL = {np.float64: 1e-12, np.float32: 3e-5}
 MAX_NORM = 0.5  # below most per-sample norms of these problems, so clipping changes the result
 
@@ -88,7 +89,7 @@ def test_tiled_path_every_activation_and_loss(activation, loss):
 
 def test_split_k_weight_gradients_match(monkeypatch):
     # more target blocks than the output tiles give forces the batch into several K chunks
-    monkeypatch.setattr(fc, "TARGET_BLOCKS", 64)
+    monkeypatch.setattr(fc.config, "TARGET_BLOCKS", 64)
     B = 24 if SIM else 3000
     net, theta, X, y = make_problem([3, 5, 2], "gelu", "mse", B=B, dtype=np.float64, seed=4)
     raw = run_cuda(net, theta, X, y, "tiled", need=frozenset({"loss", "grad", "sq_mean"}))
@@ -140,7 +141,7 @@ def device_problem(dtype=np.float64, loss="cross_entropy"):
 def backprop_on_device(net, theta_d, X_d, y_d, compute):
     """fastgrad.backprop on device arrays (the simulator's arrays lack the interface api.py checks)."""
     if SIM:
-        raw = fc.backprop_device(net, theta_d, X_d, y_d, fastgrad.api._needed(frozenset(compute)))
+        raw = fc.backprop_device(net, theta_d, X_d, y_d, needed(compute))
         return {name: raw[name] for name in compute}
     res = fastgrad.backprop(net, theta_d, X_d, y_d, compute=compute, backend="cuda")
     return {name: getattr(res, name) for name in compute}
@@ -181,6 +182,32 @@ def test_bad_device_inputs_are_rejected_before_any_kernel():
         fc.check_device_inputs(net, cuda.to_device(theta[:-1]), X_d, y_d)
     with pytest.raises(TypeError, match="y: expected a device array"):
         fc.check_device_inputs(net, theta_d, X_d, y)
+
+
+@pytest.mark.parametrize(
+    "arg,bad",
+    [
+        ("theta", lambda theta, X, y: theta[:-1]),
+        ("theta", lambda theta, X, y: theta.astype(np.int64)),
+        ("X", lambda theta, X, y: X[:, :2]),
+        ("X", lambda theta, X, y: X[0]),
+        ("X", lambda theta, X, y: X[:0]),
+        ("y", lambda theta, X, y: y[:4]),
+    ],
+)
+def test_device_and_host_shape_errors_are_the_same_message(arg, bad):
+    # one shape/dtype checker for both: the device error is the host error, word for word
+    net, theta, X, y, *_ = device_problem()
+    host = {"theta": theta, "X": X, "y": y}
+    host[arg] = np.ascontiguousarray(bad(theta, X, y))
+    if arg == "X" and host["X"].ndim == 2 and host["X"].shape[0] == 0:
+        host["y"] = y[:0]
+    with pytest.raises((TypeError, ValueError)) as on_host:
+        check_inputs(net, host["theta"], host["X"], host["y"])
+    dev = {k: cuda.to_device(v) for k, v in host.items()}
+    with pytest.raises(type(on_host.value)) as on_device:
+        fc.check_device_inputs(net, dev["theta"], dev["X"], dev["y"])
+    assert str(on_device.value) == str(on_host.value)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator computes with the inf on the host

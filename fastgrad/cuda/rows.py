@@ -1,0 +1,237 @@
+"""Per-row kernels (one thread per sample, per parameter, or per output column), then their launchers.
+
+The per-row maths is the registry's (:mod:`fastgrad.quantities`): Goodfellow's layer term
+``layer_norm_sq``, the ``clip_factor`` and ``variance_from_moments`` are the functions the
+CPU kernels and the NumPy reference run too. Layer indices in comments are 1-based
+(DESIGN §2): layer l maps A_{l-1} (B, n_{l-1}) to Δ_l, A_l (B, n_l).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..losses import output_delta_row
+from ..quantities import clip_factor, layer_norm_sq, variance_from_moments
+from .config import ROW_THREADS, SUM_X, SUM_Y, WRITE_THREADS, cdiv, cuda, kernel, mat, nbt, vec
+
+# ------------------------------------------------------------------- kernels
+
+
+@kernel(lambda F: (mat(F), vec(nbt.int64), mat(F), nbt.int64, nbt.int64, mat(F), vec(F)))
+def output_deltas_kernel(F):
+    def output_deltas(z_out, labels, targets, loss, B, deltas, losses):
+        # z_out, deltas (B, n_L); losses (B,): Δ_L = ∂ℓ_i/∂z_L and ℓ_i, one thread per sample
+        i = cuda.grid(1)
+        if i < B:
+            losses[i] = output_delta_row(
+                loss, z_out[i], targets[i % targets.shape[0]], labels[i % labels.shape[0]], deltas[i]
+            )
+
+    return output_deltas
+
+
+@kernel(lambda F: (mat(F), mat(F), mat(F), nbt.int64))
+def layer_norms_sq_kernel(F):
+    zero = F(0.0)
+
+    def layer_norms_sq(D, A, layer_sq, col):
+        # D = Δ_l (B, n_l), A = A_{l-1} (B, n_{l-1}) -> layer_sq[:, col = l - 1] (B,): ‖∇_{W_l,b_l} ℓ_i‖²
+        i = cuda.grid(1)
+        if i < D.shape[0]:
+            dd = zero
+            for o in range(D.shape[1]):
+                dd += D[i, o] * D[i, o]
+            aa = zero
+            for j in range(A.shape[1]):
+                aa += A[i, j] * A[i, j]
+            layer_sq[i, col] = layer_norm_sq(dd, aa)
+
+    return layer_norms_sq
+
+
+@kernel(lambda F: (mat(F), vec(F), nbt.int64, mat(F), F, vec(F)))
+def finish_norms_kernel(F):
+    zero = F(0.0)
+
+    def finish_norms(layer_sq, norms, want_layer_norms, layer_norms, max_norm, clip_c):
+        # layer_sq (B, L) -> norms (B,), layer_norms (B, L) if asked, clip factors (B,) when max_norm > 0
+        i = cuda.grid(1)
+        if i < layer_sq.shape[0]:
+            t = zero
+            for l in range(layer_sq.shape[1]):
+                t += layer_sq[i, l]
+                if want_layer_norms:
+                    layer_norms[i, l] = math.sqrt(layer_sq[i, l])
+            nrm = math.sqrt(t)
+            norms[i] = nrm
+            if max_norm > zero:
+                clip_c[i] = clip_factor(nrm, max_norm)
+
+    return finish_norms
+
+
+@kernel(lambda F: (vec(F), nbt.int64, nbt.int64, nbt.int64, F, vec(F), nbt.int64))
+def sum_rows_kernel(F):
+    zero = F(0.0)
+
+    def sum_rows(part, part_off, nrows, ncols, scale, out, out_off):
+        # part[part_off:] (nrows, ncols) -> out[out_off + c] = scale * Σ_r part[r, c], in a fixed order
+        sh = cuda.shared.array((SUM_Y, SUM_X), F)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        c = cuda.blockIdx.x * SUM_X + tx
+        acc = zero
+        if c < ncols:
+            for r in range(ty, nrows, SUM_Y):
+                acc += part[part_off + r * ncols + c]
+        sh[ty, tx] = acc
+        cuda.syncthreads()
+        if ty == 0 and c < ncols:
+            t = zero
+            for y in range(SUM_Y):
+                t += sh[y, tx]
+            out[out_off + c] = t * scale
+
+    return sum_rows
+
+
+@kernel(lambda F: (mat(F), mat(F), mat(F), nbt.int64))
+def outer_into_kernel(F):
+    def outer_into(D, A, G, w_start):
+        # D = Δ_l (B, n_l), A = A_{l-1} (B, n_{l-1}), G (B, P): layer l's block of row i is
+        # D[i, o] A[i, j] at w_start + o·n_{l-1} + j, then the bias part D[i, o]
+        n_out = D.shape[1]
+        n_in = A.shape[1]
+        nw = n_out * n_in
+        k = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if k < nw + n_out:
+            for i in range(cuda.blockIdx.y, D.shape[0], cuda.gridDim.y):
+                if k < nw:
+                    G[i, w_start + k] = D[i, k // n_in] * A[i, k % n_in]
+                else:
+                    G[i, w_start + k] = D[i, k - nw]
+
+    return outer_into
+
+
+@kernel(lambda F: (vec(F), vec(F), vec(F)))
+def variance_kernel(F):
+    def variance(sq_mean, grad, var):
+        # (P,) each: var = max(sq_mean - grad², 0)
+        p = cuda.grid(1)
+        if p < var.shape[0]:
+            var[p] = variance_from_moments(sq_mean[p], grad[p])
+
+    return variance
+
+
+@kernel(lambda F: (vec(F), vec(F), F, F, vec(F)))
+def noised_mean_kernel(F):
+    def noised_mean(total, noise, sigma_c, inv_b, out):
+        # (P,) each: out = (total + σ C ξ) / B
+        p = cuda.grid(1)
+        if p < out.shape[0]:
+            out[p] = (total[p] + sigma_c * noise[p]) * inv_b
+
+    return noised_mean
+
+
+@kernel(lambda F: (vec(F), vec(F), vec(F), vec(nbt.int64), F, F, nbt.int64, vec(nbt.int32)))
+def check_values_kernel(F):
+    def check_values(theta, X, targets, labels, lo, hi, n_classes, flags):
+        # θ (P,), X (B·n0,), targets (B·n_L,), labels (B,) -> flags (4,): non-finite θ, X, y; y out of range
+        start = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        for k in range(start, theta.shape[0], stride):
+            if not math.isfinite(theta[k]):
+                flags[0] = 1
+        for k in range(start, X.shape[0], stride):
+            if not math.isfinite(X[k]):
+                flags[1] = 1
+        for k in range(start, targets.shape[0], stride):
+            v = targets[k]
+            if not math.isfinite(v):
+                flags[2] = 1
+            elif v < lo or v > hi:
+                flags[3] = 1
+        for k in range(start, labels.shape[0], stride):
+            if labels[k] < 0 or labels[k] >= n_classes:
+                flags[3] = 1
+
+    return check_values
+
+
+# ----------------------------------------------------------------- launchers
+
+
+def output_deltas(*, z_out, labels, targets, loss: int, deltas, losses) -> None:
+    """Δ_L (B, n_L) into ``deltas`` and the per-sample losses (B,) into ``losses``, from Z_L."""
+    B = z_out.shape[0]
+    output_deltas_kernel.compiled(z_out.dtype)[cdiv(B, ROW_THREADS), ROW_THREADS](
+        z_out, labels, targets, loss, B, deltas, losses
+    )
+
+
+def layer_norms_sq(*, delta, inputs, layer_sq, col: int) -> None:
+    """Column ``col`` of layer_sq (B, L): Goodfellow's ‖Δ_{l,i}‖² (‖A_{l-1,i}‖² + 1) for layer l = col + 1."""
+    B = delta.shape[0]
+    grid = cdiv(B, ROW_THREADS)
+    layer_norms_sq_kernel.compiled(delta.dtype)[grid, ROW_THREADS](delta, inputs, layer_sq, col)
+
+
+def finish_norms(*, layer_sq, norms, layer_norms=None, max_norm=None, clip=None) -> None:
+    """norms (B,) from layer_sq (B, L); layer_norms (B, L) when given; clip factors (B,) when ``max_norm``."""
+    dt = layer_sq.dtype
+    F = dt.type
+    B = layer_sq.shape[0]
+    finish_norms_kernel.compiled(dt)[cdiv(B, ROW_THREADS), ROW_THREADS](
+        layer_sq,
+        norms,
+        int(layer_norms is not None),
+        layer_sq if layer_norms is None else layer_norms,
+        F(max_norm if max_norm is not None else 0.0),
+        norms if clip is None else clip,
+    )
+
+
+def sum_rows(*, part, offset: int, nrows: int, ncols: int, scale, out, out_offset: int = 0) -> None:
+    """out[out_offset:out_offset + ncols] = scale · the column sums of part[offset:] (nrows, ncols)."""
+    sum_rows_kernel.compiled(part.dtype)[(cdiv(ncols, SUM_X),), (SUM_X, SUM_Y)](
+        part, offset, nrows, ncols, scale, out, out_offset
+    )
+
+
+def outer_into(*, delta, inputs, out, layer) -> None:
+    """Layer l's block of the per-sample rows out (B, P): Δ_l,i A_{l-1,i}ᵀ then Δ_l,i, in θ's layout."""
+    B = delta.shape[0]
+    seg = layer.end - layer.w_start
+    outer_into_kernel.compiled(delta.dtype)[(cdiv(seg, WRITE_THREADS), min(B, 65535)), WRITE_THREADS](
+        delta, inputs, out, layer.w_start
+    )
+
+
+def variance(*, sq_mean, grad):
+    """The population variance (P,) from the second moment and the mean gradient, on the device."""
+    P = grad.shape[0]
+    var = cuda.device_array(P, dtype=grad.dtype)
+    variance_kernel.compiled(grad.dtype)[cdiv(P, ROW_THREADS), ROW_THREADS](sq_mean, grad, var)
+    return var
+
+
+def noised_mean(*, total, noise, noise_std: float, batch: int):
+    """DP-SGD's (clipped sum + σ C ξ) / B (P,), on the device; ``noise_std`` = σ C."""
+    P = total.shape[0]
+    F = total.dtype.type
+    out = cuda.device_array(P, dtype=total.dtype)
+    noised_mean_kernel.compiled(total.dtype)[cdiv(P, ROW_THREADS), ROW_THREADS](
+        total, noise, F(noise_std), F(1.0 / batch), out
+    )
+    return out
+
+
+def check_values(*, theta, X, targets, labels, lo, hi, n_classes: int, flags) -> None:
+    """Set flags (4,) int32 for non-finite θ, X, y and for y out of range (they stay 0 otherwise)."""
+    n = max(theta.size, X.size, targets.size, labels.size)
+    check_values_kernel.compiled(theta.dtype)[min(cdiv(n, ROW_THREADS), 1024), ROW_THREADS](
+        theta, X.reshape(X.size), targets.reshape(targets.size), labels, lo, hi, n_classes, flags
+    )
