@@ -34,12 +34,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-CONFIGS = {
-    "narrow": ([64, 64, 64, 10], 4096),
-    "mnist": ([784, 512, 256, 10], 512),
-    "wide": ([1024, 1024, 1024, 10], 256),
-    "narrow-B65536": ([64, 64, 64, 10], 65536),
-}
+from fastgrad.tools.configs import CONFIGS as DESIGN_CONFIGS
+
+CONFIGS = {**DESIGN_CONFIGS, "narrow-B65536": (DESIGN_CONFIGS["narrow"][0], 65536)}
+"""DESIGN §6's configurations (the one source, ``fastgrad.tools.configs``) and a large-batch narrow case."""
 
 
 def median_ms(fn, sync, reps: int, warmup: int = 2) -> float:
@@ -147,26 +145,41 @@ def bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, 
     slow_reps = max(3, reps // 3)
     nan = float("nan")
     meas = {
-        "grad": (median_ms(lambda: fg(("grad",)), sync, reps),
-                 median_ms(lambda: kernels_only({"grad"}), sync, reps),
-                 median_ms(torch_grad, sync, reps),
-                 flops / (floors["sgemm_TFLOPs"] * 1e9)),
-        "per_sample": (median_ms(lambda: fg(("per_sample",), out=G_d), sync, reps),
-                       median_ms(lambda: kernels_only({"per_sample"}, G_d), sync, reps),
-                       median_ms(torch_per_sample, sync, slow_reps),
-                       ps_bytes / (floors["fill_GBps"] * 1e6)),
-        "norms": (median_ms(lambda: fg(("norms",)), sync, reps),
-                  median_ms(lambda: kernels_only({"norms"}), sync, reps),
-                  median_ms(torch_norms, sync, slow_reps),
-                  nan),
+        "grad": (
+            median_ms(lambda: fg(("grad",)), sync, reps),
+            median_ms(lambda: kernels_only({"grad"}), sync, reps),
+            median_ms(torch_grad, sync, reps),
+            flops / (floors["sgemm_TFLOPs"] * 1e9),
+        ),
+        "per_sample": (
+            median_ms(lambda: fg(("per_sample",), out=G_d), sync, reps),
+            median_ms(lambda: kernels_only({"per_sample"}, G_d), sync, reps),
+            median_ms(torch_per_sample, sync, slow_reps),
+            ps_bytes / (floors["fill_GBps"] * 1e6),
+        ),
+        "norms": (
+            median_ms(lambda: fg(("norms",)), sync, reps),
+            median_ms(lambda: kernels_only({"norms"}), sync, reps),
+            median_ms(torch_norms, sync, slow_reps),
+            nan,
+        ),
         "clipped": (median_ms(fg_clipped, sync, reps), nan, nan, nan),
     }
     rows = []
     for q, (t_api, t_kern, t_torch, t_floor) in meas.items():
         row = {
-            "config": name, "sizes": sizes, "B": B, "P": P, "path": path, "quantity": q,
-            "fastgrad_ms": t_api, "fastgrad_kernels_ms": t_kern, "torch_ms": t_torch,
-            "speedup_vs_torch": t_torch / t_api, "floor_ms": t_floor, "rel_err_vs_torch": errs[q],
+            "config": name,
+            "sizes": sizes,
+            "B": B,
+            "P": P,
+            "path": path,
+            "quantity": q,
+            "fastgrad_ms": t_api,
+            "fastgrad_kernels_ms": t_kern,
+            "torch_ms": t_torch,
+            "speedup_vs_torch": t_torch / t_api,
+            "floor_ms": t_floor,
+            "rel_err_vs_torch": errs[q],
         }
         if q == "per_sample":
             row["per_sample_GBps"] = ps_bytes / t_api / 1e6
@@ -207,8 +220,8 @@ def profile_overheads(torch, cuda, fastgrad, fc, sync, reps: int) -> dict:
     tt = torch.zeros(16, device="cuda")
     out = {
         "launch_1_array_us": 1e3 * median_ms(lambda: one_array[4, 256](a[0]), sync, reps),
-        "launch_12_arrays_8_scalars_us": 1e3 * median_ms(
-            lambda: twelve_arrays[4, 256](*a, 1, 2, 3, 4, 5, 6, 7, np.float32(8)), sync, reps),
+        "launch_12_arrays_8_scalars_us": 1e3
+        * median_ms(lambda: twelve_arrays[4, 256](*a, 1, 2, 3, 4, 5, 6, 7, np.float32(8)), sync, reps),
         "device_array_9000_us": 1e3 * median_ms(lambda: cuda.device_array(9000, np.float32), sync, reps),
         "copy_to_host_512_us": 1e3 * median_ms(lambda: a[0][:512].copy_to_host(), sync, reps),
         "copy_to_device_512_us": 1e3 * median_ms(lambda: a[0][:512].copy_to_device(small), sync, reps),
@@ -217,7 +230,7 @@ def profile_overheads(torch, cuda, fastgrad, fc, sync, reps: int) -> dict:
     }
     for name, (sizes, B) in (("narrow", CONFIGS["narrow"]), ("mnist", CONFIGS["mnist"])):
         out.update(profile_call(name, sizes, B, cuda, fastgrad, fc, sync, sleep, reps))
-        fc._SCRATCH.clear()
+        fc.clear_scratch()
     print("overheads:", json.dumps(out), flush=True)
     return out
 
@@ -230,8 +243,10 @@ def profile_call(name, sizes, B, cuda, fastgrad, fc, sync, sleep, reps) -> dict:
     X_d = cuda.to_device(rng.standard_normal((B, sizes[0])).astype(np.float32))
     y_d = cuda.to_device(rng.integers(0, sizes[-1], size=B).astype(np.int64))
     d = fc.check_device_inputs(net, theta_d, X_d, y_d)
-    out = {f"{name}_check_inputs_us": 1e3 * median_ms(lambda: fc.check_device_inputs(net, theta_d, X_d, y_d),
-                                                      sync, reps)}
+    out = {
+        f"{name}_check_inputs_us": 1e3
+        * median_ms(lambda: fc.check_device_inputs(net, theta_d, X_d, y_d), sync, reps)
+    }
     for need in ({"loss"}, {"loss", "grad"}, {"loss", "norms"}):
         need = frozenset(need)
         fc._run_device(net, d, need, None)
@@ -257,12 +272,17 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=15, help="timed calls per measurement (median)")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--profile", action="store_true", help="also measure launch and copy overheads")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny problem, torch on the CPU: checks this script under the CUDA simulator")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny problem, torch on the CPU: checks this script under the CUDA simulator",
+    )
     args = parser.parse_args(argv)
-    configs = {"smoke": ([3, 5, 2], 6), "smoke-wide": ([3, 5, 2], 6)} if args.smoke else {
-        k: CONFIGS[k] for k in args.configs
-    }
+    configs = (
+        {"smoke": ([3, 5, 2], 6), "smoke-wide": ([3, 5, 2], 6)}
+        if args.smoke
+        else {k: CONFIGS[k] for k in args.configs}
+    )
     tdev = "cpu" if args.smoke else "cuda"
 
     import numba
@@ -304,39 +324,68 @@ def main(argv=None) -> int:
             print(f"profile failed: {type(exc).__name__}: {exc}", flush=True)
     floors = measure_floors(torch, sync, tdev, args.reps)
     copy_gbs, fill_gbs, sgemm_tflops = floors["copy_GBps"], floors["fill_GBps"], floors["sgemm_TFLOPs"]
-    print(f"floors: copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
-          f"sgemm {sgemm_tflops:.1f} TFLOP/s (float32, TF32 off)")
+    print(
+        f"floors: copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
+        f"sgemm {sgemm_tflops:.1f} TFLOP/s (float32, TF32 off)"
+    )
     rows = []
     for name, (sizes, B) in configs.items():
         if name == "smoke-wide":  # the tiled path at a smoke test's size
-            fc.FUSED_MAX_WIDTH = 4
+            fc.config.FUSED_MAX_WIDTH = 4  # the tunables are read through fastgrad.cuda.config
         rows += bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, args.reps)
         if tdev == "cuda":
             torch.cuda.empty_cache()
-        fc._SCRATCH.clear()
+        fc.clear_scratch()
 
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"environment": env, "floors": floors, "overheads": overheads, "rows": rows}, fh,
-                      indent=1)
+            json.dump(
+                {"environment": env, "floors": floors, "overheads": overheads, "rows": rows}, fh, indent=1
+            )
 
     print()
-    print(f"{env['gpu']} (cc {env['compute_capability']}), {env['date']}; numba {env['numba']}, "
-          f"numba-cuda {env['numba_cuda']}, torch {env['torch']} (CUDA {env['torch_cuda']})")
-    print(f"floors: device copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
-          f"sgemm {sgemm_tflops:.1f} TFLOP/s")
-    head = ("config", "path", "quantity", "fastgrad ms", "kernels ms", "torch ms", "torch/fastgrad",
-            "floor ms", "rel err", "note")
+    print(
+        f"{env['gpu']} (cc {env['compute_capability']}), {env['date']}; numba {env['numba']}, "
+        f"numba-cuda {env['numba_cuda']}, torch {env['torch']} (CUDA {env['torch_cuda']})"
+    )
+    print(
+        f"floors: device copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
+        f"sgemm {sgemm_tflops:.1f} TFLOP/s"
+    )
+    head = (
+        "config",
+        "path",
+        "quantity",
+        "fastgrad ms",
+        "kernels ms",
+        "torch ms",
+        "torch/fastgrad",
+        "floor ms",
+        "rel err",
+        "note",
+    )
     body = []
     for r in rows:
         note = ""
         if r["quantity"] == "per_sample":
-            note = (f"{r['per_sample_GBps']:.0f} GB/s = {100 * r['fraction_of_copy_bw']:.0f}% of copy bw "
-                    f"(kernels {100 * r['kernels_fraction_of_copy_bw']:.0f}%)")
-        body.append((r["config"], r["path"], r["quantity"], f"{r['fastgrad_ms']:.3f}",
-                     f"{r['fastgrad_kernels_ms']:.3f}", f"{r['torch_ms']:.3f}",
-                     f"{r['speedup_vs_torch']:.2f}x", f"{r['floor_ms']:.3f}",
-                     f"{r['rel_err_vs_torch']:.1e}", note))
+            note = (
+                f"{r['per_sample_GBps']:.0f} GB/s = {100 * r['fraction_of_copy_bw']:.0f}% of copy bw "
+                f"(kernels {100 * r['kernels_fraction_of_copy_bw']:.0f}%)"
+            )
+        body.append(
+            (
+                r["config"],
+                r["path"],
+                r["quantity"],
+                f"{r['fastgrad_ms']:.3f}",
+                f"{r['fastgrad_kernels_ms']:.3f}",
+                f"{r['torch_ms']:.3f}",
+                f"{r['speedup_vs_torch']:.2f}x",
+                f"{r['floor_ms']:.3f}",
+                f"{r['rel_err_vs_torch']:.1e}",
+                note,
+            )
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     for line in [head, ["-" * w for w in widths], *body]:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)).rstrip())

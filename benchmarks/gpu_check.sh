@@ -23,8 +23,8 @@ python -m pytest -q -p no:cacheprovider -o addopts="" -ra \
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "   ($((SECONDS - start)) s so far)"
 
-echo "== 2. fastgrad validate --backend cuda"
-python -m fastgrad.validate --backend cuda --json "$OUT/validate.json" >"$OUT/validate.txt" 2>&1 || status=1
+echo "== 2. fastgrad validate --backend cuda (fastgrad.tools.validate)"
+python -m fastgrad.tools.validate --backend cuda --json "$OUT/validate.json" >"$OUT/validate.txt" 2>&1 || status=1
 grep -E "FAIL|Error" "$OUT/validate.txt" | head -20
 tail -n 1 "$OUT/validate.txt"
 echo "   ($((SECONDS - start)) s so far)"
