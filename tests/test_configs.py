@@ -112,6 +112,5 @@ def test_no_harness_declares_its_own_configurations():
     assert copies_of_the_configurations(files) == []
 
 
-@pytest.mark.xfail(reason="gpu_check.py is moving to fastgrad.tools.configs (issue 9); drop this mark then")
 def test_the_gpu_check_declares_no_configurations_of_its_own():
     assert copies_of_the_configurations([GPU_CHECK]) == []
