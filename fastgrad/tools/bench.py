@@ -204,6 +204,17 @@ def _fastgrad_calls(backend: str, net, theta, X, y, out) -> dict[str, tuple[Call
     }
 
 
+def _mlp_logits(ps, x, tanh):
+    """The peers' forward pass of a tanh MLP: ps = (W_1, b_1, ..., W_L, b_L), x (B, n0) -> z_L."""
+    h = x
+    last = len(ps) // 2 - 1
+    for layer in range(len(ps) // 2):
+        h = h @ ps[2 * layer].T + ps[2 * layer + 1]
+        if layer < last:
+            h = tanh(h)
+    return h
+
+
 def _torch_calls(net, theta, X, y) -> dict[str, tuple[Callable, Callable]]:
     import torch
     import torch.nn.functional as F
@@ -214,15 +225,9 @@ def _torch_calls(net, theta, X, y) -> dict[str, tuple[Callable, Callable]]:
         params += [torch.tensor(W, requires_grad=True), torch.tensor(b, requires_grad=True)]
     params = tuple(params)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(np.asarray(y, dtype=np.int64))
-    last = len(params) // 2 - 1
 
     def logits(ps, x):
-        h = x
-        for layer in range(len(ps) // 2):
-            h = h @ ps[2 * layer].T + ps[2 * layer + 1]
-            if layer < last:
-                h = torch.tanh(h)
-        return h
+        return _mlp_logits(ps, x, torch.tanh)
 
     def sample_loss(ps, x, label):
         return F.cross_entropy(logits(ps, x[None]), label[None])
@@ -250,15 +255,9 @@ def _jax_calls(net, theta, X, y) -> dict[str, tuple[Callable, Callable]]:
 
     params = tuple(jnp.asarray(a) for W, b in net.unpack(theta) for a in (W, b))
     Xj, yj = jnp.asarray(X), jnp.asarray(np.asarray(y, dtype=np.int32))
-    last = len(params) // 2 - 1
 
     def logits(ps, x):
-        h = x
-        for layer in range(len(ps) // 2):
-            h = h @ ps[2 * layer].T + ps[2 * layer + 1]
-            if layer < last:
-                h = jnp.tanh(h)
-        return h
+        return _mlp_logits(ps, x, jnp.tanh)
 
     def sample_loss(ps, x, label):
         z = logits(ps, x)
