@@ -671,12 +671,6 @@ def _layout(net: MLP) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
-def _sums_to_make(need: frozenset, clip: bool) -> list:
-    """The sums over samples of ``quantities.SUMS`` to make: those in ``need``; a clipped one exactly
-    when clipping (its operand needs the clip factors of ``max_norm``)."""
-    return [q for q in quantities.SUMS if (clip if q.operand == CLIPPED_DELTA else q.name in need)]
-
-
 def _plan(sums: list, n_tiles: int, num_params: int, itemsize: int) -> tuple[np.ndarray, int]:
     """The kernels' ``plan`` (n_sums, 3): operand, source and slot of each sum, and the number of slots.
 
@@ -700,9 +694,9 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     dt = inp.dtype
     B, P, L = inp.batch_size, net.num_params, net.num_layers
     clip = max_norm is not None
-    made = _sums_to_make(need, clip)
+    made = quantities.sums_to_make(need, clip)
     want_rows = "per_sample" in need
-    per_row = bool(need & quantities.PER_ROW) or clip
+    per_row = quantities.needs_norms(need, clip)
     backward = bool(made) or want_rows or per_row
     squares = any(q.source == INPUT_SQUARED for q in made)
     ws = workspace if workspace is not None else _thread_workspace()

@@ -199,6 +199,19 @@ PER_ROW: frozenset[str] = frozenset({"norms", "layer_norms"})
 """Raw quantities that need the per-sample norms (Goodfellow's per-row terms)."""
 
 
+def sums_to_make(need: Iterable[str], clipping: bool) -> tuple[Sum, ...]:
+    """The sums over samples a backend makes, in :data:`SUMS` order: those named in ``need``, and
+    the clipped one exactly when clipping (its operand needs the clip factors of ``max_norm``)."""
+    need = frozenset(need)
+    return tuple(q for q in SUMS if (clipping if q.operand == CLIPPED_DELTA else q.name in need))
+
+
+def needs_norms(need: Iterable[str], clipping: bool) -> bool:
+    """Whether a backend makes the per-sample norms: asked for (:data:`PER_ROW`), or clipping,
+    whose factors need them."""
+    return bool(PER_ROW & frozenset(need)) or clipping
+
+
 def needed(want: Iterable[str], clipping: bool = False) -> frozenset[str]:
     """The raw quantities a backend must compute for ``want`` (``loss`` always; derived ones
     replaced by what they need; ``clipped_sum`` and the norms it needs when ``clipping``)."""
@@ -246,7 +259,9 @@ __all__ = [
     "finish",
     "layer_norm_sq",
     "needed",
+    "needs_norms",
     "noise_scale",
     "noised_mean",
+    "sums_to_make",
     "variance_from_moments",
 ]

@@ -22,10 +22,10 @@ from .quantities import (
     DELTA,
     DELTA_SQUARED,
     INPUT,
-    PER_ROW,
-    SUMS,
     clip_factor,
     layer_norm_sq,
+    needs_norms,
+    sums_to_make,
 )
 
 # ---------------------------------------------------------------- activations
@@ -238,7 +238,7 @@ def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | N
     res = {"loss": losses.mean(dtype=dt)}
     P = net.num_params
     clip_c = None
-    if need & PER_ROW or max_norm is not None:
+    if needs_norms(need, max_norm is not None):
         # Goodfellow's trick, per layer: ‖δ aᵀ‖²_F + ‖δ‖² = ‖δ‖² (‖a‖² + 1)
         layer_sq = np.stack(
             [layer_norm_sq((D * D).sum(axis=1), (Ain * Ain).sum(axis=1)) for D, Ain in zip(deltas, A)], axis=1
@@ -247,9 +247,7 @@ def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | N
         res["norms"] = np.sqrt(layer_sq.sum(axis=1))
         if max_norm is not None:
             clip_c = clip_factor(res["norms"], dt.type(max_norm))
-    for q in SUMS:
-        if q.name not in need and not (q.name == "clipped_sum" and max_norm is not None):
-            continue
+    for q in sums_to_make(need, max_norm is not None):
         # per layer: W-part Mᵀ S, b-part Σ_i M_i, divided by B for a mean
         total = np.empty(P, dtype=dt)
         for (gW, gb), D, Ain in zip(net.unpack(total), deltas, A):

@@ -34,7 +34,7 @@ import numpy as np
 from .. import _validation
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
-from ..quantities import CLIPPED_DELTA, SUMS, dp_noise, noise_scale
+from ..quantities import SUMS, dp_noise, needs_norms, noise_scale, sums_to_make
 from . import config, fused, gemm, rows
 from .config import (
     FUSED_MAX_WIDTH,
@@ -106,8 +106,9 @@ def _raise_input_error(flags, net: MLP) -> None:
 
 
 def _wanted_sums(need: frozenset[str], clip: bool) -> tuple[bool, ...]:
-    """Per sum of the registry: is it computed? (the clipped one exactly when clipping)."""
-    return tuple(clip if q.operand == CLIPPED_DELTA else q.name in need for q in SUMS)
+    """Per sum of the registry, in order: is it made? (:func:`fastgrad.quantities.sums_to_make`)."""
+    made = sums_to_make(need, clip)
+    return tuple(q in made for q in SUMS)
 
 
 def _run_device(
@@ -170,7 +171,7 @@ def _fused_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
             res[q.name] = cuda.device_array(P, dtype=d.dtype)
             scale = F(1.0 / B) if q.mean else F(1.0)
             rows.sum_rows(part=ws, offset=off, nrows=nblk, ncols=P, scale=scale, out=res[q.name])
-    if need & {"norms", "layer_norms"} or max_norm is not None:
+    if needs_norms(need, max_norm is not None):
         res["norms"] = cuda.device_array(B, dtype=d.dtype)
         off_lsq = nblk + 4
         rows.finish_norms(
@@ -193,7 +194,7 @@ def _tiled_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
     B, P, L = d.batch_size, net.num_params, net.num_layers
     F = d.dtype.type
     clip = max_norm is not None
-    need_norms = bool(need & {"norms", "layer_norms"}) or clip
+    need_norms = needs_norms(need, clip)
     layer_sq = scratch("layer_sq", (B, L), d.dtype)
     losses, deltas, acts = _tiled_backward(net, d, layer_sq if need_norms else None)
     clip_c = scratch("clip_c", (B if clip else 1,), d.dtype)
