@@ -401,7 +401,8 @@ def check_device_inputs(net: MLP, theta, X, y, values: bool = True) -> _Device:
 
 
 def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path: str = "auto") -> dict:
-    """Raw quantities for device inputs, as device arrays (plus ``variance`` and ``noise_scale``)."""
+    """Raw quantities for device inputs, as device arrays (plus ``variance`` and ``noise_scale`` when
+    ``need`` names them, with their parts: :func:`fastgrad.quantities.needed`)."""
     d = check_device_inputs(net, theta, X, y, values=False)
     if out is not None:
         out = _as_device("out", out)
@@ -411,9 +412,11 @@ def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path:
                 f"got {tuple(out.shape)} and {out.dtype}"
             )
     raw = _run_device(net, d, need, None, out, path)
-    if "sq_mean" in raw and "grad" in raw:
+    # only when asked (quantities.needed puts a derived name in need): the noise scale copies P + B
+    # numbers to the host and waits for the GPU, which a grad + norms call must not pay for
+    if "variance" in need:
         raw["variance"] = rows.variance(sq_mean=raw["sq_mean"], grad=raw["grad"])
-    if "grad" in raw and "norms" in raw:
+    if "noise_scale" in need:
         # the one definition, on host copies (P + B numbers)
         raw["noise_scale"] = noise_scale(raw["grad"].copy_to_host(), raw["norms"].copy_to_host())
     return raw
