@@ -1,6 +1,6 @@
 """The benchmark tooling itself, on tiny problems: the peer comparison (fastgrad.tools.bench)
 and the asv suite (benchmarks/). The configurations and floors they share are tested in
-tests/test_benchmarks.py. Nothing here times anything that is asserted on; these tests
+tests/test_configs.py. Nothing here times anything that is asserted on; these tests
 check that the tools run, compute what they claim, and refuse bad input."""
 
 from __future__ import annotations

@@ -98,9 +98,9 @@ def fill_timer(shape: tuple[int, int, int] | None = None) -> tuple[Callable[[], 
 
 
 FLOOR_CALLS = 3
-SETTLE_SECONDS = 0.1  # pause before each implementation's turn (see compare())
 """Back-to-back calls of a floor timer per round, the fastest kept: the previous implementation's
 thread pool may still hold the cores for the first one, and a floor is what the machine reaches."""
+SETTLE_SECONDS = 0.1  # pause before each implementation's turn (see compare())
 
 
 def _best_of(fn: Callable[[], object], calls: int) -> float:
