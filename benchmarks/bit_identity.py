@@ -26,8 +26,10 @@ import fastgrad
 
 try:
     from fastgrad.api import check_inputs
+    from fastgrad.tools.validate import problem as validate_problem
 except ImportError:  # before 2026-11-28
     from fastgrad._validation import check_inputs
+    from fastgrad.validate import problem as validate_problem
 
 ACTS = fastgrad.ACTIVATIONS
 LOSSES = fastgrad.LOSSES
@@ -35,19 +37,10 @@ ALL = ("loss", "grad", "per_sample", "norms", "layer_norms", "sq_mean", "varianc
 
 
 def problem(sizes, act, loss, B, dtype, seed=0):
-    net = fastgrad.MLP(sizes, activation=act, loss=loss)
-    rng = np.random.default_rng(seed)
-    theta = net.init(seed=seed, dtype=dtype)
-    for _, b in net.unpack(theta):
-        b[...] = 0.1 * rng.standard_normal(b.shape)
-    X = rng.standard_normal((B, sizes[0])).astype(dtype)
-    if loss == "cross_entropy":
-        y = rng.integers(0, sizes[-1], size=B)
-    elif loss == "binary_cross_entropy":
-        y = rng.uniform(0, 1, size=(B, sizes[-1])).astype(dtype)
-    else:
-        y = rng.standard_normal((B, sizes[-1])).astype(dtype)
-    return net, theta, X, y
+    """``fastgrad validate``'s random problem (non-zero biases), θ, X and float targets in ``dtype``."""
+    net, theta, X, y = validate_problem(sizes, B, act, loss, seed)
+    y = y if loss == "cross_entropy" else y.astype(dtype)
+    return net, theta.astype(dtype), X.astype(dtype), y
 
 
 def digest(a: np.ndarray) -> np.ndarray:
