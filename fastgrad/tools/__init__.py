@@ -7,7 +7,8 @@
 - ``bench``: the peer comparison (``fastgrad bench``).
 - ``configs``: DESIGN §6's benchmark configurations, problem builder and floors, the one
   source of every timing harness.
-- ``plotting``, ``extras``: matplotlib, headless; optional packages named by their extra.
+- ``plotting``: matplotlib, headless (optional packages come through the core's
+  ``fastgrad.extras``, which names the extra to install).
 
 ``import fastgrad`` imports none of these; import them directly, e.g.
 ``from fastgrad.tools import configs``. The old paths (``fastgrad.cli``, ``fastgrad.train``,
