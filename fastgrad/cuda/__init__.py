@@ -47,7 +47,6 @@ from .config import (
     cuda,
 )
 from .fused import fused_tile, target_range
-from .memory import _SCRATCH as _SCRATCH  # benchmarks clear it between configurations
 from .memory import clear_scratch, pinned, scratch, scratch_flat
 
 _IMPORT_ERROR = config.IMPORT_ERROR
