@@ -4,7 +4,7 @@ Every kernel of :mod:`fastgrad.cuda` is a *builder* ``build(F)`` returning the k
 Python function for float type ``F`` (its shared and local arrays need ``F`` at compile
 time), registered with its argument types by :func:`kernel`, so each kernel's signature
 sits beside it: ``KERNELS`` is what ``compile_ptx`` and the tests walk, and
-``kernel.compiled(dtype)`` is what the launchers call.
+``kernel.launch(dtype, grid, block, *args)`` is what the launchers call (and count).
 
 The host-side tunables (``TARGET_BLOCKS``, ``GRAD_MIN_BLOCKS``, ``FUSED_MAX_WIDTH``,
 ``FUSED_MAX_TILE``, ``SHARED_BYTES``) are read at call time through this module, so a test
@@ -14,6 +14,8 @@ re-exported by ``fastgrad.cuda`` are copies). Block shapes (``GEMM_*``, ``SUM_*`
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 
@@ -79,6 +81,13 @@ class Kernel:
         self.signature = signature
         self._compiled: dict = {}
 
+    def launch(self, dtype, grid, block, *args, shared: int = 0) -> None:
+        """Launch the kernel for float dtype ``dtype`` on ``grid`` × ``block`` with ``shared`` bytes of
+        dynamic shared memory. Every launch of the package goes through here, so :data:`LAUNCHES`
+        counts them (a test holds each call's launch count) and a cheaper launcher has one place to go."""
+        LAUNCHES[self.name] += 1
+        self.compiled(dtype)[grid, block, 0, shared](*args)
+
     def compiled(self, dtype):
         """The kernel for float dtype ``dtype``, compiled lazily (at its first launch), once per process."""
         dtype = np.dtype(dtype)
@@ -90,6 +99,11 @@ class Kernel:
 
 KERNELS: dict[str, Kernel] = {}
 """Every kernel by name (for ``compile_ptx`` and the tests)."""
+
+LAUNCHES: Counter = Counter()
+"""Launches per kernel name since the last ``LAUNCHES.clear()``, counted by :meth:`Kernel.launch`.
+A launch costs tens of µs of host time through Numba's dispatcher, more than most kernels here
+run, so the number of launches per call is a cost the tests watch (tests/cuda/test_launches.py)."""
 
 
 def kernel(signature):

@@ -393,7 +393,10 @@ def fused_backprop(*, net: MLP, d, tile: int, ws, sum_offsets, per_sample: bool,
     nblk = cdiv(B, tile)
     lo, hi = target_range(net, d.dtype)
     dims = (net.activation_code, net.loss_code, B, tile, net.num_params, nblk + 4, int(per_sample))
-    fused_narrow_kernel.compiled(d.dtype)[nblk, FUSED_THREADS, 0, shared_bytes(net, tile, d.dtype)](
+    fused_narrow_kernel.launch(
+        d.dtype,
+        nblk,
+        FUSED_THREADS,
         d.theta,
         d.X,
         d.labels,
@@ -403,6 +406,7 @@ def fused_backprop(*, net: MLP, d, tile: int, ws, sum_offsets, per_sample: bool,
         (F(max_norm if max_norm is not None else 0.0), lo, hi),
         ws,
         G,
+        shared=shared_bytes(net, tile, d.dtype),
     )
 
 

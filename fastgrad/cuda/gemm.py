@@ -146,7 +146,8 @@ def dense_forward(*, batch: int, inputs, theta, layer, act: int, out, deriv=None
     n_in, n_out = layer.n_in, layer.n_out
     grid = (cdiv(n_out, GEMM_TILE), cdiv(batch, GEMM_TILE), 1)
     # a = A (B, n_in), k-contiguous; opB(k, n) = W[n, k]
-    tiled_gemm_kernel.compiled(theta.dtype)[grid, (GEMM_THREADS, GEMM_THREADS)](
+    tiled_gemm_kernel.launch(
+        theta.dtype, grid, (GEMM_THREADS, GEMM_THREADS),
         (batch, n_out, n_in, n_in), inputs, (0, n_in, 1),
         theta, (layer.w_start, 1, n_in, n_out), PLAIN, dummy,
         (FWD_OUTPUT if deriv is None else FWD_HIDDEN, act, layer.b_start, n_out),
@@ -163,7 +164,8 @@ def dense_backward_input(*, batch: int, delta, theta, layer, deriv) -> None:
     n_in, n_out = layer.n_in, layer.n_out
     grid = (cdiv(n_in, GEMM_TILE), cdiv(batch, GEMM_TILE), 1)
     # a = Δ_l (B, n_out), k-contiguous; opB(k, n) = W[k, n]
-    tiled_gemm_kernel.compiled(theta.dtype)[grid, (GEMM_THREADS, GEMM_THREADS)](
+    tiled_gemm_kernel.launch(
+        theta.dtype, grid, (GEMM_THREADS, GEMM_THREADS),
         (batch, n_in, n_out, n_out), delta, (0, n_out, 1),
         theta, (layer.w_start, n_in, 1, n_in), PLAIN, dummy,
         (BWD_INPUT, 0, 0, n_in),
@@ -198,7 +200,8 @@ def dense_weight_grad(*, batch: int, delta, inputs, layer, operand: int, source:
         part, part_off, part_scale = scratch("grad_split", (nsplit * seg,), dt), 0, dt.type(1.0)
     # C[o, j] = Σ_i M[i, o] S[i, j]: opA(o, i) = Δ[i·M + o], opB(i, j) = A[i·n_in + j], 1 for the bias
     grid = (cdiv(N, GEMM_TILE), cdiv(M, GEMM_TILE), nsplit)
-    tiled_gemm_kernel.compiled(dt)[grid, (GEMM_THREADS, GEMM_THREADS)](
+    tiled_gemm_kernel.launch(
+        dt, grid, (GEMM_THREADS, GEMM_THREADS),
         (M, N, batch, k_chunk), delta, (0, 1, M),
         inputs, (0, layer.n_in, 1, layer.n_in), (operand, source), rowscale,
         (WEIGHT_GRAD, 0, part_off, 0),

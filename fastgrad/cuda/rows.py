@@ -167,8 +167,8 @@ def check_values_kernel(F):
 def output_deltas(*, z_out, labels, targets, loss: int, deltas, losses) -> None:
     """Δ_L (B, n_L) into ``deltas`` and the per-sample losses (B,) into ``losses``, from Z_L."""
     B = z_out.shape[0]
-    output_deltas_kernel.compiled(z_out.dtype)[cdiv(B, ROW_THREADS), ROW_THREADS](
-        z_out, labels, targets, loss, B, deltas, losses
+    output_deltas_kernel.launch(
+        z_out.dtype, cdiv(B, ROW_THREADS), ROW_THREADS, z_out, labels, targets, loss, B, deltas, losses
     )
 
 
@@ -176,7 +176,7 @@ def layer_norms_sq(*, delta, inputs, layer_sq, col: int) -> None:
     """Column ``col`` of layer_sq (B, L): Goodfellow's ‖Δ_{l,i}‖² (‖A_{l-1,i}‖² + 1) for layer l = col + 1."""
     B = delta.shape[0]
     grid = cdiv(B, ROW_THREADS)
-    layer_norms_sq_kernel.compiled(delta.dtype)[grid, ROW_THREADS](delta, inputs, layer_sq, col)
+    layer_norms_sq_kernel.launch(delta.dtype, grid, ROW_THREADS, delta, inputs, layer_sq, col)
 
 
 def finish_norms(*, layer_sq, norms, layer_norms=None, max_norm=None, clip=None) -> None:
@@ -184,7 +184,10 @@ def finish_norms(*, layer_sq, norms, layer_norms=None, max_norm=None, clip=None)
     dt = layer_sq.dtype
     F = dt.type
     B = layer_sq.shape[0]
-    finish_norms_kernel.compiled(dt)[cdiv(B, ROW_THREADS), ROW_THREADS](
+    finish_norms_kernel.launch(
+        dt,
+        cdiv(B, ROW_THREADS),
+        ROW_THREADS,
         layer_sq,
         norms,
         int(layer_norms is not None),
@@ -196,8 +199,8 @@ def finish_norms(*, layer_sq, norms, layer_norms=None, max_norm=None, clip=None)
 
 def sum_rows(*, part, offset: int, nrows: int, ncols: int, scale, out, out_offset: int = 0) -> None:
     """out[out_offset:out_offset + ncols] = scale · the column sums of part[offset:] (nrows, ncols)."""
-    sum_rows_kernel.compiled(part.dtype)[(cdiv(ncols, SUM_X),), (SUM_X, SUM_Y)](
-        part, offset, nrows, ncols, scale, out, out_offset
+    sum_rows_kernel.launch(
+        part.dtype, (cdiv(ncols, SUM_X),), (SUM_X, SUM_Y), part, offset, nrows, ncols, scale, out, out_offset
     )
 
 
@@ -205,8 +208,8 @@ def outer_into(*, delta, inputs, out, layer) -> None:
     """Layer l's block of the per-sample rows out (B, P): Δ_l,i A_{l-1,i}ᵀ then Δ_l,i, in θ's layout."""
     B = delta.shape[0]
     seg = layer.end - layer.w_start
-    outer_into_kernel.compiled(delta.dtype)[(cdiv(seg, WRITE_THREADS), min(B, 65535)), WRITE_THREADS](
-        delta, inputs, out, layer.w_start
+    outer_into_kernel.launch(
+        delta.dtype, (cdiv(seg, WRITE_THREADS), min(B, 65535)), WRITE_THREADS, delta, inputs, out, layer.w_start
     )
 
 
@@ -214,7 +217,7 @@ def variance(*, sq_mean, grad):
     """The population variance (P,) from the second moment and the mean gradient, on the device."""
     P = grad.shape[0]
     var = cuda.device_array(P, dtype=grad.dtype)
-    variance_kernel.compiled(grad.dtype)[cdiv(P, ROW_THREADS), ROW_THREADS](sq_mean, grad, var)
+    variance_kernel.launch(grad.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, sq_mean, grad, var)
     return var
 
 
@@ -223,8 +226,8 @@ def noised_mean(*, total, noise, noise_std: float, batch: int):
     P = total.shape[0]
     F = total.dtype.type
     out = cuda.device_array(P, dtype=total.dtype)
-    noised_mean_kernel.compiled(total.dtype)[cdiv(P, ROW_THREADS), ROW_THREADS](
-        total, noise, F(noise_std), F(1.0 / batch), out
+    noised_mean_kernel.launch(
+        total.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, total, noise, F(noise_std), F(1.0 / batch), out
     )
     return out
 
@@ -232,6 +235,6 @@ def noised_mean(*, total, noise, noise_std: float, batch: int):
 def check_values(*, theta, X, targets, labels, lo, hi, n_classes: int, flags) -> None:
     """Set flags (4,) int32 for non-finite θ, X, y and for y out of range (they stay 0 otherwise)."""
     n = max(theta.size, X.size, targets.size, labels.size)
-    check_values_kernel.compiled(theta.dtype)[min(cdiv(n, ROW_THREADS), 1024), ROW_THREADS](
-        theta, X.reshape(X.size), targets.reshape(targets.size), labels, lo, hi, n_classes, flags
+    check_values_kernel.launch(
+        theta.dtype, min(cdiv(n, ROW_THREADS), 1024), ROW_THREADS, theta, X.reshape(X.size), targets.reshape(targets.size), labels, lo, hi, n_classes, flags
     )
