@@ -221,7 +221,7 @@ def backprop(
         raw = _backend_module(backend).backprop_device(net, theta, X, y, needed(want), out)
     else:
         inp = check_inputs(net, theta, X, y)
-        out = check_out(out, (inp.batch_size, net.num_params), inp.dtype)
+        out = check_out(out, (inp.batch_size, net.num_params), inp.dtype, {"theta": theta, "X": X, "y": y})
         raw = run(net, inp, needed(want), None, out, **_workspace_kw(backend, workspace))
     values = finish(want - {"loss"}, raw)
     return BackpropResult(loss=float(raw["loss"]), **values)

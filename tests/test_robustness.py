@@ -1,0 +1,102 @@
+"""fastgrad inside other people's processes (issue 10): inputs that used to give silently wrong
+answers or run out of memory get a clear error or the right answer on every host backend."""
+
+import numpy as np
+import pytest
+from problems import make_problem
+
+import fastgrad
+
+HOST = ["naive", "numpy", "numba"]
+SMALL = make_problem([3, 4, 2], "tanh", "cross_entropy", B=5)
+
+
+# ------------------------------------------------------------------ input types (10.9, 10.11)
+
+
+@pytest.mark.parametrize("arg", ["theta", "X", "y"])
+def test_masked_arrays_are_refused_naming_the_argument(arg):
+    # a masked NaN used to pass validation: naive/numpy returned loss=nan, numba a finite number
+    net, theta, X, y = SMALL
+    args = {"theta": theta, "X": X, "y": y}
+    a = args[arg].copy()
+    if a.dtype.kind == "f":
+        a[0] = np.nan
+    args[arg] = np.ma.masked_array(a, mask=np.zeros(a.shape, bool) | (np.arange(a.size) == 0).reshape(a.shape))
+    with pytest.raises(TypeError, match=f"{arg}: a NumPy masked array"):
+        fastgrad.backprop(net, args["theta"], args["X"], args["y"], backend="numpy")
+
+
+def test_masked_out_is_refused():
+    net, theta, X, y = SMALL
+    out = np.ma.masked_array(np.empty((5, net.num_params)))
+    with pytest.raises(TypeError, match="out: a NumPy masked array"):
+        fastgrad.backprop(net, theta, X, y, ("per_sample",), out=out)
+
+
+@pytest.mark.parametrize(
+    ("arg", "bad"),
+    [
+        ("X", np.zeros((5, 3), "m8[s]")),
+        ("X", np.zeros((5, 3), "M8[D]")),
+        ("X", np.zeros((5, 3), np.complex128)),
+        ("X", np.zeros((5, 3), object)),
+        ("y", np.zeros(5, "m8[s]")),
+        ("y", np.zeros(5, "M8[D]")),
+        ("y", np.zeros(5, "U1")),
+    ],
+)
+def test_time_complex_object_and_string_inputs_are_refused(arg, bad):
+    net, theta, X, y = SMALL
+    args = {"X": X, "y": y, arg: bad}
+    with pytest.raises(TypeError, match=f"{arg}: expected real"):
+        fastgrad.backprop(net, theta, args["X"], args["y"])
+
+
+def test_timedelta_targets_of_a_float_loss_are_refused():
+    net = fastgrad.MLP([3, 4, 2], loss="mse")
+    with pytest.raises(TypeError, match="y: expected real"):
+        fastgrad.backprop(net, net.init(), np.ones((5, 3)), np.zeros((5, 2), "m8[s]"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_big_endian_theta_x_and_y_are_accepted_and_give_the_native_result(dtype):
+    net, theta, X, y = make_problem([3, 4, 2], "tanh", "mse", B=5, dtype=dtype)
+    want = fastgrad.backprop(net, theta, X, y, ("loss", "grad"), backend="numpy")
+    big = [a.astype(a.dtype.newbyteorder(">")) for a in (theta, X, y)]
+    for backend in HOST:
+        got = fastgrad.backprop(net, *big, ("loss", "grad"), backend=backend)
+        assert got.grad.dtype == np.dtype(dtype) and got.grad.dtype.isnative
+        np.testing.assert_allclose(got.grad, want.grad, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_big_endian_labels_bool_and_integer_x_are_accepted():
+    net, theta, X, y = SMALL
+    want = fastgrad.backprop(net, theta, (X > 0).astype(np.float64), y).grad
+    for Xb in ((X > 0), (X > 0).astype(">i2"), (X > 0).astype(np.uint8)):
+        got = fastgrad.backprop(net, theta, Xb, y.astype(">i8")).grad
+        np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------- out= (10.8)
+
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("victim", ["theta", "X", "y"])
+def test_out_sharing_memory_with_an_input_is_refused(backend, victim):
+    net, theta, X, y = make_problem([3, 4, 2], "tanh", "mse", B=5)
+    P = net.num_params
+    buf = np.zeros(5 * P + theta.size + X.size + y.size)
+    out = buf[: 5 * P].reshape(5, P)
+    # each input is either a separate array or placed inside out's memory
+    args = {"theta": theta, "X": X, "y": y}
+    at = {"theta": 0, "X": theta.size, "y": theta.size + X.size}[victim]
+    inside = buf[at : at + args[victim].size].reshape(args[victim].shape)
+    inside[...] = args[victim]
+    args[victim] = inside
+    with pytest.raises(ValueError, match=f"out: shares memory with {victim}"):
+        fastgrad.backprop(net, args["theta"], args["X"], args["y"], ("per_sample",), backend, out=out)
+    # a separate out of the same buffer's other half is fine
+    fine = np.zeros((5, P))
+    r = fastgrad.backprop(net, args["theta"], args["X"], args["y"], ("per_sample",), backend, out=fine)
+    assert r.per_sample is fine
