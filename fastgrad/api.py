@@ -219,11 +219,13 @@ def backprop(
         raise ValueError("out: given, but 'per_sample' is not in compute")
     if _on_device(backend, theta, X, y, out):  # validated on the GPU, results stay there
         raw = _backend_module(backend).backprop_device(net, theta, X, y, needed(want), out)
+        batch_size = X.shape[0]
     else:
         inp = check_inputs(net, theta, X, y)
         out = check_out(out, (inp.batch_size, net.num_params), inp.dtype, {"theta": theta, "X": X, "y": y})
         raw = run(net, inp, needed(want), None, out, **_workspace_kw(backend, workspace))
-    values = finish(want - {"loss"}, raw)
+        batch_size = inp.batch_size
+    values = finish(want - {"loss"}, raw, batch_size)
     return BackpropResult(loss=float(raw["loss"]), **values)
 
 

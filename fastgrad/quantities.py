@@ -74,9 +74,19 @@ def variance_from_moments(sq_mean, grad):
 
 
 def noise_scale(grad: np.ndarray, norms: np.ndarray) -> float:
-    """B_simple = tr(Σ) / ‖G‖², tr(Σ) = mean ‖∇ℓ_i‖² − ‖G‖², accumulated in float64 (inf when G = 0)."""
-    grad_sq = float(np.dot(grad.astype(np.float64), grad.astype(np.float64)))
-    trace = float(np.mean(norms.astype(np.float64) ** 2)) - grad_sq
+    """B_simple = tr(Σ) / ‖G‖², tr(Σ) = mean ‖∇ℓ_i‖² − ‖G‖², accumulated in float64 (inf when G = 0).
+
+    tr(Σ) is clamped at 0 (its two terms come from different sums, and cancel to a rounding
+    error of either sign when the samples agree) and is exactly 0 for one sample. The sums are
+    NumPy's pairwise ``np.sum``, not a BLAS dot: BLAS splits a long dot between its threads, so its
+    bits changed with ``OPENBLAS_NUM_THREADS``.
+    """
+    g = grad.astype(np.float64)
+    grad_sq = float(np.sum(g * g))
+    if norms.shape[0] == 1:  # one sample: mean ‖∇ℓ_i‖² is ‖G‖², up to rounding
+        trace = 0.0
+    else:
+        trace = max(float(np.mean(np.square(norms.astype(np.float64)))) - grad_sq, 0.0)
     return trace / grad_sq if grad_sq > 0 else float("inf")
 
 
@@ -129,23 +139,37 @@ class PerSample:
 
 @dataclass(frozen=True)
 class Derived:
-    """A quantity computed from raw ones by ``finish(raw)`` on the host (raw: name -> array)."""
+    """A quantity computed from raw ones by ``finish(raw, batch_size)`` on the host (raw: name -> array)."""
 
     name: str
     needs: tuple[str, ...]
-    finish: Callable[[dict], object]
+    finish: Callable[[dict, int], object]
     shape: str
     doc: str
     public: bool = True
 
 
-def _variance(raw: dict) -> np.ndarray:
+def _variance(raw: dict, batch_size: int) -> np.ndarray:
     if "variance" in raw:  # a backend that made it from the moments in its own compiled pass
-        return raw["variance"]
-    return variance_from_moments(raw["sq_mean"], raw["grad"])
+        var = raw["variance"]
+    else:
+        var = variance_from_moments(raw["sq_mean"], raw["grad"])
+    if batch_size == 1:  # one sample has no variance; sq_mean − grad² was a rounding error (1.5e-8)
+        var = _zeros_like(var)
+    return var
 
 
-def _noise_scale(raw: dict) -> float:
+def _zeros_like(a):
+    """Zeros of ``a``'s shape and dtype, on the host for a host array, on the GPU for a device array."""
+    zeros = np.zeros(a.shape, dtype=a.dtype)
+    if isinstance(a, np.ndarray):
+        return zeros
+    from numba import cuda  # a device array of the CUDA backend
+
+    return cuda.to_device(zeros)
+
+
+def _noise_scale(raw: dict, batch_size: int) -> float:
     if "noise_scale" in raw:
         return float(raw["noise_scale"])
     return noise_scale(raw["grad"], raw["norms"])
@@ -165,14 +189,14 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
             ("grad", "sq_mean"),
             _variance,
             "(P,)",
-            "sq_mean − grad², the population variance (clamped at 0 against rounding).",
+            "sq_mean − grad², the population variance (clamped at 0 against rounding; exactly 0 for B = 1).",
         ),
         Derived(
             "noise_scale",
             ("grad", "norms"),
             _noise_scale,
             "scalar",
-            "Simple gradient noise scale B_simple = tr(Σ) / ‖grad‖² (inf when grad = 0).",
+            "Simple gradient noise scale B_simple = tr(Σ) / ‖grad‖² (≥ 0; 0 for B = 1; inf when grad = 0).",
         ),
         Sum(
             "clipped_sum",
@@ -228,13 +252,13 @@ def needed(want: Iterable[str], clipping: bool = False) -> frozenset[str]:
     return frozenset(need)
 
 
-def finish(want: Iterable[str], raw: dict) -> dict:
-    """The values of ``want`` from a backend's ``raw`` results: raw ones as they are,
-    derived ones by their ``finish``."""
+def finish(want: Iterable[str], raw: dict, batch_size: int) -> dict:
+    """The values of ``want`` from a backend's ``raw`` results for a batch of ``batch_size``
+    samples: raw ones as they are, derived ones by their ``finish``."""
     out = {}
     for name in want:
         q = REGISTRY[name]
-        out[name] = q.finish(raw) if isinstance(q, Derived) else raw[name]
+        out[name] = q.finish(raw, batch_size) if isinstance(q, Derived) else raw[name]
     return out
 
 

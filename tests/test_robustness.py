@@ -100,3 +100,44 @@ def test_out_sharing_memory_with_an_input_is_refused(backend, victim):
     fine = np.zeros((5, P))
     r = fastgrad.backprop(net, args["theta"], args["X"], args["y"], ("per_sample",), backend, out=fine)
     assert r.per_sample is fine
+
+
+# ------------------------------------------------------------------ cancellation (10.10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_sample_has_exactly_zero_variance_and_noise_scale_and_copies_none_below_zero(dtype):
+    # B = 1 gave variance 3e-8 and noise scales of either sign (-6e-8); identical samples too
+    for seed in range(3):
+        net, theta, X, y = make_problem([3, 8, 2], "tanh", "cross_entropy", B=1, dtype=dtype, seed=seed)
+        for backend in HOST:
+            one = fastgrad.backprop(net, theta, X, y, ("variance", "noise_scale"), backend=backend)
+            assert not one.variance.any() and one.variance.dtype == dtype
+            assert one.noise_scale == 0.0
+            copies = fastgrad.backprop(
+                net, theta, np.repeat(X, 4, 0), np.repeat(y, 4), ("variance", "noise_scale"), backend=backend
+            )
+            assert copies.noise_scale >= 0.0 and (copies.variance >= 0).all()
+
+
+NOISE_SCALE_SCRIPT = """
+import numpy as np
+from fastgrad.quantities import noise_scale
+rng = np.random.default_rng(0)
+grad = rng.standard_normal(300_000).astype(np.float32)  # long enough for OpenBLAS to split a dot
+print(float(noise_scale(grad, 600 * rng.standard_normal(64))).hex())
+"""
+
+
+def test_noise_scale_bits_do_not_depend_on_openblas_threads():
+    import os
+    import subprocess
+    import sys
+
+    bits = set()
+    for threads in ("1", "4"):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, PYTHONPATH=os.pathsep.join(sys.path))
+        run = subprocess.run([sys.executable, "-c", NOISE_SCALE_SCRIPT], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        bits.add(run.stdout.strip())
+    assert len(bits) == 1, bits
