@@ -16,11 +16,13 @@ import numpy as np
 
 from ._validation import (
     Inputs,
+    PerSampleMemoryError,
     check_compute,
     check_inputs,
     check_max_norm,
     check_noise_multiplier,
     check_out,
+    check_per_sample_fits,
 )
 from .mlp import MLP
 from .quantities import QUANTITIES, REGISTRY, dp_noise, finish, needed, noised_mean
@@ -197,7 +199,9 @@ def backprop(
         ``"naive"`` (the per-sample loop, the definition), ``"numpy"`` (batched
         GEMMs), ``"numba"`` (CPU kernels), ``"cuda"`` (GPU kernels).
     out : ndarray (B, P), optional
-        Receives ``per_sample`` (e.g. an ``np.memmap`` for batches that do not fit in RAM).
+        Receives ``per_sample`` (e.g. an ``np.memmap`` for batches that do not fit in RAM; every
+        host backend writes it in chunks of bounded size). Native byte order, C-contiguous,
+        writeable, sharing no memory with θ, X or y.
     workspace : fastgrad.cpu.Workspace, optional
         ``backend="numba"`` only: scratch buffers reused across calls, so a training
         loop allocates nothing of size B × widths per step (by default each Python
@@ -212,6 +216,9 @@ def backprop(
     ------
     TypeError, ValueError
         For bad input, naming the argument, before any kernel runs.
+    PerSampleMemoryError
+        (a ``MemoryError`` and a ``ValueError``) when ``per_sample`` is asked for without ``out=``
+        and its B × P matrix would not fit in the available memory, before any work.
     """
     want = check_compute(compute)
     run = _backend(backend)
@@ -223,6 +230,8 @@ def backprop(
     else:
         inp = check_inputs(net, theta, X, y)
         out = check_out(out, (inp.batch_size, net.num_params), inp.dtype, {"theta": theta, "X": X, "y": y})
+        if "per_sample" in want and out is None:
+            check_per_sample_fits(inp.batch_size, net.num_params, inp.dtype)
         raw = run(net, inp, needed(want), None, out, **_workspace_kw(backend, workspace))
         batch_size = inp.batch_size
     values = finish(want - {"loss"}, raw, batch_size)
@@ -292,6 +301,7 @@ __all__ = [
     "BACKEND_PREFERENCE",
     "QUANTITIES",
     "BackpropResult",
+    "PerSampleMemoryError",
     "available_backends",
     "backprop",
     "check_inputs",

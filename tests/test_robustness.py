@@ -141,3 +141,49 @@ def test_noise_scale_bits_do_not_depend_on_openblas_threads():
         assert run.returncode == 0, run.stderr
         bits.add(run.stdout.strip())
     assert len(bits) == 1, bits
+
+
+# ------------------------------------------------------------------ memory (10.4, 10.5)
+
+
+def _no_kernels(monkeypatch):
+    import fastgrad.cpu
+    import fastgrad.reference
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a kernel ran")
+
+    for module, name in ((fastgrad.reference, "run_naive"), (fastgrad.reference, "run_batched"), (fastgrad.cpu, "run")):
+        monkeypatch.setattr(module, name, fail)
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_per_sample_larger_than_memory_is_refused_before_any_work(backend, monkeypatch):
+    # B x P x 8 = 200k x 3M x 8 B = 4.8 TB: NumPy's MemoryError used to come after 13 s of work
+    net = fastgrad.MLP([1, 1_000_000, 1], activation="relu", loss="mse")
+    theta = np.zeros(net.num_params)
+    X, y = np.zeros((200_000, 1)), np.zeros(200_000)
+    _no_kernels(monkeypatch)
+    with pytest.raises(fastgrad.api.PerSampleMemoryError, match=r"per_sample.*GiB.*out=.*np.memmap.*fewer samples"):
+        fastgrad.backprop(net, theta, X, y, ("grad", "per_sample"), backend=backend)
+    assert issubclass(fastgrad.api.PerSampleMemoryError, MemoryError)
+    assert issubclass(fastgrad.api.PerSampleMemoryError, ValueError)
+
+
+def test_per_sample_size_check_reads_the_available_memory_and_is_skipped_with_out(monkeypatch):
+    import fastgrad._validation as validation
+
+    net, theta, X, y = SMALL
+    need = 5 * net.num_params * 8
+    monkeypatch.setattr(validation, "available_memory", lambda: need - 1)
+    with pytest.raises(MemoryError, match="at most ~4 fit"):
+        fastgrad.backprop(net, theta, X, y, ("per_sample",))
+    out = np.empty((5, net.num_params))
+    assert fastgrad.backprop(net, theta, X, y, ("per_sample",), out=out).per_sample is out
+    monkeypatch.setattr(validation, "available_memory", lambda: need)
+    assert fastgrad.backprop(net, theta, X, y, ("per_sample",)).per_sample.shape == (5, net.num_params)
+
+
+def test_available_memory_is_a_positive_byte_count_here():
+    free = fastgrad._validation.available_memory()
+    assert free is None or free > 2**20
