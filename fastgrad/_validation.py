@@ -134,7 +134,9 @@ def _real_array(name: str, a) -> np.ndarray:
     _refuse_masked(name, a)
     arr = np.asarray(a)
     if arr.dtype.kind not in REAL_KINDS:
-        raise TypeError(f"{name}: expected real numbers (a numeric bool, integer or float array), got dtype {arr.dtype}")
+        raise TypeError(
+            f"{name}: expected real numbers (a numeric bool, integer or float array), got dtype {arr.dtype}"
+        )
     return _native(arr)
 
 

@@ -22,7 +22,9 @@ def test_masked_arrays_are_refused_naming_the_argument(arg):
     a = args[arg].copy()
     if a.dtype.kind == "f":
         a[0] = np.nan
-    args[arg] = np.ma.masked_array(a, mask=np.zeros(a.shape, bool) | (np.arange(a.size) == 0).reshape(a.shape))
+    args[arg] = np.ma.masked_array(
+        a, mask=np.zeros(a.shape, bool) | (np.arange(a.size) == 0).reshape(a.shape)
+    )
     with pytest.raises(TypeError, match=f"{arg}: a NumPy masked array"):
         fastgrad.backprop(net, args["theta"], args["X"], args["y"], backend="numpy")
 
@@ -137,7 +139,9 @@ def test_noise_scale_bits_do_not_depend_on_openblas_threads():
     bits = set()
     for threads in ("1", "4"):
         env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, PYTHONPATH=os.pathsep.join(sys.path))
-        run = subprocess.run([sys.executable, "-c", NOISE_SCALE_SCRIPT], env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-c", NOISE_SCALE_SCRIPT], env=env, capture_output=True, text=True
+        )
         assert run.returncode == 0, run.stderr
         bits.add(run.stdout.strip())
     assert len(bits) == 1, bits
@@ -153,7 +157,11 @@ def _no_kernels(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a kernel ran")
 
-    for module, name in ((fastgrad.reference, "run_naive"), (fastgrad.reference, "run_batched"), (fastgrad.cpu, "run")):
+    for module, name in (
+        (fastgrad.reference, "run_naive"),
+        (fastgrad.reference, "run_batched"),
+        (fastgrad.cpu, "run"),
+    ):
         monkeypatch.setattr(module, name, fail)
 
 
@@ -164,7 +172,9 @@ def test_per_sample_larger_than_memory_is_refused_before_any_work(backend, monke
     theta = np.zeros(net.num_params)
     X, y = np.zeros((200_000, 1)), np.zeros(200_000)
     _no_kernels(monkeypatch)
-    with pytest.raises(fastgrad.api.PerSampleMemoryError, match=r"per_sample.*GiB.*out=.*np.memmap.*fewer samples"):
+    with pytest.raises(
+        fastgrad.api.PerSampleMemoryError, match=r"per_sample.*GiB.*out=.*np.memmap.*fewer samples"
+    ):
         fastgrad.backprop(net, theta, X, y, ("grad", "per_sample"), backend=backend)
     assert issubclass(fastgrad.api.PerSampleMemoryError, MemoryError)
     assert issubclass(fastgrad.api.PerSampleMemoryError, ValueError)
@@ -187,3 +197,60 @@ def test_per_sample_size_check_reads_the_available_memory_and_is_skipped_with_ou
 def test_available_memory_is_a_positive_byte_count_here():
     free = fastgrad._validation.available_memory()
     assert free is None or free > 2**20
+
+
+def _peak_bytes(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("backend", ["naive", "numpy"])
+def test_out_memmap_is_written_in_bounded_blocks(backend, tmp_path, monkeypatch):
+    # a 42 MB per_sample into a memmap, blocks of 1 MiB: the numpy backend used to hold a B x n_l x n_{l-1}
+    # temporary (20 MB here) and naive G * G (42 MB), i.e. ~B x P of RAM besides the memmap
+    import fastgrad.reference
+
+    monkeypatch.setattr(fastgrad.reference, "ROWS_BYTES", 2**20)
+    net, theta, X, y = make_problem([50, 100, 50, 10], "tanh", "cross_entropy", B=1000, dtype=np.float32)
+    out = np.lib.format.open_memmap(tmp_path / "g.npy", "w+", np.float32, (1000, net.num_params))
+    compute = ("per_sample", "grad", "norms", "variance")
+    peak = _peak_bytes(lambda: fastgrad.backprop(net, theta, X, y, compute, backend, out=out))
+    assert peak < 8 * 2**20, peak
+    want = fastgrad.backprop(net, theta, X[:3], y[:3], ("per_sample",), backend).per_sample
+    np.testing.assert_allclose(out[:3], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_naive_without_per_sample_keeps_no_b_by_p_matrix(monkeypatch):
+    # grad alone used to build the (B, P) matrix (3.7 GiB at B = 200k); here 42 MB against a 1 MiB block
+    import fastgrad.reference
+
+    monkeypatch.setattr(fastgrad.reference, "ROWS_BYTES", 2**20)
+    net, theta, X, y = make_problem([50, 100, 50, 10], "tanh", "cross_entropy", B=1000, dtype=np.float32)
+    compute = ("grad", "norms", "layer_norms", "sq_mean", "variance", "noise_scale")
+    peak = _peak_bytes(lambda: fastgrad.backprop(net, theta, X, y, compute, "naive"))
+    assert peak < 8 * 2**20, peak
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_naive_in_blocks_of_rows_is_the_naive_in_one_block(dtype, monkeypatch):
+    import fastgrad.reference as reference
+
+    net, theta, X, y = make_problem([4, 6, 3], "tanh", "cross_entropy", B=10, dtype=dtype, seed=4)
+    inp = fastgrad.api.check_inputs(net, theta, X, y)
+    everything = frozenset(fastgrad.QUANTITIES)
+    whole = reference.run_naive(net, inp, everything, max_norm=0.3)
+    monkeypatch.setattr(reference, "ROWS_BYTES", 3 * net.num_params * np.dtype(dtype).itemsize)
+    assert len(reference.row_blocks(10, net.num_params, dtype)) == 4  # 3 + 3 + 3 + 1 rows
+    for need in (everything, everything - {"per_sample"}):
+        blocks = reference.run_naive(net, inp, need, max_norm=0.3)
+        for name in sorted(need | {"clipped_sum"}):
+            tol = 1e-5 if dtype == np.float32 else 1e-13
+            np.testing.assert_allclose(
+                blocks[name], whole[name], rtol=tol, atol=tol * np.abs(whole[name]).max(), err_msg=name
+            )
