@@ -25,7 +25,7 @@ from ._validation import (
     check_per_sample_fits,
 )
 from .mlp import MLP
-from .quantities import QUANTITIES, REGISTRY, dp_noise, finish, needed, noised_mean
+from .quantities import QUANTITIES, REGISTRY, check_clip_norms, dp_noise, finish, needed, noised_mean
 
 
 def _result_doc() -> str:
@@ -282,6 +282,12 @@ def clipped_grad(
     Returns
     -------
     ndarray (P,) in θ's dtype
+
+    Raises
+    ------
+    FloatingPointError
+        When a sample's gradient norm is NaN or Inf (its pass overflowed θ's dtype): it could not
+        be clipped, so no gradient is returned.
     """
     max_norm = check_max_norm(max_norm)
     noise_multiplier = check_noise_multiplier(noise_multiplier)
@@ -291,6 +297,7 @@ def clipped_grad(
         return device.clipped_grad_device(net, theta, X, y, max_norm, noise_multiplier, seed)
     inp = check_inputs(net, theta, X, y)
     raw = run(net, inp, needed((), clipping=True), max_norm, None, **_workspace_kw(backend, workspace))
+    check_clip_norms(raw["norms"])  # a NaN or Inf norm would leave its sample unclipped
     noise_std = noise_multiplier * max_norm
     noise = dp_noise(net.num_params, seed, inp.dtype) if noise_std > 0 else None
     return noised_mean(raw["clipped_sum"], noise_std, noise, inp.batch_size)

@@ -90,6 +90,25 @@ def noise_scale(grad: np.ndarray, norms: np.ndarray) -> float:
     return trace / grad_sq if grad_sq > 0 else float("inf")
 
 
+def check_clip_norms(norms: np.ndarray) -> None:
+    """Raise ``FloatingPointError`` naming the first sample whose gradient norm is NaN or Inf.
+
+    Every clipped gradient passes here (``fastgrad.clipped_grad``, host and device): such a
+    sample's clip factor C / max(‖∇ℓ_i‖, C) is NaN or 0, not a bound, so DP-SGD's guarantee would
+    not hold (with float32 inputs above ~1.8e19 a sample used to go through unclipped, 11x off).
+    Norms are summed in float64, so this happens only where the gradient itself is not finite or
+    its norm exceeds θ's dtype.
+    """
+    bad = np.flatnonzero(~np.isfinite(norms))
+    if bad.size:
+        i = int(bad[0])
+        raise FloatingPointError(
+            f"clipped_grad: the gradient norm of sample {i} is {norms[i]} ({bad.size} of {norms.shape[0]} "
+            f"samples), so it cannot be clipped to max_norm; its forward or backward pass overflowed "
+            f"{norms.dtype} (scale the inputs, or use float64)"
+        )
+
+
 def dp_noise(num_params: int, seed, dtype) -> np.ndarray:
     """ξ ~ N(0, I) of DP-SGD, drawn on the host by ``numpy.random.default_rng(seed)``,
     so every backend adds the same noise for the same seed."""
@@ -278,6 +297,7 @@ __all__ = [
     "Derived",
     "PerSample",
     "Sum",
+    "check_clip_norms",
     "clip_factor",
     "dp_noise",
     "finish",

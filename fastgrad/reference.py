@@ -40,8 +40,8 @@ def phi(name: str, z: np.ndarray) -> np.ndarray:
     """Hidden activation ``name`` applied element-wise."""
     if name == "identity":
         return z
-    if name == "relu":
-        return np.where(z > 0, z, 0).astype(z.dtype, copy=False)
+    if name == "relu":  # NaN stays NaN
+        return np.where(z <= 0, 0, z).astype(z.dtype, copy=False)
     if name == "leaky_relu":
         return np.where(z > 0, z, z.dtype.type(0.01) * z)
     if name == "tanh":

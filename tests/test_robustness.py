@@ -254,3 +254,110 @@ def test_naive_in_blocks_of_rows_is_the_naive_in_one_block(dtype, monkeypatch):
             np.testing.assert_allclose(
                 blocks[name], whole[name], rtol=tol, atol=tol * np.abs(whole[name]).max(), err_msg=name
             )
+
+
+# ------------------------------------------------------------- norms and clipping (10.7)
+
+
+def _huge_inputs_problem():
+    # identity net, linear loss (Δ_L = -1): the weight gradients δ xᵀ are ~1e20, so the norms (~1e20) fit
+    # float32 and their squares do not
+    net, theta, X, y = make_problem([3, 4, 2], "identity", "linear", B=6, dtype=np.float32, seed=2)
+    return net, theta, (X * np.float32(1e20)).astype(np.float32), y
+
+
+def _tiny_gradient_problem():
+    # mse with y = 0 and a tiny last layer: δ_L = z_L ~ 1e-25, gradient entries ~1e-25, squares below float32's range
+    net, theta, X, _ = make_problem([3, 4, 1], "tanh", "mse", B=6, dtype=np.float32, seed=2)
+    W2, b2 = net.unpack(theta)[1]
+    W2 *= np.float32(1e-25)
+    b2[...] = 0
+    return net, theta, X, np.zeros(6, np.float32)
+
+
+@pytest.mark.parametrize("problem", [_huge_inputs_problem, _tiny_gradient_problem])
+@pytest.mark.parametrize("backend", HOST)
+def test_float32_norms_neither_overflow_nor_underflow_when_representable(problem, backend):
+    net, theta, X, y = problem()
+    G64 = fastgrad.backprop(
+        net, theta.astype(np.float64), X.astype(np.float64), y, ("per_sample",), "naive"
+    ).per_sample
+    want = np.linalg.norm(G64, axis=1)
+    assert np.isfinite(want).all() and (want > 0).all() and (want < 1e30).all() and (want > 1e-30).all()
+    r = fastgrad.backprop(net, theta, X, y, ("norms", "layer_norms"), backend)
+    np.testing.assert_allclose(r.norms, want, rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt((r.layer_norms.astype(np.float64) ** 2).sum(axis=1)), want, rtol=1e-5)
+
+
+def _saturated_problem():
+    # tanh saturates at inputs ~1e20: Δ_1 = 0 and ‖x‖² overflows float32, so Goodfellow's term 0·inf was NaN
+    net, theta, X, y = make_problem([3, 4, 2], "tanh", "cross_entropy", B=6, dtype=np.float32, seed=2)
+    return net, theta, (X * np.float32(1e20)).astype(np.float32), y
+
+
+@pytest.mark.parametrize("problem", [_huge_inputs_problem, _saturated_problem])
+@pytest.mark.parametrize("backend", HOST)
+def test_clipped_grad_clips_float32_samples_whose_squared_norm_overflows(backend, problem):
+    # such samples used to get a NaN norm and go through unclipped: 11x the bound
+    net, theta, X, y = problem()
+    W2 = net.unpack(theta)[1][0]
+    W2 *= 100  # gradients well above max_norm
+    g = fastgrad.clipped_grad(net, theta, X, y, max_norm=1.0, backend=backend)
+    assert np.isfinite(g).all() and np.linalg.norm(g.astype(np.float64)) <= 1.0 + 1e-5
+
+
+def _overflowing_problem(dtype):
+    # 2·x − 2·x with x near the dtype's max: inf − inf = NaN in the first layer's pre-activation
+    net = fastgrad.MLP([2, 1, 2], activation="tanh", loss="cross_entropy")
+    theta = np.zeros(net.num_params, dtype)
+    (W1, _), (W2, _) = net.unpack(theta)
+    W1[...] = [[2.0, -2.0]]
+    W2[...] = 1.0
+    big = np.finfo(dtype).max / 2 * 1.5
+    X = np.array([[1.0, 2.0], [big, big]], dtype)
+    return net, theta, X, np.array([0, 1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend", HOST)
+def test_a_nan_or_inf_norm_is_never_left_unclipped(backend, dtype):
+    net, theta, X, y = _overflowing_problem(dtype)
+    with pytest.raises(FloatingPointError, match="gradient norm of sample 1 is (nan|inf)"):
+        fastgrad.clipped_grad(net, theta, X, y, max_norm=1.0, backend=backend)
+    # a finite gradient whose norm overflows float64: inf
+    net, theta, X, y = make_problem([3, 4, 2], "identity", "cross_entropy", B=3, dtype=np.float64, seed=1)
+    X[2] *= 1e200
+    with pytest.raises(FloatingPointError, match="sample 2 is inf"):
+        fastgrad.clipped_grad(net, theta, X, y, max_norm=1.0, backend=backend)
+
+
+# ---------------------------------------------------------------------- NaN (10.9)
+
+
+@pytest.mark.parametrize("activation", fastgrad.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_nan_in_a_pre_activation_propagates_through_every_activation(activation, dtype):
+    # the numba float32 tanh clamped NaN to 1.0 (a finite loss where the others gave NaN); relu's max
+    # dropped it. Inputs are validated finite, so the NaN (as an overflow would make one) goes in past
+    # the checks: into W_1's first row, i.e. the first hidden unit's pre-activation of every sample
+    import dataclasses
+
+    net, theta, X, y = make_problem([3, 4, 2], activation, "cross_entropy", B=5, dtype=dtype, seed=1)
+    inp = fastgrad.api.check_inputs(net, theta, X, y)
+    bad = inp.theta.copy()
+    bad[:3] = np.nan
+    inp = dataclasses.replace(inp, theta=bad)
+    for backend in HOST:
+        with np.errstate(all="ignore"):
+            raw = fastgrad.api.run_backend(backend, net, inp, frozenset({"loss"}))
+        assert np.isnan(raw["loss"]), (backend, raw["loss"])
+
+
+def test_the_scalar_activations_map_nan_to_nan():
+    import math
+
+    from fastgrad import activations
+
+    for code in range(len(fastgrad.ACTIVATIONS)):
+        assert math.isnan(activations.activate(code, math.nan)), fastgrad.ACTIVATIONS[code]
+        assert math.isnan(activations.activate(code, np.float32("nan"))), fastgrad.ACTIVATIONS[code]

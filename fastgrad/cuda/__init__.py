@@ -34,7 +34,7 @@ import numpy as np
 from .. import _validation
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
-from ..quantities import SUMS, dp_noise, needs_norms, noise_scale, sums_to_make
+from ..quantities import SUMS, check_clip_norms, dp_noise, needs_norms, noise_scale, sums_to_make
 from . import config, fused, gemm, rows
 from .config import (
     FUSED_MAX_WIDTH,
@@ -427,6 +427,7 @@ def clipped_grad_device(
     """DP-SGD's clipped, noised mean gradient for device inputs, as a device array (P,)."""
     d = check_device_inputs(net, theta, X, y, values=False)
     raw = _run_device(net, d, frozenset({"loss"}), max_norm, None, path)
+    check_clip_norms(raw["norms"].copy_to_host())  # B numbers: a NaN or Inf norm must not go unclipped
     P = net.num_params
     xi = dp_noise(P, seed, d.dtype) if noise_multiplier > 0 else np.zeros(P, dtype=d.dtype)
     return rows.noised_mean(
