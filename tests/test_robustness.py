@@ -267,7 +267,8 @@ def _huge_inputs_problem():
 
 
 def _tiny_gradient_problem():
-    # mse with y = 0 and a tiny last layer: δ_L = z_L ~ 1e-25, gradient entries ~1e-25, squares below float32's range
+    # mse with y = 0 and a tiny last layer: δ_L = z_L ~ 1e-25, gradient entries ~1e-25, their squares
+    # below float32's range
     net, theta, X, _ = make_problem([3, 4, 1], "tanh", "mse", B=6, dtype=np.float32, seed=2)
     W2, b2 = net.unpack(theta)[1]
     W2 *= np.float32(1e-25)
