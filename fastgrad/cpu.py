@@ -349,7 +349,8 @@ def sum_squares(v):
 @njit(cache=CACHE, error_model="numpy")
 def tile_norms(net, chunk, r0, r1, max_norm, row_out):
     # rows [r0, r1) of A_{l-1}, Δ_l -> layer_sq[i, l-1] = ‖∇_{W_l,b_l} ℓ_i‖² (R, L; float64),
-    # norms[i] = ‖∇ℓ_i‖ (R,), and when max_norm > 0 the clip factors clip_c[i] = min(1, C/‖∇ℓ_i‖) (R,); row_out as the driver's
+    # norms[i] = ‖∇ℓ_i‖ (R,), and when max_norm > 0 the clip factors clip_c[i] = min(1, C/‖∇ℓ_i‖) (R,);
+    # row_out as the driver's
     layout, X, acts, deltas, offsets = net[0], chunk[0], chunk[1], chunk[3], chunk[5]
     layer_sq, norms, clip_c = row_out[1], row_out[2], row_out[3]
     for i in range(r0, r1):
