@@ -27,6 +27,7 @@ only, so that it works element-wise on arrays as well as on scalars).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -65,6 +66,43 @@ def layer_norm_sq(delta_sq, input_sq):
     """‖∇_{W_l, b_l} ℓ_i‖² from ‖δ_{l,i}‖² and ‖a_{l-1,i}‖² (Goodfellow 2015):
     ‖δ aᵀ‖²_F + ‖δ‖² = ‖δ‖² (‖a‖² + 1)."""
     return delta_sq * (input_sq + like(input_sq, 1.0))
+
+
+@register_jitable
+def add_square(scale, ssq, v):
+    """One step of a sum of squares kept as scale² · ssq (LAPACK's nrm2): (scale, ssq) after adding v².
+
+    scale is the largest |v| so far and every term is divided by it, so neither the squares of
+    large values overflow nor those of tiny ones underflow: the norm scale · √ssq (:func:`scaled_norm`)
+    is right wherever it is representable. Start from (0, 0). A NaN makes both NaN; an Inf gives an
+    Inf norm. For targets that must not compute in float64 (the float32 CUDA kernels); the CPU
+    kernels sum the squares in float64 instead, which vectorizes.
+    """
+    a = abs(v)
+    one = like(ssq, 1.0)
+    if a > scale:
+        r = scale / a
+        return a, one + ssq * r * r
+    if a == scale:  # equal (0 or Inf too): one more term of exactly 1
+        return scale, ssq + one
+    if a > like(a, 0.0):
+        r = a / scale
+        return scale, ssq + r * r
+    if a != a:  # NaN
+        return a, a
+    return scale, ssq
+
+
+@register_jitable
+def scaled_norm(scale, ssq):
+    """The norm scale · √ssq of a sum of squares made by :func:`add_square`."""
+    return scale * math.sqrt(ssq)
+
+
+@register_jitable
+def layer_norm(delta_norm, input_norm):
+    """‖∇_{W_l, b_l} ℓ_i‖ = ‖δ_{l,i}‖ √(‖a_{l-1,i}‖² + 1) (:func:`layer_norm_sq`, as norms: nothing is squared)."""
+    return delta_norm * math.hypot(input_norm, like(input_norm, 1.0))
 
 
 @register_jitable
@@ -297,15 +335,18 @@ __all__ = [
     "Derived",
     "PerSample",
     "Sum",
+    "add_square",
     "check_clip_norms",
     "clip_factor",
     "dp_noise",
     "finish",
+    "layer_norm",
     "layer_norm_sq",
     "needed",
     "needs_norms",
     "noise_scale",
     "noised_mean",
+    "scaled_norm",
     "sums_to_make",
     "variance_from_moments",
 ]
