@@ -56,7 +56,7 @@ SUM_OPERANDS = tuple(q.operand for q in SUMS)
 for _q in SUMS:  # sum_term forms (δ a)² for the squared operand: it must come with the squared source
     assert (_q.operand == DELTA_SQUARED) == (_q.source == INPUT_SQUARED), _q
     assert _q.operand in (DELTA, DELTA_SQUARED, CLIPPED_DELTA) and _q.source in (INPUT, INPUT_SQUARED), _q
-DIMS = 7  # dims: activation, loss, B, T, P, offset of the layer norms in ws, per-sample rows wanted; then the sums
+DIMS = 7  # dims: activation, loss, B, T, P, offset of layer norms in ws, rows wanted; then the sums
 
 
 # ------------------------------------------------------------ device functions
@@ -272,7 +272,8 @@ def fused_narrow_kernel(F):
 
     def fused_narrow(theta, X, labels, targets, layout, dims, limits, ws, G):
         # θ (P,), X (B, n0), labels (B,), targets (B, n_L) -> ws: tile losses (nblk) | input flags (4) |
-        # layer norms (B, L) | a partial (nblk, P) per requested sum at dims[DIMS + r] (-1: not wanted); G (B, P)
+        # layer norms (B, L) | a partial (nblk, P) per requested sum at dims[DIMS + r] (-1: not wanted);
+        # G (B, P)
         # layout: the L + 1 widths, then each layer's offset in θ; limits: max_norm (0: no clipping), lo, hi
         act, loss, B, T, P, off_lsq, want_rows = dims[:DIMS]
         offs = dims[DIMS:]
