@@ -101,7 +101,7 @@ def scaled_norm(scale, ssq):
 
 @register_jitable
 def layer_norm(delta_norm, input_norm):
-    """‖∇_{W_l, b_l} ℓ_i‖ = ‖δ_{l,i}‖ √(‖a_{l-1,i}‖² + 1) (:func:`layer_norm_sq`, as norms: nothing is squared)."""
+    """‖∇_{W_l, b_l} ℓ_i‖ = ‖δ_{l,i}‖ √(‖a_{l-1,i}‖² + 1): :func:`layer_norm_sq` with nothing squared."""
     return delta_norm * math.hypot(input_norm, like(input_norm, 1.0))
 
 

@@ -176,7 +176,7 @@ def output_deltas(*, z_out, labels, targets, loss: int, deltas, losses) -> None:
 
 
 def layer_norms(*, delta, inputs, per_layer, col: int) -> None:
-    """Column ``col`` of per_layer (B, L): Goodfellow's ‖Δ_{l,i}‖ √(‖A_{l-1,i}‖² + 1) for layer l = col + 1."""
+    """Column ``col`` of per_layer (B, L): Goodfellow's ‖Δ_{l,i}‖ √(‖A_{l-1,i}‖² + 1), layer l = col + 1."""
     B = delta.shape[0]
     grid = cdiv(B, ROW_THREADS)
     layer_norms_kernel.compiled(delta.dtype)[grid, ROW_THREADS](delta, inputs, per_layer, col)
