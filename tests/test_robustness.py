@@ -319,6 +319,7 @@ def _overflowing_problem(dtype):
     return net, theta, X, np.array([0, 1])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy reports the overflow it is made to do
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("backend", HOST)
 def test_a_nan_or_inf_norm_is_never_left_unclipped(backend, dtype):
