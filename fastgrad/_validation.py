@@ -2,7 +2,14 @@
 
 Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong
 shape or value) naming the argument and what was expected. What comes out is
-clean: C-contiguous, in θ's dtype, finite, labels in range.
+clean: C-contiguous, native byte order, in θ's dtype, finite, labels in range.
+
+The dtype rules (docs/api.md, "Input types"): θ is float32 or float64; X and float
+targets are real numbers (bool, integer or floating, converted to θ's dtype); labels
+are integers. Complex, datetime/timedelta, string, object and structured arrays are
+refused, and so are NumPy masked arrays (their mask would be dropped silently, a
+masked NaN included). Any byte order is accepted and converted to the native one;
+only ``out=``, which is written in place, must already be native.
 
 The shape and dtype checks (:func:`check_theta_shape`, :func:`check_X_shape`,
 :func:`check_y_shape`) read only ``.shape`` and ``.dtype``, so the CUDA backend runs
@@ -14,6 +21,7 @@ host's here; the device's run in its kernels and raise these same messages.
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,9 +100,30 @@ def check_y_shape(net: MLP, shape: tuple, batch: int) -> tuple:
 # ------------------------------------------------------------- host arrays
 
 
+def _refuse_masked(name: str, a) -> None:
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name}: a NumPy masked array is not accepted (its mask would be ignored); "
+            f"pass a plain array, e.g. {name}.filled(value) or {name}.compressed()"
+        )
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in native byte order (a converted copy when it is not)."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+
+
+REAL_KINDS = "biuf"
+"""dtype kinds accepted as real numbers: bool, signed and unsigned integers, floating point
+(``timedelta64`` counts as an integer for ``np.issubdtype``, so kinds are checked instead)."""
+
+
 def check_theta(net: MLP, theta) -> np.ndarray:
     if not isinstance(theta, np.ndarray):
         raise TypeError(f"theta: expected a NumPy array, got {type(theta).__name__}")
+    _refuse_masked("theta", theta)
+    if theta.dtype.kind == "f":
+        theta = _native(theta)
     check_theta_shape(net, theta.shape, theta.dtype)
     if not np.isfinite(theta).all():
         raise ValueError("theta: contains NaN or Inf")
@@ -102,12 +131,13 @@ def check_theta(net: MLP, theta) -> np.ndarray:
 
 
 def _real_array(name: str, a) -> np.ndarray:
+    _refuse_masked(name, a)
     arr = np.asarray(a)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
-    if np.issubdtype(arr.dtype, np.complexfloating):
-        raise TypeError(f"{name}: expected real numbers, got dtype {arr.dtype}")
-    return arr
+    if arr.dtype.kind not in REAL_KINDS:
+        raise TypeError(
+            f"{name}: expected real numbers (a numeric bool, integer or float array), got dtype {arr.dtype}"
+        )
+    return _native(arr)
 
 
 def check_X(net: MLP, X, dtype: np.dtype) -> np.ndarray:
@@ -185,13 +215,69 @@ def check_noise_multiplier(noise_multiplier) -> float:
     return float(noise_multiplier)
 
 
-def check_out(out, shape: tuple[int, int], dtype: np.dtype):
+def check_out(out, shape: tuple[int, int], dtype: np.dtype, inputs: dict | None = None):
+    """``out`` for ``per_sample``: a writeable C-contiguous array of ``shape`` and ``dtype`` (native
+    byte order) that shares no memory with any of ``inputs`` (name -> the caller's array): the
+    kernels write rows while still reading θ and X, so an overlap gives silently wrong results."""
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected a NumPy array (or np.memmap), got {type(out).__name__}")
+    _refuse_masked("out", out)
     if out.shape != shape or out.dtype != dtype:
         raise ValueError(f"out: expected shape {shape} and dtype {dtype}, got {out.shape} and {out.dtype}")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("out: must be C-contiguous and writeable")
+    for name, a in (inputs or {}).items():
+        if isinstance(a, np.ndarray) and np.shares_memory(out, a):
+            raise ValueError(f"out: shares memory with {name}; per_sample needs a separate array")
     return out
+
+
+# ---------------------------------------------------------------- memory
+
+
+class PerSampleMemoryError(MemoryError, ValueError):
+    """``per_sample``'s (B, P) matrix would not fit in the memory available; raised before any work.
+
+    A ``MemoryError`` (what it is) and a ``ValueError`` (the request is too big for this machine,
+    like the other bad-input errors, which are ``ValueError``s); catch either.
+    """
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can take without swapping (Linux's MemAvailable; psutil's figure
+    where psutil is installed), or ``None`` when the platform does not say."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_per_sample_fits(batch: int, num_params: int, dtype: np.dtype) -> None:
+    """Raise :class:`PerSampleMemoryError` when B × P × itemsize bytes exceed the available memory
+    (a 19.7 GiB request used to grow until the process was killed, and one above RAM to fail only
+    after 13 s of work). Not called when ``out=`` is given: then the rows go there."""
+    need = batch * num_params * np.dtype(dtype).itemsize
+    free = available_memory()
+    if free is not None and need > free:
+        rows = max(free // max(num_params * np.dtype(dtype).itemsize, 1), 0)
+        raise PerSampleMemoryError(
+            f"compute: 'per_sample' needs a ({batch}, {num_params}) {np.dtype(dtype)} matrix, "
+            f"{need / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB of memory is available; pass "
+            f"out= an np.memmap (np.lib.format.open_memmap(path, 'w+', dtype, shape)) to write the rows "
+            f"to disk, or fewer samples per call (at most ~{rows} fit)"
+        )

@@ -57,8 +57,8 @@ def stable_sigmoid(z):
 
 @register_jitable
 def stable_softplus(z):
-    """log(1 + exp(z)) without overflow: max(z, 0) + log1p(exp(-|z|))."""
-    return max(z, like(z, 0.0)) + math.log1p(math.exp(-abs(z)))
+    """log(1 + exp(z)) without overflow: max(z, 0) + log1p(exp(-|z|)) (NaN for NaN)."""
+    return (z if z > like(z, 0.0) else like(z, 0.0)) + math.log1p(math.exp(-abs(z)))
 
 
 @register_jitable
@@ -66,8 +66,8 @@ def activate(code, z):
     """phi(z) for activation ``code``."""
     if code == TANH:
         return math.tanh(z)
-    if code == RELU:
-        return max(like(z, 0.0), z)
+    if code == RELU:  # written so that a NaN propagates (max(0, NaN) is 0)
+        return like(z, 0.0) if z <= like(z, 0.0) else z
     if code == LEAKY_RELU:
         return z if z > like(z, 0.0) else like(z, LEAKY_SLOPE) * z
     if code == SIGMOID:

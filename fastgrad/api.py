@@ -16,14 +16,16 @@ import numpy as np
 
 from ._validation import (
     Inputs,
+    PerSampleMemoryError,
     check_compute,
     check_inputs,
     check_max_norm,
     check_noise_multiplier,
     check_out,
+    check_per_sample_fits,
 )
 from .mlp import MLP
-from .quantities import QUANTITIES, REGISTRY, dp_noise, finish, needed, noised_mean
+from .quantities import QUANTITIES, REGISTRY, check_clip_norms, dp_noise, finish, needed, noised_mean
 
 
 def _result_doc() -> str:
@@ -197,7 +199,9 @@ def backprop(
         ``"naive"`` (the per-sample loop, the definition), ``"numpy"`` (batched
         GEMMs), ``"numba"`` (CPU kernels), ``"cuda"`` (GPU kernels).
     out : ndarray (B, P), optional
-        Receives ``per_sample`` (e.g. an ``np.memmap`` for batches that do not fit in RAM).
+        Receives ``per_sample`` (e.g. an ``np.memmap`` for batches that do not fit in RAM; every
+        host backend writes it in chunks of bounded size). Native byte order, C-contiguous,
+        writeable, sharing no memory with θ, X or y.
     workspace : fastgrad.cpu.Workspace, optional
         ``backend="numba"`` only: scratch buffers reused across calls, so a training
         loop allocates nothing of size B × widths per step (by default each Python
@@ -212,6 +216,9 @@ def backprop(
     ------
     TypeError, ValueError
         For bad input, naming the argument, before any kernel runs.
+    PerSampleMemoryError
+        (a ``MemoryError`` and a ``ValueError``) when ``per_sample`` is asked for without ``out=``
+        and its B × P matrix would not fit in the available memory, before any work.
     """
     want = check_compute(compute)
     run = _backend(backend)
@@ -219,11 +226,15 @@ def backprop(
         raise ValueError("out: given, but 'per_sample' is not in compute")
     if _on_device(backend, theta, X, y, out):  # validated on the GPU, results stay there
         raw = _backend_module(backend).backprop_device(net, theta, X, y, needed(want), out)
+        batch_size = X.shape[0]
     else:
         inp = check_inputs(net, theta, X, y)
-        out = check_out(out, (inp.batch_size, net.num_params), inp.dtype)
+        out = check_out(out, (inp.batch_size, net.num_params), inp.dtype, {"theta": theta, "X": X, "y": y})
+        if "per_sample" in want and out is None:
+            check_per_sample_fits(inp.batch_size, net.num_params, inp.dtype)
         raw = run(net, inp, needed(want), None, out, **_workspace_kw(backend, workspace))
-    values = finish(want - {"loss"}, raw)
+        batch_size = inp.batch_size
+    values = finish(want - {"loss"}, raw, batch_size)
     return BackpropResult(loss=float(raw["loss"]), **values)
 
 
@@ -271,6 +282,12 @@ def clipped_grad(
     Returns
     -------
     ndarray (P,) in θ's dtype
+
+    Raises
+    ------
+    FloatingPointError
+        When a sample's gradient norm is NaN or Inf (its pass overflowed θ's dtype): it could not
+        be clipped, so no gradient is returned.
     """
     max_norm = check_max_norm(max_norm)
     noise_multiplier = check_noise_multiplier(noise_multiplier)
@@ -280,6 +297,7 @@ def clipped_grad(
         return device.clipped_grad_device(net, theta, X, y, max_norm, noise_multiplier, seed)
     inp = check_inputs(net, theta, X, y)
     raw = run(net, inp, needed((), clipping=True), max_norm, None, **_workspace_kw(backend, workspace))
+    check_clip_norms(raw["norms"])  # a NaN or Inf norm would leave its sample unclipped
     noise_std = noise_multiplier * max_norm
     noise = dp_noise(net.num_params, seed, inp.dtype) if noise_std > 0 else None
     return noised_mean(raw["clipped_sum"], noise_std, noise, inp.batch_size)
@@ -290,6 +308,7 @@ __all__ = [
     "BACKEND_PREFERENCE",
     "QUANTITIES",
     "BackpropResult",
+    "PerSampleMemoryError",
     "available_backends",
     "backprop",
     "check_inputs",

@@ -153,8 +153,9 @@ def _tanh_vectorizable_overload(z):
     if z == types.float32:
 
         def impl(z):
-            x = z if z < np.float32(9.0) else np.float32(9.0)
-            x = x if x > np.float32(-9.0) else np.float32(-9.0)
+            # the clamps test "beyond the bound", so a NaN falls through both and propagates (tested)
+            x = np.float32(9.0) if z > np.float32(9.0) else z
+            x = np.float32(-9.0) if x < np.float32(-9.0) else x
             t = x * x
             p = ((((((np.float32(_P6) * t + np.float32(_P5)) * t + np.float32(_P4)) * t + np.float32(_P3))
                    * t + np.float32(_P2)) * t + np.float32(_P1)) * t + np.float32(_P0))  # fmt: skip
@@ -162,8 +163,8 @@ def _tanh_vectorizable_overload(z):
                     * t + np.float32(_Q3)) * t + np.float32(_Q2)) * t + np.float32(_Q1)) * t
                  + np.float32(_Q0))  # fmt: skip
             y = x * p / q  # may round a hair past ±1 near the clamp
-            y = y if y < np.float32(1.0) else np.float32(1.0)
-            return y if y > np.float32(-1.0) else np.float32(-1.0)
+            y = np.float32(1.0) if y > np.float32(1.0) else y
+            return np.float32(-1.0) if y < np.float32(-1.0) else y
 
         return impl
     return lambda z: math.tanh(z)
@@ -334,23 +335,26 @@ def output_forward(net, a_in, loss, labels, targets, r0, losses, d_out):
 
 @njit(cache=CACHE, fastmath={"reassoc", "contract"})
 def sum_squares(v):
-    # v (n,) -> Σ v²; reassociation lets LLVM keep vector partial sums (a serial sum was
-    # latency-bound: most of the norms' cost on narrow). The order is fixed by the compiled
-    # code, not by threads, so results stay bit-identical.
-    s = like(v[0], 0.0)  # widths are ≥ 1
+    # v (n,) -> Σ v² in float64: float32 squares overflow above ~1.8e19 and underflow below ~1e-19, so a
+    # representable norm came out NaN or 0 (issue 10.7). Reassociation lets LLVM keep vector partial
+    # sums (a serial sum was latency-bound: most of the norms' cost on narrow). The order is fixed by
+    # the compiled code, not by threads, so results stay bit-identical.
+    s = 0.0
     for k in range(v.shape[0]):
-        s += v[k] * v[k]
+        x = np.float64(v[k])
+        s += x * x
     return s
 
 
 @njit(cache=CACHE, error_model="numpy")
 def tile_norms(net, chunk, r0, r1, max_norm, row_out):
-    # rows [r0, r1) of A_{l-1}, Δ_l -> layer_sq[i, l-1] = ‖∇_{W_l,b_l} ℓ_i‖² (R, L), norms[i] = ‖∇ℓ_i‖ (R,),
-    # and when max_norm > 0 the clip factors clip_c[i] = min(1, C/‖∇ℓ_i‖) (R,); row_out as the driver's
+    # rows [r0, r1) of A_{l-1}, Δ_l -> layer_sq[i, l-1] = ‖∇_{W_l,b_l} ℓ_i‖² (R, L; float64),
+    # norms[i] = ‖∇ℓ_i‖ (R,), and when max_norm > 0 the clip factors clip_c[i] = min(1, C/‖∇ℓ_i‖) (R,);
+    # row_out as the driver's
     layout, X, acts, deltas, offsets = net[0], chunk[0], chunk[1], chunk[3], chunk[5]
     layer_sq, norms, clip_c = row_out[1], row_out[2], row_out[3]
     for i in range(r0, r1):
-        total = like(max_norm, 0.0)
+        total = 0.0  # float64, as the terms
         for l in range(1, layout.shape[0] + 1):
             n_in, n_out, d0 = layout[l - 1, N_IN], layout[l - 1, N_OUT], offsets[l, D_AT]
             dsq = sum_squares(deltas[d0 + i * n_out : d0 + (i + 1) * n_out])
@@ -487,7 +491,7 @@ def fused_backprop(net, data, codes, flags, plan, max_norm, bufs, row_out, sums,
     # codes = (activation, loss, tile); flags = (backward, per_row, squares, accumulate); plan (n_sums, 3);
     # max_norm: C in θ's dtype (≤ 0: no clipping); bufs = (acts, dphi: flat (R, n_l) for l = 1..L-1,
     # deltas: flat (R, n_l) for l = 1..L, sqa: flat (R, n_l) for l = 0..L-1 when squares);
-    # row_out = (losses (R,), layer_sq (R, L), norms (R,), clip_c (R,), rows_out (R, P) or (0, 0));
+    # row_out = (losses (R,), layer_sq (R, L) float64, norms (R,), clip_c (R,), rows_out (R, P) or (0, 0));
     # sums (n_sums, P); partial (n_slots, n_tiles, P): per-tile sums of the plan's rows with a slot;
     # tasks (T, 3): (l, q0, q1) of every phase-2 GEMM block
     X, labels, targets = data
@@ -706,7 +710,7 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
     sums = np.empty((len(made), P), dt)
     losses = np.empty(B, dt)
-    layer_sq = np.empty((B, L), dt)
+    layer_sq = np.empty((B, L), np.float64)  # squares of float32 norms may overflow float32
     norms = np.empty(B, dt)
     clip_c = np.empty(B, dt)
     G = None
@@ -744,7 +748,7 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
             variance_into(res["grad"], res["sq_mean"], res["variance"])
     if per_row:
         res["norms"] = norms
-        res["layer_norms"] = np.sqrt(layer_sq)
+        res["layer_norms"] = np.sqrt(layer_sq).astype(dt)
     if want_rows:
         res["per_sample"] = G
     return res

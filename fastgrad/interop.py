@@ -15,6 +15,12 @@ from .mlp import MLP
 
 _TORCH_DTYPES = ("float32", "float64")
 
+SOFTPLUS_THRESHOLD = 40.0
+"""The ``threshold`` of the ``nn.Softplus`` that :func:`to_torch` builds. PyTorch's softplus returns z
+itself above its threshold (20 by default), fastgrad's is log(1 + eᶻ) everywhere: they differ by
+~e⁻ᶻ there, visible in float64. Above 40, e⁻ᶻ is below half an ulp of z in float32 and float64, so
+with this threshold the two agree to rounding everywhere (and eᶻ ≤ e⁴⁰ does not overflow float32)."""
+
 
 def _activation_name(module) -> str:
     """fastgrad's name for a torch activation module, or ``TypeError`` saying why it is not one."""
@@ -46,6 +52,12 @@ def _activation_name(module) -> str:
     if isinstance(module, nn.Softplus):
         if module.beta != 1:
             raise TypeError(f"module: Softplus(beta={module.beta}) is not supported; fastgrad's has beta = 1")
+        if module.threshold != 20 and module.threshold < SOFTPLUS_THRESHOLD:
+            raise TypeError(
+                f"module: Softplus(threshold={module.threshold}) is not supported; fastgrad's softplus is "
+                f"log(1 + e^z) everywhere, which PyTorch's matches (to ~e^-20) with the default threshold 20 "
+                f"or (to rounding) with threshold >= {SOFTPLUS_THRESHOLD:g}"
+            )
         return "softplus"
     raise TypeError(
         f"module: unsupported layer {kind}; fastgrad handles Linear layers with one of the activations "
@@ -155,7 +167,9 @@ def to_torch(net: MLP, theta: np.ndarray):
     torch.nn.Sequential
         ``Linear, act, ..., Linear``; the activation module is ``Identity``,
         ``ReLU``, ``LeakyReLU(0.01)``, ``Tanh``, ``Sigmoid``,
-        ``GELU(approximate="tanh")`` or ``Softplus()``. The loss is not part of it.
+        ``GELU(approximate="tanh")`` or ``Softplus(threshold=SOFTPLUS_THRESHOLD)`` (40, not
+        PyTorch's default 20, so that it agrees with fastgrad's log(1 + eᶻ) to rounding for
+        every z). The loss is not part of it.
     """
     from ._validation import check_net, check_theta
 
@@ -170,7 +184,7 @@ def to_torch(net: MLP, theta: np.ndarray):
         "tanh": nn.Tanh,
         "sigmoid": nn.Sigmoid,
         "gelu": lambda: nn.GELU(approximate="tanh"),
-        "softplus": nn.Softplus,
+        "softplus": lambda: nn.Softplus(threshold=SOFTPLUS_THRESHOLD),
     }[net.activation]
     tdtype = getattr(torch, theta.dtype.name)
     modules = []
@@ -185,4 +199,4 @@ def to_torch(net: MLP, theta: np.ndarray):
     return nn.Sequential(*modules)
 
 
-__all__ = ["from_torch", "to_torch"]
+__all__ = ["SOFTPLUS_THRESHOLD", "from_torch", "to_torch"]

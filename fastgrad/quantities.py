@@ -27,6 +27,7 @@ only, so that it works element-wise on arrays as well as on scalars).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -68,16 +69,82 @@ def layer_norm_sq(delta_sq, input_sq):
 
 
 @register_jitable
+def add_square(scale, ssq, v):
+    """One step of a sum of squares kept as scale² · ssq (LAPACK's nrm2): (scale, ssq) after adding v².
+
+    scale is the largest |v| so far and every term is divided by it, so neither the squares of
+    large values overflow nor those of tiny ones underflow: the norm scale · √ssq (:func:`scaled_norm`)
+    is right wherever it is representable. Start from (0, 0). A NaN makes both NaN; an Inf gives an
+    Inf norm. For targets that must not compute in float64 (the float32 CUDA kernels); the CPU
+    kernels sum the squares in float64 instead, which vectorizes.
+    """
+    a = abs(v)
+    one = like(ssq, 1.0)
+    if a > scale:
+        r = scale / a
+        return a, one + ssq * r * r
+    if a == scale:  # equal (0 or Inf too): one more term of exactly 1
+        return scale, ssq + one
+    if a > like(a, 0.0):
+        r = a / scale
+        return scale, ssq + r * r
+    if a != a:  # NaN
+        return a, a
+    return scale, ssq
+
+
+@register_jitable
+def scaled_norm(scale, ssq):
+    """The norm scale · √ssq of a sum of squares made by :func:`add_square`."""
+    return scale * math.sqrt(ssq)
+
+
+@register_jitable
+def layer_norm(delta_norm, input_norm):
+    """‖∇_{W_l, b_l} ℓ_i‖ = ‖δ_{l,i}‖ √(‖a_{l-1,i}‖² + 1): :func:`layer_norm_sq` with nothing squared."""
+    return delta_norm * math.hypot(input_norm, like(input_norm, 1.0))
+
+
+@register_jitable
 def variance_from_moments(sq_mean, grad):
     """The population variance sq_mean − grad², clamped at 0 against rounding."""
     return np.maximum(sq_mean - grad * grad, like(grad, 0.0))
 
 
 def noise_scale(grad: np.ndarray, norms: np.ndarray) -> float:
-    """B_simple = tr(Σ) / ‖G‖², tr(Σ) = mean ‖∇ℓ_i‖² − ‖G‖², accumulated in float64 (inf when G = 0)."""
-    grad_sq = float(np.dot(grad.astype(np.float64), grad.astype(np.float64)))
-    trace = float(np.mean(norms.astype(np.float64) ** 2)) - grad_sq
+    """B_simple = tr(Σ) / ‖G‖², tr(Σ) = mean ‖∇ℓ_i‖² − ‖G‖², accumulated in float64 (inf when G = 0).
+
+    tr(Σ) is clamped at 0 (its two terms come from different sums, and cancel to a rounding
+    error of either sign when the samples agree) and is exactly 0 for one sample. The sums are
+    NumPy's pairwise ``np.sum``, not a BLAS dot: BLAS splits a long dot between its threads, so its
+    bits changed with ``OPENBLAS_NUM_THREADS``.
+    """
+    g = grad.astype(np.float64)
+    grad_sq = float(np.sum(g * g))
+    if norms.shape[0] == 1:  # one sample: mean ‖∇ℓ_i‖² is ‖G‖², up to rounding
+        trace = 0.0
+    else:
+        trace = max(float(np.mean(np.square(norms.astype(np.float64)))) - grad_sq, 0.0)
     return trace / grad_sq if grad_sq > 0 else float("inf")
+
+
+def check_clip_norms(norms: np.ndarray) -> None:
+    """Raise ``FloatingPointError`` naming the first sample whose gradient norm is NaN or Inf.
+
+    Every clipped gradient passes here (``fastgrad.clipped_grad``, host and device): such a
+    sample's clip factor C / max(‖∇ℓ_i‖, C) is NaN or 0, not a bound, so DP-SGD's guarantee would
+    not hold (with float32 inputs above ~1.8e19 a sample used to go through unclipped, 11x off).
+    Norms are summed in float64, so this happens only where the gradient itself is not finite or
+    its norm exceeds θ's dtype.
+    """
+    bad = np.flatnonzero(~np.isfinite(norms))
+    if bad.size:
+        i = int(bad[0])
+        raise FloatingPointError(
+            f"clipped_grad: the gradient norm of sample {i} is {norms[i]} ({bad.size} of {norms.shape[0]} "
+            f"samples), so it cannot be clipped to max_norm; its forward or backward pass overflowed "
+            f"{norms.dtype} (scale the inputs, or use float64)"
+        )
 
 
 def dp_noise(num_params: int, seed, dtype) -> np.ndarray:
@@ -129,23 +196,37 @@ class PerSample:
 
 @dataclass(frozen=True)
 class Derived:
-    """A quantity computed from raw ones by ``finish(raw)`` on the host (raw: name -> array)."""
+    """A quantity computed from raw ones by ``finish(raw, batch_size)`` on the host (raw: name -> array)."""
 
     name: str
     needs: tuple[str, ...]
-    finish: Callable[[dict], object]
+    finish: Callable[[dict, int], object]
     shape: str
     doc: str
     public: bool = True
 
 
-def _variance(raw: dict) -> np.ndarray:
+def _variance(raw: dict, batch_size: int) -> np.ndarray:
     if "variance" in raw:  # a backend that made it from the moments in its own compiled pass
-        return raw["variance"]
-    return variance_from_moments(raw["sq_mean"], raw["grad"])
+        var = raw["variance"]
+    else:
+        var = variance_from_moments(raw["sq_mean"], raw["grad"])
+    if batch_size == 1:  # one sample has no variance; sq_mean − grad² was a rounding error (1.5e-8)
+        var = _zeros_like(var)
+    return var
 
 
-def _noise_scale(raw: dict) -> float:
+def _zeros_like(a):
+    """Zeros of ``a``'s shape and dtype, on the host for a host array, on the GPU for a device array."""
+    zeros = np.zeros(a.shape, dtype=a.dtype)
+    if isinstance(a, np.ndarray):
+        return zeros
+    from numba import cuda  # a device array of the CUDA backend
+
+    return cuda.to_device(zeros)
+
+
+def _noise_scale(raw: dict, batch_size: int) -> float:
     if "noise_scale" in raw:
         return float(raw["noise_scale"])
     return noise_scale(raw["grad"], raw["norms"])
@@ -165,14 +246,14 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
             ("grad", "sq_mean"),
             _variance,
             "(P,)",
-            "sq_mean − grad², the population variance (clamped at 0 against rounding).",
+            "sq_mean − grad², the population variance (clamped at 0 against rounding; exactly 0 for B = 1).",
         ),
         Derived(
             "noise_scale",
             ("grad", "norms"),
             _noise_scale,
             "scalar",
-            "Simple gradient noise scale B_simple = tr(Σ) / ‖grad‖² (inf when grad = 0).",
+            "Simple gradient noise scale B_simple = tr(Σ) / ‖grad‖² (≥ 0; 0 for B = 1; inf when grad = 0).",
         ),
         Sum(
             "clipped_sum",
@@ -228,13 +309,13 @@ def needed(want: Iterable[str], clipping: bool = False) -> frozenset[str]:
     return frozenset(need)
 
 
-def finish(want: Iterable[str], raw: dict) -> dict:
-    """The values of ``want`` from a backend's ``raw`` results: raw ones as they are,
-    derived ones by their ``finish``."""
+def finish(want: Iterable[str], raw: dict, batch_size: int) -> dict:
+    """The values of ``want`` from a backend's ``raw`` results for a batch of ``batch_size``
+    samples: raw ones as they are, derived ones by their ``finish``."""
     out = {}
     for name in want:
         q = REGISTRY[name]
-        out[name] = q.finish(raw) if isinstance(q, Derived) else raw[name]
+        out[name] = q.finish(raw, batch_size) if isinstance(q, Derived) else raw[name]
     return out
 
 
@@ -254,14 +335,18 @@ __all__ = [
     "Derived",
     "PerSample",
     "Sum",
+    "add_square",
+    "check_clip_norms",
     "clip_factor",
     "dp_noise",
     "finish",
+    "layer_norm",
     "layer_norm_sq",
     "needed",
     "needs_norms",
     "noise_scale",
     "noised_mean",
+    "scaled_norm",
     "sums_to_make",
     "variance_from_moments",
 ]

@@ -40,8 +40,8 @@ def phi(name: str, z: np.ndarray) -> np.ndarray:
     """Hidden activation ``name`` applied element-wise."""
     if name == "identity":
         return z
-    if name == "relu":
-        return np.where(z > 0, z, 0).astype(z.dtype, copy=False)
+    if name == "relu":  # NaN stays NaN
+        return np.where(z <= 0, 0, z).astype(z.dtype, copy=False)
     if name == "leaky_relu":
         return np.where(z > 0, z, z.dtype.type(0.01) * z)
     if name == "tanh":
@@ -155,38 +155,102 @@ def _naive_noise_scale(res: dict) -> float:
     return trace / grad_sq if grad_sq > 0 else np.inf
 
 
-# The definition of every quantity of the registry (fastgrad.quantities), from the stacked
-# per-sample gradients G (B, P), in order (later ones read earlier ones from ``res``):
-# name -> f(net, G, res, max_norm)
+def row_norms(G: np.ndarray) -> np.ndarray:
+    """‖G_i‖₂ of each row, in G's dtype, with the squares summed in float64: a float32 row whose
+    norm is representable neither overflows (entries above ~1.8e19) nor underflows (below ~1e-19)."""
+    return np.sqrt(np.einsum("ij,ij->i", G, G, dtype=np.float64)).astype(G.dtype)
+
+
+ROWS_BYTES = 16 * 2**20
+"""The naive loop and the batched form make per-sample rows in blocks of at most this many bytes
+(at least one row): with ``out=`` an ``np.memmap``, or without ``per_sample``, no (B, P) matrix
+is held in memory (an 1839 MiB memmap used to cost 1670 MiB of RAM)."""
+
+
+def row_blocks(batch: int, num_params: int, dtype) -> list[tuple[int, int]]:
+    """Rows [r0, r1) of each block of per-sample rows, in order; see :data:`ROWS_BYTES`."""
+    rows = max(1, ROWS_BYTES // (num_params * np.dtype(dtype).itemsize))
+    return [(r0, min(batch, r0 + rows)) for r0 in range(0, batch, rows)]
+
+
+# The definition of every quantity of the registry (fastgrad.quantities) from the stacked per-sample
+# gradients G (B, P). G is made in blocks of rows Gb = G[r0:r1] (row_blocks), so each definition
+# reads one block: a per-row quantity is its rows of the block ("row"); a sum over samples adds the
+# blocks' sums in order, divided by B for a mean ("sum", "mean"; c: the block's clip factors); the
+# variance, which needs the mean first, is a second pass ("centred"); the noise scale is a function
+# of the others ("result"). name -> (kind, f)
 NAIVE = {
-    "grad": lambda net, G, res, C: G.mean(axis=0),
-    "norms": lambda net, G, res, C: np.sqrt((G * G).sum(axis=1)),
-    "layer_norms": lambda net, G, res, C: np.stack(
-        [np.sqrt((G[:, s.w_start : s.end] ** 2).sum(axis=1)) for s in net.layers], axis=1
+    "per_sample": ("row", lambda net, Gb: Gb),
+    "norms": ("row", lambda net, Gb: row_norms(Gb)),
+    "layer_norms": (
+        "row",
+        lambda net, Gb: np.stack([row_norms(Gb[:, s.w_start : s.end]) for s in net.layers], 1),
     ),
-    "sq_mean": lambda net, G, res, C: (G * G).mean(axis=0),
-    "variance": lambda net, G, res, C: ((G - res["grad"]) ** 2).mean(axis=0),
-    "noise_scale": lambda net, G, res, C: _naive_noise_scale(res),
-    "clipped_sum": lambda net, G, res, C: (clip_factors(res["norms"], C)[:, None] * G).sum(axis=0),
-    "per_sample": lambda net, G, res, C: G,
+    "grad": ("mean", lambda Gb, c: Gb.sum(axis=0)),
+    "sq_mean": ("mean", lambda Gb, c: (Gb * Gb).sum(axis=0)),
+    "clipped_sum": ("sum", lambda Gb, c: (c[:, None] * Gb).sum(axis=0)),
+    "variance": ("centred", lambda Gb, grad: ((Gb - grad) ** 2).sum(axis=0)),
+    "noise_scale": ("result", _naive_noise_scale),
 }
+_NAIVE_NEEDS = {"variance": ("grad",), "noise_scale": ("grad", "variance"), "clipped_sum": ("norms",)}
+
+
+def _sample_rows(net: MLP, inp: Inputs, r0: int, r1: int, Gb: np.ndarray, losses: np.ndarray) -> None:
+    """Rows [r0, r1) of G into Gb (r1 - r0, P) and their losses into losses[r0:r1], one sample at a time."""
+    ce = net.loss_code == CROSS_ENTROPY
+    for i in range(r0, r1):
+        label = int(inp.labels[i]) if ce else 0
+        target = inp.targets[i] if not ce else np.zeros(net.n_out, dtype=inp.dtype)
+        losses[i], Gb[i - r0] = sample_gradient(net, inp.theta, inp.X[i], label, target)
 
 
 def run_naive(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | None = None, out=None):
-    """Every quantity from the stacked per-sample gradients; the definition of DESIGN §2."""
-    B = inp.batch_size
-    G = out if out is not None else np.empty((B, net.num_params), dtype=inp.dtype)
-    losses = np.empty(B, dtype=inp.dtype)
-    ce = net.loss_code == CROSS_ENTROPY
-    for i in range(B):
-        label = int(inp.labels[i]) if ce else 0
-        target = inp.targets[i] if not ce else np.zeros(net.n_out, dtype=inp.dtype)
-        losses[i], G[i] = sample_gradient(net, inp.theta, inp.X[i], label, target)
-    res = {"loss": losses.mean(dtype=inp.dtype)}
-    for name, definition in NAIVE.items():
-        if (name == "clipped_sum" and max_norm is None) or (name == "per_sample" and name not in need):
-            continue
-        res[name] = definition(net, G, res, max_norm)
+    """The quantities in ``need`` (and ``clipped_sum`` with ``max_norm``) from the stacked per-sample
+    gradients; the definition of DESIGN §2. G (B, P) is kept (in ``out`` if given) only for
+    ``per_sample``; otherwise each block of rows is dropped once read."""
+    B, P, dt = inp.batch_size, net.num_params, inp.dtype
+    todo = set(need) | ({"clipped_sum"} if max_norm is not None else set())
+    for name in ("noise_scale", "variance", "clipped_sum"):  # what each reads, last first
+        if name in todo:
+            todo.update(_NAIVE_NEEDS[name])
+    todo &= set(NAIVE)
+    keep = "per_sample" in todo
+    blocks = row_blocks(B, P, dt)
+    G = (out if out is not None else np.empty((B, P), dtype=dt)) if keep else None
+    scratch = None if keep else np.empty((blocks[0][1] - blocks[0][0], P), dtype=dt)
+    losses = np.empty(B, dtype=dt)
+    parts: dict[str, list] = {name: [] for name in todo if NAIVE[name][0] == "row"}
+    sums: dict[str, np.ndarray] = {}
+    for r0, r1 in blocks:
+        Gb = G[r0:r1] if keep else scratch[: r1 - r0]
+        _sample_rows(net, inp, r0, r1, Gb, losses)
+        for name in parts:
+            parts[name].append(NAIVE[name][1](net, Gb))
+        c = clip_factors(parts["norms"][-1], max_norm) if max_norm is not None else None
+        for name in todo:
+            kind, definition = NAIVE[name]
+            if kind in ("sum", "mean"):
+                total = definition(Gb, c)
+                sums[name] = total if name not in sums else sums[name] + total
+    res = {"loss": losses.mean(dtype=dt)}
+    for name in parts:
+        res[name] = G if name == "per_sample" else np.concatenate(parts[name])
+    for name, total in sums.items():
+        res[name] = total / dt.type(B) if NAIVE[name][0] == "mean" else total
+    if "variance" in todo:  # ((G - grad)²).mean(axis=0), reading G again (made again if not kept)
+        total = None
+        for r0, r1 in reversed(blocks):  # the last block first: without G, it is still in scratch
+            if keep:
+                Gb = G[r0:r1]
+            else:
+                Gb = scratch[: r1 - r0]
+                if (r0, r1) != blocks[-1]:
+                    _sample_rows(net, inp, r0, r1, Gb, losses)
+            part = NAIVE["variance"][1](Gb, res["grad"])
+            total = part if total is None else total + part
+        res["variance"] = total / dt.type(B)
+    if "noise_scale" in todo:
+        res["noise_scale"] = NAIVE["noise_scale"][1](res)
     return res
 
 
@@ -230,6 +294,11 @@ def source(kind: int, A: np.ndarray) -> np.ndarray:
     return A if kind == INPUT else A * A
 
 
+def _sum_squares(M: np.ndarray) -> np.ndarray:
+    """Σ_k M[i, k]² of each row (B,), accumulated in float64."""
+    return np.einsum("ij,ij->i", M, M, dtype=np.float64)
+
+
 def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | None = None, out=None):
     """Every requested quantity with one GEMM per layer and quantity; no (B, P) matrix unless asked."""
     B, dt = inp.batch_size, inp.dtype
@@ -239,12 +308,13 @@ def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | N
     P = net.num_params
     clip_c = None
     if needs_norms(need, max_norm is not None):
-        # Goodfellow's trick, per layer: ‖δ aᵀ‖²_F + ‖δ‖² = ‖δ‖² (‖a‖² + 1)
+        # Goodfellow's trick, per layer: ‖δ aᵀ‖²_F + ‖δ‖² = ‖δ‖² (‖a‖² + 1), in float64 so that a float32
+        # norm that is representable neither overflows nor underflows on the way
         layer_sq = np.stack(
-            [layer_norm_sq((D * D).sum(axis=1), (Ain * Ain).sum(axis=1)) for D, Ain in zip(deltas, A)], axis=1
+            [layer_norm_sq(_sum_squares(D), _sum_squares(Ain)) for D, Ain in zip(deltas, A)], axis=1
         )
-        res["layer_norms"] = np.sqrt(layer_sq)
-        res["norms"] = np.sqrt(layer_sq.sum(axis=1))
+        res["layer_norms"] = np.sqrt(layer_sq).astype(dt)
+        res["norms"] = np.sqrt(layer_sq.sum(axis=1)).astype(dt)
         if max_norm is not None:
             clip_c = clip_factor(res["norms"], dt.type(max_norm))
     for q in sums_to_make(need, max_norm is not None):
@@ -259,11 +329,14 @@ def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | N
                 gW[...] = M.T @ source(q.source, Ain)
                 gb[...] = M.sum(axis=0)
         res[q.name] = total
-    if "per_sample" in need:
+    if "per_sample" in need:  # in blocks of rows: out= may be a memmap larger than memory
         G = out if out is not None else np.empty((B, P), dtype=dt)
-        for s, D, Ain in zip(net.layers, deltas, A):
-            G[:, s.w_start : s.b_start] = (D[:, :, None] * Ain[:, None, :]).reshape(B, -1)
-            G[:, s.b_start : s.end] = D
+        for r0, r1 in row_blocks(B, P, dt):
+            for s, D, Ain in zip(net.layers, deltas, A):
+                G[r0:r1, s.w_start : s.b_start] = (D[r0:r1, :, None] * Ain[r0:r1, None, :]).reshape(
+                    r1 - r0, -1
+                )
+                G[r0:r1, s.b_start : s.end] = D[r0:r1]
         res["per_sample"] = G
     return res
 

@@ -95,3 +95,29 @@ def test_to_torch_rejects_a_theta_of_the_wrong_shape_naming_theta():
         fastgrad.to_torch(net, np.zeros(5, dtype=np.float32))
     with pytest.raises(TypeError, match="theta"):
         fastgrad.to_torch(net, [0.0] * net.num_params)
+
+
+def test_from_torch_rejects_a_softplus_threshold_where_torch_is_not_log_1_plus_exp():
+    # PyTorch's softplus is z itself above its threshold; at threshold 1 the gradient was 5-28 % off
+    module = nn.Sequential(nn.Linear(3, 4), nn.Softplus(threshold=1.0), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"module: Softplus\(threshold=1.0\) is not supported"):
+        fastgrad.from_torch(module)
+    for threshold in (20.0, 40.0, 100.0):  # the default (~e^-20 apart) and those that agree to rounding
+        module = nn.Sequential(nn.Linear(3, 4), nn.Softplus(threshold=threshold), nn.Linear(4, 2))
+        assert fastgrad.from_torch(module)[0].activation == "softplus"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_torch_softplus_agrees_with_fastgrad_above_torchs_default_threshold(dtype):
+    # nn.Softplus() returns z for z > 20 where log(1 + e^z) = z + e^-z: ~2e-9 apart, seen in float64
+    net = fastgrad.MLP([1, 1, 1], activation="softplus", loss="linear")
+    theta = np.array([1.0, 0.0, 1.0, 0.0], dtype=dtype)  # W1 = 1, b1 = 0, W2 = 1, b2 = 0: z_out = softplus(x)
+    X = np.array([[-30.0], [0.5], [21.0], [25.0], [38.0], [45.0], [300.0]], dtype=dtype)
+    module = fastgrad.to_torch(net, theta)
+    with torch.no_grad():
+        torch_out = module(torch.from_numpy(X)).numpy()[:, 0]
+    eps = float(np.finfo(dtype).eps)
+    ours = -fastgrad.backprop(net, theta, X, np.zeros(len(X), dtype), ("loss",)).loss * len(X)
+    ref = np.logaddexp(0, X[:, 0].astype(np.float64))  # log(1 + e^x), exactly rounded
+    np.testing.assert_allclose(torch_out, ref, rtol=4 * eps, atol=0)
+    assert ours == pytest.approx(ref.sum(), rel=10 * eps)

@@ -34,7 +34,7 @@ import numpy as np
 from .. import _validation
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
-from ..quantities import SUMS, dp_noise, needs_norms, noise_scale, sums_to_make
+from ..quantities import SUMS, check_clip_norms, dp_noise, needs_norms, noise_scale, sums_to_make
 from . import config, fused, gemm, rows
 from .config import (
     FUSED_MAX_WIDTH,
@@ -174,7 +174,7 @@ def _fused_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
         res["norms"] = cuda.device_array(B, dtype=d.dtype)
         off_lsq = nblk + 4
         rows.finish_norms(
-            layer_sq=ws[off_lsq : off_lsq + B * L].reshape(B, L), norms=res["norms"], layer_norms=layer_norms
+            per_layer=ws[off_lsq : off_lsq + B * L].reshape(B, L), norms=res["norms"], layer_norms=layer_norms
         )
     if not host_loss:
         res["loss_partials"] = ws[:nblk]
@@ -194,14 +194,14 @@ def _tiled_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
     F = d.dtype.type
     clip = max_norm is not None
     need_norms = needs_norms(need, clip)
-    layer_sq = scratch("layer_sq", (B, L), d.dtype)
-    losses, deltas, acts = _tiled_backward(net, d, layer_sq if need_norms else None)
+    per_layer = scratch("per_layer", (B, L), d.dtype)
+    losses, deltas, acts = _tiled_backward(net, d, per_layer if need_norms else None)
     clip_c = scratch("clip_c", (B if clip else 1,), d.dtype)
     res: dict = {}
     if need_norms:
         res["norms"] = cuda.device_array(B, dtype=d.dtype)
         rows.finish_norms(
-            layer_sq=layer_sq,
+            per_layer=per_layer,
             norms=res["norms"],
             layer_norms=layer_norms,
             max_norm=max_norm,
@@ -255,12 +255,12 @@ def _check_values(net: MLP, d: _Device) -> None:
     d.values_checked = True
 
 
-def _tiled_backward(net: MLP, d: _Device, layer_sq):
+def _tiled_backward(net: MLP, d: _Device, per_layer):
     """Forward and backward by tiled GEMMs: losses (B,), deltas [Δ_1..Δ_L], layer inputs [A_0..A_{L-1}].
 
     Deltas and inputs are (array, flat view) pairs, so ``deltas[k]`` is Δ_{k+1} and ``acts[k]``
-    is A_k, the input of layer k + 1 (``net.layers[k]``); ``layer_sq`` (B, L), when given, gets
-    Goodfellow's per-layer terms.
+    is A_k, the input of layer k + 1 (``net.layers[k]``); ``per_layer`` (B, L), when given, gets
+    the layer norms ‖∇_{W_l,b_l} ℓ_i‖ (Goodfellow).
     """
     B, L = d.batch_size, net.num_layers
     acts = [(d.X, d.X.reshape(d.X.size))]
@@ -301,9 +301,9 @@ def _tiled_backward(net: MLP, d: _Device, layer_sq):
             batch=B, delta=deltas[l][1], theta=d.theta, layer=net.layers[l], deriv=derivs[l - 1][1]
         )
         deltas[l - 1] = derivs[l - 1]
-    if layer_sq is not None:
+    if per_layer is not None:
         for l in range(L):
-            rows.layer_norms_sq(delta=deltas[l][0], inputs=acts[l][0], layer_sq=layer_sq, col=l)
+            rows.layer_norms(delta=deltas[l][0], inputs=acts[l][0], per_layer=per_layer, col=l)
     return losses, deltas, acts
 
 
@@ -427,6 +427,7 @@ def clipped_grad_device(
     """DP-SGD's clipped, noised mean gradient for device inputs, as a device array (P,)."""
     d = check_device_inputs(net, theta, X, y, values=False)
     raw = _run_device(net, d, frozenset({"loss"}), max_norm, None, path)
+    check_clip_norms(raw["norms"].copy_to_host())  # B numbers: a NaN or Inf norm must not go unclipped
     P = net.num_params
     xi = dp_noise(P, seed, d.dtype) if noise_multiplier > 0 else np.zeros(P, dtype=d.dtype)
     return rows.noised_mean(

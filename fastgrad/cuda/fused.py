@@ -26,8 +26,10 @@ from ..quantities import (
     INPUT,
     INPUT_SQUARED,
     SUMS,
+    add_square,
     clip_factor,
-    layer_norm_sq,
+    layer_norm,
+    scaled_norm,
 )
 from . import config
 from .config import (
@@ -54,7 +56,7 @@ SUM_OPERANDS = tuple(q.operand for q in SUMS)
 for _q in SUMS:  # sum_term forms (δ a)² for the squared operand: it must come with the squared source
     assert (_q.operand == DELTA_SQUARED) == (_q.source == INPUT_SQUARED), _q
     assert _q.operand in (DELTA, DELTA_SQUARED, CLIPPED_DELTA) and _q.source in (INPUT, INPUT_SQUARED), _q
-DIMS = 7  # dims: activation, loss, B, T, P, offset of layer_sq in ws, per-sample rows wanted; then the sums
+DIMS = 7  # dims: activation, loss, B, T, P, offset of layer norms in ws, rows wanted; then the sums
 
 
 # ------------------------------------------------------------ device functions
@@ -166,28 +168,29 @@ def backward_layer(sh, theta, w, nin, nout, dl, dprev, T, acc, rows):
 
 
 @device_function
-def row_sq(sh, start, n):
-    # sh[start:start + n] -> its squared Euclidean norm, summed in order
-    t = like(sh[start], 0.0)
+def row_norm(sh, start, n):
+    # sh[start:start + n] -> its Euclidean norm, in order, scaled (add_square): no square over- or underflows
+    scale = like(sh[start], 0.0)
+    ssq = scale
     for k in range(n):
-        v = sh[start + k]
-        t += v * v
-    return t
+        scale, ssq = add_square(scale, ssq, sh[start + k])
+    return scaled_norm(scale, ssq)
 
 
 @device_function
-def sample_norm_sq(sh, sizes, aoff, doff, s, out, out_off):
-    # sample s of the tile -> ‖∇ℓ_s‖²; ‖∇_{W_l,b_l} ℓ_s‖² (Goodfellow) to out[out_off + l - 1] if out_off ≥ 0
+def sample_norm(sh, sizes, aoff, doff, s, out, out_off):
+    # sample s of the tile -> ‖∇ℓ_s‖; ‖∇_{W_l,b_l} ℓ_s‖ (Goodfellow) to out[out_off + l - 1] if out_off ≥ 0
     L = sizes.shape[0] - 1
-    tot = like(sh[0], 0.0)
+    scale = like(sh[0], 0.0)
+    ssq = scale
     for l in range(1, L + 1):
-        dd = row_sq(sh, doff[l] + s * (sizes[l] + 1), sizes[l])
-        aa = row_sq(sh, aoff[l - 1] + s * (sizes[l - 1] + 1), sizes[l - 1])
-        v = layer_norm_sq(dd, aa)
+        dn = row_norm(sh, doff[l] + s * (sizes[l] + 1), sizes[l])
+        an = row_norm(sh, aoff[l - 1] + s * (sizes[l - 1] + 1), sizes[l - 1])
+        v = layer_norm(dn, an)
         if out_off >= 0:
             out[out_off + l - 1] = v
-        tot += v
-    return tot
+        scale, ssq = add_square(scale, ssq, v)
+    return scaled_norm(scale, ssq)
 
 
 @device_function
@@ -269,7 +272,8 @@ def fused_narrow_kernel(F):
 
     def fused_narrow(theta, X, labels, targets, layout, dims, limits, ws, G):
         # θ (P,), X (B, n0), labels (B,), targets (B, n_L) -> ws: tile losses (nblk) | input flags (4) |
-        # layer_sq (B, L) | a partial (nblk, P) per requested sum at dims[DIMS + r] (-1: not wanted); G (B, P)
+        # layer norms (B, L) | a partial (nblk, P) per requested sum at dims[DIMS + r] (-1: not wanted);
+        # G (B, P)
         # layout: the L + 1 widths, then each layer's offset in θ; limits: max_norm (0: no clipping), lo, hi
         act, loss, B, T, P, off_lsq, want_rows = dims[:DIMS]
         offs = dims[DIMS:]
@@ -329,7 +333,7 @@ def fused_narrow_kernel(F):
             cuda.syncthreads()
         if tid < T:  # norms from the deltas (Goodfellow), then the clip factor
             i = i0 + tid
-            nrm = math.sqrt(sample_norm_sq(sh, sizes, aoff, doff, tid, ws, off_lsq + i * L if i < B else -1))
+            nrm = sample_norm(sh, sizes, aoff, doff, tid, ws, off_lsq + i * L if i < B else -1)
             sh[coff + tid] = clip_factor(nrm, max_norm) if max_norm > zero else one
         cuda.syncthreads()
         clip = sh[coff : coff + T]
@@ -370,7 +374,7 @@ def shared_bytes(net: MLP, tile: int, dtype) -> int:
 
 
 def workspace_size(nblk: int, batch: int, net: MLP, want: tuple[bool, ...]) -> tuple[int, tuple[int, ...]]:
-    """The fused workspace: tile losses | input flags | layer_sq | one partial per wanted sum.
+    """The fused workspace: tile losses | input flags | layer norms (B, L) | one partial per wanted sum.
 
     Returns its length and each sum's offset (-1 for a sum not wanted).
     """

@@ -1,9 +1,10 @@
 """Per-row kernels (one thread per sample, per parameter, or per output column), then their launchers.
 
-The per-row maths is the registry's (:mod:`fastgrad.quantities`): Goodfellow's layer term
-``layer_norm_sq``, the ``clip_factor`` and ``variance_from_moments`` are the functions the
-CPU kernels and the NumPy reference run too. Layer indices in comments are 1-based
-(DESIGN §2): layer l maps A_{l-1} (B, n_{l-1}) to Δ_l, A_l (B, n_l).
+The per-row maths is the registry's (:mod:`fastgrad.quantities`): the ``clip_factor`` and
+``variance_from_moments`` are the functions the CPU kernels and the NumPy reference run too;
+Goodfellow's layer term is taken as norms (``layer_norm``) with scaled sums of squares
+(``add_square``), as float32 squares over- and underflow and float32 kernels keep to float32.
+Layer indices in comments are 1-based (DESIGN §2): layer l maps A_{l-1} (B, n_{l-1}) to Δ_l, A_l (B, n_l).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 
 from ..losses import output_delta_row
-from ..quantities import clip_factor, layer_norm_sq, variance_from_moments
+from ..quantities import add_square, clip_factor, layer_norm, scaled_norm, variance_from_moments
 from .config import ROW_THREADS, SUM_X, SUM_Y, WRITE_THREADS, cdiv, cuda, kernel, mat, nbt, vec
 
 # ------------------------------------------------------------------- kernels
@@ -31,38 +32,40 @@ def output_deltas_kernel(F):
 
 
 @kernel(lambda F: (mat(F), mat(F), mat(F), nbt.int64))
-def layer_norms_sq_kernel(F):
+def layer_norms_kernel(F):
     zero = F(0.0)
 
-    def layer_norms_sq(D, A, layer_sq, col):
-        # D = Δ_l (B, n_l), A = A_{l-1} (B, n_{l-1}) -> layer_sq[:, col = l - 1] (B,): ‖∇_{W_l,b_l} ℓ_i‖²
+    def layer_norms(D, A, per_layer, col):
+        # D = Δ_l (B, n_l), A = A_{l-1} (B, n_{l-1}) -> per_layer[:, col = l - 1] (B,): ‖∇_{W_l,b_l} ℓ_i‖
         i = cuda.grid(1)
         if i < D.shape[0]:
-            dd = zero
+            scale, ssq = zero, zero
             for o in range(D.shape[1]):
-                dd += D[i, o] * D[i, o]
-            aa = zero
+                scale, ssq = add_square(scale, ssq, D[i, o])
+            dn = scaled_norm(scale, ssq)
+            scale, ssq = zero, zero
             for j in range(A.shape[1]):
-                aa += A[i, j] * A[i, j]
-            layer_sq[i, col] = layer_norm_sq(dd, aa)
+                scale, ssq = add_square(scale, ssq, A[i, j])
+            per_layer[i, col] = layer_norm(dn, scaled_norm(scale, ssq))
 
-    return layer_norms_sq
+    return layer_norms
 
 
 @kernel(lambda F: (mat(F), vec(F), nbt.int64, mat(F), F, vec(F)))
 def finish_norms_kernel(F):
     zero = F(0.0)
 
-    def finish_norms(layer_sq, norms, want_layer_norms, layer_norms, max_norm, clip_c):
-        # layer_sq (B, L) -> norms (B,), layer_norms (B, L) if asked, clip factors (B,) when max_norm > 0
+    def finish_norms(per_layer, norms, want_layer_norms, layer_norms, max_norm, clip_c):
+        # per_layer (B, L): the layer norms -> norms (B,), layer_norms (B, L) if asked, clip factors (B,)
+        # when max_norm > 0
         i = cuda.grid(1)
-        if i < layer_sq.shape[0]:
-            t = zero
-            for l in range(layer_sq.shape[1]):
-                t += layer_sq[i, l]
+        if i < per_layer.shape[0]:
+            scale, ssq = zero, zero
+            for l in range(per_layer.shape[1]):
+                scale, ssq = add_square(scale, ssq, per_layer[i, l])
                 if want_layer_norms:
-                    layer_norms[i, l] = math.sqrt(layer_sq[i, l])
-            nrm = math.sqrt(t)
+                    layer_norms[i, l] = per_layer[i, l]
+            nrm = scaled_norm(scale, ssq)
             norms[i] = nrm
             if max_norm > zero:
                 clip_c[i] = clip_factor(nrm, max_norm)
@@ -172,26 +175,27 @@ def output_deltas(*, z_out, labels, targets, loss: int, deltas, losses) -> None:
     )
 
 
-def layer_norms_sq(*, delta, inputs, layer_sq, col: int) -> None:
-    """Column ``col`` of layer_sq (B, L): Goodfellow's ‖Δ_{l,i}‖² (‖A_{l-1,i}‖² + 1) for layer l = col + 1."""
+def layer_norms(*, delta, inputs, per_layer, col: int) -> None:
+    """Column ``col`` of per_layer (B, L): Goodfellow's ‖Δ_{l,i}‖ √(‖A_{l-1,i}‖² + 1), layer l = col + 1."""
     B = delta.shape[0]
     grid = cdiv(B, ROW_THREADS)
-    layer_norms_sq_kernel.launch(delta.dtype, grid, ROW_THREADS, delta, inputs, layer_sq, col)
+    layer_norms_kernel.launch(delta.dtype, grid, ROW_THREADS, delta, inputs, per_layer, col)
 
 
-def finish_norms(*, layer_sq, norms, layer_norms=None, max_norm=None, clip=None) -> None:
-    """norms (B,) from layer_sq (B, L); layer_norms (B, L) when given; clip factors (B,) when ``max_norm``."""
-    dt = layer_sq.dtype
+def finish_norms(*, per_layer, norms, layer_norms=None, max_norm=None, clip=None) -> None:
+    """norms (B,) from the layer norms per_layer (B, L); layer_norms (B, L) when given; clip factors (B,)
+    when ``max_norm``."""
+    dt = per_layer.dtype
     F = dt.type
-    B = layer_sq.shape[0]
+    B = per_layer.shape[0]
     finish_norms_kernel.launch(
         dt,
         cdiv(B, ROW_THREADS),
         ROW_THREADS,
-        layer_sq,
+        per_layer,
         norms,
         int(layer_norms is not None),
-        layer_sq if layer_norms is None else layer_norms,
+        per_layer if layer_norms is None else layer_norms,
         F(max_norm if max_norm is not None else 0.0),
         norms if clip is None else clip,
     )

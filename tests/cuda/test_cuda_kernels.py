@@ -247,3 +247,49 @@ def test_cuda_array_interface_of_other_libraries(lib):
     assert fc.is_device_array(res.grad)
     want = fastgrad.backprop(net, theta, X, y, compute=("grad",))
     assert rel_err(res.grad.copy_to_host(), want.grad) < 3e-5
+
+
+# ----------------------------------------------- norms beyond float32's squares (issue 10.7)
+
+
+def _huge_and_tiny_problems():
+    # gradients ~1e20 (their squares overflow float32) and ~1e-25 (their squares underflow): the norms fit
+    net, theta, X, y = make_problem([3, 4, 2], "identity", "linear", B=4, dtype=np.float32, seed=2)
+    yield net, theta, (X * np.float32(1e20)).astype(np.float32), y
+    net, theta, X, _ = make_problem([3, 4, 1], "tanh", "mse", B=4, dtype=np.float32, seed=2)
+    W2, b2 = net.unpack(theta)[1]
+    W2 *= np.float32(1e-25)
+    b2[...] = 0
+    yield net, theta, X, np.zeros((4, 1), np.float32)
+
+
+@pytest.mark.parametrize("path", ["fused", "tiled"])
+def test_float32_norms_neither_overflow_nor_underflow_when_representable(path):
+    for net, theta, X, y in _huge_and_tiny_problems():
+        G64 = reference.per_sample_gradients(net, theta.astype(np.float64), X.astype(np.float64), y)
+        want = np.linalg.norm(G64, axis=1)
+        got = run_cuda(
+            net, theta, X, y, path, need=frozenset({"loss", "norms", "layer_norms"}), max_norm=None
+        )
+        assert rel_err(got["norms"], want) < 3e-5
+        assert rel_err(np.linalg.norm(got["layer_norms"].astype(np.float64), axis=1), want) < 3e-5
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator computes the overflow on the host
+@pytest.mark.parametrize("path", ["fused", "tiled"])
+def test_a_nan_norm_is_never_left_unclipped_on_the_device(path):
+    # 2·x − 2·x with x near float32's max: inf − inf = NaN in sample 1's forward pass
+    net = fastgrad.MLP([2, 1, 2], activation="tanh", loss="cross_entropy")
+    theta = np.zeros(net.num_params, np.float32)
+    (W1, _), (W2, _) = net.unpack(theta)
+    W1[...] = [[2.0, -2.0]]
+    W2[...] = 1.0
+    big = np.float32(np.finfo(np.float32).max / 2 * 1.5)
+    X = np.array([[1.0, 2.0], [big, big]], np.float32)
+    y = np.array([0, 1])
+    with pytest.raises(FloatingPointError, match="gradient norm of sample 1 is (nan|inf)"):
+        fc.clipped_grad_device(
+            net, cuda.to_device(theta), cuda.to_device(X), cuda.to_device(y), 1.0, 0.0, 0, path=path
+        )
+    raw = run_cuda(net, theta, X, y, path, need=frozenset({"loss", "norms"}), max_norm=1.0)
+    assert np.isfinite(raw["norms"][0]) and not np.isfinite(raw["norms"][1])
