@@ -78,7 +78,7 @@ def test_missing_and_unreadable_files_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         load_npz(tmp_path / "nope.npz")
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match="not an .npz archive"):
         load_npz(tmp_path / "junk.npz")
 
 
