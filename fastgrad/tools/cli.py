@@ -15,6 +15,8 @@ exit status
   unexpected error (a bug: run again with ``FASTGRAD_DEBUG=1`` for the traceback);
 - 130: interrupted (Ctrl-C), also when the interrupt arrived inside a callback
   from compiled code (LLVM's, while Numba compiles), where Python would only print it.
+  (A Ctrl-C while Python is still importing NumPy and Numba, before :func:`main`
+  runs, gets Python's own report.)
 """
 
 from __future__ import annotations
