@@ -411,7 +411,9 @@ class _Interrupts:
             return
         self._dropped = True
         # not raised from here: this hook runs inside the callback, where it would be dropped again
-        threading.Timer(0.05, self._raise_in_main_thread).start()
+        timer = threading.Timer(0.05, self._raise_in_main_thread)
+        timer.daemon = True
+        timer.start()
 
     def _raise_in_main_thread(self) -> None:
         with self._lock:
