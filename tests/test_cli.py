@@ -426,3 +426,19 @@ def test_a_plot_destination_that_is_a_folder_or_unwritable_is_refused_before_the
     assert _main("train", "--backend", "numpy", "--plot", dest.removesuffix(".png"), "--epochs", "1000") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "folder.png").is_file()
+
+
+def test_a_plot_that_fails_after_the_work_is_status_1_with_a_message(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from fastgrad.tools import train
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.TrainResult, "plot", disk_full)
+    status = cli.main(
+        ["train", "--backend", "numpy", "--epochs", "1", "--hidden", "4", "--no-progress",
+         "--plot", str(tmp_path / "curves.png")]
+    )  # fmt: skip
+    assert status == 1
+    assert "fastgrad train: error: --plot" in capsys.readouterr().err

@@ -251,8 +251,8 @@ def _check_plot(path: str | None) -> str | None:
 def _save_plot(result, path: str, what: str) -> None:
     try:
         written = result.plot(path)
-    except (OSError, ValueError) as exc:  # e.g. the disk filled up while training
-        raise UsageError(f"--plot {path}: {exc}") from None
+    except (OSError, ValueError) as exc:  # checked before the work; e.g. the disk filled up since
+        raise OSError(f"--plot {path}: {exc}") from None  # a failure during the work: status 1
     print(f"{what} written to {written}")
 
 
