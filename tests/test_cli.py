@@ -6,8 +6,10 @@ Each subprocess costs about half a second (imports), so there are few and they a
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -242,3 +244,201 @@ def test_import_fastgrad_loads_none_of_the_tools():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+# ------------------------------------------- never a traceback: exit statuses 1, 2, 130
+
+
+def _main(*args):
+    """``cli.main(args)``'s status, also when argparse exits."""
+    try:
+        return cli.main(list(args))
+    except SystemExit as exc:
+        return exc.code
+
+
+def _labels_npz(path, top_label):
+    X = np.random.default_rng(0).standard_normal((10, 2))
+    np.savez(path, X=X, y=np.array([0, 1] * 4 + [1, top_label]))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # 16 TB of θ: refused before θ is allocated (was a MemoryError traceback)
+        (("compare", "--hidden", "1000000,1000000"), "memory is available"),
+        (("train", "--hidden", "1000000,1000000", "--epochs", "1000"), "memory is available"),
+        (("compare", "--seed", "-1"), "argument --seed: expected a non-negative integer"),
+        (("train", "--seed", "-1"), "argument --seed: expected a non-negative integer"),
+        (("validate", "--seed", "-1"), "argument --seed: expected a non-negative integer"),
+    ],
+)
+def test_sizes_that_cannot_fit_and_negative_seeds_are_refused_before_any_work(capsys, args, message):
+    assert _main(*args, "--backend", "numpy") == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top_label", [10**9, 10**5])  # was a MemoryError / a 100 001-class net
+def test_absurd_class_counts_in_data_are_refused(tmp_path, capsys, top_label):
+    path = _labels_npz(tmp_path / "labels.npz", top_label)
+    assert _main("compare", "--data", path, "--backend", "numpy", "--batch-size", "4") == 2
+    assert f"{top_label + 1:,} classes for 10 samples" in capsys.readouterr().err
+
+
+def test_a_memory_error_during_the_work_is_a_message_and_status_1(monkeypatch, capsys):
+    def out_of_memory(args):
+        raise MemoryError("Unable to allocate 37.3 GiB for an array")
+
+    monkeypatch.setitem(cli._COMMANDS, "compare", out_of_memory)
+    assert cli.main(["compare"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastgrad compare: out of memory (Unable to allocate 37.3 GiB")
+    assert len(err.splitlines()) == 1
+
+
+def test_an_unexpected_error_is_one_line_pointing_at_fastgrad_debug_which_shows_it(monkeypatch, capsys):
+    def bug(args):
+        raise KeyError("oops")
+
+    monkeypatch.setitem(cli._COMMANDS, "compare", bug)
+    monkeypatch.delenv("FASTGRAD_DEBUG", raising=False)
+    assert cli.main(["compare"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "unexpected error: KeyError: 'oops'" in err and "FASTGRAD_DEBUG=1" in err
+    monkeypatch.setenv("FASTGRAD_DEBUG", "1")
+    with pytest.raises(KeyError, match="oops"):
+        cli.main(["compare"])
+
+
+def test_delegated_commands_get_the_same_handler(monkeypatch, capsys):
+    fake = types.ModuleType("fastgrad.tools.bench")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    fake.main = interrupted
+    monkeypatch.setitem(sys.modules, "fastgrad.tools.bench", fake)
+    try:
+        status = cli.main(["bench"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped fastgrad's main")
+    assert status == 130
+    assert capsys.readouterr().err == "fastgrad bench: interrupted\n"
+
+
+def _swallowed_interrupt():
+    """Raise KeyboardInterrupt inside a ctypes callback, as a Ctrl-C during LLVM's object-cache
+    callback does while Numba compiles: Python prints it and drops it."""
+    import ctypes
+
+    def raiser():
+        raise KeyboardInterrupt
+
+    callback = ctypes.CFUNCTYPE(None)(raiser)
+    callback()  # returns normally: the exception went to sys.unraisablehook
+
+
+def test_an_interrupt_dropped_in_a_c_callback_stops_the_command_with_130(monkeypatch, capsys):
+    finished = []
+
+    def compiling(args):
+        _swallowed_interrupt()
+        for _ in range(3000):  # 30 s of "compilation"; the interrupt raised again ends it
+            time.sleep(0.01)
+        finished.append(True)
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, "compare", compiling)
+    assert cli.main(["compare"]) == 130
+    assert not finished
+    err = capsys.readouterr().err
+    assert err == "fastgrad compare: interrupted\n"  # the dropped exception was not printed either
+
+
+def test_an_interrupt_dropped_just_before_the_command_ends_still_gives_130(monkeypatch, capsys):
+    def compiling(args):
+        _swallowed_interrupt()
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, "compare", compiling)
+    assert cli.main(["compare"]) == 130
+    assert capsys.readouterr().err == "fastgrad compare: interrupted\n"
+    time.sleep(0.2)  # the re-raise is cancelled once main has returned: nothing reaches pytest
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_ctrl_c_during_bench_exits_130_with_a_message_and_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "fastgrad", "bench", "--configs", "narrow", "--backends", "numpy"]
+    cmd += ["--no-peers", "--repeat", "1000", "--json", "-"]
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    try:
+        first = p.stderr.readline()  # "narrow: 1000 rounds": the benchmark has started
+        assert "rounds" in first, first
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().endswith("fastgrad bench: interrupted")
+
+
+# ------------------------------------------------------------------ --plot paths
+
+
+def test_plot_without_an_extension_writes_and_reports_the_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    status = cli.main(
+        ["train", "--backend", "numpy", "--epochs", "1", "--hidden", "4", "--no-progress",
+         "--plot", str(tmp_path / "curves")]
+    )  # fmt: skip
+    assert status == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "curves").exists()
+    assert f"loss curves written to {tmp_path / 'curves.png'}" in capsys.readouterr().out
+
+
+def _unwritable(tmp_path) -> str:
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return str(folder / "x.png")
+    if os.path.isdir("/proc"):  # root may write anywhere but in /proc
+        return "/proc/fastgrad-test-plot.png"
+    pytest.skip("no unwritable folder for root here")
+
+
+@pytest.mark.parametrize("kind", ["folder", "folder.png", "unwritable"])
+def test_a_plot_destination_that_is_a_folder_or_unwritable_is_refused_before_the_work(tmp_path, capsys, kind):
+    pytest.importorskip("matplotlib")
+    if kind == "unwritable":
+        dest, message = _unwritable(tmp_path), "cannot write"
+    else:
+        dest, message = str(tmp_path / kind), "is a folder"
+        (tmp_path / kind).mkdir()
+    # 1000 epochs: were the destination checked only after training, this test would take minutes
+    assert _main("train", "--backend", "numpy", "--plot", dest.removesuffix(".png"), "--epochs", "1000") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "folder.png").is_file()
+
+
+def test_a_plot_that_fails_after_the_work_is_status_1_with_a_message(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from fastgrad.tools import train
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.TrainResult, "plot", disk_full)
+    status = cli.main(
+        ["train", "--backend", "numpy", "--epochs", "1", "--hidden", "4", "--no-progress",
+         "--plot", str(tmp_path / "curves.png")]
+    )  # fmt: skip
+    assert status == 1
+    assert "fastgrad train: error: --plot" in capsys.readouterr().err

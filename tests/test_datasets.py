@@ -78,7 +78,7 @@ def test_missing_and_unreadable_files_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         load_npz(tmp_path / "nope.npz")
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match="not an .npz archive"):
         load_npz(tmp_path / "junk.npz")
 
 
@@ -102,3 +102,119 @@ def test_optional_packages_that_are_missing_name_the_extra_to_install(monkeypatc
             m.setitem(__import__("sys").modules, module, None)
             with pytest.raises(MissingExtraError, match=rf'pip install "fastgrad\[{extra}\]"'):
                 call()
+
+
+# ---------------------------------------- what is read, and what is refused before it is read
+
+
+def test_a_float64_X_is_not_copied_and_other_dtypes_are_converted(tmp_path, monkeypatch):
+    from fastgrad.tools import datasets
+
+    read = {}
+    original = datasets._read
+
+    def recording(archive, member):
+        read[member.key] = original(archive, member)
+        return read[member.key]
+
+    monkeypatch.setattr(datasets, "_read", recording)
+    X = np.random.default_rng(0).standard_normal((20, 3))
+    np.savez(tmp_path / "f64.npz", X=X, y=np.arange(20) % 2)
+    d = load_npz(tmp_path / "f64.npz")
+    assert d.X is read["X"] and d.X.dtype == np.float64
+    np.savez(tmp_path / "f32.npz", X=X.astype(np.float32), y=np.arange(20) % 2)
+    d = load_npz(tmp_path / "f32.npz")
+    assert d.X.dtype == np.float64 and not np.shares_memory(d.X, read["X"])
+    np.testing.assert_array_equal(d.X, X.astype(np.float32))
+
+
+def test_a_file_too_large_for_the_memory_available_is_refused_before_its_data_is_read(tmp_path, monkeypatch):
+    from fastgrad.tools import datasets
+
+    np.savez(tmp_path / "big.npz", X=np.zeros((100, 10)), y=np.arange(100) % 2)
+    monkeypatch.setattr(datasets, "available_memory", lambda: 4096)
+
+    def no_reading(*args):
+        raise AssertionError("data read before the size check")
+
+    monkeypatch.setattr(np.lib.format, "read_array", no_reading)
+    with pytest.raises(ValueError, match=r"X of shape \(100, 10\).*needs about 9.4 KiB.*only 4.0 KiB"):
+        load_npz(tmp_path / "big.npz")
+
+
+def test_available_memory_is_a_positive_number_of_bytes_here():
+    from fastgrad.tools.datasets import available_memory
+
+    avail = available_memory()
+    assert avail is None or (isinstance(avail, int) and avail > 1 << 20)
+
+
+def _npz_bytes(tmp_path, **kwargs) -> bytearray:
+    np.savez(tmp_path / "ok.npz", **kwargs)
+    return bytearray((tmp_path / "ok.npz").read_bytes())
+
+
+def test_a_header_that_declares_more_than_the_member_holds_is_refused_as_damaged(tmp_path):
+    import zipfile
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((2, 2)))
+    header["shape"] = (10**6, 800)  # 6.4 GB declared, 32 bytes stored
+    with zipfile.ZipFile(tmp_path / "liar.npz", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("X.npy", "w") as fh:
+            np.lib.format.write_array_header_1_0(fh, header)
+            fh.write(np.zeros(4).tobytes())
+        with zf.open("y.npy", "w") as fh:
+            np.lib.format.write_array(fh, np.zeros(10**6))
+    with pytest.raises(ValueError, match=r"damaged: array 'X' declares shape \(1000000, 800\) \(6.0 GiB\)"):
+        load_npz(tmp_path / "liar.npz")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_corrupted_member_is_a_clear_error(tmp_path, compressed):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 5))
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "ok.npz", X=X, y=np.arange(200) % 2)
+    raw = bytearray((tmp_path / "ok.npz").read_bytes())
+    start = raw.index(b"X.npy") + 400  # inside X's data, past its .npy header
+    raw[start : start + 64] = bytes(64)
+    (tmp_path / "bad.npz").write_bytes(raw)
+    with pytest.raises(ValueError, match="bad.npz' is damaged"):
+        load_npz(tmp_path / "bad.npz")
+
+
+def test_an_npy_file_named_npz_and_a_text_file_get_what_is_expected_never_allow_pickle(tmp_path):
+    np.save(tmp_path / "arr.npy", np.zeros((3, 2)))
+    (tmp_path / "arr.npy").rename(tmp_path / "arr.npz")
+    with pytest.raises(ValueError, match=r"is a single \.npy array, not an \.npz archive.*numpy\.savez"):
+        load_npz(tmp_path / "arr.npz")
+    (tmp_path / "text.npz").write_text("1 2 3\n4 5 6\n")
+    with pytest.raises(
+        ValueError, match="not an .npz archive; expected an .npz archive written by numpy.savez"
+    ) as e:
+        load_npz(tmp_path / "text.npz")
+    assert "pickle" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "top_label", "classes"),
+    [(10, 100_000, "100,001 classes for 10 samples"), (10_002, 10_000, "10,001 classes for 10,002 samples")],
+)
+def test_class_counts_above_the_samples_or_max_classes_are_refused(tmp_path, num_samples, top_label, classes):
+    from fastgrad.tools.datasets import MAX_CLASSES
+
+    y = np.arange(num_samples) % 2
+    y[-1] = top_label
+    np.savez(tmp_path / "c.npz", X=np.zeros((num_samples, 1)), y=y)
+    with pytest.raises(
+        ValueError, match=f"{classes}; labels must be class indices .* at most {MAX_CLASSES:,}"
+    ):
+        load_npz(tmp_path / "c.npz")
+
+
+def test_object_and_timedelta_arrays_are_refused_from_the_header(tmp_path):
+    np.savez(tmp_path / "td.npz", X=np.zeros((3, 2), dtype="m8[s]"), y=np.zeros(3))
+    with pytest.raises(ValueError, match="'X' must hold real numbers, got dtype timedelta64"):
+        load_npz(tmp_path / "td.npz")
+    np.savez(tmp_path / "obj.npz", X=np.zeros((3, 2)), y=np.array([1, "a", None], dtype=object))
+    with pytest.raises(ValueError, match="'y' must hold real numbers, got dtype object"):
+        load_npz(tmp_path / "obj.npz")

@@ -138,3 +138,16 @@ def test_plots_are_written_when_matplotlib_is_installed(spirals, tmp_path):
     )
     for name in ("t.png", "s.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_return_the_path_written_with_png_added_when_there_is_no_extension(tmp_path, spirals):
+    pytest.importorskip("matplotlib")
+    train, test = spirals
+    net = fastgrad.MLP([2, 4, 3], activation="tanh", loss="cross_entropy")
+    res = train_compare(net, train, test, methods=("true",), epochs=1, batch_size=60)
+    assert res.plot(str(tmp_path / "loss")) == str(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "loss").exists()
+    assert res.plot(str(tmp_path / "loss.svg")) == str(tmp_path / "loss.svg")
+    sweep = sweep_shortcut(train, batch_sizes=(2,), depths=(), activations=(), width=4, seeds=1)
+    assert sweep.plot(str(tmp_path / "sweep")) == str(tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").is_file()

@@ -6,23 +6,34 @@
     fastgrad validate                 # kernels against the NumPy reference
     fastgrad bench                    # the quick peer comparison
 
-Bad arguments and missing optional packages end with a one-line message and
-exit status 2, never a traceback.
+The command never shows a traceback; it ends with a one-line message on stderr and
+exit status
+
+- 2: a bad argument, a file it cannot use, a missing optional package, or a size
+  that would not fit in memory (all found before the work starts, where they can be);
+- 1: a failure during the work: out of memory, a file it cannot write, or an
+  unexpected error (a bug: run again with ``FASTGRAD_DEBUG=1`` for the traceback);
+- 130: interrupted (Ctrl-C), also when the interrupt arrived inside a callback
+  from compiled code (LLVM's, while Numba compiles), where Python would only print it.
+  (A Ctrl-C while Python is still importing NumPy and Numba, before :func:`main`
+  runs, gets Python's own report.)
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from .. import api
 from ..activations import ACTIVATIONS
-from .datasets import DATASETS, MissingExtraError, load_dataset
+from .datasets import DATASETS, MissingExtraError, available_memory, format_bytes, load_dataset
 from ..losses import LOSSES
 
 PROG = "fastgrad"
@@ -80,6 +91,7 @@ def _number_parser(cast, accept, what: str):
 _positive_int = _number_parser(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number_parser(float, lambda v: v > 0, "a positive number")
 _nonneg_float = _number_parser(float, lambda v: v >= 0, "a non-negative number")
+_seed = _number_parser(int, lambda v: v >= 0, "a non-negative integer")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -115,7 +127,9 @@ def _add_net_args(p: argparse.ArgumentParser, hidden: str, batch: int) -> None:
         help="loss (cross_entropy for labelled data, mse for real targets)",
     )
     g.add_argument("--batch-size", type=_positive_int, default=batch, metavar="B", help=f"(default {batch})")
-    g.add_argument("--seed", type=int, default=0, help="seed of θ's initialisation and of the batches (0)")
+    g.add_argument(
+        "--seed", type=_seed, default=0, help="seed of θ's initialisation and of the batches, ≥ 0 (0)"
+    )
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g.add_argument(
         "--backend",
@@ -190,14 +204,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     data = load_dataset(args.dataset, args.data, seed=0)
     loss = args.loss or ("cross_entropy" if data.is_classification else "mse")
-    data.targets_for(loss)  # a clear error for cross-entropy on real targets, before any work
+    data.check_loss(loss)  # a clear error for cross-entropy on real targets, before any work
     return data, loss
 
 
+COPIES_OF_THETA = 4
+"""What ``compare`` and ``train`` hold at least: θ and as many vectors of its size (the true
+gradient and the shortcuts' in ``compare``; θ₀, θ, the gradient and its step in ``train``)."""
+
+
 def _net(args, data, loss):
+    """The network, refused (before θ is allocated) when its parameters cannot fit in memory."""
     from ..mlp import MLP
 
-    return MLP([data.num_features, *args.hidden, data.num_outputs], activation=args.activation, loss=loss)
+    net = MLP([data.num_features, *args.hidden, data.num_outputs], activation=args.activation, loss=loss)
+    need = COPIES_OF_THETA * net.num_params * np.dtype(args.dtype).itemsize
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise UsageError(
+            f"--hidden {','.join(map(str, args.hidden))}: the network {list(net.sizes)} has "
+            f"{net.num_params:,} parameters; {COPIES_OF_THETA} vectors of them in {args.dtype} need "
+            f"{format_bytes(need)}, but only {format_bytes(avail)} of memory is available"
+        )
+    return net
 
 
 def _progress(total: int, desc: str, disable: bool):
@@ -206,29 +235,25 @@ def _progress(total: int, desc: str, disable: bool):
     return tqdm(total=total, desc=desc, unit="step", disable=disable, leave=False, file=sys.stderr)
 
 
-def _check_plot(path: str | None) -> None:
-    """Fail before the work, not after it: matplotlib installed, the folder of ``path`` there."""
+def _check_plot(path: str | None) -> str | None:
+    """Fail before the work, not after it: the file the plot will be written to (``path``, with
+    ``.png`` added when it has no extension), once it is known that it can be written."""
     if path is None:
-        return
-    from .plotting import pyplot
+        return None
+    from .plotting import check_plot_destination
 
-    plt = pyplot()
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"--plot {path}: folder {folder!r} does not exist")
-    suffix = os.path.splitext(path)[1].lstrip(".").lower()
-    formats = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
-    if suffix and suffix not in formats:
-        raise UsageError(f"--plot {path}: matplotlib cannot write .{suffix}; use one of {', '.join(formats)}")
+    try:
+        return check_plot_destination(path)
+    except ValueError as exc:
+        raise UsageError(f"--plot {path}: {exc}") from None
 
 
 def _save_plot(result, path: str, what: str) -> None:
     try:
-        result.plot(path)
-    except (OSError, ValueError) as exc:  # unwritable file, or a suffix matplotlib cannot write
-        raise UsageError(f"--plot {path}: {exc}") from None
-    print(f"{what} written to {path}")
+        written = result.plot(path)
+    except (OSError, ValueError) as exc:  # checked before the work; e.g. the disk filled up since
+        raise OSError(f"--plot {path}: {exc}") from None  # a failure during the work: status 1
+    print(f"{what} written to {written}")
 
 
 def cmd_compare(args) -> int:
@@ -241,7 +266,8 @@ def cmd_compare(args) -> int:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {data.num_samples} samples")
     idx = np.random.default_rng(args.seed).choice(data.num_samples, args.batch_size, replace=False)
     theta = net.init(seed=args.seed, dtype=args.dtype)
-    report = compare_shortcut(net, theta, data.X[idx], data.targets_for(loss)[idx], backend=backend)
+    batch = data.subset(idx)  # one-hot targets (mse on labels) for the batch only, not all N
+    report = compare_shortcut(net, theta, batch.X, batch.targets_for(loss), backend=backend)
     print(
         f"dataset {data.name} ({data.num_samples} samples), θ at initialisation (seed {args.seed}), "
         f"{args.dtype}, true gradient from backend {backend}"
@@ -258,11 +284,12 @@ def cmd_train(args) -> int:
 
     if not 0 <= args.test_fraction < 1:
         raise UsageError(f"--test-fraction: expected a number in [0, 1), got {args.test_fraction}")
-    _check_plot(args.plot)
+    plot = _check_plot(args.plot)
     data, loss = _load(args)
     backend = resolve_backend(args.backend)
     net = _net(args, data, loss)
     train, test = data.split(args.test_fraction, seed=args.seed)
+    del data  # the split holds copies of the rows: one copy of X in memory, not two
     methods = TRAIN_METHODS if args.dp else TRAIN_METHODS[:3]
     total = len(methods) * args.epochs * (train.num_samples // max(args.batch_size, 1))
     bar = _progress(total, "training", args.no_progress)
@@ -287,8 +314,8 @@ def cmd_train(args) -> int:
     print(result.table())
     if args.dp:
         print(f"DP-SGD: clipping norm C = {args.max_norm:g}, noise multiplier σ = {args.noise_multiplier:g}")
-    if args.plot:
-        _save_plot(result, args.plot, "loss curves")
+    if plot:
+        _save_plot(result, plot, "loss curves")
     return 0
 
 
@@ -301,7 +328,7 @@ def cmd_sweep(args) -> int:
             raise UsageError(f"--activations: unknown {a!r}; expected any of {', '.join(ACTIVATIONS)}")
     if any(d < 0 for d in args.depths) or args.base_depth < 0:
         raise UsageError("--depths/--base-depth: numbers of hidden layers must be ≥ 0")
-    _check_plot(args.plot)
+    plot = _check_plot(args.plot)
     data, loss = _load(args)
     backend = resolve_backend(args.backend)
     total = len(args.batch_sizes) + len(args.depths) + len(activations)
@@ -325,8 +352,8 @@ def cmd_sweep(args) -> int:
     finally:
         bar.close()
     print(result.table())
-    if args.plot:
-        _save_plot(result, args.plot, "sweep plot")
+    if plot:
+        _save_plot(result, plot, "sweep plot")
     return 0
 
 
@@ -346,31 +373,117 @@ _COMMANDS = {"compare": cmd_compare, "train": cmd_train, "sweep": cmd_sweep}
 _DELEGATED = {"validate": "validate", "bench": "bench"}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastgrad`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _DELEGATED:
-        return _delegate(argv[0], _DELEGATED[argv[0]], argv[1:])
+class _Interrupts:
+    """Ctrl-C that cannot be lost while the command runs.
+
+    An exception raised in a callback from C (a ctypes callback, such as LLVM's object
+    cache notification while Numba compiles) is printed by Python and dropped: a Ctrl-C
+    that lands there would be swallowed and the command would finish with status 0.
+    While active, such a dropped ``KeyboardInterrupt`` is recorded (not printed) and
+    raised again in the main thread shortly after, once it is out of the callback; and
+    :meth:`swallowed` tells the caller in case it was not.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = False
+        self._dropped = False
+        self._previous_hook = sys.unraisablehook
+
+    def __enter__(self) -> _Interrupts:
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._hook
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._active = False
+        sys.unraisablehook = self._previous_hook
+
+    @property
+    def swallowed(self) -> bool:
+        return self._dropped
+
+    def _hook(self, unraisable) -> None:
+        if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            self._previous_hook(unraisable)
+            return
+        self._dropped = True
+        # not raised from here: this hook runs inside the callback, where it would be dropped again
+        timer = threading.Timer(0.05, self._raise_in_main_thread)
+        timer.daemon = True
+        timer.start()
+
+    def _raise_in_main_thread(self) -> None:
+        with self._lock:
+            if self._active:
+                _thread.interrupt_main()
+
+
+def _debug() -> bool:
+    return os.environ.get("FASTGRAD_DEBUG", "").strip() not in ("", "0")
+
+
+def _run(command: str, argv: list[str]) -> int:
+    """Parse ``argv`` and run its command (or the delegated one); errors propagate to :func:`main`."""
+    if command in _DELEGATED:
+        return _delegate(command, _DELEGATED[command], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    return _COMMANDS[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastgrad`` console script; returns the exit status (see the module
+    docstring: 0 done, 1 failed during the work, 2 bad usage, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    prefix = f"{PROG} {command}".rstrip()
+
+    def fail(status: int, message: str) -> int:
+        print(f"{prefix}: {message}", file=sys.stderr)
+        return status
+
+    interrupts = _Interrupts()
     try:
-        return _COMMANDS[args.command](args)
-    except MissingExtraError as exc:
-        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except (UsageError, ValueError, TypeError) as exc:
-        parser.exit(2, f"{PROG} {args.command}: error: {exc}\n")
+        with interrupts:
+            status = _run(command, argv)
+        if interrupts.swallowed:  # dropped in a callback and the command ended before it came back
+            return fail(130, "interrupted")
+        return status
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return fail(130, "interrupted")
+    except MissingExtraError as exc:
+        return fail(2, str(exc))
+    except (UsageError, ValueError, TypeError) as exc:
+        if _debug() and not isinstance(exc, UsageError):
+            raise
+        return fail(2, f"error: {exc}")
+    except MemoryError as exc:
+        if _debug():
+            raise
+        detail = f" ({exc})" if str(exc) else ""
+        return fail(1, f"out of memory{detail}; try a smaller network, batch or dataset")
     except BrokenPipeError:  # `fastgrad compare | head`: the reader left; say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    return 0
+    except OSError as exc:  # a file that cannot be written, a full disk
+        if _debug():
+            raise
+        return fail(1, f"error: {exc}")
+    except Exception as exc:
+        if _debug():
+            raise
+        return fail(
+            1,
+            f"unexpected error: {type(exc).__name__}: {exc} (this is a bug; run again with "
+            "FASTGRAD_DEBUG=1 to see the traceback)",
+        )
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@
 - ``load_npz(path)``: the user's arrays. Keys: ``X`` (N, d) real features, and
   ``y``: either integer class labels (N,) in [0, K), or real targets (N,) or
   (N, k) for regression losses (``mse``, ``linear``, ``binary_cross_entropy``).
+  The arrays' shapes and dtypes are read from the file's headers first: a file
+  whose arrays would not fit in the memory available is refused before it is read.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +26,10 @@ from ..extras import MissingExtraError, require
 
 DATASETS: tuple[str, ...] = ("spirals", "digits")
 """Names accepted by :func:`load_dataset` (besides a ``.npz`` file)."""
+
+MAX_CLASSES = 10_000
+"""The most classes :func:`load_npz` accepts (labels 0..K-1 with K ≤ this, and K ≤ the number of
+samples): a stray label such as 100000 would otherwise build a 100 001-output network."""
 
 
 @dataclass(frozen=True)
@@ -70,16 +78,21 @@ class Dataset:
         n_test = round(test_fraction * self.num_samples)
         return self.subset(order[n_test:]), self.subset(order[:n_test])
 
+    def check_loss(self, loss: str) -> int:
+        """``loss``'s code, or a ValueError when this dataset cannot be used with it (cross-entropy
+        needs class labels); builds nothing, unlike :meth:`targets_for`."""
+        code = loss_code(loss)
+        if code == CROSS_ENTROPY and not self.is_classification:
+            raise ValueError(
+                f"loss: cross_entropy needs integer class labels, but dataset {self.name!r} "
+                "has real-valued targets; choose mse, linear or binary_cross_entropy"
+            )
+        return code
+
     def targets_for(self, loss: str) -> np.ndarray:
         """``y`` in the form ``loss`` expects: labels for cross-entropy, one-hot rows for the
         other losses on a classification dataset, the targets themselves for regression."""
-        code = loss_code(loss)
-        if code == CROSS_ENTROPY:
-            if not self.is_classification:
-                raise ValueError(
-                    f"loss: cross_entropy needs integer class labels, but dataset {self.name!r} "
-                    "has real-valued targets; choose mse, linear or binary_cross_entropy"
-                )
+        if self.check_loss(loss) == CROSS_ENTROPY:
             return self.y
         if self.is_classification:
             onehot = np.zeros((self.num_samples, self.num_classes))
@@ -143,40 +156,177 @@ def load_digits() -> Dataset:
     return Dataset("digits", X, np.asarray(bunch.target, dtype=np.int64), 10)
 
 
+_NPZ_EXPECTED = (
+    "expected an .npz archive written by numpy.savez or numpy.savez_compressed, with arrays "
+    "'X' (N, d) and 'y' (N,) or (N, k)"
+)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an .npz), or an empty one
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still allocate without swapping, or None when unknown.
+
+    Linux's ``MemAvailable``, lowered to the room left under a cgroup v2 memory limit (a
+    container's); elsewhere the free physical pages, or None.
+    """
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
+    try:  # cgroup v2: "0::/path" in /proc/self/cgroup; memory.max is "max" when unlimited
+        with open("/proc/self/cgroup") as fh:
+            group = next(line.split("::", 1)[1].strip() for line in fh if line.startswith("0::"))
+        folder = os.path.join("/sys/fs/cgroup", group.lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as fh:
+            limit = fh.read().strip()
+        if limit != "max":
+            with open(os.path.join(folder, "memory.current")) as fh:
+                avail = min(avail, max(0, int(limit) - int(fh.read())))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return avail
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in a unit a reader takes in at once: 512 B, 3.4 MiB, 37.3 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class _Member:
+    """An array of an .npz archive as its header declares it, before any data is read."""
+
+    key: str
+    name: str  # the zip member, "X.npy"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+
+
+def _sniff(path: str) -> None:
+    """Refuse what is not a zip archive, saying what it looks like and what is expected."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if head[:4] in _ZIP_MAGIC:
+        return
+    if head == _NPY_MAGIC:
+        raise ValueError(
+            f"data: {path!r} is a single .npy array, not an .npz archive; save X and y together "
+            f"with numpy.savez('data.npz', X=X, y=y)"
+        )
+    raise ValueError(
+        f"data: {path!r} is not an .npz archive; {_NPZ_EXPECTED}. A text or CSV file can be converted "
+        "with numpy.loadtxt and numpy.savez"
+    )
+
+
+def _header(archive: zipfile.ZipFile, path: str, key: str) -> _Member:
+    """The declared shape and dtype of ``key`` (read from the .npy header inside the archive)."""
+    name = f"{key}.npy"
+    fmt = np.lib.format
+    with archive.open(name) as fh:
+        try:
+            version = fmt.read_magic(fh)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _fortran_order, dtype = read(fh)
+        except ValueError as exc:
+            raise ValueError(f"data: array {key!r} in {path!r} has no valid .npy header ({exc})") from None
+        header_size = fh.tell()
+    if dtype.hasobject or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise ValueError(f"data: array {key!r} must hold real numbers, got dtype {dtype}")
+    if np.issubdtype(dtype, np.complexfloating) or np.issubdtype(dtype, np.timedelta64):
+        raise ValueError(f"data: array {key!r} must hold real numbers, got dtype {dtype}")
+    member = _Member(key, name, tuple(shape), dtype)
+    if archive.getinfo(name).file_size < header_size + member.nbytes:
+        raise ValueError(
+            f"data: {path!r} is damaged: array {key!r} declares shape {member.shape} "
+            f"({format_bytes(member.nbytes)}) but holds only {format_bytes(archive.getinfo(name).file_size)}"
+        )
+    return member
+
+
+def _check_fits(path: str, X: _Member, y: _Member) -> None:
+    """Refuse a file whose arrays would not fit in memory once loaded (X as float64, y as int64 or
+    float64, plus the file's own arrays where they need converting)."""
+    need = 0
+    for member in (X, y):
+        converted = int(np.prod(member.shape, dtype=object)) * 8
+        need += converted + (member.nbytes if member.dtype != np.float64 else 0)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ValueError(
+            f"data: {path!r} declares X of shape {X.shape} ({X.dtype}) and y of shape {y.shape} "
+            f"({y.dtype}); loading them needs about {format_bytes(need)} of memory, but only "
+            f"{format_bytes(avail)} is available. Use a subset of the rows"
+        )
+
+
+def _all_finite(a: np.ndarray, rows: int = 1 << 16) -> bool:
+    """``np.isfinite(a).all()`` a block of rows at a time, without an (N, d) boolean temporary."""
+    return all(np.isfinite(a[i : i + rows]).all() for i in range(0, a.shape[0], rows))
+
+
 def load_npz(path: str | os.PathLike) -> Dataset:
     """The user's arrays from a ``.npz`` file with keys ``X`` and ``y`` (see the module docstring).
+
+    The shapes and dtypes are read from the arrays' headers before their data: a file that
+    is not an ``.npz`` archive, that is damaged, that declares arrays of the wrong kind, or
+    whose arrays would not fit in the memory available is refused without reading them.
+    ``X`` is converted to float64 only when it is not float64 already (no copy then).
 
     Raises
     ------
     ValueError
-        For a missing file or key, wrong shapes, non-finite values or labels that are not 0..K-1.
+        For a missing, unreadable or damaged file, a missing key, wrong shapes or dtypes,
+        arrays larger than the memory available, non-finite values, or labels that are not
+        class indices 0..K-1 with 2 ≤ K ≤ min(N, :data:`MAX_CLASSES`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"data: no such file {path!r}")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise ValueError(f"data: {path!r} is not a readable .npz file ({exc})") from None
-    with archive:
-        missing = [k for k in ("X", "y") if k not in archive.files]
-        if missing:
-            raise ValueError(
-                f"data: {path!r} lacks key(s) {', '.join(missing)}; expected arrays 'X' (N, d) and 'y' "
-                f"(found: {', '.join(archive.files) or 'nothing'})"
-            )
-        X, y = archive["X"], archive["y"]
-    for key, arr in (("X", X), ("y", y)):
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
-            raise ValueError(f"data: array {key!r} must hold real numbers, got dtype {arr.dtype}")
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"data: array 'X' must be 2-D (N, d) with N, d ≥ 1, got shape {X.shape}")
-    n = X.shape[0]
-    if y.shape[:1] != (n,) or y.ndim > 2:
-        raise ValueError(f"data: array 'y' must have shape ({n},) or ({n}, k) to match X, got {y.shape}")
-    X = X.astype(np.float64)
-    if not np.isfinite(X).all():
+        _sniff(path)
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            missing = [k for k in ("X", "y") if f"{k}.npy" not in names]
+            if missing:
+                found = ", ".join(n.removesuffix(".npy") for n in names) or "nothing"
+                raise ValueError(
+                    f"data: {path!r} lacks key(s) {', '.join(missing)}; expected arrays 'X' (N, d) and "
+                    f"'y' (found: {found})"
+                )
+            hx, hy = _header(archive, path, "X"), _header(archive, path, "y")
+            _check_shapes(hx.shape, hy.shape)
+            _check_fits(path, hx, hy)
+            X, y = (_read(archive, m) for m in (hx, hy))
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise ValueError(f"data: {path!r} is damaged or not a readable .npz archive ({exc})") from None
+    except (ValueError, TypeError) as exc:
+        if str(exc).startswith("data: "):
+            raise
+        raise ValueError(f"data: {path!r} is not a readable .npz archive ({exc})") from None
+    X = np.asarray(X, dtype=np.float64)  # no copy when X is float64 already
+    if not _all_finite(X):
         raise ValueError("data: array 'X' contains NaN or Inf")
+    n = X.shape[0]
     name = os.path.basename(path)
     if np.issubdtype(y.dtype, np.integer) and y.ndim == 1:
         classes = np.unique(y)
@@ -184,11 +334,31 @@ def load_npz(path: str | os.PathLike) -> Dataset:
             raise ValueError(
                 f"data: integer labels 'y' must be class indices 0..K-1 with K ≥ 2, got values {classes[:10]}"
             )
-        return Dataset(name, X, y.astype(np.int64), int(classes[-1]) + 1)
+        num_classes = int(classes[-1]) + 1
+        if num_classes > min(n, MAX_CLASSES):
+            raise ValueError(
+                f"data: the largest label in 'y' is {classes[-1]:,}, which means {num_classes:,} classes "
+                f"for {n:,} samples; labels must be class indices 0..K-1 with K at most the number of "
+                f"samples and at most {MAX_CLASSES:,}"
+            )
+        return Dataset(name, X, y.astype(np.int64), num_classes)
     y = y.astype(np.float64).reshape(n, -1)
     if not np.isfinite(y).all():
         raise ValueError("data: array 'y' contains NaN or Inf")
     return Dataset(name, X, y, 0)
+
+
+def _check_shapes(x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> None:
+    if len(x_shape) != 2 or x_shape[0] == 0 or x_shape[1] == 0:
+        raise ValueError(f"data: array 'X' must be 2-D (N, d) with N, d ≥ 1, got shape {x_shape}")
+    n = x_shape[0]
+    if y_shape[:1] != (n,) or len(y_shape) > 2:
+        raise ValueError(f"data: array 'y' must have shape ({n},) or ({n}, k) to match X, got {y_shape}")
+
+
+def _read(archive: zipfile.ZipFile, member: _Member) -> np.ndarray:
+    with archive.open(member.name) as fh:
+        return np.lib.format.read_array(fh, allow_pickle=False)
 
 
 def load_dataset(name: str = "spirals", data: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
@@ -204,8 +374,11 @@ def load_dataset(name: str = "spirals", data: str | os.PathLike | None = None, s
 
 __all__ = [
     "DATASETS",
+    "MAX_CLASSES",
     "Dataset",
     "MissingExtraError",
+    "available_memory",
+    "format_bytes",
     "load_dataset",
     "load_digits",
     "load_npz",

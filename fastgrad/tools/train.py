@@ -17,7 +17,7 @@ import numpy as np
 from .. import reference
 from ..api import backprop, clipped_grad
 from .datasets import Dataset
-from .plotting import pyplot
+from .plotting import plot_path, pyplot
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
 from ..shortcut import METHODS, compare_shortcut, shortcut_grad
@@ -87,8 +87,10 @@ class TrainResult:
             )
         return "\n".join(lines)
 
-    def plot(self, path: str) -> None:
-        """Loss curves (train loss per epoch, per method) and test accuracy, saved to ``path``."""
+    def plot(self, path: str) -> str:
+        """Loss curves (train loss per epoch, per method) and test accuracy, saved to ``path``
+        (``path + ".png"`` when it has no extension); returns the path written."""
+        path = plot_path(path)
         plt = pyplot()
         with_acc = any(np.isfinite(h.test_accuracy).any() for h in self.histories.values())
         fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(11 if with_acc else 6.5, 4.2))
@@ -118,6 +120,7 @@ class TrainResult:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+        return path
 
 
 _LABELS = {
@@ -350,8 +353,10 @@ class SweepResult:
             )
         return "\n".join(lines)
 
-    def plot(self, path: str) -> None:
-        """One panel per swept axis: relative error of each shortcut."""
+    def plot(self, path: str) -> str:
+        """One panel per swept axis: relative error of each shortcut, saved to ``path``
+        (``path + ".png"`` when it has no extension); returns the path written."""
+        path = plot_path(path)
         plt = pyplot()
         axes_names = [
             a for a in ("batch_size", "depth", "activation") if any(p.axis == a for p in self.points)
@@ -384,6 +389,7 @@ class SweepResult:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+        return path
 
 
 def sweep_shortcut(

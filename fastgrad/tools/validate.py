@@ -179,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"argument --seed: expected a non-negative integer, got {args.seed}")
     try:
         rows = validate(args.backend, quick=args.quick, seed=args.seed)
     except (ValueError, RuntimeError) as exc:
