@@ -18,6 +18,8 @@ Only the accounting needs the extra; the rest is NumPy and the standard library.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import numbers
 import os
@@ -122,6 +124,19 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int):
     return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
 
 
+@contextlib.contextmanager
+def _quiet_accountants():
+    """dp-accounting logs a warning (through absl) for every RDP order it drops as numerically
+    unstable, dozens per call at small σ; the orders left still bound ε, so keep them quiet."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _accountant(name: str):
     dpa = _dp_accounting()
     return dpa.rdp.RdpAccountant() if name == "rdp" else dpa.pld.PLDAccountant()
@@ -167,7 +182,8 @@ def epsilon(
         return 0.0
     if noise_multiplier == 0:
         return math.inf
-    return float(_accountant(accountant).compose(event).get_epsilon(delta))
+    with _quiet_accountants():
+        return float(_accountant(accountant).compose(event).get_epsilon(delta))
 
 
 def calibrate_noise_multiplier(
@@ -216,16 +232,25 @@ def calibrate_noise_multiplier(
     if not 0 < tol < math.inf:
         raise ValueError(f"tol: expected a positive finite number, got {tol}")
     dpa = _dp_accounting()
-    sigma = dpa.calibrate_dp_mechanism(
-        lambda: _accountant(accountant),
-        lambda s: dp_event(s, q, steps),
-        eps,
-        delta,
-        # σ → 0 gives ε → inf, which Brent's method cannot bracket with; start just above it
-        dpa.LowerEndpointAndGuess(1e-3, 1.0),
-        tol=tol / 2,
-    )
-    sigma = float(sigma) + tol / 2  # ε falls as σ grows: step past the root's side of the tolerance
+
+    def search(name: str, bracket) -> float:
+        with _quiet_accountants():
+            return float(dpa.calibrate_dp_mechanism(
+                lambda: _accountant(name), lambda s: dp_event(s, q, steps), eps, delta, bracket, tol=tol / 2
+            ))  # fmt: skip
+
+    # σ → 0 gives ε → inf, which Brent's method cannot bracket with: start just above it (RDP
+    # only: the PLD accountant's discretisation of a tiny σ needs gigabytes)
+    sigma = search("rdp", dpa.LowerEndpointAndGuess(1e-3, 1.0))
+    if accountant == "pld":  # tighter than RDP, so its σ lies below RDP's: bracket it from there
+        hi = sigma + tol
+        while epsilon(hi, q, steps, delta, "pld") > eps:
+            hi *= 1.25
+        lo = hi / 1.25
+        while epsilon(lo, q, steps, delta, "pld") <= eps:
+            lo /= 1.25
+        sigma = search("pld", dpa.ExplicitBracketInterval(lo, hi))
+    sigma += tol / 2  # ε falls as σ grows: step past the root's side of the tolerance
     for _ in range(60):  # the PLD accountant's ε is monotone only up to its discretisation
         if epsilon(sigma, q, steps, delta, accountant) <= eps:
             return sigma
