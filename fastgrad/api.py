@@ -285,7 +285,9 @@ def _check_expected_batch_size(value) -> float | None:
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"expected_batch_size: expected a positive number or None, got {type(value).__name__}")
+        raise TypeError(
+            f"expected_batch_size: expected a positive number or None, got {type(value).__name__}"
+        )
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"expected_batch_size: expected a positive finite number, got {value}")
     return float(value)
@@ -362,7 +364,9 @@ def clipped_grad(
         return device.clipped_grad_device(net, theta, X, y, max_norm, noise_multiplier, seed)
     inp = check_inputs(net, theta, X, y)
     # the norms come with the clipped sum (its clip factors need them): asking costs nothing
-    raw = run(net, inp, needed(("norms",), clipping=True), max_norm, None, **_workspace_kw(backend, workspace))
+    raw = run(
+        net, inp, needed(("norms",), clipping=True), max_norm, None, **_workspace_kw(backend, workspace)
+    )
     noise_std = noise_multiplier * max_norm
     noise = dp_noise(net.num_params, seed, inp.dtype, secure_noise) if noise_std > 0 else None
     denominator = inp.batch_size if denominator is None else denominator

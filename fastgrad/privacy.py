@@ -23,11 +23,11 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
-from .extras import require
+from .extras import MissingExtraError, require
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
 """Accountants of :func:`epsilon`: Rényi DP (fast, a slightly loose upper bound) and the
@@ -104,6 +104,15 @@ def check_seed(seed, secure: bool = False):
 
 
 # ----------------------------------------------------------------- accounting
+
+
+def accounting_available() -> bool:
+    """Whether the ``dp`` extra (``dp-accounting``) is installed, so that ε can be computed."""
+    try:
+        _dp_accounting()
+    except MissingExtraError:
+        return False
+    return True
 
 
 def _dp_accounting():
@@ -235,9 +244,16 @@ def calibrate_noise_multiplier(
 
     def search(name: str, bracket) -> float:
         with _quiet_accountants():
-            return float(dpa.calibrate_dp_mechanism(
-                lambda: _accountant(name), lambda s: dp_event(s, q, steps), eps, delta, bracket, tol=tol / 2
-            ))  # fmt: skip
+            return float(
+                dpa.calibrate_dp_mechanism(
+                    lambda: _accountant(name),
+                    lambda s: dp_event(s, q, steps),
+                    eps,
+                    delta,
+                    bracket,
+                    tol=tol / 2,
+                )
+            )
 
     # σ → 0 gives ε → inf, which Brent's method cannot bracket with: start just above it (RDP
     # only: the PLD accountant's discretisation of a tiny σ needs gigabytes)
@@ -350,6 +366,7 @@ def standard_normal(n: int, dtype=np.float64, seed=None, *, secure: bool = False
 __all__ = [
     "ACCOUNTANTS",
     "SECURE_DRAWS",
+    "accounting_available",
     "calibrate_noise_multiplier",
     "check_seed",
     "dp_event",

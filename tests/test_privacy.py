@@ -170,7 +170,9 @@ def test_secure_noise_is_standard_normal_unseeded_and_fresh():
     assert abs(z.mean()) < 4 / math.sqrt(z.size)
     assert z.std() == pytest.approx(1.0, abs=0.01)
     assert stats.kstest(z, "norm").pvalue > 1e-3
-    assert not np.array_equal(privacy.standard_normal(16, secure=True), privacy.standard_normal(16, secure=True))
+    assert not np.array_equal(
+        privacy.standard_normal(16, secure=True), privacy.standard_normal(16, secure=True)
+    )
     assert privacy.standard_normal(5, np.float32, secure=True).dtype == np.float32
     with pytest.raises(ValueError, match="seed"):
         privacy.standard_normal(5, seed=0, secure=True)
@@ -197,7 +199,9 @@ def _old_formula(net, theta, X, y, C, sigma, seed, backend):
     dt = inp.dtype
     total = api.run_backend(backend, net, inp, frozenset({"loss"}), C)["clipped_sum"]
     if sigma > 0:
-        total = total + dt.type(sigma * C) * np.random.default_rng(seed).standard_normal(net.num_params).astype(dt)
+        total = total + dt.type(sigma * C) * np.random.default_rng(seed).standard_normal(
+            net.num_params
+        ).astype(dt)
     return total / dt.type(inp.batch_size)
 
 
@@ -221,7 +225,9 @@ def test_stats_are_backprops_norms_and_a_direct_count(problem, backend):
     C = float(np.sort(direct)[4])  # 7 of the 12 samples lie above C
     res = fastgrad.clipped_grad(net, theta, X, y, C, 0.5, seed=0, backend=backend, return_stats=True)
     assert isinstance(res, fastgrad.ClippedGrad)
-    np.testing.assert_array_equal(res.norms, fastgrad.backprop(net, theta, X, y, ("norms",), backend=backend).norms)
+    np.testing.assert_array_equal(
+        res.norms, fastgrad.backprop(net, theta, X, y, ("norms",), backend=backend).norms
+    )
     np.testing.assert_allclose(res.norms, direct, rtol=1e-12)
     assert res.clip_fraction == np.count_nonzero(direct > C) / len(X) == 7 / 12
     assert res.noise_std == 0.5 * C
@@ -236,8 +242,10 @@ def test_expected_batch_size_is_the_denominator(problem):
     by_e = fastgrad.clipped_grad(net, theta, X, y, C, sigma, seed=3, expected_batch_size=E, return_stats=True)
     np.testing.assert_allclose(by_e.grad * E, by_b * B, rtol=1e-13)
     assert by_e.denominator == E
-    np.testing.assert_array_equal(fastgrad.clipped_grad(net, theta, X, y, C, expected_batch_size=B),
-                                  fastgrad.clipped_grad(net, theta, X, y, C))  # fmt: skip
+    np.testing.assert_array_equal(
+        fastgrad.clipped_grad(net, theta, X, y, C, expected_batch_size=B),
+        fastgrad.clipped_grad(net, theta, X, y, C),
+    )
 
 
 def test_secure_noise_in_clipped_grad_has_the_stated_scale():
@@ -282,3 +290,120 @@ def test_good_seeds_of_every_documented_kind(problem):
     net, theta, X, y = problem
     for seed in (None, 0, np.int64(3), (1, 2), [4], np.random.SeedSequence(5), np.random.default_rng(6)):
         assert fastgrad.clipped_grad(net, theta, X, y, 1.0, 0.5, seed=seed).shape == (net.num_params,)
+
+
+# ------------------------------------------------------- training and the CLI
+
+
+def test_dp_training_is_a_hand_written_poisson_dp_sgd_loop():
+    from fastgrad.tools.datasets import make_spirals
+    from fastgrad.tools.train import evaluate, train_compare
+
+    train = make_spirals(num_samples=120, seed=1)
+    net = fastgrad.MLP([2, 6, 3], activation="tanh", loss="cross_entropy")
+    B, lr, C, sigma, seed = 20, 0.3, 0.5, 0.8, 4
+    res = train_compare(
+        net,
+        train,
+        methods=("dp_sgd",),
+        epochs=2,
+        batch_size=B,
+        lr=lr,
+        seed=seed,
+        dtype=np.float64,
+        max_norm=C,
+        noise_multiplier=sigma,
+    )
+    theta = net.init(seed=seed, dtype=np.float64)
+    steps = train.num_samples // B
+    batches = list(
+        privacy.poisson_batches(train.num_samples, B / train.num_samples, 2 * steps, seed=(seed, 0, 1))
+    )
+    losses, fractions = [evaluate(net, theta, train)[0]], []
+    for epoch in (1, 2):
+        clipped = seen = 0
+        for s in range(steps):
+            idx = batches[(epoch - 1) * steps + s]
+            G = fastgrad.backprop(net, theta, train.X[idx], train.y[idx], ("per_sample",), "naive").per_sample
+            clipped, seen = clipped + np.count_nonzero(np.linalg.norm(G, axis=1) > C), seen + len(idx)
+            theta -= lr * fastgrad.clipped_grad(
+                net, theta, train.X[idx], train.y[idx], C, sigma, (seed, epoch, s), expected_batch_size=B
+            )
+        losses.append(evaluate(net, theta, train)[0])
+        fractions.append(clipped / seen)
+    h = res.histories["dp_sgd"]
+    np.testing.assert_allclose(h.train_loss, losses, rtol=1e-10)
+    assert h.clip_fraction[1:] == pytest.approx(fractions, abs=1e-12)
+    q, dp = B / train.num_samples, res.dp
+    assert (dp.noise_multiplier, dp.sampling_rate, dp.steps_per_epoch) == (sigma, q, steps)
+    assert h.epsilon == [
+        0.0,
+        privacy.epsilon(sigma, q, steps, 1e-5),
+        privacy.epsilon(sigma, q, 2 * steps, 1e-5),
+    ]
+    assert "ε spent" in res.dp_table()
+
+
+def _epsilons(stdout: str) -> list[float]:
+    rows = stdout[stdout.index("ε spent") :].splitlines()[2:]
+    return [float(r.split()[1]) for r in rows if r.split() and r.split()[0].isdigit()]
+
+
+def test_cli_with_epsilon_reports_an_epsilon_within_the_target(capsys):
+    from fastgrad.tools import cli
+
+    argv = [
+        "train",
+        "--backend",
+        "numpy",
+        "--epochs",
+        "3",
+        "--hidden",
+        "6",
+        "--batch-size",
+        "40",
+        "--dp",
+        "--epsilon",
+        "2.5",
+        "--delta",
+        "1e-4",
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    eps = _epsilons(out)
+    assert len(eps) == 3 and eps == sorted(eps)
+    assert 0.99 * 2.5 < eps[-1] <= 2.5
+    assert "calibrated for ε = 2.5" in out and "clipped" in out
+
+
+def test_cli_dp_without_dp_accounting_trains_but_epsilon_needs_the_extra(capsys, monkeypatch):
+    from fastgrad.tools import cli
+
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)
+    argv = [
+        "train",
+        "--backend",
+        "numpy",
+        "--epochs",
+        "1",
+        "--hidden",
+        "4",
+        "--batch-size",
+        "80",
+        "--dp",
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    assert "ε not computed: privacy accounting needs the optional package" in capsys.readouterr().out
+    assert cli.main([*argv, "--epsilon", "1"]) == 2
+    assert 'pip install "fastgrad[dp]"' in capsys.readouterr().err
+
+
+def test_cli_refuses_dp_settings_without_dp(capsys):
+    from fastgrad.tools import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--epsilon", "1", "--no-progress"])
+    assert exc.value.code == 2
+    assert "--dp" in capsys.readouterr().err
