@@ -28,7 +28,8 @@ LOSSES = {  # fastgrad loss -> (torch loss, scale s as a function of K outputs)
 
 
 def opacus_step(net, theta, X, y, C, sigma, E, seed):
-    """Opacus's DPOptimizer step on (X, y): its gradient p.grad, flat in fastgrad's layout (float64)."""
+    """Opacus's DPOptimizer step on (X, y): its gradient p.grad, flat in fastgrad's layout (float64),
+    and its per-sample gradients grad_sample (B, P)."""
     model = opacus.GradSampleModule(fastgrad.to_torch(net, theta))
     opt = DPOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.1),
@@ -40,8 +41,9 @@ def opacus_step(net, theta, X, y, C, sigma, E, seed):
     target = torch.from_numpy(y) if net.loss == "cross_entropy" else torch.from_numpy(y).double()
     opt.zero_grad()
     LOSSES[net.loss][0]()(model(torch.from_numpy(X)), target).backward()
+    per_sample = torch.cat([p.grad_sample.reshape(len(X), -1) for p in model.parameters()], dim=1).numpy()
     opt.step()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy(), per_sample
 
 
 def opacus_noise(net, theta, std, seed):
@@ -64,7 +66,8 @@ def test_one_opacus_dp_optimizer_step_is_fastgrads_clipped_grad(loss, sigma):
     C = float(np.median(torch_norms))  # Opacus's clipping norm: half the batch is clipped
     E, seed = 20, 3  # expected batch size ≠ B, as with Poisson sampling
 
-    got = opacus_step(net, theta, X, y, C, sigma, E, seed)
+    got, grad_sample = opacus_step(net, theta, X, y, C, sigma, E, seed)
+    np.testing.assert_allclose(grad_sample, G / s, rtol=1e-10, atol=1e-14)  # Opacus's grad_sample = g_i / s
     noise = opacus_noise(net, theta, sigma * C, seed) / E if sigma > 0 else 0.0
     ours = fastgrad.clipped_grad(net, theta, X, y, s * C, expected_batch_size=E) / s + noise
 
