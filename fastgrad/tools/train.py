@@ -19,7 +19,6 @@ from ..api import ClippedGrad, backprop, clipped_grad
 from ..extras import MissingExtraError
 from .datasets import Dataset
 from .plotting import pyplot
-from .._validation import check_max_norm, check_noise_multiplier
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
 from ..quantities import dp_noise, noised_mean
@@ -434,18 +433,24 @@ def _dp_settings(train, epochs, batch_size, max_norm, noise_multiplier, target_e
     """DP-SGD's settings, σ calibrated when a target ε is given; every argument checked first."""
     if target_epsilon is not None and noise_multiplier is not None:
         raise ValueError("noise_multiplier: give it or target_epsilon, not both")
-    max_norm = check_max_norm(max_norm)
+    _check_positive("max_norm", max_norm)
+    if noise_multiplier is not None and noise_multiplier != 0:
+        _check_positive("noise_multiplier", noise_multiplier)
+    _check_positive("delta", delta)
+    if delta >= 1:
+        raise ValueError(f"delta: expected a probability in (0, 1), got {delta}")
+    if accountant not in privacy.ACCOUNTANTS:
+        raise ValueError(
+            f"accountant: unknown {accountant!r}; expected one of {', '.join(privacy.ACCOUNTANTS)}"
+        )
     q = batch_size / train.num_samples
     steps = train.num_samples // batch_size
-    accountant = privacy._check_accountant(accountant)
-    delta = privacy._check_delta(delta)
     if target_epsilon is not None:
         sigma = privacy.calibrate_noise_multiplier(target_epsilon, delta, q, epochs * steps, accountant)
     else:
-        sigma = check_noise_multiplier(0.5 if noise_multiplier is None else noise_multiplier)
-    return DPSettings(
-        max_norm, sigma, q, steps, delta, accountant, target_epsilon, privacy.accounting_available()
-    )
+        sigma = 0.5 if noise_multiplier is None else float(noise_multiplier)
+    accounting = privacy.accounting_available()
+    return DPSettings(float(max_norm), sigma, q, steps, float(delta), accountant, target_epsilon, accounting)
 
 
 def _epsilon_spent(dp: DPSettings, steps: int) -> float:
