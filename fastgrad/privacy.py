@@ -350,8 +350,9 @@ def standard_normal(n: int, dtype=np.float64, seed=None, *, secure: bool = False
     ``secure=True``: every random bit comes from ``os.urandom`` (the kernel's CSPRNG, as
     Opacus's ``secure_mode`` uses ``torchcsprng``'s ``/dev/urandom`` generator), and each
     sample is the sum of :data:`SECURE_DRAWS` Box–Muller Gaussians divided by 2 (Opacus's
-    defence against floating-point attacks). ``seed`` must be ``None``. Costs about 4× the
-    random bits and time of one draw; see docs/dp.md.
+    defence against floating-point attacks). ``seed`` must be ``None``. It needs 4 × 8 random
+    bytes per sample from the kernel: 16–51× the time of the default draw where measured
+    (docs/dp.md).
     """
     n = _check_count("n", n, 0)
     rng = _generator(seed, secure)
