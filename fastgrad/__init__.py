@@ -12,7 +12,7 @@
 """
 
 from .activations import ACTIVATIONS
-from .api import BackpropResult, available_backends, backprop, clipped_grad, resolve_backend
+from .api import BackpropResult, ClippedGrad, available_backends, backprop, clipped_grad, resolve_backend
 from .interop import from_torch, to_torch
 from .losses import LOSSES
 from .mlp import MLP
@@ -28,6 +28,7 @@ __all__ = [
     "MLP",
     "QUANTITIES",
     "BackpropResult",
+    "ClippedGrad",
     "ShortcutReport",
     "available_backends",
     "backprop",

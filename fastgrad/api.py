@@ -9,8 +9,9 @@ once, so the backends cannot disagree about them.
 from __future__ import annotations
 
 import importlib
+import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import fields, make_dataclass
+from dataclasses import dataclass, fields, make_dataclass
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from ._validation import (
     check_per_sample_fits,
 )
 from .mlp import MLP
+from .privacy import check_seed
 from .quantities import QUANTITIES, REGISTRY, check_clip_norms, dp_noise, finish, needed, noised_mean
 
 
@@ -251,6 +253,57 @@ def _workspace_kw(backend: str, workspace) -> dict:
     return {"workspace": workspace}
 
 
+@dataclass(frozen=True)
+class ClippedGrad:
+    """What :func:`clipped_grad` computed, with ``return_stats=True``: the step and what the same
+    pass knew on the way (no second pass).
+
+    Attributes
+    ----------
+    grad : ndarray (P,)
+        The clipped, noised mean gradient: (1/D) [Σ_i c_i ∇ℓ_i + σ C ξ].
+    norms : ndarray (B,)
+        ‖∇ℓ_i‖₂ before clipping (the norms ``backprop(compute=("norms",))`` gives).
+    clip_fraction : float
+        Share of the batch that was clipped: samples with ‖∇ℓ_i‖ > C (clip factor < 1).
+    noise_std : float
+        σ C, the standard deviation of the noise added to the clipped *sum* (Opacus's ``std``);
+        the noise in ``grad`` has standard deviation ``noise_std / denominator``. 0 without noise.
+    denominator : float
+        D: the batch size B, or ``expected_batch_size``.
+    """
+
+    grad: np.ndarray
+    norms: np.ndarray
+    clip_fraction: float
+    noise_std: float
+    denominator: float
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of samples in the batch."""
+        return int(self.norms.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"ClippedGrad(grad=<{self.grad.dtype} {self.grad.shape}>, B={self.batch_size}, "
+            f"clip_fraction={self.clip_fraction:.4g}, noise_std={self.noise_std:.4g}, "
+            f"denominator={self.denominator:g})"
+        )
+
+
+def _check_expected_batch_size(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"expected_batch_size: expected a positive number or None, got {type(value).__name__}"
+        )
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"expected_batch_size: expected a positive finite number, got {value}")
+    return float(value)
+
+
 def clipped_grad(
     net: MLP,
     theta: np.ndarray,
@@ -262,45 +315,83 @@ def clipped_grad(
     backend: str = "numpy",
     *,
     workspace=None,
-) -> np.ndarray:
+    expected_batch_size: float | None = None,
+    secure_noise: bool = False,
+    return_stats: bool = False,
+) -> np.ndarray | ClippedGrad:
     """DP-SGD's clipped (and optionally noised) mean gradient, from one backward pass.
 
-    (1/B) [Σ_i min(1, C/‖∇ℓ_i‖) ∇ℓ_i + σ C ξ],  ξ ~ N(0, I).
+    (1/D) [Σ_i min(1, C/‖∇ℓ_i‖) ∇ℓ_i + σ C ξ],  ξ ~ N(0, I),  D = B or the expected batch size.
 
     Parameters
     ----------
     net, theta, X, y, backend, workspace
         As for :func:`backprop`.
     max_norm : float
-        C > 0, the per-sample clipping norm.
+        C > 0, the per-sample clipping norm (in fastgrad's loss scale: docs/dp.md gives
+        the factor from a PyTorch/Opacus C).
     noise_multiplier : float
         σ ≥ 0. With σ = 0 no noise is drawn.
-    seed : int or None
-        Seed of the Gaussian noise (``numpy.random.default_rng``); the same seed
-        gives the same noise on every backend. ``None`` draws fresh noise.
+    seed : int, sequence of int, numpy SeedSequence or Generator, or None
+        Seed of the Gaussian noise (``numpy.random.default_rng``); the same seed gives the
+        same noise on every backend. ``None`` draws fresh noise. Checked before any work.
+    expected_batch_size : float, optional
+        The denominator D. By default the actual batch size B; with Poisson sampling
+        (:func:`fastgrad.privacy.poisson_batches`) pass q·N, as Opacus's DPOptimizer does.
+    secure_noise : bool
+        Draw ξ from the operating system's CSPRNG, with Opacus's ``secure_mode`` defence
+        against floating-point attacks (:func:`fastgrad.privacy.standard_normal`); ``seed``
+        must then be ``None``. 4× the random bits of one draw, all from the kernel: 16–51× the
+        time of the default noise where measured (docs/dp.md).
+    return_stats : bool
+        Return a :class:`ClippedGrad` (the step, the per-sample norms, the fraction clipped,
+        the noise's standard deviation) rather than the step alone.
 
     Returns
     -------
-    ndarray (P,) in θ's dtype
+    ndarray (P,) in θ's dtype, or ClippedGrad with ``return_stats``
 
     Raises
     ------
+    TypeError, ValueError
+        For bad input, naming the argument, before any kernel runs.
     FloatingPointError
         When a sample's gradient norm is NaN or Inf (its pass overflowed θ's dtype): it could not
         be clipped, so no gradient is returned.
+    NotImplementedError
+        For GPU arrays with ``expected_batch_size``, ``secure_noise`` or ``return_stats``
+        (pass host arrays, or finish the step yourself from ``backprop``).
     """
     max_norm = check_max_norm(max_norm)
     noise_multiplier = check_noise_multiplier(noise_multiplier)
+    check_seed(seed, secure_noise)
+    denominator = _check_expected_batch_size(expected_batch_size)
+    if not isinstance(return_stats, (bool, np.bool_)):
+        raise TypeError(f"return_stats: expected True or False, got {type(return_stats).__name__}")
     run = _backend(backend)
     if _on_device(backend, theta, X, y):
+        if denominator is not None or secure_noise or return_stats:
+            raise NotImplementedError(
+                "clipped_grad: expected_batch_size, secure_noise and return_stats are not implemented "
+                "for GPU arrays yet; pass host (NumPy) arrays"
+            )
         device = _backend_module(backend)
         return device.clipped_grad_device(net, theta, X, y, max_norm, noise_multiplier, seed)
     inp = check_inputs(net, theta, X, y)
-    raw = run(net, inp, needed((), clipping=True), max_norm, None, **_workspace_kw(backend, workspace))
+    # the norms come with the clipped sum (its clip factors need them): asking costs nothing
+    raw = run(
+        net, inp, needed(("norms",), clipping=True), max_norm, None, **_workspace_kw(backend, workspace)
+    )
     check_clip_norms(raw["norms"])  # a NaN or Inf norm would leave its sample unclipped
     noise_std = noise_multiplier * max_norm
-    noise = dp_noise(net.num_params, seed, inp.dtype) if noise_std > 0 else None
-    return noised_mean(raw["clipped_sum"], noise_std, noise, inp.batch_size)
+    noise = dp_noise(net.num_params, seed, inp.dtype, secure_noise) if noise_std > 0 else None
+    denominator = inp.batch_size if denominator is None else denominator
+    grad = noised_mean(raw["clipped_sum"], noise_std, noise, denominator)
+    if not return_stats:
+        return grad
+    norms = raw["norms"]
+    clipped = int(np.count_nonzero(norms > inp.dtype.type(max_norm)))  # exactly the rows with c_i < 1
+    return ClippedGrad(grad, norms, clipped / inp.batch_size, noise_std, float(denominator))
 
 
 __all__ = [
@@ -309,6 +400,7 @@ __all__ = [
     "QUANTITIES",
     "BackpropResult",
     "PerSampleMemoryError",
+    "ClippedGrad",
     "available_backends",
     "backprop",
     "check_inputs",

@@ -147,14 +147,18 @@ def check_clip_norms(norms: np.ndarray) -> None:
         )
 
 
-def dp_noise(num_params: int, seed, dtype) -> np.ndarray:
+def dp_noise(num_params: int, seed, dtype, secure: bool = False) -> np.ndarray:
     """ξ ~ N(0, I) of DP-SGD, drawn on the host by ``numpy.random.default_rng(seed)``,
-    so every backend adds the same noise for the same seed."""
-    return np.random.default_rng(seed).standard_normal(num_params).astype(dtype)
+    so every backend adds the same noise for the same seed; with ``secure``, from the OS
+    CSPRNG instead (:func:`fastgrad.privacy.standard_normal`; ``seed`` must be ``None``)."""
+    from .privacy import standard_normal
+
+    return standard_normal(num_params, dtype, seed, secure=secure)
 
 
-def noised_mean(clipped_sum: np.ndarray, noise_std: float, noise, batch_size: int) -> np.ndarray:
-    """DP-SGD's step (1/B) [Σ_i c_i ∇ℓ_i + σ C ξ] from the clipped sum; ``noise_std`` = σ C.
+def noised_mean(clipped_sum: np.ndarray, noise_std: float, noise, denominator: float) -> np.ndarray:
+    """DP-SGD's step (1/D) [Σ_i c_i ∇ℓ_i + σ C ξ] from the clipped sum; ``noise_std`` = σ C and
+    the denominator D is the batch size B, or the expected batch size of Poisson sampling.
 
     With ``noise_std`` = 0 no noise is added (``noise`` may then be ``None``).
     """
@@ -162,7 +166,7 @@ def noised_mean(clipped_sum: np.ndarray, noise_std: float, noise, batch_size: in
     total = clipped_sum
     if noise_std > 0:
         total = total + dt.type(noise_std) * noise
-    return total / dt.type(batch_size)
+    return total / dt.type(denominator)
 
 
 # ------------------------------------------------------------- the registry

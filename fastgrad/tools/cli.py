@@ -161,12 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=30, help="(default 30)")
     g.add_argument("--lr", type=_positive_float, default=0.2, help="SGD learning rate (default 0.2)")
-    g.add_argument("--dp", action="store_true", help="also train with DP-SGD (clip + noise)")
-    g.add_argument("--max-norm", type=_positive_float, default=1.0, help="DP-SGD clipping norm C (1.0)")
-    g.add_argument("--noise-multiplier", type=_nonneg_float, default=0.5, help="DP-SGD noise σ (0.5)")
     g.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the data (0.2)")
     g.add_argument("--plot", metavar="FILE.png", help="draw the loss curves (extra: plot)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("DP-SGD (Poisson sampling at rate B/N, noise over the expected batch size)")
+    g.add_argument("--dp", action="store_true", help="also train with DP-SGD (clip + noise) and report ε")
+    g.add_argument("--max-norm", type=_positive_float, default=1.0, help="clipping norm C (1.0)")
+    sigma = g.add_mutually_exclusive_group()
+    sigma.add_argument("--noise-multiplier", type=_nonneg_float, default=None, help="noise σ (0.5)")
+    sigma.add_argument(
+        "--epsilon",
+        type=_positive_float,
+        default=None,
+        help="calibrate σ so that the whole run spends at most this ε (extra: dp)",
+    )
+    g.add_argument(
+        "--delta",
+        type=_number_parser(float, lambda v: 0 < v < 1, "a probability in (0, 1)"),
+        default=1e-5,
+        help="δ of the ε reported (1e-5; keep it below 1/N)",
+    )
+    g.add_argument("--accountant", choices=("rdp", "pld"), default="rdp", help="ε's accountant (rdp)")
 
     p = sub.add_parser("sweep", help="the shortcut's error against batch size, depth and activation")
     _add_data_args(p)
@@ -284,6 +299,8 @@ def cmd_train(args) -> int:
 
     if not 0 <= args.test_fraction < 1:
         raise UsageError(f"--test-fraction: expected a number in [0, 1), got {args.test_fraction}")
+    if not args.dp and (args.epsilon is not None or args.noise_multiplier is not None):
+        raise UsageError("--epsilon/--noise-multiplier: DP-SGD runs only with --dp")
     plot = _check_plot(args.plot)
     data, loss = _load(args)
     backend = resolve_backend(args.backend)
@@ -308,12 +325,16 @@ def cmd_train(args) -> int:
             max_norm=args.max_norm,
             noise_multiplier=args.noise_multiplier,
             progress=bar.update,
+            target_epsilon=args.epsilon,
+            delta=args.delta,
+            accountant=args.accountant,
         )
     finally:
         bar.close()
     print(result.table())
     if args.dp:
-        print(f"DP-SGD: clipping norm C = {args.max_norm:g}, noise multiplier σ = {args.noise_multiplier:g}")
+        print()
+        print(result.dp_table())
     if plot:
         _save_plot(result, plot, "loss curves")
     return 0

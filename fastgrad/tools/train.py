@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import reference
-from ..api import backprop, clipped_grad
+from .. import privacy, reference
+from ..api import ClippedGrad, backprop, clipped_grad
+from ..extras import MissingExtraError
 from .datasets import Dataset
 from .plotting import plot_path, pyplot
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
+from ..quantities import dp_noise, noised_mean
 from ..shortcut import METHODS, compare_shortcut, shortcut_grad
 
 TRAIN_METHODS: tuple[str, ...] = ("true", *METHODS, "dp_sgd")
@@ -53,6 +55,25 @@ class MethodHistory:
     test_accuracy: list[float] = field(default_factory=list)
     train_accuracy: list[float] = field(default_factory=list)
     diverged_at: int | None = None  # epoch at which θ became non-finite
+    epsilon: list[float] = field(default_factory=list)  # DP-SGD only: ε spent by the end of each epoch
+    clip_fraction: list[float] = field(
+        default_factory=list
+    )  # DP-SGD only: share of the epoch's samples clipped
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """How :func:`train_compare` ran DP-SGD: Poisson sampling at rate q = B / N, the clipped sum
+    divided by the expected batch size B, ε from ``fastgrad.privacy.epsilon`` at δ."""
+
+    max_norm: float
+    noise_multiplier: float  # σ: given, or calibrated for target_epsilon over the whole run
+    sampling_rate: float
+    steps_per_epoch: int
+    delta: float
+    accountant: str
+    target_epsilon: float | None = None
+    accounting: bool = True  # False when dp-accounting is not installed (ε then NaN)
 
 
 @dataclass
@@ -69,6 +90,7 @@ class TrainResult:
     lr: float
     backend: str
     dtype: str
+    dp: DPSettings | None = None
 
     def table(self) -> str:
         """Final loss and accuracy per method, as text."""
@@ -87,6 +109,34 @@ class TrainResult:
             )
         return "\n".join(lines)
 
+    def dp_table(self) -> str:
+        """DP-SGD's settings, then ε spent and the share of samples clipped, per epoch."""
+        dp, h = self.dp, self.histories.get("dp_sgd")
+        if dp is None or h is None:
+            return ""
+        how = (
+            f"calibrated for ε = {dp.target_epsilon:g} over {self.epochs} epochs"
+            if dp.target_epsilon is not None
+            else "given"
+        )
+        lines = [
+            f"DP-SGD: clipping norm C = {dp.max_norm:g}, noise multiplier σ = {dp.noise_multiplier:.4g} "
+            f"({how}); Poisson sampling q = {dp.sampling_rate:.4g} (expected batch {self.batch_size}), "
+            f"{dp.steps_per_epoch} steps per epoch; ε at δ = {dp.delta:g} ({dp.accountant} accountant)",
+        ]
+        if not dp.accounting:
+            lines.append(f"ε not computed: {MissingExtraError('dp_accounting', 'dp', 'privacy accounting')}")
+        lines += [f"{'epoch':>5} {'ε spent':>9} {'clipped':>8}", "-" * 24]
+        for e in range(1, len(h.epsilon)):
+            lines.append(f"{e:>5} {h.epsilon[e]:>9.4f} {_fmt(h.clip_fraction[e], pct=True):>8}")
+        return "\n".join(lines)
+
+    def _label(self, h: MethodHistory) -> str:
+        label = _LABELS.get(h.method, h.method)
+        if h.method == "dp_sgd" and self.dp is not None and h.epsilon and np.isfinite(h.epsilon[-1]):
+            label += f": ε = {h.epsilon[-1]:.3f}, δ = {self.dp.delta:g}"
+        return label
+
     def plot(self, path: str) -> str:
         """Loss curves (train loss per epoch, per method) and test accuracy, saved to ``path``
         (``path + ".png"`` when it has no extension); returns the path written."""
@@ -98,7 +148,9 @@ class TrainResult:
         epochs = np.arange(self.epochs + 1)
         for h, style in zip(self.histories.values(), _STYLES):
             n = len(h.train_loss)
-            axes[0].plot(epochs[:n], h.train_loss, label=_LABELS.get(h.method, h.method), **style)
+            axes[0].plot(epochs[:n], h.train_loss, label=self._label(h), **style)
+            if h.method == "dp_sgd":
+                _annotate_epsilon(axes[0], h, style["color"])
             if with_acc:
                 axes[1].plot(epochs[:n], np.asarray(h.test_accuracy) * 100, **style)
         axes[0].set_xlabel("epoch")
@@ -114,13 +166,30 @@ class TrainResult:
             ax.grid(alpha=0.3)
         fig.suptitle(
             f"{self.dataset}: MLP {list(self.sizes)}, {self.activation}, {self.loss}, "
-            f"B = {self.batch_size}, SGD lr = {self.lr:g}, same seed and batches",
+            f"B = {self.batch_size}, SGD lr = {self.lr:g}, same seed and batches"
+            + (" (DP-SGD: Poisson batches of expected size B)" if self.dp is not None else ""),
             fontsize=10,
         )
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def _annotate_epsilon(ax, h: MethodHistory, color: str) -> None:
+    """ε spent so far, written beside DP-SGD's loss curve at (up to 8 of) its epochs."""
+    n = min(len(h.epsilon), len(h.train_loss))
+    for e in range(1, n, max(1, (n - 1) // 8)):
+        if np.isfinite(h.epsilon[e]) and np.isfinite(h.train_loss[e]):
+            ax.annotate(
+                f"ε={h.epsilon[e]:.2f}",
+                (e, h.train_loss[e]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=7,
+                color=color,
+            )
 
 
 _LABELS = {
@@ -187,8 +256,7 @@ class _SGD:
     lr: float
     seed: int
     backend: str
-    max_norm: float
-    noise_multiplier: float
+    dp: DPSettings | None
     progress: Callable[[int], None] | None
 
     def gradient(self, method: str, theta: np.ndarray, idx: np.ndarray, epoch: int, step: int):
@@ -196,28 +264,72 @@ class _SGD:
         if method == "true":
             return backprop(self.net, theta, X, y, ("grad",), backend=self.backend).grad
         if method == "dp_sgd":
-            noise_seed = (self.seed, epoch, step)
-            return clipped_grad(
-                self.net, theta, X, y, self.max_norm, self.noise_multiplier, noise_seed, self.backend
-            )
+            return self.dp_step(theta, X, y, noise_seed=(self.seed, epoch, step))
         return shortcut_grad(self.net, theta, X, y, method)
 
+    def dp_step(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, noise_seed) -> ClippedGrad:
+        """DP-SGD's step on a Poisson batch: clipped sum plus noise, over the expected batch size."""
+        dp = self.dp
+        if len(X) == 0:  # Poisson sampling may draw no one: the step is the noise alone
+            noise_std = dp.noise_multiplier * dp.max_norm
+            xi = dp_noise(self.net.num_params, noise_seed, theta.dtype) if noise_std > 0 else None
+            grad = noised_mean(np.zeros_like(theta), noise_std, xi, self.batch_size)
+            return ClippedGrad(grad, np.zeros(0, theta.dtype), 0.0, noise_std, float(self.batch_size))
+        return clipped_grad(
+            self.net,
+            theta,
+            X,
+            y,
+            dp.max_norm,
+            dp.noise_multiplier,
+            noise_seed,
+            self.backend,
+            expected_batch_size=self.batch_size,
+            return_stats=True,
+        )
+
+    def poisson_batches(self, epochs: int) -> list[list[np.ndarray]]:
+        """Each epoch's Poisson batches (rate B / N). Their seed (seed, 0, 1) is no noise step's
+        (seed, epoch ≥ 1, step), nor the orders' seed (which SeedSequence reads as (seed, 0, 0))."""
+        steps = self.dp.steps_per_epoch
+        batches = list(
+            privacy.poisson_batches(
+                self.train.num_samples, self.dp.sampling_rate, epochs * steps, seed=(self.seed, 0, 1)
+            )
+        )
+        return [batches[e * steps : (e + 1) * steps] for e in range(epochs)]
+
     def run(self, method: str, theta0: np.ndarray, orders: list[np.ndarray]) -> MethodHistory:
-        """Train from ``theta0`` with ``method``, one epoch per entry of ``orders``."""
+        """Train from ``theta0`` with ``method``, one epoch per entry of ``orders`` (DP-SGD: one
+        epoch of Poisson batches per entry)."""
         h = MethodHistory(method)
         theta = theta0.copy()
         steps = self.train.num_samples // self.batch_size
         epochs = len(orders)
+        poisson = self.poisson_batches(epochs) if method == "dp_sgd" else None
+        if poisson is not None:
+            h.clip_fraction.append(float("nan"))  # index 0: before training
         _record(h, self.net, theta, self.train, self.test, self.backend)
         for epoch in range(1, epochs + 1):
+            clipped = seen = 0
             for s in range(steps):
-                idx = orders[epoch - 1][s * self.batch_size : (s + 1) * self.batch_size]
+                if poisson is not None:
+                    idx = poisson[epoch - 1][s]
+                else:
+                    idx = orders[epoch - 1][s * self.batch_size : (s + 1) * self.batch_size]
                 # a diverging run overflows on its way to Inf/NaN; that is caught just below
                 with np.errstate(all="ignore"):
-                    theta -= theta.dtype.type(self.lr) * self.gradient(method, theta, idx, epoch, s)
+                    step = self.gradient(method, theta, idx, epoch, s)
+                    if isinstance(step, ClippedGrad):
+                        clipped += round(step.clip_fraction * step.batch_size)
+                        seen += step.batch_size
+                        step = step.grad
+                    theta -= theta.dtype.type(self.lr) * step
                 if not np.isfinite(theta).all():
                     h.diverged_at = epoch
                     break
+            if poisson is not None:
+                h.clip_fraction.append(clipped / seen if seen else float("nan"))
             if self.progress is not None:
                 self.progress(steps if h.diverged_at is None else steps * (epochs - epoch + 1))
             if h.diverged_at is not None:
@@ -242,8 +354,12 @@ def train_compare(
     dtype=np.float32,
     backend: str = "numpy",
     max_norm: float = 1.0,
-    noise_multiplier: float = 0.5,
+    noise_multiplier: float | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    target_epsilon: float | None = None,
+    delta: float = 1e-5,
+    accountant: str = "rdp",
 ) -> TrainResult:
     """Train ``net`` from the same initial θ and minibatch order with each method; record loss curves.
 
@@ -255,8 +371,10 @@ def train_compare(
         Training data and optional held-out data (evaluated after every epoch).
     methods : sequence of str
         Any of ``true`` (the true mean gradient from ``backend``), ``mean_error``,
-        ``mean_input`` (the shortcuts) and ``dp_sgd`` (the clipped mean gradient
-        plus Gaussian noise of standard deviation ``noise_multiplier * max_norm / B``).
+        ``mean_input`` (the shortcuts) and ``dp_sgd``: DP-SGD on Poisson batches (each
+        sample taken with probability q = B / N, N // B steps per epoch), the clipped sum
+        plus Gaussian noise of standard deviation ``noise_multiplier * max_norm`` divided by
+        the expected batch size B, as Opacus does.
     epochs, batch_size : int
         Plain SGD, ``theta -= lr * g``; the last partial batch of an epoch is dropped.
     lr : float
@@ -266,9 +384,16 @@ def train_compare(
     backend : str
         Backend of the true gradient, DP-SGD and the loss evaluations.
     max_norm, noise_multiplier : float
-        DP-SGD's clipping norm C and noise multiplier σ.
+        DP-SGD's clipping norm C and noise multiplier σ (default 0.5 unless ``target_epsilon``).
     progress : callable, optional
         Called with the number of SGD steps just taken (for a progress bar).
+    target_epsilon : float, optional
+        Calibrate σ so that the whole run spends at most this ε at ``delta``
+        (:func:`fastgrad.privacy.calibrate_noise_multiplier`; needs the ``dp`` extra).
+    delta : float
+        δ of the ε reported for DP-SGD after each epoch (``MethodHistory.epsilon``).
+    accountant : {"rdp", "pld"}
+        The accountant of ε (:func:`fastgrad.privacy.epsilon`).
 
     Returns
     -------
@@ -278,13 +403,20 @@ def train_compare(
     """
     methods = tuple(methods)
     _check_train_args(net, train, methods, epochs, batch_size, lr)
+    dp = None
+    if "dp_sgd" in methods:
+        dp = _dp_settings(
+            train, epochs, batch_size, max_norm, noise_multiplier, target_epsilon, delta, accountant
+        )
     test = test if test is not None else train.subset(np.arange(0))
-    sgd = _SGD(net, train, test, train.targets_for(net.loss), batch_size, lr, seed, backend, max_norm,
-               noise_multiplier, progress)  # fmt: skip
+    sgd = _SGD(net, train, test, train.targets_for(net.loss), batch_size, lr, seed, backend, dp, progress)
     theta0 = net.init(seed=seed, dtype=dtype)
     rng = np.random.default_rng(seed)
     orders = [rng.permutation(train.num_samples) for _ in range(epochs)]
     histories = {method: sgd.run(method, theta0, orders) for method in methods}
+    if "dp_sgd" in histories:
+        h = histories["dp_sgd"]
+        h.epsilon = [_epsilon_spent(dp, e * dp.steps_per_epoch) for e in range(len(h.train_loss))]
     return TrainResult(
         histories,
         net.sizes,
@@ -296,7 +428,38 @@ def train_compare(
         float(lr),
         backend,
         np.dtype(dtype).name,
+        dp,
     )
+
+
+def _dp_settings(train, epochs, batch_size, max_norm, noise_multiplier, target_epsilon, delta, accountant):
+    """DP-SGD's settings, σ calibrated when a target ε is given; every argument checked first."""
+    if target_epsilon is not None and noise_multiplier is not None:
+        raise ValueError("noise_multiplier: give it or target_epsilon, not both")
+    _check_positive("max_norm", max_norm)
+    if noise_multiplier is not None and noise_multiplier != 0:
+        _check_positive("noise_multiplier", noise_multiplier)
+    _check_positive("delta", delta)
+    if delta >= 1:
+        raise ValueError(f"delta: expected a probability in (0, 1), got {delta}")
+    if accountant not in privacy.ACCOUNTANTS:
+        raise ValueError(
+            f"accountant: unknown {accountant!r}; expected one of {', '.join(privacy.ACCOUNTANTS)}"
+        )
+    q = batch_size / train.num_samples
+    steps = train.num_samples // batch_size
+    if target_epsilon is not None:
+        sigma = privacy.calibrate_noise_multiplier(target_epsilon, delta, q, epochs * steps, accountant)
+    else:
+        sigma = 0.5 if noise_multiplier is None else float(noise_multiplier)
+    accounting = privacy.accounting_available()
+    return DPSettings(float(max_norm), sigma, q, steps, float(delta), accountant, target_epsilon, accounting)
+
+
+def _epsilon_spent(dp: DPSettings, steps: int) -> float:
+    if not dp.accounting:
+        return float("nan")
+    return privacy.epsilon(dp.noise_multiplier, dp.sampling_rate, steps, dp.delta, dp.accountant)
 
 
 def _record(h: MethodHistory, net, theta, train, test, backend) -> None:

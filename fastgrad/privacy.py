@@ -1,0 +1,378 @@
+"""Differential privacy around :func:`fastgrad.clipped_grad`: accounting, Poisson sampling, noise.
+
+- **Accounting** (needs the ``dp`` extra, Google's ``dp-accounting``): :func:`epsilon` is the
+  ε spent by DP-SGD with noise multiplier σ, sampling rate q and a number of steps, at δ,
+  from the RDP or the PLD accountant; :func:`calibrate_noise_multiplier` is the smallest σ
+  (within a tolerance) whose ε is at most a target. Both describe DP-SGD as
+  ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), steps)``
+  (:func:`dp_event`), add-or-remove-one neighbours, as Opacus does.
+- **Poisson sampling** (:func:`poisson_batches`): each step takes each sample independently
+  with probability q, the sampling that the accountants' analysis assumes.
+- **Noise** (:func:`standard_normal`): the ξ ~ N(0, I) of DP-SGD, either from NumPy's
+  ``default_rng(seed)`` (reproducible, fast, not secure) or, with ``secure=True``, from the
+  operating system's CSPRNG (``os.urandom``) with Opacus's ``secure_mode`` defence against
+  floating-point attacks. See docs/dp.md for what that does and does not protect.
+
+Only the accounting needs the extra; the rest is NumPy and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from .extras import MissingExtraError, require
+
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
+"""Accountants of :func:`epsilon`: Rényi DP (fast, a slightly loose upper bound) and the
+privacy loss distribution (tighter, slower: about a second per call at 1000 steps)."""
+
+SECURE_DRAWS = 4
+"""Gaussians summed per secure sample (then divided by √4 = 2): Opacus's ``secure_mode``, from
+Holohan & Braghin 2021 (arXiv:2107.10138, §5.1) with n = 2: an attacker who reads the
+noise's low-order bits must now search 2^(53·(2n−1)) = 2^159 candidates rather than 2^53."""
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name}: expected a number, got NaN")
+    return value
+
+
+def _check_sampling_rate(q) -> float:
+    q = _real("sampling_rate", q)
+    if not 0 < q <= 1:
+        raise ValueError(f"sampling_rate: expected a probability in (0, 1], got {q}")
+    return q
+
+
+def _check_delta(delta) -> float:
+    delta = _real("delta", delta)
+    if not 0 < delta < 1:
+        raise ValueError(f"delta: expected a probability in (0, 1), got {delta}")
+    return delta
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer ≥ {minimum}, got {value}")
+    return int(value)
+
+
+def _check_accountant(accountant) -> str:
+    if not isinstance(accountant, str) or accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant: unknown {accountant!r}; expected one of {', '.join(ACCOUNTANTS)}")
+    return accountant
+
+
+def check_seed(seed, secure: bool = False):
+    """``seed`` of the noise or the sampling, checked before any work: ``None``, a non-negative
+    integer, a non-empty sequence of them, a ``numpy.random.SeedSequence`` or a
+    ``numpy.random.Generator`` (whose state the draw advances); ``None`` when ``secure`` (a
+    draw from ``os.urandom`` cannot be seeded). Returns ``seed``; ``TypeError``/``ValueError``
+    naming the argument otherwise."""
+    if not isinstance(secure, (bool, np.bool_)):
+        raise TypeError(f"secure: expected True or False, got {type(secure).__name__}")
+    expected = "None, a non-negative integer, a sequence of them, a numpy SeedSequence or Generator"
+    if secure and seed is not None:
+        raise ValueError("seed: a secure draw comes from os.urandom and cannot be seeded; pass seed=None")
+    if seed is None or isinstance(seed, (np.random.SeedSequence, np.random.Generator)):
+        return seed
+    is_sequence = isinstance(seed, (tuple, list, np.ndarray))
+    if is_sequence and len(seed) == 0:
+        raise ValueError(f"seed: expected {expected}; got an empty sequence")
+    for s in np.ravel(np.asarray(seed if is_sequence else (seed,), dtype=object)):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"seed: expected {expected}; got {type(s).__name__} {s!r}")
+        if s < 0:
+            raise ValueError(f"seed: expected {expected}; got the negative integer {s}")
+    return seed
+
+
+# ----------------------------------------------------------------- accounting
+
+
+def accounting_available() -> bool:
+    """Whether the ``dp`` extra (``dp-accounting``) is installed, so that ε can be computed."""
+    try:
+        _dp_accounting()
+    except MissingExtraError:
+        return False
+    return True
+
+
+def _dp_accounting():
+    return require("dp_accounting", "dp", "privacy accounting (fastgrad.privacy)")
+
+
+def dp_event(noise_multiplier: float, sampling_rate: float, steps: int):
+    """DP-SGD as a ``dp_accounting.DpEvent``: ``steps`` Poisson-sampled Gaussian mechanisms.
+
+    For users who want another accountant or to compose DP-SGD with other releases.
+    """
+    dpa = _dp_accounting()
+    sigma = _real("noise_multiplier", noise_multiplier)
+    if not 0 <= sigma < math.inf:
+        raise ValueError(f"noise_multiplier: expected a non-negative finite number, got {sigma}")
+    q = _check_sampling_rate(sampling_rate)
+    steps = _check_count("steps", steps, 0)
+    return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+
+
+@contextlib.contextmanager
+def _quiet_accountants():
+    """dp-accounting logs a warning (through absl) for every RDP order it drops as numerically
+    unstable, dozens per call at small σ; the orders left still bound ε, so keep them quiet."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _accountant(name: str):
+    dpa = _dp_accounting()
+    return dpa.rdp.RdpAccountant() if name == "rdp" else dpa.pld.PLDAccountant()
+
+
+def epsilon(
+    noise_multiplier: float, sampling_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """ε spent by DP-SGD at ``delta``: ``steps`` steps of Poisson sampling at rate q and Gaussian
+    noise of standard deviation σ·C on the clipped sum.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        σ ≥ 0 (σ = 0 spends ε = inf after one step).
+    sampling_rate : float
+        q in (0, 1]: each sample's probability of being in a step's batch (expected batch
+        size / dataset size).
+    steps : int
+        Number of noised steps so far, ≥ 0.
+    delta : float
+        δ in (0, 1); usually below 1 / dataset size.
+    accountant : {"rdp", "pld"}
+        ``dp_accounting.rdp.RdpAccountant`` (the figure Opacus's ``"rdp"`` accountant gives,
+        to its choice of orders) or ``dp_accounting.pld.PLDAccountant`` (tighter).
+
+    Returns
+    -------
+    float
+        ε (inf when σ = 0 and steps ≥ 1; 0 when steps = 0).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument, naming it.
+    fastgrad.extras.MissingExtraError
+        When ``dp-accounting`` is not installed (``pip install "fastgrad[dp]"``).
+    """
+    accountant = _check_accountant(accountant)
+    delta = _check_delta(delta)
+    event = dp_event(noise_multiplier, sampling_rate, steps)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    with _quiet_accountants():
+        return float(_accountant(accountant).compose(event).get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    tol: float = 1e-4,
+) -> float:
+    """The noise multiplier σ for which :func:`epsilon` is at most ``target_epsilon`` after ``steps``.
+
+    A root search (``dp_accounting.calibrate_dp_mechanism``, Brent's method) for ε(σ) = target,
+    then rounded up: the σ returned is at most ``tol`` above the smallest σ that meets the
+    target, and its ε is checked to be ≤ ``target_epsilon``.
+
+    Parameters
+    ----------
+    target_epsilon : float
+        ε > 0.
+    delta, sampling_rate, accountant
+        As for :func:`epsilon`.
+    steps : int
+        ≥ 1: the whole run's number of steps.
+    tol : float
+        Absolute tolerance on σ, > 0.
+
+    Returns
+    -------
+    float
+        σ.
+
+    Raises
+    ------
+    TypeError, ValueError, fastgrad.extras.MissingExtraError
+        As for :func:`epsilon`.
+    """
+    eps = _real("target_epsilon", target_epsilon)
+    if not 0 < eps < math.inf:
+        raise ValueError(f"target_epsilon: expected a positive finite number, got {eps}")
+    delta = _check_delta(delta)
+    q = _check_sampling_rate(sampling_rate)
+    steps = _check_count("steps", steps, 1)
+    accountant = _check_accountant(accountant)
+    tol = _real("tol", tol)
+    if not 0 < tol < math.inf:
+        raise ValueError(f"tol: expected a positive finite number, got {tol}")
+    dpa = _dp_accounting()
+
+    def search(name: str, bracket) -> float:
+        with _quiet_accountants():
+            return float(
+                dpa.calibrate_dp_mechanism(
+                    lambda: _accountant(name),
+                    lambda s: dp_event(s, q, steps),
+                    eps,
+                    delta,
+                    bracket,
+                    tol=tol / 2,
+                )
+            )
+
+    # σ → 0 gives ε → inf, which Brent's method cannot bracket with: start just above it (RDP
+    # only: the PLD accountant's discretisation of a tiny σ needs gigabytes)
+    sigma = search("rdp", dpa.LowerEndpointAndGuess(1e-3, 1.0))
+    if accountant == "pld":  # tighter than RDP, so its σ lies below RDP's: bracket it from there
+        hi = sigma + tol
+        while epsilon(hi, q, steps, delta, "pld") > eps:
+            hi *= 1.25
+        lo = hi / 1.25
+        while epsilon(lo, q, steps, delta, "pld") <= eps:
+            lo /= 1.25
+        sigma = search("pld", dpa.ExplicitBracketInterval(lo, hi))
+    sigma += tol / 2  # ε falls as σ grows: step past the root's side of the tolerance
+    for _ in range(60):  # the PLD accountant's ε is monotone only up to its discretisation
+        if epsilon(sigma, q, steps, delta, accountant) <= eps:
+            return sigma
+        sigma += tol
+    raise RuntimeError(f"calibrate_noise_multiplier: no σ near {sigma:g} reaches ε ≤ {eps:g}")
+
+
+# ------------------------------------------------------------ Poisson sampling
+
+
+def poisson_batches(
+    num_samples: int, sampling_rate: float, steps: int, seed=None, *, secure: bool = False
+) -> Iterator[np.ndarray]:
+    """Poisson sampling: for each of ``steps`` steps, the sorted indices of the samples taken,
+    each independently with probability ``sampling_rate``.
+
+    Batch sizes vary (Binomial(N, q); a batch may be empty), which is what the accountants of
+    :func:`epsilon` assume; divide the clipped sum by the expected batch size q·N
+    (``clipped_grad(..., expected_batch_size=q * N)``), as Opacus does.
+
+    Parameters
+    ----------
+    num_samples : int
+        N ≥ 1, the dataset size.
+    sampling_rate : float
+        q in (0, 1].
+    steps : int
+        ≥ 0.
+    seed
+        As for :func:`check_seed`: the same seed gives the same batches.
+    secure : bool
+        Draw the coin flips from ``os.urandom`` (then ``seed`` must be ``None``).
+
+    Returns
+    -------
+    iterator of ndarray (B_t,) of int64
+        The arguments are checked at the call, before the first batch is drawn.
+    """
+    n = _check_count("num_samples", num_samples, 1)
+    q = _check_sampling_rate(sampling_rate)
+    steps = _check_count("steps", steps, 0)
+    rng = _generator(seed, secure)  # checked here, not at the first step of the iteration
+    return _poisson_steps(n, q, steps, rng)
+
+
+def _poisson_steps(n: int, q: float, steps: int, rng) -> Iterator[np.ndarray]:
+    for _ in range(steps):
+        u = secure_uniform(n) if rng is None else rng.random(n)
+        yield np.flatnonzero(u < q)
+
+
+# ---------------------------------------------------------------------- noise
+
+
+def _generator(seed, secure: bool) -> np.random.Generator | None:
+    """NumPy's generator for ``seed``, or ``None`` for a secure draw (after :func:`check_seed`)."""
+    check_seed(seed, secure)
+    return None if secure else np.random.default_rng(seed)
+
+
+def secure_uniform(n: int) -> np.ndarray:
+    """n floats uniform on (0, 1], 53 random bits each, from the OS CSPRNG (``os.urandom``)."""
+    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+    return ((bits >> np.uint64(11)) + np.uint64(1)) * (1.0 / 2**53)
+
+
+def _secure_gaussian(n: int) -> np.ndarray:
+    """n standard normals by Box–Muller from :func:`secure_uniform` (float64)."""
+    half = (n + 1) // 2
+    u1, u2 = secure_uniform(half), secure_uniform(half)
+    r = np.sqrt(-2.0 * np.log(u1))
+    return np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:n]
+
+
+def standard_normal(n: int, dtype=np.float64, seed=None, *, secure: bool = False) -> np.ndarray:
+    """ξ ~ N(0, I_n), DP-SGD's noise, in ``dtype``.
+
+    ``secure=False``: ``numpy.random.default_rng(seed).standard_normal(n)`` (PCG64: fast and
+    reproducible, but its state can be recovered from its output, so it is not secure).
+
+    ``secure=True``: every random bit comes from ``os.urandom`` (the kernel's CSPRNG, as
+    Opacus's ``secure_mode`` uses ``torchcsprng``'s ``/dev/urandom`` generator), and each
+    sample is the sum of :data:`SECURE_DRAWS` Box–Muller Gaussians divided by 2 (Opacus's
+    defence against floating-point attacks). ``seed`` must be ``None``. It needs 4 × 8 random
+    bytes per sample from the kernel: 16–51× the time of the default draw where measured
+    (docs/dp.md).
+    """
+    n = _check_count("n", n, 0)
+    rng = _generator(seed, secure)
+    if not secure:
+        return rng.standard_normal(n).astype(dtype)
+    total = np.zeros(n)
+    for _ in range(SECURE_DRAWS):
+        total += _secure_gaussian(n)
+    return (total / math.sqrt(SECURE_DRAWS)).astype(dtype)
+
+
+__all__ = [
+    "ACCOUNTANTS",
+    "SECURE_DRAWS",
+    "accounting_available",
+    "calibrate_noise_multiplier",
+    "check_seed",
+    "dp_event",
+    "epsilon",
+    "poisson_batches",
+    "secure_uniform",
+    "standard_normal",
+]
