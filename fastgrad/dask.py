@@ -142,6 +142,7 @@ def _check(net, theta, X, y, backend, max_norm=None) -> _Problem:
             "rows: X.rechunk({1: -1})"
         )
     if isinstance(y, np.ndarray):
+        check_y_shape(net, y.shape, X.shape[0])
         y = da.from_array(y, chunks=(X.chunks[0], *tuple((s,) for s in y.shape[1:])))
     if not isinstance(y, da.Array):
         raise TypeError(f"y: expected a dask.array.Array or a NumPy array, got {type(y).__name__}")
