@@ -55,7 +55,7 @@ require("dask.array", "dask", "fastgrad.dask")
 import dask  # noqa: E402  (after the check that names the extra)
 import dask.array as da  # noqa: E402
 
-from . import quantities  # noqa: E402
+from . import quantities, reference, shortcut  # noqa: E402
 from ._validation import (  # noqa: E402
     check_compute,
     check_inputs,
@@ -186,10 +186,7 @@ def run_chunk(net: MLP, theta, X, y, r0: int, need: frozenset, max_norm, backend
         sums.update({n: 0.0 for n in ROW_SUMS if n in need})
         rows = {n: np.empty((0, *_map_width(net, n)), theta.dtype) for n in maps}
         return sums, rows
-    try:
-        inp = check_inputs(net, theta, np.asarray(X), np.asarray(y))
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"rows {r0}:{r0 + B} (a chunk of X, y): {exc}") from None
+    inp = _checked_chunk(net, theta, X, y, r0)
     raw = run_backend(backend, net, inp, need, max_norm)
     sums = {"loss": float(np.float64(raw["loss"]) * B)}  # the backends' loss is the mean
     for q in sums_made:
@@ -199,6 +196,14 @@ def run_chunk(net: MLP, theta, X, y, r0: int, need: frozenset, max_norm, backend
         if name in need:
             sums[name] = row_sum(raw[name])
     return sums, {n: raw[n] for n in maps}
+
+
+def _checked_chunk(net: MLP, theta, X, y, r0: int):
+    """``check_inputs`` on one chunk; its error says which rows are wrong."""
+    try:
+        return check_inputs(net, theta, np.asarray(X), np.asarray(y))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"rows {r0}:{r0 + X.shape[0]} (a chunk of X, y): {exc}") from None
 
 
 def _map_width(net: MLP, name: str) -> tuple[int, ...]:
@@ -227,11 +232,15 @@ def _chunk_tasks(p: _Problem, need: frozenset, maps: frozenset) -> list:
     """One Delayed ``run_chunk`` per row chunk, all reading θ from one key."""
     theta = dask.delayed(p.theta, pure=True)  # one key, shipped to each worker once
     task = dask.delayed(run_chunk, pure=True, nout=2)
-    starts = np.concatenate([[0], np.cumsum(p.rows)[:-1]]).astype(int)
     return [
         task(p.net, theta, xb, yb, int(r0), need, p.max_norm, p.backend, maps)
-        for xb, yb, r0 in zip(_rows_of(p.X.to_delayed()), _rows_of(p.y.to_delayed()), starts)
+        for xb, yb, r0 in zip(_rows_of(p.X.to_delayed()), _rows_of(p.y.to_delayed()), _starts(p.rows))
     ]
+
+
+def _starts(rows: tuple[int, ...]) -> list[int]:
+    """The first row of each chunk."""
+    return [0, *np.cumsum(rows)[:-1].tolist()]
 
 
 def _raw_need(want: frozenset, clipping: bool) -> frozenset:
@@ -404,13 +413,110 @@ def clipped_grad(
     return mean.astype(p.theta.dtype)
 
 
+# --------------------------------------------------------- compare_shortcut
+
+
+def shortcut_chunk(net: MLP, theta, X, y, r0: int, backend: str) -> dict:
+    """One chunk's sums for :func:`compare_shortcut`, in float64: the gradient (Σ_i ∇ℓ_i, whose
+    parts are Σ δ_l a_{l-1}ᵀ and Σ δ_l), the activations Σ a_l (l = 0..L-1, flat), the
+    derivatives Σ φ'(z_l) (hidden layers, flat) and the targets (Σ one-hot rows for
+    cross-entropy)."""
+    B = X.shape[0]
+    sizes = net.sizes
+    if B == 0:
+        return {
+            "grad": np.zeros(net.num_params),
+            "acts": np.zeros(sum(sizes[:-1])),
+            "derivs": np.zeros(sum(sizes[1:-1])),
+            "targets": np.zeros(sizes[-1]),
+        }
+    inp = _checked_chunk(net, theta, X, y, r0)
+    grad = run_backend(backend, net, inp, frozenset({"loss", "grad"}), None)["grad"]
+    Zs, A = reference.forward(net, inp.theta, inp.X)
+    f64 = np.float64
+    derivs = [reference.phi_prime(net.activation, z).sum(axis=0, dtype=f64) for z in Zs[:-1]]
+    if net.loss_code == CROSS_ENTROPY:
+        targets = np.bincount(inp.labels, minlength=sizes[-1]).astype(f64)
+    else:
+        targets = inp.targets.sum(axis=0, dtype=f64)
+    return {
+        "grad": grad.astype(f64) * B,
+        "acts": np.concatenate([a.sum(axis=0, dtype=f64) for a in A]),
+        "derivs": np.concatenate(derivs) if derivs else np.zeros(0),
+        "targets": targets,
+    }
+
+
+def compare_shortcut(
+    net: MLP,
+    theta: np.ndarray,
+    X,
+    y,
+    methods=shortcut.METHODS,
+    backend: str = "numba",
+    *,
+    scheduler=None,
+) -> shortcut.ShortcutReport:
+    """:func:`fastgrad.compare_shortcut` over a whole dataset: each shortcut's gradient against the
+    true full-dataset gradient, per layer.
+
+    Everything the shortcuts and the covariance terms need is a sum over samples (the mean
+    activations, derivatives, output error and targets; Cov(δ_l, a_{l-1}) = mean δ_l a_{l-1}ᵀ
+    − δ̄_l ā_{l-1}ᵀ, its first term the true gradient's), so one pass over the chunks makes
+    them, added in the fixed tree of :func:`tree_sum`. The covariance is taken in float64 from
+    those sums (one pass), where :func:`fastgrad.compare_shortcut` centres the rows first
+    (two passes): they agree to rounding unless the means dwarf the covariance.
+
+    Parameters
+    ----------
+    net, theta, X, y, backend, scheduler
+        As for :func:`backprop`.
+    methods : sequence of str
+        As for :func:`fastgrad.compare_shortcut`.
+
+    Returns
+    -------
+    fastgrad.ShortcutReport
+    """
+    methods = tuple(shortcut._check_method(m) for m in ((methods,) if isinstance(methods, str) else methods))
+    p = _check(net, theta, X, y, backend)
+    task = dask.delayed(shortcut_chunk, pure=True)
+    theta_key = dask.delayed(p.theta, pure=True)
+    parts = [
+        task(p.net, theta_key, xb, yb, int(r0), p.backend)
+        for xb, yb, r0 in zip(_rows_of(p.X.to_delayed()), _rows_of(p.y.to_delayed()), _starts(p.rows))
+    ]
+    (total,) = dask.compute(tree_sum(parts), scheduler=scheduler)
+    n, dt, sizes = p.num_samples, p.theta.dtype, net.sizes
+    mean = {k: v / n for k, v in total.items()}
+    true = mean["grad"].astype(dt)
+    acts = np.split(mean["acts"], np.cumsum(sizes[:-1])[:-1])
+    derivs = np.split(mean["derivs"], np.cumsum(sizes[1:-1])[:-1]) if len(sizes) > 2 else []
+    # Cov(δ_l, a_{l-1}) = mean δ aᵀ − δ̄ āᵀ, with mean δ aᵀ and δ̄ the true gradient's W and b parts
+    covs = [np.linalg.norm(gW - np.outer(gb, a)) for (gW, gb), a in zip(net.unpack(mean["grad"]), acts)]
+    shortcuts = {}
+    for m in methods:
+        if m == "mean_input":
+            shortcuts[m] = shortcut._grad_at_mean(
+                net, p.theta, acts[0].astype(dt), mean["targets"].astype(dt)
+            )
+        else:  # mean_error: δ̄_L (the last bias gradient), with mean activations and derivatives
+            delta_out = true[net.layers[-1].b_start : net.layers[-1].end]
+            shortcuts[m] = shortcut._backprop_one(
+                net, p.theta, delta_out, [a.astype(dt) for a in acts], [d.astype(dt) for d in derivs]
+            )
+    return shortcut._report(net, true, shortcuts, covs, n)
+
+
 __all__ = [
     "FROM_ROW_SUMS",
     "MAPS",
     "ROW_SUMS",
     "backprop",
     "clipped_grad",
+    "compare_shortcut",
     "delayed_backprop",
     "run_chunk",
+    "shortcut_chunk",
     "tree_sum",
 ]

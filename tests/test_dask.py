@@ -173,6 +173,24 @@ def test_the_chunks_sums_are_added_in_a_fixed_tree_over_chunk_order():
         assert tree.compute(scheduler=scheduler)["s"] == expected
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_compare_shortcut_matches_the_core_on_the_concatenated_rows(loss):
+    net, theta, X, y = problem(loss=loss)
+    net = fastgrad.MLP([5, 7, 6, 3], activation="tanh", loss=loss)  # two hidden layers
+    theta = net.init(seed=1, dtype=np.float64)
+    ref = fastgrad.compare_shortcut(net, theta, X, y, backend="numpy")
+    got = fdask.compare_shortcut(net, theta, *chunked(X, y), backend="numpy", scheduler="threads")
+    assert got.batch_size == N and len(got.rows) == len(ref.rows)
+    for r, g in zip(ref.rows, got.rows):
+        assert (r.method, r.layer) == (g.method, g.layer)
+        for field in ("rel_error", "cosine", "norm_ratio", "cov_norm", "grad_norm"):
+            assert abs(getattr(g, field) - getattr(r, field)) <= 1e-10 * max(1.0, abs(getattr(r, field))), (
+                r.method,
+                r.layer,
+                field,
+            )
+
+
 # ------------------------------------------------------ on a LocalCluster
 
 
