@@ -43,6 +43,7 @@ which accumulates in float32.
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -280,6 +281,53 @@ def _map_arrays(p: _Problem, tasks: list, names) -> dict:
     return out
 
 
+# --------------------------------------------------------------- .npy files
+
+
+class NpyRows:
+    """A ``.npy`` file as an array-like for ``dask.array.from_array``: it pickles as its path, and
+    reads the rows a chunk asks for from the file where the chunk runs.
+
+    ``da.from_array(np.load(path, mmap_mode="r"))`` would pickle the memory map as a full
+    in-memory copy for a distributed scheduler, and a memory map keeps the pages it has read
+    in the process's resident memory; this reads each chunk's rows (a C-ordered file) with one
+    ``readinto``, so a worker holds only the chunks it is working on.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        mapped = np.load(self.path, mmap_mode="r")  # reads the header only
+        shape, dtype, self.offset = mapped.shape, mapped.dtype, mapped.offset
+        fortran = mapped.ndim > 1 and not mapped.flags.c_contiguous
+        del mapped
+        if fortran or dtype.hasobject:
+            raise ValueError(
+                f"{self.path}: a C-ordered numeric .npy file is needed (Fortran order or objects)"
+            )
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        rows = key[0] if key else slice(None)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            return np.load(self.path, mmap_mode="r")[key].copy()
+        r0, r1, _ = rows.indices(self.shape[0])
+        r1 = max(r0, r1)
+        row_shape = self.shape[1:]
+        out = np.empty((r1 - r0, *row_shape), self.dtype)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + r0 * out[:1].nbytes if r1 > r0 else self.offset)
+            fh.readinto(memoryview(out).cast("B"))
+        return out[(slice(None), *key[1:])]
+
+
+def from_npy(path, chunk_rows: int = 65536) -> da.Array:
+    """A ``.npy`` file as a Dask array of ``chunk_rows`` rows per chunk, read where each chunk runs
+    (see :class:`NpyRows`); any scheduler, a distributed one included, if the workers see ``path``."""
+    rows = NpyRows(path)
+    return da.from_array(rows, chunks=(chunk_rows, *rows.shape[1:]), asarray=True, fancy=False)
+
+
 # --------------------------------------------------------------- public API
 
 
@@ -512,10 +560,12 @@ __all__ = [
     "FROM_ROW_SUMS",
     "MAPS",
     "ROW_SUMS",
+    "NpyRows",
     "backprop",
     "clipped_grad",
     "compare_shortcut",
     "delayed_backprop",
+    "from_npy",
     "run_chunk",
     "shortcut_chunk",
     "tree_sum",

@@ -251,6 +251,24 @@ def test_per_sample_rows_written_to_an_npy_file_match(tmp_path):
     assert rel_error(np.load(path), ref) <= 1e-12
 
 
+def test_from_npy_reads_each_chunk_where_it_runs(client, tmp_path):
+    import pickle
+
+    net, theta, X, y = problem()
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    dX, dy = fdask.from_npy(tmp_path / "X.npy", ROWS), fdask.from_npy(tmp_path / "y.npy", ROWS)
+    assert (
+        dX.chunks == ((128, 128, 128, 128, 88), (5,))
+        and len(pickle.dumps(fdask.NpyRows(tmp_path / "X.npy"))) < 1000
+    )
+    assert same_bits(dX[130:300, 1:4], X[130:300, 1:4]) and same_bits(dX[::7], X[::7])
+    res = fdask.backprop(net, theta, dX, dy, ("grad", "norms"), backend="numpy", scheduler=client)
+    ref = fastgrad.backprop(net, theta, X, y, ("grad", "norms"), backend="numpy")
+    assert rel_error(res.grad, ref.grad) <= 1e-12
+    assert rel_error(res.norms.compute(scheduler=client), ref.norms) <= 1e-12
+
+
 # ------------------------------------------------------------------ errors
 
 

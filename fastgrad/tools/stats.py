@@ -4,7 +4,7 @@
     fastgrad stats --data data.zarr --scheduler tcp://host:8786   # a dask.distributed cluster
     fastgrad stats --data X.npy --labels y.npy --plot norms.png   # and a histogram of the norms
 
-``--data`` is a ``.npy`` file (memory-mapped, never read whole) or a ``.zarr`` store: an
+``--data`` is a ``.npy`` file (read chunk by chunk, never whole: :func:`fastgrad.dask.from_npy`) or a ``.zarr`` store: an
 array, or a group with arrays ``X`` and ``y`` (then ``--labels`` is not needed). The
 network is built as ``fastgrad compare`` builds it (``--hidden``, ``--activation``,
 ``--loss``, ``--seed``, ``--dtype``); θ is its initialisation, or ``--theta FILE.npy``.
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         metavar="FILE.npy|DIR.zarr",
-        help="features (N, d): a .npy file (memory-mapped) or a zarr array, or a zarr group with "
+        help="features (N, d): a .npy file (read chunk by chunk) or a zarr array, or a zarr group with "
         "arrays X and y",
     )
     g.add_argument("--labels", metavar="FILE.npy|DIR.zarr", help="integer labels (N,) or real targets (N, k)")
@@ -104,11 +104,12 @@ def open_array(path: str, what: str, chunk_rows: int | None, component: str | No
         arr = da.from_zarr(node)
         rows = chunk_rows or arr.chunks[0]
     else:
-        try:
-            mm = np.load(path, mmap_mode="r", allow_pickle=False)
+        from ..dask import from_npy
+
+        try:  # read chunk by chunk where each chunk runs, never whole
+            arr = from_npy(path, chunk_rows or 65536)
         except (OSError, ValueError) as exc:
             raise UsageError(f"{what} {path}: not a readable .npy file ({exc})") from None
-        arr = da.from_array(mm, chunks=(chunk_rows or 65536, *mm.shape[1:]))
         rows = arr.chunks[0]
     return arr.rechunk((rows, *tuple(-1 for _ in arr.shape[1:])))
 
