@@ -208,8 +208,9 @@ def _checked_chunk(net: MLP, theta, X, y, r0: int):
 
 
 def _map_width(net: MLP, name: str) -> tuple[int, ...]:
-    """The shape of one row of per-sample map ``name`` (after the sample axis)."""
-    return {"norms": (), "layer_norms": (net.num_layers,), "per_sample": (net.num_params,)}[name]
+    """The shape of one row of per-sample map ``name``, read from the registry's shape ("(B, P)" -> (P,))."""
+    dims = {"L": net.num_layers, "P": net.num_params}
+    return tuple(dims[d.strip()] for d in REGISTRY[name].shape.strip("()").split(",")[1:] if d.strip())
 
 
 def _add(a: dict, b: dict) -> dict:
