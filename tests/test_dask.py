@@ -374,3 +374,36 @@ def test_theta_is_one_key_of_the_graph_that_every_chunk_reads():
     assert len(holding) == 1, holding
     readers = [k for k, v in graph.items() if "run_chunk" in str(k) or "run_chunk" in repr(v)[:200]]
     assert len(readers) >= 5
+
+
+def test_stats_command_runs_on_a_cluster_by_its_address(client, tmp_path, capsys):
+    from fastgrad.tools.stats import main
+
+    _, _, X, y = problem(np.float32)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    args = ["--data", str(tmp_path / "X.npy"), "--labels", str(tmp_path / "y.npy"), "--chunk-rows", "256"]
+    assert main([*args, "--backend", "numpy", "--scheduler", client.scheduler.address]) == 0
+    on_cluster = capsys.readouterr().out
+    assert main([*args, "--backend", "numpy", "--scheduler", "threads", "--no-progress"]) == 0
+    on_threads = capsys.readouterr().out
+    # the same numbers, bit for bit, whatever runs them; only the header names the scheduler
+    assert on_cluster.splitlines()[1:] == on_threads.splitlines()[1:]
+
+
+def test_stats_command_without_dask_names_the_extra(tmp_path):
+    np.save(tmp_path / "X.npy", np.zeros((4, 2)))
+    code = (
+        "import sys\nsys.modules['dask'] = None\n"
+        "from fastgrad.tools.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(
+        [sys.executable, "-c", code, "stats", "--data", str(tmp_path / "X.npy"), "--labels", "y.npy"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert 'pip install "fastgrad[dask]"' in p.stderr

@@ -4,8 +4,9 @@
     fastgrad stats --data data.zarr --scheduler tcp://host:8786   # a dask.distributed cluster
     fastgrad stats --data X.npy --labels y.npy --plot norms.png   # and a histogram of the norms
 
-``--data`` is a ``.npy`` file (read chunk by chunk, never whole: :func:`fastgrad.dask.from_npy`) or a ``.zarr`` store: an
-array, or a group with arrays ``X`` and ``y`` (then ``--labels`` is not needed). The
+``--data`` is a ``.npy`` file (read chunk by chunk, never whole: :func:`fastgrad.dask.from_npy`)
+or a ``.zarr`` store: an array, or a group with arrays ``X`` and ``y`` (then ``--labels`` is
+not needed). The
 network is built as ``fastgrad compare`` builds it (``--hidden``, ``--activation``,
 ``--loss``, ``--seed``, ``--dtype``); θ is its initialisation, or ``--theta FILE.npy``.
 One pass over the data (:func:`fastgrad.dask.delayed_backprop`) gives every number
@@ -15,6 +16,7 @@ printed; it needs the ``dask`` extra.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -197,9 +199,10 @@ def run_stats(net, theta, X, y, backend: str, scheduler: str, progress: bool):
         raise UsageError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     with client:
         future = client.compute(both)
-        if progress:
-            distributed.progress(future)
-            print(file=sys.stderr)
+        if progress:  # distributed's text bar writes to stdout: keep stdout for the numbers
+            with contextlib.redirect_stdout(sys.stderr):
+                distributed.progress(future)
+                print()
         return future.result()
 
 
