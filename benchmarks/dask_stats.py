@@ -16,7 +16,7 @@ The problem: DESIGN §6's narrow net [64, 64, 64, 10], tanh, cross-entropy, floa
 
 The script warms every runner up (compilation, page cache), then times them in turn,
 ``rounds`` times, so each round sees the same load; ratios are medians of per-round ratios.
-It reports each worker's peak resident memory (``ru_maxrss``) against the chunk size, and
+It reports each worker's peak resident memory (Linux's ``VmHWM``) against the chunk size, and
 for a fixed chunk size at N and N/4, which shows whether memory grows with N. It is a
 script, not a test: nothing here asserts.
 """
@@ -86,14 +86,21 @@ def start_cluster(workers: int):
 
 
 def worker_peak_rss_mb(client) -> list[float]:
-    """Each worker's peak resident memory so far (MB, Linux ``ru_maxrss``)."""
+    """Each worker's peak resident memory so far (MB); see :func:`peak_rss_mb`."""
 
-    def peak():
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def peak():  # nested, so that it travels by value (workers cannot import this module)
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
 
     return sorted(client.run(peak).values())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): Linux's VmHWM, which a new program starts afresh
+    (``ru_maxrss`` is kept across ``execve``: a worker spawned by a big parent reports the
+    parent's peak)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def worker_rss_mb(client) -> list[float]:
@@ -175,9 +182,7 @@ class DatasetNoiseScale:
     def track_peak_rss_per_worker_mb(self, runner, chunk_rows):
         """The largest worker's peak resident memory (this process's for ``core``)."""
         if self.client is None:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            return peak_rss_mb()
         return max(worker_peak_rss_mb(self.client))
 
     track_peak_rss_per_worker_mb.unit = "MB"
