@@ -534,7 +534,7 @@ def fused_backprop(net, data, codes, flags, plan, max_norm, bufs, row_out, sums,
         if plan[s, SLOT] < 0:
             in_phase_2 += 1
             continue
-        part, out = partial[plan[s, SLOT]], sums[s]
+        part, out = partial[plan[s, SLOT], :n_tiles], sums[s]  # a last, shorter chunk has fewer tiles
         for c in prange((P + 4095) // 4096):
             sum_partials(part, c * 4096, min(P, c * 4096 + 4096), out, accumulate)
     if in_phase_2 == 0:

@@ -38,9 +38,13 @@ def _mean_targets(net: MLP, inp: Inputs) -> np.ndarray:
 
 
 def _mean_input_grad(net: MLP, inp: Inputs) -> np.ndarray:
-    x_bar = inp.X.mean(axis=0, keepdims=True)
-    y_bar = _mean_targets(net, inp)[None, :]
-    Zs, A = reference.forward(net, inp.theta, x_bar)
+    return _grad_at_mean(net, inp.theta, inp.X.mean(axis=0), _mean_targets(net, inp))
+
+
+def _grad_at_mean(net: MLP, theta, x_bar: np.ndarray, y_bar: np.ndarray) -> np.ndarray:
+    """The gradient of ℓ at the one sample (x̄ (n0,), ȳ (n_L,)); ȳ a soft label for cross-entropy."""
+    x_bar, y_bar = x_bar[None, :], y_bar[None, :]
+    Zs, A = reference.forward(net, theta, x_bar)
     if net.loss_code == CROSS_ENTROPY:
         # soft-label cross-entropy: dℓ/dz = softmax(z) − ȳ
         z = Zs[-1]
@@ -50,7 +54,7 @@ def _mean_input_grad(net: MLP, inp: Inputs) -> np.ndarray:
         delta = reference.loss_and_delta(net.loss, Zs[-1], None, y_bar)[1]
     return _backprop_one(
         net,
-        inp.theta,
+        theta,
         delta[0],
         [a[0] for a in A],
         [reference.phi_prime(net.activation, z[0]) for z in Zs[:-1]],
@@ -200,10 +204,16 @@ def compare_shortcut(net: MLP, theta, X, y, methods=METHODS, backend: str = "num
     methods = tuple(_check_method(m) for m in ((methods,) if isinstance(methods, str) else methods))
     true = backprop(net, theta, X, y, ("grad",), backend=backend).grad
     covs = [np.linalg.norm(c.astype(np.float64)) for c in covariance_terms(net, theta, X, y)]
+    shortcuts = {m: shortcut_grad(net, theta, X, y, m) for m in methods}
+    return _report(net, true, shortcuts, covs, len(X))
+
+
+def _report(net: MLP, true: np.ndarray, shortcuts: dict, covs: list, batch_size: int) -> ShortcutReport:
+    """The report of :func:`compare_shortcut` from the true gradient, each method's gradient and
+    ‖Cov(δ_l, a_{l-1})‖_F per layer (also :func:`fastgrad.dask.compare_shortcut`'s)."""
     rows = []
-    for m in methods:
-        g_s = shortcut_grad(net, theta, X, y, m)
+    for m, g_s in shortcuts.items():
         for l, s in enumerate(net.layers, start=1):
             rows.append(_row(m, l, g_s[s.w_start : s.end], true[s.w_start : s.end], covs[l - 1]))
         rows.append(_row(m, "total", g_s, true, np.sqrt(np.sum(np.square(covs)))))
-    return ShortcutReport(tuple(rows), len(X), net.sizes, net.activation, net.loss)
+    return ShortcutReport(tuple(rows), batch_size, net.sizes, net.activation, net.loss)

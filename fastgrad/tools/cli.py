@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("validate", help="check the kernels against the NumPy reference", add_help=False)
     sub.add_parser("bench", help="quick comparison with the peers (PyTorch, NumPy)", add_help=False)
+    sub.add_parser("stats", help="dataset-scale gradient statistics on Dask", add_help=False)
     return parser
 
 
@@ -391,7 +392,7 @@ def _delegate(command: str, module: str, argv: list[str]) -> int:
 
 
 _COMMANDS = {"compare": cmd_compare, "train": cmd_train, "sweep": cmd_sweep}
-_DELEGATED = {"validate": "validate", "bench": "bench"}
+_DELEGATED = {"validate": "validate", "bench": "bench", "stats": "stats"}
 
 
 class _Interrupts:

@@ -1,0 +1,573 @@
+"""Dataset-scale gradient statistics on Dask: the core API over row-chunked Dask arrays.
+
+Every quantity of the registry (:mod:`fastgrad.quantities`) is a sum over samples, a
+per-sample map, or a function of those finished on the host. So a dataset split into
+row chunks is done exactly: each chunk runs a fastgrad backend on a worker and returns
+its *sums* (never means); the sums are added in a fixed tree over the chunks; the
+derived quantities are finished once, at the end, by :func:`fastgrad.quantities.finish`;
+the per-sample maps stay Dask arrays with X's row chunks, to be written to zarr or
+``.npy`` without ever being in memory together.
+
+Requires the ``dask`` extra (``pip install "fastgrad[dask]"``: ``dask[array]``,
+``distributed``, ``zarr``); importing this module without it raises
+:class:`fastgrad.extras.MissingExtraError` naming the extra.
+
+>>> import dask.array as da, fastgrad, fastgrad.dask
+>>> X = da.from_array(np.load("X.npy", mmap_mode="r"), chunks=(65536, -1))   # doctest: +SKIP
+>>> res = fastgrad.dask.backprop(net, theta, X, y, compute=("grad", "noise_scale", "norms"))  # doctest: +SKIP
+>>> res.noise_scale                       # a float: the whole dataset's  # doctest: +SKIP
+>>> res.norms.to_zarr("norms.zarr")       # a Dask array, chunked like X  # doctest: +SKIP
+
+Any Dask scheduler runs it: the default (threads), ``scheduler="processes"``, or a
+``dask.distributed`` cluster (an active ``Client``, or ``scheduler=client``).
+
+**Bits.** The result is determined by the data, θ, the backend and X's row chunking,
+and by nothing else: not the scheduler, the number of workers or threads, nor the
+order in which chunks finish. Each chunk's backend call is deterministic (the numba
+backend gives the same bits on any thread count; DESIGN §3); its sums are taken to
+float64 (a mean times the chunk's rows: the backends return means, so this is the
+chunk's sum to within one rounding); and the chunks' sums are added in a fixed binary
+tree over chunk indices: level by level, chunk 2k with chunk 2k+1, an odd last one moved
+up unchanged. Rechunking X changes the tree, so it may change the last bits.
+
+**θ** is one key of the graph (``dask.delayed(theta)``), which every chunk's task reads:
+a distributed cluster ships it to each worker once per call, not once per chunk.
+
+**Accuracy.** Partial sums are float64 whatever θ's dtype; the results come back in
+θ's dtype. In float64 every quantity agrees with :func:`fastgrad.backprop` on the
+concatenated rows to about 1e-15 relative (tests/test_dask.py asserts 1e-12); in
+float32 this is more accurate than one :func:`fastgrad.backprop` call over all rows,
+which accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .extras import require
+
+require("dask.array", "dask", "fastgrad.dask")
+
+import dask  # noqa: E402  (after the check that names the extra)
+import dask.array as da  # noqa: E402
+
+from . import quantities, reference, shortcut  # noqa: E402
+from ._validation import (  # noqa: E402
+    check_compute,
+    check_inputs,
+    check_max_norm,
+    check_net,
+    check_noise_multiplier,
+    check_theta,
+    check_X_shape,
+    check_y_shape,
+)
+from .api import BackpropResult, resolve_backend, run_backend  # noqa: E402
+from .losses import CROSS_ENTROPY  # noqa: E402
+from .mlp import MLP  # noqa: E402
+from .quantities import REGISTRY, Derived, PerSample, Sum  # noqa: E402
+
+MAPS: tuple[str, ...] = tuple(
+    n for n, q in REGISTRY.items() if isinstance(q, PerSample) and q.shape != "scalar"
+)
+"""The per-sample maps of the registry (one row per sample): Dask arrays in a result."""
+
+
+def _sum_of_squares(rows: np.ndarray) -> float:
+    return float(np.sum(np.square(rows, dtype=np.float64)))
+
+
+def _noise_scale(raw: dict, row_sums: dict, n: int) -> float:
+    # quantities.noise_scale over the whole dataset: tr(Σ) = mean ‖∇ℓ_i‖² − ‖G‖², from the
+    # chunks' Σ‖∇ℓ_i‖² instead of the norms themselves (which may not fit in memory)
+    grad = raw["grad"].astype(np.float64)
+    grad_sq = float(np.dot(grad, grad))
+    trace = row_sums["norms"] / n - grad_sq
+    return trace / grad_sq if grad_sq > 0 else float("inf")
+
+
+ROW_SUMS: dict[str, Callable[[np.ndarray], float]] = {"norms": _sum_of_squares}
+"""Per-sample map -> the sum over its rows that a derived quantity reads (float64)."""
+
+FROM_ROW_SUMS: dict[str, Callable[[dict, dict, int], object]] = {"noise_scale": _noise_scale}
+"""The derived quantities that read a per-sample map, finished from :data:`ROW_SUMS` instead:
+``f(raw, row_sums, N)``. Every other derived quantity is ``quantities.finish``'s, from sums.
+A new derived quantity that reads a per-sample map needs an entry here (a test checks)."""
+
+
+# --------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Validated inputs: θ (host), X and y (Dask, the same row chunks), what to compute."""
+
+    net: MLP
+    theta: np.ndarray
+    X: da.Array
+    y: da.Array
+    backend: str
+    max_norm: float | None
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        return self.X.chunks[0]
+
+    @property
+    def num_samples(self) -> int:
+        return self.X.shape[0]
+
+
+def _check(net, theta, X, y, backend, max_norm=None) -> _Problem:
+    """Every check that needs no data: types, shapes, dtypes and chunks, before any task runs."""
+    net = check_net(net)
+    theta = check_theta(net, theta)
+    if not isinstance(X, da.Array):
+        raise TypeError(
+            f"X: expected a dask.array.Array chunked by rows, got {type(X).__name__} "
+            "(wrap it: dask.array.from_array(X, chunks=(rows, -1)))"
+        )
+    if any(np.isnan(c) for dim in X.chunks for c in dim):
+        raise ValueError("X: unknown chunk sizes; call X.compute_chunk_sizes() first")
+    check_X_shape(net, X.shape)
+    if X.dtype.kind not in "biuf":
+        raise TypeError(f"X: expected a real numeric dtype, got {X.dtype}")
+    if len(X.chunks[1]) != 1:
+        raise ValueError(
+            f"X: chunked along columns (column chunks {X.chunks[1]}); each chunk must hold whole "
+            "rows: X.rechunk({1: -1})"
+        )
+    if isinstance(y, np.ndarray):
+        check_y_shape(net, y.shape, X.shape[0])
+        y = da.from_array(y, chunks=(X.chunks[0], *tuple((s,) for s in y.shape[1:])))
+    if not isinstance(y, da.Array):
+        raise TypeError(f"y: expected a dask.array.Array or a NumPy array, got {type(y).__name__}")
+    if any(np.isnan(c) for dim in y.chunks for c in dim):
+        raise ValueError("y: unknown chunk sizes; call y.compute_chunk_sizes() first")
+    check_y_shape(net, y.shape, X.shape[0])
+    if net.loss_code == CROSS_ENTROPY and y.dtype.kind not in "iu":
+        raise TypeError(f"y: cross_entropy expects integer class labels, got dtype {y.dtype}")
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"y: expected a real numeric dtype, got {y.dtype}")
+    if y.ndim == 2 and len(y.chunks[1]) != 1:
+        raise ValueError(f"y: chunked along columns (column chunks {y.chunks[1]}): y.rechunk({{1: -1}})")
+    if y.chunks[0] != X.chunks[0]:
+        raise ValueError(
+            f"y: row chunks {y.chunks[0]} do not line up with X's {X.chunks[0]}; "
+            "rechunk one like the other: y.rechunk({0: X.chunks[0]})"
+        )
+    return _Problem(net, theta, X, y, resolve_backend(backend), max_norm)
+
+
+# --------------------------------------------------------------- one chunk
+
+
+def _rows_of(blocks: np.ndarray) -> list:
+    """The Delayed blocks of a Dask array, one per row chunk, in order."""
+    return list(blocks.reshape(blocks.shape[0], -1)[:, 0])
+
+
+def run_chunk(net: MLP, theta, X, y, r0: int, need: frozenset, max_norm, backend: str, maps: frozenset):
+    """One chunk, rows r0 : r0 + len(X): ``(sums, rows)`` with ``sums`` the chunk's sums over
+    samples in float64 (``loss`` and every sum of ``need``; the :data:`ROW_SUMS` of the maps in
+    ``need``) and ``rows`` the per-sample maps named in ``maps``, in θ's dtype.
+
+    A bad chunk (NaN, a label out of range) raises the input check's error with the chunk's
+    rows in front, so a worker's failure says where the data is wrong.
+    """
+    B = X.shape[0]
+    sums_made = quantities.sums_to_make(need, max_norm is not None)
+    if B == 0:  # an empty chunk (e.g. from slicing) adds nothing
+        sums = {"loss": 0.0, **{q.name: np.zeros(net.num_params) for q in sums_made}}
+        sums.update({n: 0.0 for n in ROW_SUMS if n in need})
+        rows = {n: np.empty((0, *_map_width(net, n)), theta.dtype) for n in maps}
+        return sums, rows
+    inp = _checked_chunk(net, theta, X, y, r0)
+    raw = run_backend(backend, net, inp, need, max_norm)
+    sums = {"loss": float(np.float64(raw["loss"]) * B)}  # the backends' loss is the mean
+    for q in sums_made:
+        s = raw[q.name].astype(np.float64)
+        sums[q.name] = s * B if q.mean else s
+    for name, row_sum in ROW_SUMS.items():
+        if name in need:
+            sums[name] = row_sum(raw[name])
+    return sums, {n: raw[n] for n in maps}
+
+
+def _checked_chunk(net: MLP, theta, X, y, r0: int):
+    """``check_inputs`` on one chunk; its error says which rows are wrong."""
+    try:
+        return check_inputs(net, theta, np.asarray(X), np.asarray(y))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"rows {r0}:{r0 + X.shape[0]} (a chunk of X, y): {exc}") from None
+
+
+def _map_width(net: MLP, name: str) -> tuple[int, ...]:
+    """The shape of one row of per-sample map ``name``, read from the registry's shape ("(B, P)" -> (P,))."""
+    dims = {"L": net.num_layers, "P": net.num_params}
+    return tuple(dims[d.strip()] for d in REGISTRY[name].shape.strip("()").split(",")[1:] if d.strip())
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in a}
+
+
+def tree_sum(parts: list) -> object:
+    """Add Delayed dicts of partial sums in a fixed binary tree over their order: level by
+    level, part 2k + part 2k+1, an odd last part moved up unchanged. The tree depends only
+    on ``len(parts)``, so the bits do not depend on which part finishes first."""
+    if not parts:
+        raise ValueError("parts: nothing to add")
+    add = dask.delayed(_add, pure=True)
+    while len(parts) > 1:
+        paired = [add(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        parts = paired + parts[len(paired) * 2 :]
+    return parts[0]
+
+
+def _chunk_tasks(p: _Problem, need: frozenset, maps: frozenset) -> list:
+    """One Delayed ``run_chunk`` per row chunk, all reading θ from one key."""
+    theta = dask.delayed(p.theta, pure=True)  # one key, shipped to each worker once
+    task = dask.delayed(run_chunk, pure=True, nout=2)
+    return [
+        task(p.net, theta, xb, yb, int(r0), need, p.max_norm, p.backend, maps)
+        for xb, yb, r0 in zip(_rows_of(p.X.to_delayed()), _rows_of(p.y.to_delayed()), _starts(p.rows))
+    ]
+
+
+def _starts(rows: tuple[int, ...]) -> list[int]:
+    """The first row of each chunk."""
+    return [0, *np.cumsum(rows)[:-1].tolist()]
+
+
+def _raw_need(want: frozenset, clipping: bool) -> frozenset:
+    """What each chunk's backend computes: the registry's raw needs, derived ones left to the end."""
+    return frozenset(n for n in quantities.needed(want, clipping) if not isinstance(REGISTRY[n], Derived))
+
+
+def _finish(want: frozenset, total: dict, n: int, dtype: np.dtype) -> dict:
+    """The dataset's values of ``want`` (maps excluded) from the summed chunks: means divided by N
+    (in float64, then θ's dtype), derived ones finished once."""
+    raw = {"loss": total["loss"] / n}
+    row_sums = {name: total[name] for name in ROW_SUMS if name in total}
+    for name, value in total.items():
+        q = REGISTRY[name]
+        if isinstance(q, Sum):
+            raw[name] = ((value / n) if q.mean else value).astype(dtype)
+    for name in want:
+        if name in FROM_ROW_SUMS:
+            raw[name] = FROM_ROW_SUMS[name](raw, row_sums, n)
+    scalars = want - set(MAPS)
+    out = quantities.finish(scalars - {"loss"}, raw)
+    out["loss"] = float(raw["loss"])
+    return out
+
+
+def _map_arrays(p: _Problem, tasks: list, names) -> dict:
+    """Per-sample map name -> Dask array with X's row chunks, from the chunks' ``rows``."""
+    dt = p.theta.dtype
+    out = {}
+    for name in names:
+        width = _map_width(p.net, name)
+        blocks = [
+            da.from_delayed(operator.getitem(t[1], name), shape=(r, *width), dtype=dt)
+            for t, r in zip(tasks, p.rows)
+        ]
+        out[name] = da.concatenate(blocks, axis=0)
+    return out
+
+
+# --------------------------------------------------------------- .npy files
+
+
+class NpyRows:
+    """A ``.npy`` file as an array-like for ``dask.array.from_array``: it pickles as its path, and
+    reads the rows a chunk asks for from the file where the chunk runs.
+
+    ``da.from_array(np.load(path, mmap_mode="r"))`` would pickle the memory map as a full
+    in-memory copy for a distributed scheduler, and a memory map keeps the pages it has read
+    in the process's resident memory; this reads each chunk's rows (a C-ordered file) with one
+    ``readinto``, so a worker holds only the chunks it is working on.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        mapped = np.load(self.path, mmap_mode="r")  # reads the header only
+        shape, dtype, self.offset = mapped.shape, mapped.dtype, mapped.offset
+        fortran = mapped.ndim > 1 and not mapped.flags.c_contiguous
+        del mapped
+        if fortran or dtype.hasobject:
+            raise ValueError(
+                f"{self.path}: a C-ordered numeric .npy file is needed (Fortran order or objects)"
+            )
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        rows = key[0] if key else slice(None)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            return np.load(self.path, mmap_mode="r")[key].copy()
+        r0, r1, _ = rows.indices(self.shape[0])
+        r1 = max(r0, r1)
+        row_shape = self.shape[1:]
+        out = np.empty((r1 - r0, *row_shape), self.dtype)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + r0 * out[:1].nbytes if r1 > r0 else self.offset)
+            fh.readinto(memoryview(out).cast("B"))
+        return out[(slice(None), *key[1:])]
+
+
+def from_npy(path, chunk_rows: int = 65536) -> da.Array:
+    """A ``.npy`` file as a Dask array of ``chunk_rows`` rows per chunk, read where each chunk runs
+    (see :class:`NpyRows`); any scheduler, a distributed one included, if the workers see ``path``."""
+    rows = NpyRows(path)
+    return da.from_array(rows, chunks=(chunk_rows, *rows.shape[1:]), asarray=True, fancy=False)
+
+
+# --------------------------------------------------------------- public API
+
+
+def delayed_backprop(
+    net: MLP,
+    theta: np.ndarray,
+    X,
+    y,
+    compute: Sequence[str] = ("grad",),
+    backend: str = "numba",
+) -> BackpropResult:
+    """:func:`backprop`, lazily: every field a Dask object, all from one pass over the chunks.
+
+    Scalars and sums (and derived quantities) are ``dask.delayed`` values, per-sample maps
+    Dask arrays; computing any of them together (``dask.compute(res.grad, res.norms)``, or
+    ``dask.compute(res.noise_scale, res.per_sample.to_zarr(path, compute=False))``) runs
+    each chunk once. Arguments as for :func:`backprop`.
+    """
+    want = check_compute(compute)
+    p = _check(net, theta, X, y, backend)
+    maps = frozenset(want & set(MAPS))
+    tasks = _chunk_tasks(p, _raw_need(want, False), maps)
+    total = tree_sum([t[0] for t in tasks])
+    done = dask.delayed(_finish, pure=True)(want, total, p.num_samples, p.theta.dtype)
+    fields = {name: done[name] for name in (want - maps) | {"loss"}}
+    fields.update(_map_arrays(p, tasks, maps))
+    return BackpropResult(**fields)
+
+
+def backprop(
+    net: MLP,
+    theta: np.ndarray,
+    X,
+    y,
+    compute: Sequence[str] = ("grad",),
+    backend: str = "numba",
+    *,
+    scheduler=None,
+) -> BackpropResult:
+    """Per-sample backpropagation over a whole dataset held as row-chunked Dask arrays.
+
+    Parameters
+    ----------
+    net : MLP
+    theta : ndarray (P,), float32 or float64
+        Flat parameters; results come back in its dtype.
+    X : dask.array.Array (N, n0)
+        Inputs, chunked along rows only (from a memmapped ``.npy``, zarr, NumPy, ...).
+    y : dask.array.Array or ndarray
+        Labels (N,) or targets (N, n_L) as for :func:`fastgrad.backprop`; a Dask array must
+        have X's row chunks, a NumPy one is split like X.
+    compute : sequence of str
+        Any of :data:`fastgrad.QUANTITIES`.
+    backend : str
+        The backend each chunk runs on its worker (``"numba"`` by default).
+    scheduler : str or distributed.Client, optional
+        Passed to ``dask.compute`` for the sums (default: Dask's current scheduler, e.g. the
+        active ``Client``).
+
+    Returns
+    -------
+    BackpropResult
+        ``loss``, ``grad``, ``sq_mean``, ``variance``, ``noise_scale``: NumPy values (float
+        for scalars), computed now, over all N rows. ``norms``, ``layer_norms``,
+        ``per_sample``: Dask arrays with X's row chunks, lazy; computing one runs the
+        backend over the chunks again for the maps only (holding them from the first pass
+        would cost memory ∝ N). For one pass over everything, see :func:`delayed_backprop`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For bad arguments or chunks, before any task runs; from a task, the check that
+        failed on one chunk (NaN, a label out of range) with that chunk's rows.
+    """
+    want = check_compute(compute)
+    p = _check(net, theta, X, y, backend)
+    maps = frozenset(want & set(MAPS))
+    if want - maps:  # the sums: one pass that makes no per-sample rows it need not keep
+        tasks = _chunk_tasks(p, _raw_need(want - maps, False), frozenset())
+        total = tree_sum([t[0] for t in tasks])
+        (total,) = dask.compute(total, scheduler=scheduler)
+        fields = _finish(want - maps, total, p.num_samples, p.theta.dtype)
+    else:  # maps only: no pass now, so no loss either
+        fields = {"loss": None}
+    if maps:
+        tasks = _chunk_tasks(p, _raw_need(maps, False), maps)
+        fields.update(_map_arrays(p, tasks, maps))
+    return BackpropResult(**fields)
+
+
+def clipped_grad(
+    net: MLP,
+    theta: np.ndarray,
+    X,
+    y,
+    max_norm: float,
+    noise_multiplier: float = 0.0,
+    seed: int | None = None,
+    backend: str = "numba",
+    *,
+    scheduler=None,
+) -> np.ndarray:
+    """DP-SGD's clipped (and optionally noised) mean gradient over a whole dataset.
+
+    (1/N) [Σ_i min(1, C/‖∇ℓ_i‖) ∇ℓ_i + σ C ξ]: the clipped sum is a sum over samples, so
+    chunks add exactly; the noise ξ is drawn once, on the client, by
+    :func:`fastgrad.quantities.dp_noise` (the same noise as :func:`fastgrad.clipped_grad`
+    for the same seed).
+
+    Parameters
+    ----------
+    net, theta, X, y, backend, scheduler
+        As for :func:`backprop`.
+    max_norm, noise_multiplier, seed
+        As for :func:`fastgrad.clipped_grad`.
+
+    Returns
+    -------
+    ndarray (P,) in θ's dtype
+    """
+    max_norm = check_max_norm(max_norm)
+    noise_multiplier = check_noise_multiplier(noise_multiplier)
+    p = _check(net, theta, X, y, backend, max_norm)
+    tasks = _chunk_tasks(p, _raw_need(frozenset(), True), frozenset())
+    (total,) = dask.compute(tree_sum([t[0] for t in tasks]), scheduler=scheduler)
+    noise_std = noise_multiplier * max_norm
+    noise = None
+    if noise_std > 0:
+        noise = quantities.dp_noise(net.num_params, seed, p.theta.dtype).astype(np.float64)
+    mean = quantities.noised_mean(total["clipped_sum"], noise_std, noise, p.num_samples)
+    return mean.astype(p.theta.dtype)
+
+
+# --------------------------------------------------------- compare_shortcut
+
+
+def shortcut_chunk(net: MLP, theta, X, y, r0: int, backend: str) -> dict:
+    """One chunk's sums for :func:`compare_shortcut`, in float64: the gradient (Σ_i ∇ℓ_i, whose
+    parts are Σ δ_l a_{l-1}ᵀ and Σ δ_l), the activations Σ a_l (l = 0..L-1, flat), the
+    derivatives Σ φ'(z_l) (hidden layers, flat) and the targets (Σ one-hot rows for
+    cross-entropy)."""
+    B = X.shape[0]
+    sizes = net.sizes
+    if B == 0:
+        return {
+            "grad": np.zeros(net.num_params),
+            "acts": np.zeros(sum(sizes[:-1])),
+            "derivs": np.zeros(sum(sizes[1:-1])),
+            "targets": np.zeros(sizes[-1]),
+        }
+    inp = _checked_chunk(net, theta, X, y, r0)
+    grad = run_backend(backend, net, inp, frozenset({"loss", "grad"}), None)["grad"]
+    Zs, A = reference.forward(net, inp.theta, inp.X)
+    f64 = np.float64
+    derivs = [reference.phi_prime(net.activation, z).sum(axis=0, dtype=f64) for z in Zs[:-1]]
+    if net.loss_code == CROSS_ENTROPY:
+        targets = np.bincount(inp.labels, minlength=sizes[-1]).astype(f64)
+    else:
+        targets = inp.targets.sum(axis=0, dtype=f64)
+    return {
+        "grad": grad.astype(f64) * B,
+        "acts": np.concatenate([a.sum(axis=0, dtype=f64) for a in A]),
+        "derivs": np.concatenate(derivs) if derivs else np.zeros(0),
+        "targets": targets,
+    }
+
+
+def compare_shortcut(
+    net: MLP,
+    theta: np.ndarray,
+    X,
+    y,
+    methods=shortcut.METHODS,
+    backend: str = "numba",
+    *,
+    scheduler=None,
+) -> shortcut.ShortcutReport:
+    """:func:`fastgrad.compare_shortcut` over a whole dataset: each shortcut's gradient against the
+    true full-dataset gradient, per layer.
+
+    Everything the shortcuts and the covariance terms need is a sum over samples (the mean
+    activations, derivatives, output error and targets; Cov(δ_l, a_{l-1}) = mean δ_l a_{l-1}ᵀ
+    − δ̄_l ā_{l-1}ᵀ, its first term the true gradient's), so one pass over the chunks makes
+    them, added in the fixed tree of :func:`tree_sum`. The covariance is taken in float64 from
+    those sums (one pass), where :func:`fastgrad.compare_shortcut` centres the rows first
+    (two passes): they agree to rounding unless the means dwarf the covariance.
+
+    Parameters
+    ----------
+    net, theta, X, y, backend, scheduler
+        As for :func:`backprop`.
+    methods : sequence of str
+        As for :func:`fastgrad.compare_shortcut`.
+
+    Returns
+    -------
+    fastgrad.ShortcutReport
+    """
+    methods = tuple(shortcut._check_method(m) for m in ((methods,) if isinstance(methods, str) else methods))
+    p = _check(net, theta, X, y, backend)
+    task = dask.delayed(shortcut_chunk, pure=True)
+    theta_key = dask.delayed(p.theta, pure=True)
+    parts = [
+        task(p.net, theta_key, xb, yb, int(r0), p.backend)
+        for xb, yb, r0 in zip(_rows_of(p.X.to_delayed()), _rows_of(p.y.to_delayed()), _starts(p.rows))
+    ]
+    (total,) = dask.compute(tree_sum(parts), scheduler=scheduler)
+    n, dt, sizes = p.num_samples, p.theta.dtype, net.sizes
+    mean = {k: v / n for k, v in total.items()}
+    true = mean["grad"].astype(dt)
+    acts = np.split(mean["acts"], np.cumsum(sizes[:-1])[:-1])
+    derivs = np.split(mean["derivs"], np.cumsum(sizes[1:-1])[:-1]) if len(sizes) > 2 else []
+    # Cov(δ_l, a_{l-1}) = mean δ aᵀ − δ̄ āᵀ, with mean δ aᵀ and δ̄ the true gradient's W and b parts
+    covs = [np.linalg.norm(gW - np.outer(gb, a)) for (gW, gb), a in zip(net.unpack(mean["grad"]), acts)]
+    shortcuts = {}
+    for m in methods:
+        if m == "mean_input":
+            shortcuts[m] = shortcut._grad_at_mean(
+                net, p.theta, acts[0].astype(dt), mean["targets"].astype(dt)
+            )
+        else:  # mean_error: δ̄_L (the last bias gradient), with mean activations and derivatives
+            delta_out = true[net.layers[-1].b_start : net.layers[-1].end]
+            shortcuts[m] = shortcut._backprop_one(
+                net, p.theta, delta_out, [a.astype(dt) for a in acts], [d.astype(dt) for d in derivs]
+            )
+    return shortcut._report(net, true, shortcuts, covs, n)
+
+
+__all__ = [
+    "FROM_ROW_SUMS",
+    "MAPS",
+    "ROW_SUMS",
+    "NpyRows",
+    "backprop",
+    "clipped_grad",
+    "compare_shortcut",
+    "delayed_backprop",
+    "from_npy",
+    "run_chunk",
+    "shortcut_chunk",
+    "tree_sum",
+]
