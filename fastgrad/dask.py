@@ -83,12 +83,9 @@ def _sum_of_squares(rows: np.ndarray) -> float:
 
 
 def _noise_scale(raw: dict, row_sums: dict, n: int) -> float:
-    # quantities.noise_scale over the whole dataset: tr(Σ) = mean ‖∇ℓ_i‖² − ‖G‖², from the
-    # chunks' Σ‖∇ℓ_i‖² instead of the norms themselves (which may not fit in memory)
-    grad = raw["grad"].astype(np.float64)
-    grad_sq = float(np.dot(grad, grad))
-    trace = row_sums["norms"] / n - grad_sq
-    return trace / grad_sq if grad_sq > 0 else float("inf")
+    # quantities.noise_scale over the whole dataset, from the chunks' Σ‖∇ℓ_i‖² instead of the
+    # norms themselves (which may not fit in memory)
+    return quantities.noise_scale_from_sums(raw["grad"], row_sums["norms"], n)
 
 
 ROW_SUMS: dict[str, Callable[[np.ndarray], float]] = {"norms": _sum_of_squares}
@@ -263,7 +260,7 @@ def _finish(want: frozenset, total: dict, n: int, dtype: np.dtype) -> dict:
         if name in FROM_ROW_SUMS:
             raw[name] = FROM_ROW_SUMS[name](raw, row_sums, n)
     scalars = want - set(MAPS)
-    out = quantities.finish(scalars - {"loss"}, raw)
+    out = quantities.finish(scalars - {"loss"}, raw, n)
     out["loss"] = float(raw["loss"])
     return out
 

@@ -114,6 +114,15 @@ def variance_from_moments(sq_mean, grad):
 def noise_scale(grad: np.ndarray, norms: np.ndarray) -> float:
     """B_simple = tr(Σ) / ‖G‖², tr(Σ) = mean ‖∇ℓ_i‖² − ‖G‖², accumulated in float64 (inf when G = 0).
 
+    :func:`noise_scale_from_sums` of the norms' sum of squares (NumPy's pairwise ``np.sum``).
+    """
+    return noise_scale_from_sums(grad, float(np.sum(np.square(norms.astype(np.float64)))), norms.shape[0])
+
+
+def noise_scale_from_sums(grad: np.ndarray, sum_sq_norms: float, batch_size: int) -> float:
+    """B_simple from the mean gradient G and Σ_i ‖∇ℓ_i‖² over ``batch_size`` samples (the form a
+    sum over chunks gives: ``fastgrad.dask``).
+
     tr(Σ) is clamped at 0 (its two terms come from different sums, and cancel to a rounding
     error of either sign when the samples agree) and is exactly 0 for one sample. The sums are
     NumPy's pairwise ``np.sum``, not a BLAS dot: BLAS splits a long dot between its threads, so its
@@ -121,10 +130,10 @@ def noise_scale(grad: np.ndarray, norms: np.ndarray) -> float:
     """
     g = grad.astype(np.float64)
     grad_sq = float(np.sum(g * g))
-    if norms.shape[0] == 1:  # one sample: mean ‖∇ℓ_i‖² is ‖G‖², up to rounding
+    if batch_size == 1:  # one sample: mean ‖∇ℓ_i‖² is ‖G‖², up to rounding
         trace = 0.0
     else:
-        trace = max(float(np.mean(np.square(norms.astype(np.float64)))) - grad_sq, 0.0)
+        trace = max(sum_sq_norms / batch_size - grad_sq, 0.0)
     return trace / grad_sq if grad_sq > 0 else float("inf")
 
 
@@ -254,6 +263,7 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
         ),
         Derived(
             "noise_scale",
+    "noise_scale_from_sums",
             ("grad", "norms"),
             _noise_scale,
             "scalar",
