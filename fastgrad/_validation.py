@@ -246,25 +246,37 @@ class PerSampleMemoryError(MemoryError, ValueError):
 
 
 def available_memory() -> int | None:
-    """Bytes a new allocation can take without swapping (Linux's MemAvailable; psutil's figure
-    where psutil is installed), or ``None`` when the platform does not say."""
+    """Bytes of memory this process can still allocate without swapping, or None when unknown.
+
+    Linux's ``MemAvailable``, lowered to the room left under a cgroup v2 memory limit (a
+    container's); elsewhere the free physical pages, or None.
+    """
+    avail = None
     try:
-        import psutil
-    except ImportError:
-        pass
-    else:
-        return int(psutil.virtual_memory().available)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
+    try:  # cgroup v2: "0::/path" in /proc/self/cgroup; memory.max is "max" when unlimited
+        with open("/proc/self/cgroup") as fh:
+            group = next(line.split("::", 1)[1].strip() for line in fh if line.startswith("0::"))
+        folder = os.path.join("/sys/fs/cgroup", group.lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as fh:
+            limit = fh.read().strip()
+        if limit != "max":
+            with open(os.path.join(folder, "memory.current")) as fh:
+                avail = min(avail, max(0, int(limit) - int(fh.read())))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return avail
 
 
 def check_per_sample_fits(batch: int, num_params: int, dtype: np.dtype) -> None:

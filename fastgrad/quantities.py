@@ -263,7 +263,7 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
         ),
         Derived(
             "noise_scale",
-    "noise_scale_from_sums",
+            "noise_scale_from_sums",
             ("grad", "norms"),
             _noise_scale,
             "scalar",

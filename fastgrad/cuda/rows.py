@@ -213,7 +213,13 @@ def outer_into(*, delta, inputs, out, layer) -> None:
     B = delta.shape[0]
     seg = layer.end - layer.w_start
     outer_into_kernel.launch(
-        delta.dtype, (cdiv(seg, WRITE_THREADS), min(B, 65535)), WRITE_THREADS, delta, inputs, out, layer.w_start
+        delta.dtype,
+        (cdiv(seg, WRITE_THREADS), min(B, 65535)),
+        WRITE_THREADS,
+        delta,
+        inputs,
+        out,
+        layer.w_start,
     )
 
 
@@ -240,5 +246,15 @@ def check_values(*, theta, X, targets, labels, lo, hi, n_classes: int, flags) ->
     """Set flags (4,) int32 for non-finite θ, X, y and for y out of range (they stay 0 otherwise)."""
     n = max(theta.size, X.size, targets.size, labels.size)
     check_values_kernel.launch(
-        theta.dtype, min(cdiv(n, ROW_THREADS), 1024), ROW_THREADS, theta, X.reshape(X.size), targets.reshape(targets.size), labels, lo, hi, n_classes, flags
+        theta.dtype,
+        min(cdiv(n, ROW_THREADS), 1024),
+        ROW_THREADS,
+        theta,
+        X.reshape(X.size),
+        targets.reshape(targets.size),
+        labels,
+        lo,
+        hi,
+        n_classes,
+        flags,
     )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..api import available_memory
 from ..losses import CROSS_ENTROPY, loss_code
 from ..extras import MissingExtraError, require
 
@@ -162,40 +163,6 @@ _NPZ_EXPECTED = (
 )
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an .npz), or an empty one
 _NPY_MAGIC = b"\x93NUMPY"
-
-
-def available_memory() -> int | None:
-    """Bytes of memory this process can still allocate without swapping, or None when unknown.
-
-    Linux's ``MemAvailable``, lowered to the room left under a cgroup v2 memory limit (a
-    container's); elsewhere the free physical pages, or None.
-    """
-    avail = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError):
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, OSError, ValueError):
-            return None
-    try:  # cgroup v2: "0::/path" in /proc/self/cgroup; memory.max is "max" when unlimited
-        with open("/proc/self/cgroup") as fh:
-            group = next(line.split("::", 1)[1].strip() for line in fh if line.startswith("0::"))
-        folder = os.path.join("/sys/fs/cgroup", group.lstrip("/"))
-        with open(os.path.join(folder, "memory.max")) as fh:
-            limit = fh.read().strip()
-        if limit != "max":
-            with open(os.path.join(folder, "memory.current")) as fh:
-                avail = min(avail, max(0, int(limit) - int(fh.read())))
-    except (OSError, ValueError, StopIteration):
-        pass
-    return avail
 
 
 def format_bytes(n: float) -> str:
