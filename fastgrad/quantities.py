@@ -263,7 +263,6 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
         ),
         Derived(
             "noise_scale",
-            "noise_scale_from_sums",
             ("grad", "norms"),
             _noise_scale,
             "scalar",
@@ -359,6 +358,7 @@ __all__ = [
     "needed",
     "needs_norms",
     "noise_scale",
+    "noise_scale_from_sums",
     "noised_mean",
     "scaled_norm",
     "sums_to_make",

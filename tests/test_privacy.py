@@ -222,7 +222,8 @@ def test_stats_are_backprops_norms_and_a_direct_count(problem, backend):
     net, theta, X, y = problem
     G = fastgrad.backprop(net, theta, X, y, ("per_sample",), backend="naive").per_sample
     direct = np.linalg.norm(G, axis=1)
-    C = float(np.sort(direct)[4])  # 7 of the 12 samples lie above C
+    s = np.sort(direct)
+    C = float((s[4] + s[5]) / 2)  # 7 of the 12 samples lie above C, none within rounding of it
     res = fastgrad.clipped_grad(net, theta, X, y, C, 0.5, seed=0, backend=backend, return_stats=True)
     assert isinstance(res, fastgrad.ClippedGrad)
     np.testing.assert_array_equal(
@@ -403,7 +404,5 @@ def test_cli_dp_without_dp_accounting_trains_but_epsilon_needs_the_extra(capsys,
 def test_cli_refuses_dp_settings_without_dp(capsys):
     from fastgrad.tools import cli
 
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["train", "--epsilon", "1", "--no-progress"])
-    assert exc.value.code == 2
+    assert cli.main(["train", "--epsilon", "1", "--no-progress"]) == 2
     assert "--dp" in capsys.readouterr().err
