@@ -51,6 +51,7 @@ kernel does not see edits to the kernels it calls (nor to ``quantities``, ``acti
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import os
@@ -62,7 +63,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import quantities
+from . import _threading, quantities
 from ._scalar import like
 from .activations import TANH, activate, activate_grad
 from .losses import CROSS_ENTROPY, output_delta_row
@@ -100,8 +101,9 @@ WORKSPACE_BYTES = 32 * 2**20
 """Scratch budget that sets the chunk: batches longer than fits are done in chunks of whole
 tiles, accumulated in order (the chunk depends on the network and dtype, never on threads)."""
 
-if numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "threadsafe"
+THREADING_LAYER = _threading.choose_layer()
+"""Numba's threading layer as configured on import: ``"tbb"`` unless the user chose one or TBB is
+missing (then ``"threadsafe"``, i.e. OpenMP); see :mod:`fastgrad._threading`."""
 # OMP_WAIT_POLICY is left to the user. PASSIVE helped a lot on an oversubscribed machine (narrow
 # forward passes, B = 512-4096: 9-15 ms with GOMP's default spin, 0.2-1.9 ms passive) and cost
 # nothing on a quiet one, but setting it here would also reach any OpenMP runtime loaded later:
@@ -558,13 +560,29 @@ class Workspace:
 
     Pass one to :func:`fastgrad.backprop` / :func:`fastgrad.clipped_grad`
     (``workspace=``) so a training loop allocates nothing of size B × widths per
-    step. Without one, each Python thread keeps its own. Not shareable between
-    threads that call at the same time.
+    step. Without one, each Python thread keeps its own. One workspace serves one
+    call at a time: a call that finds it in use by another (a second Python thread
+    sharing it) raises ``RuntimeError`` rather than overwrite its buffers.
     """
 
     def __init__(self):
         self._key = None
         self._bufs = None
+        self._busy = threading.Lock()
+
+    @contextmanager
+    def claimed(self):
+        """Hold the workspace for the duration of one call; raise if another call holds it."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "workspace: this Workspace is in use by another call (a second Python thread?); "
+                "give each thread its own fastgrad.cpu.Workspace(), or pass none (each thread then "
+                "gets its own)"
+            )
+        try:
+            yield self
+        finally:
+            self._busy.release()
 
     def buffers(self, sizes: tuple[int, ...], rows: int, dtype: np.dtype, want_sq: bool):
         """Flat buffers (acts, dphi, deltas, sqa) and the task list for ``rows`` samples."""
@@ -617,6 +635,38 @@ def _thread_workspace() -> Workspace:
     return ws
 
 
+class _BLASThreads:
+    """Get and set one BLAS library's thread count, process-wide, from any Python thread.
+
+    OpenBLAS built with pthreads (NumPy's and SciPy's wheels) has one process-wide count, but
+    threadpoolctl (3.8) lets only the first Python thread that set it change it and silently
+    ignores the others: a call from a second thread then ran its GEMMs with OpenBLAS's threads,
+    which partition a GEMM differently, and got other bits (73k of 164k gradient entries on a
+    [32, 700, 200, 5] net). So for that library the count is set through OpenBLAS's own
+    ``openblas_set_num_threads``; other libraries go through threadpoolctl."""
+
+    def __init__(self, lib):
+        self._lib = lib
+        self._get = self._set = None
+        if lib.internal_api == "openblas" and lib.threading_layer != "openmp":
+            dynlib = ctypes.CDLL(lib.filepath)
+            for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
+                get = getattr(dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                set_ = getattr(dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    self._get, self._set = get, set_
+                    break
+
+    def get(self) -> int:
+        return int(self._get()) if self._get is not None else self._lib.get_num_threads()
+
+    def set(self, n: int) -> None:
+        if self._set is not None:
+            self._set(int(n))
+        else:
+            self._lib.set_num_threads(n)
+
+
 class _SingleThreadedBLAS:
     """Holds every loaded BLAS to one thread while any call is inside a kernel.
 
@@ -630,12 +680,13 @@ class _SingleThreadedBLAS:
         self._saved = None
         self._controllers = None
 
-    def _blas(self):
+    def _blas(self) -> list[_BLASThreads]:
         if self._controllers is None:
             import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls)
             from threadpoolctl import ThreadpoolController
 
-            self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+            libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            self._controllers = [_BLASThreads(lib) for lib in libs]
         return self._controllers
 
     @contextmanager
@@ -643,9 +694,9 @@ class _SingleThreadedBLAS:
         with self._lock:
             if self._inside == 0:
                 libs = self._blas()
-                self._saved = [lib.get_num_threads() for lib in libs]
+                self._saved = [lib.get() for lib in libs]
                 for lib in libs:
-                    lib.set_num_threads(1)
+                    lib.set(1)
             self._inside += 1
         try:
             yield
@@ -654,7 +705,7 @@ class _SingleThreadedBLAS:
                 self._inside -= 1
                 if self._inside == 0:
                     for lib, n in zip(self._blas(), self._saved):
-                        lib.set_num_threads(n)
+                        lib.set(n)
 
 
 single_threaded_blas = _SingleThreadedBLAS()
@@ -690,7 +741,19 @@ def _plan(sums: list, n_tiles: int, num_params: int, itemsize: int) -> tuple[np.
 
 def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray | None,
         workspace: Workspace | None = None) -> dict:  # fmt: skip
-    """The backend contract of :mod:`fastgrad.api` (see ``api._BACKENDS``), on CPU threads."""
+    """The backend contract of :mod:`fastgrad.api` (see ``api._BACKENDS``), on CPU threads.
+
+    Raises ``RuntimeError`` before any work when ``workspace`` is in use by another call, or in a
+    child forked from a process running Numba's GNU OpenMP threads (see :mod:`fastgrad._threading`).
+    """
+    _threading.check_fork_safe()
+    ws = workspace if workspace is not None else _thread_workspace()
+    with ws.claimed(), single_threaded_blas():
+        return _run(net, inp, need, max_norm, out, ws)
+
+
+def _run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray | None,
+         ws: Workspace) -> dict:  # fmt: skip
     dt = inp.dtype
     B, P, L = inp.batch_size, net.num_params, net.num_layers
     clip = max_norm is not None
@@ -699,7 +762,6 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     per_row = quantities.needs_norms(need, clip)
     backward = bool(made) or want_rows or per_row
     squares = any(q.source == INPUT_SQUARED for q in made)
-    ws = workspace if workspace is not None else _thread_workspace()
     chunk = min(B, chunk_rows(net.sizes, dt))
     acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(net.sizes, chunk, dt, squares)
     # Numba types read-only arrays apart: copy them rather than compile the kernel a second time
@@ -722,7 +784,7 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
     hidden, width, inputs = sum(net.sizes[1:-1]), sum(net.sizes[1:]), sum(net.sizes[:-1])
     # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
-    with single_threaded_blas(), numba.parallel_chunksize(1):
+    with numba.parallel_chunksize(1):
         for c0 in range(0, B, chunk):
             c1 = min(B, c0 + chunk)
             R = c1 - c0
