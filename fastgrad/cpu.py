@@ -54,7 +54,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import math
-import os
 import threading
 from contextlib import contextmanager
 
@@ -63,7 +62,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import _threading, quantities
+from . import _cache, _threading, quantities
 from ._scalar import like
 from .activations import TANH, activate, activate_grad
 from .losses import CROSS_ENTROPY, output_delta_row
@@ -79,8 +78,9 @@ from .quantities import (
     variance_from_moments,
 )
 
-CACHE = os.environ.get("FASTGRAD_NUMBA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
-"""Whether compiled kernels are cached on disk; ``FASTGRAD_NUMBA_CACHE=0`` turns it off."""
+CACHE = _cache.configure()
+"""Whether compiled kernels are cached on disk, keyed on the package's source (:mod:`fastgrad._cache`):
+False with ``FASTGRAD_NUMBA_CACHE=0``, or (with one warning) when no cache folder is writable."""
 
 TILE = 128
 """Samples per forward/backward tile (phase 1). Measured (1 thread, float32): 64 → 128 made

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import api
+from .. import _cache, api
 from ..activations import ACTIVATIONS
 from ..losses import LOSSES
 from ..mlp import MLP
@@ -102,7 +102,15 @@ def validate(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Every backend against the float64 naive loop: a :class:`Row` per backend, quantity, dtype, shape."""
+    """Every backend against the float64 naive loop: a :class:`Row` per backend, quantity, dtype, shape.
+
+    Raises ``RuntimeError`` when the package's source changed after this process imported it:
+    the kernels (and their disk cache, keyed on the source) would then not be what is on disk."""
+    if _cache.source_key() != _cache.SOURCE_KEY:
+        raise RuntimeError(
+            "the fastgrad package's source changed after it was imported, so the kernels in this "
+            "process are not the ones on disk; run the validation in a new process"
+        )
     runs = runners(backends)
     combos = [(a, lo) for a in ACTIVATIONS for lo in LOSSES]
     if quick:  # every activation and every loss at least once
@@ -191,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\n{len(rows) - len(failed)}/{len(rows)} checks passed ({', '.join(labels)}; "
         f"tolerance float32 {TOLERANCE['float32']:.0e}, float64 {TOLERANCE['float64']:.0e})"
     )
+    if "numba" in labels:  # which kernels were checked: cached ones are keyed on this source
+        print(_cache.describe())
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([asdict(r) for r in rows], fh, indent=1)
