@@ -29,24 +29,35 @@ a split that ignored both was 10-24 % slower on narrow.
 Determinism: tiles, blocks and chunks are fixed sizes, independent of the thread
 count; every output element is written by exactly one task, sums over samples run
 in a fixed order (tile sums in tile order, inside one single-threaded GEMM, or
-serially), and chunks are
-accumulated in order. Repeated calls and any ``numba.set_num_threads`` give the
-same bits.
+serially), and chunks are accumulated in order. Repeated calls, any
+``numba.set_num_threads``, any Python thread and concurrent calls from several give the
+same bits (tests/test_processes.py).
 
 BLAS: the GEMMs are Numba's ``np.dot`` (SciPy's OpenBLAS) called inside ``prange``,
-so BLAS is held to one thread for the duration of a call (threadpoolctl), and the
-threads come from Numba alone. Measured on the 2-core machine, alternating Numba's
-OpenMP pool with a 2-thread OpenBLAS pool made each side wait for the other's
-spinning threads (a 2.6 ms GEMM took 20 ms), so the GEMMs are not run outside ``prange``.
+so BLAS is held to one thread for the duration of a call, and the threads come from
+Numba alone. OpenBLAS partitions a multi-threaded GEMM differently, with other bits, so
+the hold must work from every Python thread: pip's OpenBLAS (pthreads) is set through its
+own ``openblas_set_num_threads``, because threadpoolctl 3.8 ignores a limit set by any
+thread but the first one that set one (:class:`_BLASThreads`); other BLAS libraries go
+through threadpoolctl. The hold is process-wide: BLAS calls of other Python threads run
+on one thread while a fastgrad call is inside the kernels. Measured on the 2-core machine,
+alternating Numba's OpenMP pool with a 2-thread OpenBLAS pool made each side wait for the
+other's spinning threads (a 2.6 ms GEMM took 20 ms), so the GEMMs are not run outside ``prange``.
 
-Threading layer: on import, unless the user chose one, Numba's threading layer is
-set to ``"threadsafe"`` (TBB if installed, else OpenMP), because two Python threads
-calling the backend at once abort the ``workqueue`` layer.
+Threading layer: on import, unless the user chose one (``NUMBA_THREADING_LAYER``),
+Numba's layer is set to TBB (pip's ``tbb``, a dependency on Linux and Windows x86_64,
+loaded by :mod:`fastgrad._threading` since pip puts it off the loader's path), else to
+``"threadsafe"`` (OpenMP): TBB works in forked children and its idle workers sleep, where
+GNU OpenMP aborts a forked child and spins against other busy processes; two Python
+threads calling at once abort the ``workqueue`` layer. A child forked from a process
+running GNU OpenMP gets a clear ``RuntimeError`` instead of the abort.
 
-Disk cache: compiled kernels are cached (``cache=True``) next to this file;
-set ``FASTGRAD_NUMBA_CACHE=0`` before importing fastgrad to turn it off. The cache of a
-kernel does not see edits to the kernels it calls (nor to ``quantities``, ``activations``,
-``losses``): while editing them, turn it off or delete ``__pycache__/cpu.*.nb[ci]``.
+Disk cache: compiled kernels are cached (``cache=True``) with the key of the package's
+source (:mod:`fastgrad._cache`), so an edit to any module the kernels call (``quantities``,
+``activations``, ``losses``) or an upgrade recompiles them; they live in
+``fastgrad/__pycache__/`` (or ``$NUMBA_CACHE_DIR``, or Numba's user-wide cache folder).
+Without a writable folder the kernels compile in each process, with one warning;
+``FASTGRAD_NUMBA_CACHE=0`` before importing fastgrad turns the cache off.
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ FORK_SCRIPT = textwrap.dedent(
     X = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)
     y = np.arange(300) % 3
 
-    def grad_sum(i):
-        return float(fastgrad.backprop(net, theta, X[i:], y[i:], backend="numba").grad.sum())
+    def grad_sum(i):  # every host backend, the numba one last
+        return [float(fastgrad.backprop(net, theta, X[i:], y[i:], backend=b).grad.sum())
+                for b in ("naive", "numpy", "numba")]
 
     if __name__ == "__main__":
         parent = [grad_sum(i) for i in range(4)]  # the parent starts Numba's threads first
