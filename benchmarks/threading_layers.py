@@ -142,13 +142,14 @@ def main(argv=None) -> int:
               + " | ".join(f"{r:.2f}" for r in ratios) + " |")  # fmt: skip
 
     print("\nLatency: median ms of back-to-back calls, narrow B=32 mean gradient, quiet vs one busy process")
-    print("| layer | quiet | with one busy process | loaded / quiet (median of rounds) |")
-    print("|---|---|---|---|")
+    print("| layer | quiet | with one busy process | loaded / quiet | per round: quiet → loaded |")
+    print("|---|---|---|---|---|")
     for layer in layers:
         q = statistics.median(r["quiet"] for r in latency[layer])
         lo = statistics.median(r["loaded"] for r in latency[layer])
-        ratio = statistics.median(r["loaded"] / r["quiet"] for r in latency[layer])
-        print(f"| {layer} (running: {latency[layer][0]['running']}) | {q:.3f} | {lo:.3f} | {ratio:.1f}x |")
+        rounds = ", ".join(f"{r['quiet']:.2f} → {r['loaded']:.2f}" for r in latency[layer])
+        running = latency[layer][0]["running"]
+        print(f"| {layer} (running: {running}) | {q:.3f} | {lo:.3f} | {lo / q:.1f}x | {rounds} |")
     return 0
 
 

@@ -112,6 +112,23 @@ WORKSPACE_BYTES = 32 * 2**20
 """Scratch budget that sets the chunk: batches longer than fits are done in chunks of whole
 tiles, accumulated in order (the chunk depends on the network and dtype, never on threads)."""
 
+
+def check_kernels_current() -> None:
+    """Raise ``RuntimeError`` when fastgrad's source changed after this process imported it: the
+    kernels compiled here (and the disk cache, keyed on the source at import) are then not what
+    is on disk. ``fastgrad validate`` calls it, so that it cannot pass on kernels older than the source."""
+    if _cache.source_key() != _cache.SOURCE_KEY:
+        raise RuntimeError(
+            "the fastgrad package's source changed after it was imported, so the numba kernels in "
+            "this process are not the ones on disk; run again in a new process"
+        )
+
+
+def cache_description() -> str:
+    """One line: where the compiled kernels are cached (or that they are not), and the source key."""
+    return _cache.describe()
+
+
 THREADING_LAYER = _threading.choose_layer()
 """Numba's threading layer as configured on import: ``"tbb"`` unless the user chose one or TBB is
 missing (then ``"threadsafe"``, i.e. OpenMP); see :mod:`fastgrad._threading`."""
@@ -842,7 +859,9 @@ __all__ = [
     "TILE",
     "WORKSPACE_BYTES",
     "Workspace",
+    "cache_description",
     "check_available",
+    "check_kernels_current",
     "chunk_rows",
     "compile_all",
     "run",
