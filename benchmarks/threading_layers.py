@@ -10,9 +10,10 @@ layer sees the same neighbours on a shared machine::
 
 1. speed: median time per call of the mean gradient (float32, tanh, cross-entropy) on DESIGN
    §6's narrow (B = 4096) and mnist (B = 512) configurations and the small-batch narrow ones
-   (B = 32, 256), back to back after a warm-up; ratios to TBB are per round, then the median.
-2. latency under load: median of back-to-back small calls (narrow [64, 64, 64, 10], B = 32,
-   the mean gradient), first quiet, then with one busy process beside it
+   (B = 256, 32; ``fastgrad.tools.configs``), back to back after a warm-up; ratios to TBB are
+   per round, then the median.
+2. latency under load: median of back-to-back small calls (narrow-B32: [64, 64, 64, 10],
+   B = 32, the mean gradient), first quiet, then with one busy process beside it
    (``python -c "while True: pass"``), in the same child; the ratio loaded / quiet.
 
 The load average before and after is printed: on a machine shared with other work the
@@ -37,26 +38,17 @@ LAYERS = {
     "omp": {"NUMBA_THREADING_LAYER": "omp"},
     "omp-passive": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "PASSIVE"},
 }
-SPEED_CONFIGS = {  # name: (sizes, batch)
-    "narrow B=4096": ([64, 64, 64, 10], 4096),
-    "mnist B=512": ([784, 512, 256, 10], 512),
-    "narrow B=256": ([64, 64, 64, 10], 256),
-    "narrow B=32": ([64, 64, 64, 10], 32),
-}
-SMALL = ([64, 64, 64, 10], 32)
+SPEED_CONFIGS = ("narrow", "mnist", "narrow-B256", "narrow-B32")
+"""Names of ``fastgrad.tools.configs``' configurations (the single source of their sizes)."""
+SMALL = "narrow-B32"
 BUSY = "while True: pass"
 
 
-def _problem(sizes, batch):
-    import numpy as np
-
+def _problem(name: str):
     import fastgrad
+    from fastgrad.tools import configs
 
-    net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
-    y = rng.integers(0, sizes[-1], size=batch)
-    theta = net.init(seed=0, dtype=np.float32)
+    net, theta, X, y = configs.problem(name)
     return lambda: fastgrad.backprop(net, theta, X, y, compute=("grad",), backend="numba")
 
 
@@ -71,16 +63,18 @@ def _median_ms(call, n: int) -> float:
 
 def child_speed(reps: int) -> dict:
     out = {}
-    for name, (sizes, batch) in SPEED_CONFIGS.items():
-        call = _problem(sizes, batch)
+    from fastgrad.tools import configs
+
+    for name in SPEED_CONFIGS:
+        call = _problem(name)
         for _ in range(3):
             call()
-        out[name] = _median_ms(call, reps if batch >= 512 else 20 * reps)
+        out[name] = _median_ms(call, reps if configs.config(name)[1] >= 512 else 20 * reps)
     return out
 
 
 def child_latency(calls: int) -> dict:
-    call = _problem(*SMALL)
+    call = _problem(SMALL)
     for _ in range(20):
         call()
     quiet = _median_ms(call, calls)
