@@ -25,6 +25,7 @@ backend raise a clear ``RuntimeError`` in such a child instead of letting it abo
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import sys
 
@@ -91,7 +92,7 @@ def choose_layer() -> str:
     tbb = load_tbb() is not None
     if tbb:
         try:
-            import numba.np.ufunc.tbbpool  # the extension that links libtbb
+            importlib.import_module("numba.np.ufunc.tbbpool")  # the extension that links libtbb
         except ImportError:
             tbb = False
     if numba.config.THREADING_LAYER == "default" and _launched_layer() is None:

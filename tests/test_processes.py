@@ -99,6 +99,29 @@ def test_tbb_preload_makes_numbas_tbb_layer_importable():
     assert cpu.THREADING_LAYER in ("tbb", os.environ.get("NUMBA_THREADING_LAYER", "tbb"))
 
 
+LAYER_SCRIPT = """
+import fastgrad._threading as t
+if {hide_tbb}:
+    t.TBB_LIBRARY, t._tbb_candidates = "libtbb-not-here.so.12", lambda: []
+from fastgrad import cpu
+print("configured:", cpu.THREADING_LAYER)
+"""
+
+
+@pytest.mark.parametrize(
+    ("hide_tbb", "env", "expected"),
+    [
+        (True, {}, "threadsafe"),  # no TBB: OpenMP, which two Python threads can share (workqueue cannot)
+        (False, {"NUMBA_THREADING_LAYER": "workqueue"}, "workqueue"),  # the user's choice is kept
+    ],
+    ids=["without-tbb", "users-choice"],
+)
+def test_the_layer_falls_back_without_tbb_and_keeps_the_users_choice(hide_tbb, env, expected):
+    done = _run_script(LAYER_SCRIPT.format(hide_tbb=hide_tbb), env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"configured: {expected}" in done.stdout
+
+
 # --------------------------------------------------------------- Python threads
 
 
