@@ -29,31 +29,42 @@ a split that ignored both was 10-24 % slower on narrow.
 Determinism: tiles, blocks and chunks are fixed sizes, independent of the thread
 count; every output element is written by exactly one task, sums over samples run
 in a fixed order (tile sums in tile order, inside one single-threaded GEMM, or
-serially), and chunks are
-accumulated in order. Repeated calls and any ``numba.set_num_threads`` give the
-same bits.
+serially), and chunks are accumulated in order. Repeated calls, any
+``numba.set_num_threads``, any Python thread and concurrent calls from several give the
+same bits (tests/test_processes.py).
 
 BLAS: the GEMMs are Numba's ``np.dot`` (SciPy's OpenBLAS) called inside ``prange``,
-so BLAS is held to one thread for the duration of a call (threadpoolctl), and the
-threads come from Numba alone. Measured on the 2-core machine, alternating Numba's
-OpenMP pool with a 2-thread OpenBLAS pool made each side wait for the other's
-spinning threads (a 2.6 ms GEMM took 20 ms), so the GEMMs are not run outside ``prange``.
+so BLAS is held to one thread for the duration of a call, and the threads come from
+Numba alone. OpenBLAS partitions a multi-threaded GEMM differently, with other bits, so
+the hold must work from every Python thread: pip's OpenBLAS (pthreads) is set through its
+own ``openblas_set_num_threads``, because threadpoolctl 3.8 ignores a limit set by any
+thread but the first one that set one (:class:`_BLASThreads`); other BLAS libraries go
+through threadpoolctl. The hold is process-wide: BLAS calls of other Python threads run
+on one thread while a fastgrad call is inside the kernels. Measured on the 2-core machine,
+alternating Numba's OpenMP pool with a 2-thread OpenBLAS pool made each side wait for the
+other's spinning threads (a 2.6 ms GEMM took 20 ms), so the GEMMs are not run outside ``prange``.
 
-Threading layer: on import, unless the user chose one, Numba's threading layer is
-set to ``"threadsafe"`` (TBB if installed, else OpenMP), because two Python threads
-calling the backend at once abort the ``workqueue`` layer.
+Threading layer: on import, unless the user chose one (``NUMBA_THREADING_LAYER``),
+Numba's layer is set to TBB (pip's ``tbb``, a dependency on Linux and Windows x86_64,
+loaded by :mod:`fastgrad._threading` since pip puts it off the loader's path), else to
+``"threadsafe"`` (OpenMP): TBB works in forked children and its idle workers sleep, where
+GNU OpenMP aborts a forked child and spins against other busy processes; two Python
+threads calling at once abort the ``workqueue`` layer. A child forked from a process
+running GNU OpenMP gets a clear ``RuntimeError`` instead of the abort.
 
-Disk cache: compiled kernels are cached (``cache=True``) next to this file;
-set ``FASTGRAD_NUMBA_CACHE=0`` before importing fastgrad to turn it off. The cache of a
-kernel does not see edits to the kernels it calls (nor to ``quantities``, ``activations``,
-``losses``): while editing them, turn it off or delete ``__pycache__/cpu.*.nb[ci]``.
+Disk cache: compiled kernels are cached (``cache=True``) with the key of the package's
+source (:mod:`fastgrad._cache`), so an edit to any module the kernels call (``quantities``,
+``activations``, ``losses``) or an upgrade recompiles them; they live in
+``fastgrad/__pycache__/`` (or ``$NUMBA_CACHE_DIR``, or Numba's user-wide cache folder).
+Without a writable folder the kernels compile in each process, with one warning;
+``FASTGRAD_NUMBA_CACHE=0`` before importing fastgrad turns the cache off.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
-import os
 import threading
 from contextlib import contextmanager
 
@@ -62,7 +73,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import quantities
+from . import _cache, _threading, quantities
 from ._scalar import like
 from .activations import TANH, activate, activate_grad
 from .losses import CROSS_ENTROPY, output_delta_row
@@ -78,8 +89,9 @@ from .quantities import (
     variance_from_moments,
 )
 
-CACHE = os.environ.get("FASTGRAD_NUMBA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
-"""Whether compiled kernels are cached on disk; ``FASTGRAD_NUMBA_CACHE=0`` turns it off."""
+CACHE = _cache.configure()
+"""Whether compiled kernels are cached on disk, keyed on the package's source (:mod:`fastgrad._cache`):
+False with ``FASTGRAD_NUMBA_CACHE=0``, or (with one warning) when no cache folder is writable."""
 
 TILE = 128
 """Samples per forward/backward tile (phase 1). Measured (1 thread, float32): 64 → 128 made
@@ -100,8 +112,26 @@ WORKSPACE_BYTES = 32 * 2**20
 """Scratch budget that sets the chunk: batches longer than fits are done in chunks of whole
 tiles, accumulated in order (the chunk depends on the network and dtype, never on threads)."""
 
-if numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "threadsafe"
+
+def check_kernels_current() -> None:
+    """Raise ``RuntimeError`` when fastgrad's source changed after this process imported it: the
+    kernels compiled here (and the disk cache, keyed on the source at import) are then not what
+    is on disk. ``fastgrad validate`` calls it, so that it cannot pass on kernels older than the source."""
+    if _cache.source_key() != _cache.SOURCE_KEY:
+        raise RuntimeError(
+            "the fastgrad package's source changed after it was imported, so the numba kernels in "
+            "this process are not the ones on disk; run again in a new process"
+        )
+
+
+def cache_description() -> str:
+    """One line: where the compiled kernels are cached (or that they are not), and the source key."""
+    return _cache.describe()
+
+
+THREADING_LAYER = _threading.choose_layer()
+"""Numba's threading layer as configured on import: ``"tbb"`` unless the user chose one or TBB is
+missing (then ``"threadsafe"``, i.e. OpenMP); see :mod:`fastgrad._threading`."""
 # OMP_WAIT_POLICY is left to the user. PASSIVE helped a lot on an oversubscribed machine (narrow
 # forward passes, B = 512-4096: 9-15 ms with GOMP's default spin, 0.2-1.9 ms passive) and cost
 # nothing on a quiet one, but setting it here would also reach any OpenMP runtime loaded later:
@@ -562,13 +592,29 @@ class Workspace:
 
     Pass one to :func:`fastgrad.backprop` / :func:`fastgrad.clipped_grad`
     (``workspace=``) so a training loop allocates nothing of size B × widths per
-    step. Without one, each Python thread keeps its own. Not shareable between
-    threads that call at the same time.
+    step. Without one, each Python thread keeps its own. One workspace serves one
+    call at a time: a call that finds it in use by another (a second Python thread
+    sharing it) raises ``RuntimeError`` rather than overwrite its buffers.
     """
 
     def __init__(self):
         self._key = None
         self._bufs = None
+        self._busy = threading.Lock()
+
+    @contextmanager
+    def claimed(self):
+        """Hold the workspace for the duration of one call; raise if another call holds it."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "workspace: this Workspace is in use by another call (a second Python thread?); "
+                "give each thread its own fastgrad.cpu.Workspace(), or pass none (each thread then "
+                "gets its own)"
+            )
+        try:
+            yield self
+        finally:
+            self._busy.release()
 
     def buffers(self, sizes: tuple[int, ...], rows: int, dtype: np.dtype, want_sq: bool):
         """Flat buffers (acts, dphi, deltas, sqa) and the task list for ``rows`` samples."""
@@ -621,6 +667,38 @@ def _thread_workspace() -> Workspace:
     return ws
 
 
+class _BLASThreads:
+    """Get and set one BLAS library's thread count, process-wide, from any Python thread.
+
+    OpenBLAS built with pthreads (NumPy's and SciPy's wheels) has one process-wide count, but
+    threadpoolctl (3.8) lets only the first Python thread that set it change it and silently
+    ignores the others: a call from a second thread then ran its GEMMs with OpenBLAS's threads,
+    which partition a GEMM differently, and got other bits (73k of 164k gradient entries on a
+    [32, 700, 200, 5] net). So for that library the count is set through OpenBLAS's own
+    ``openblas_set_num_threads``; other libraries go through threadpoolctl."""
+
+    def __init__(self, lib):
+        self._lib = lib
+        self._get = self._set = None
+        if lib.internal_api == "openblas" and lib.threading_layer != "openmp":
+            dynlib = ctypes.CDLL(lib.filepath)
+            for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
+                get = getattr(dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                set_ = getattr(dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    self._get, self._set = get, set_
+                    break
+
+    def get(self) -> int:
+        return int(self._get()) if self._get is not None else self._lib.get_num_threads()
+
+    def set(self, n: int) -> None:
+        if self._set is not None:
+            self._set(int(n))
+        else:
+            self._lib.set_num_threads(n)
+
+
 class _SingleThreadedBLAS:
     """Holds every loaded BLAS to one thread while any call is inside a kernel.
 
@@ -634,12 +712,13 @@ class _SingleThreadedBLAS:
         self._saved = None
         self._controllers = None
 
-    def _blas(self):
+    def _blas(self) -> list[_BLASThreads]:
         if self._controllers is None:
             import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls)
             from threadpoolctl import ThreadpoolController
 
-            self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+            libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            self._controllers = [_BLASThreads(lib) for lib in libs]
         return self._controllers
 
     @contextmanager
@@ -647,9 +726,9 @@ class _SingleThreadedBLAS:
         with self._lock:
             if self._inside == 0:
                 libs = self._blas()
-                self._saved = [lib.get_num_threads() for lib in libs]
+                self._saved = [lib.get() for lib in libs]
                 for lib in libs:
-                    lib.set_num_threads(1)
+                    lib.set(1)
             self._inside += 1
         try:
             yield
@@ -658,7 +737,7 @@ class _SingleThreadedBLAS:
                 self._inside -= 1
                 if self._inside == 0:
                     for lib, n in zip(self._blas(), self._saved):
-                        lib.set_num_threads(n)
+                        lib.set(n)
 
 
 single_threaded_blas = _SingleThreadedBLAS()
@@ -694,7 +773,19 @@ def _plan(sums: list, n_tiles: int, num_params: int, itemsize: int) -> tuple[np.
 
 def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray | None,
         workspace: Workspace | None = None) -> dict:  # fmt: skip
-    """The backend contract of :mod:`fastgrad.api` (see ``api._BACKENDS``), on CPU threads."""
+    """The backend contract of :mod:`fastgrad.api` (see ``api._BACKENDS``), on CPU threads.
+
+    Raises ``RuntimeError`` before any work when ``workspace`` is in use by another call, or in a
+    child forked from a process running Numba's GNU OpenMP threads (see :mod:`fastgrad._threading`).
+    """
+    _threading.check_fork_safe()
+    ws = workspace if workspace is not None else _thread_workspace()
+    with ws.claimed(), single_threaded_blas():
+        return _run(net, inp, need, max_norm, out, ws)
+
+
+def _run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray | None,
+         ws: Workspace) -> dict:  # fmt: skip
     dt = inp.dtype
     B, P, L = inp.batch_size, net.num_params, net.num_layers
     clip = max_norm is not None
@@ -703,7 +794,6 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     per_row = quantities.needs_norms(need, clip)
     backward = bool(made) or want_rows or per_row
     squares = any(q.source == INPUT_SQUARED for q in made)
-    ws = workspace if workspace is not None else _thread_workspace()
     chunk = min(B, chunk_rows(net.sizes, dt))
     acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(net.sizes, chunk, dt, squares)
     # Numba types read-only arrays apart: copy them rather than compile the kernel a second time
@@ -726,7 +816,7 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
     hidden, width, inputs = sum(net.sizes[1:-1]), sum(net.sizes[1:]), sum(net.sizes[:-1])
     # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
-    with single_threaded_blas(), numba.parallel_chunksize(1):
+    with numba.parallel_chunksize(1):
         for c0 in range(0, B, chunk):
             c1 = min(B, c0 + chunk)
             R = c1 - c0
@@ -773,7 +863,9 @@ __all__ = [
     "TILE",
     "WORKSPACE_BYTES",
     "Workspace",
+    "cache_description",
     "check_available",
+    "check_kernels_current",
     "chunk_rows",
     "compile_all",
     "run",

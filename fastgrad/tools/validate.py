@@ -102,8 +102,15 @@ def validate(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Every backend against the float64 naive loop: a :class:`Row` per backend, quantity, dtype, shape."""
+    """Every backend against the float64 naive loop: a :class:`Row` per backend, quantity, dtype, shape.
+
+    Raises ``RuntimeError`` when the package's source changed after this process imported it:
+    the numba kernels (and their disk cache, keyed on the source) would then not be what is on disk."""
     runs = runners(backends)
+    if "numba" in runs:
+        from ..cpu import check_kernels_current
+
+        check_kernels_current()
     combos = [(a, lo) for a in ACTIVATIONS for lo in LOSSES]
     if quick:  # every activation and every loss at least once
         combos = list(zip(ACTIVATIONS, LOSSES * 2))
@@ -193,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\n{len(rows) - len(failed)}/{len(rows)} checks passed ({', '.join(labels)}; "
         f"tolerance float32 {TOLERANCE['float32']:.0e}, float64 {TOLERANCE['float64']:.0e})"
     )
+    if "numba" in labels:  # which kernels were checked: cached ones are keyed on this source
+        from ..cpu import cache_description
+
+        print(cache_description())
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([asdict(r) for r in rows], fh, indent=1)

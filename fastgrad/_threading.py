@@ -1,0 +1,140 @@
+"""Numba's threading layer, chosen on purpose, and the fork guard of the numba backend.
+
+:mod:`fastgrad.cpu` calls :func:`choose_layer` on import, before any kernel runs:
+
+- TBB (pip's ``tbb``, a dependency of fastgrad where PyPI has wheels) is made loadable: pip
+  puts ``libtbb.so.12`` in ``<venv>/lib``, which is not on the loader's path, so Numba's
+  ``tbbpool`` fails to import ("libtbb.so.12: cannot open shared object file") unless the
+  library is loaded first. :func:`load_tbb` loads it by its full path (``RTLD_GLOBAL``).
+- When the user has not chosen a layer (``NUMBA_THREADING_LAYER`` or
+  ``numba.config.THREADING_LAYER`` still ``"default"``) and Numba has not started its
+  threads yet, the layer is set to ``"tbb"`` when TBB loads, else to ``"threadsafe"``
+  (OpenMP): Numba's own default would pick ``workqueue`` where neither is present, which
+  aborts when two Python threads call a kernel at once.
+
+Why TBB: a forked child (``multiprocessing``'s default start method on Linux, DataLoader
+workers) cannot use GNU OpenMP once its parent has started OpenMP threads; Numba aborts the
+child ("fork() called from a process already using GNU OpenMP"), and ``Pool.map`` then never
+returns. TBB works in a forked child, and its idle workers sleep instead of spinning, so a
+small call stays fast on a machine shared with other busy processes (docs/benchmarks.md).
+
+Where TBB is missing and the layer is GNU OpenMP, :func:`check_fork_safe` makes the numba
+backend raise a clear ``RuntimeError`` in such a child instead of letting it abort.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import sys
+
+import numba
+
+TBB_LIBRARY = {"win32": "tbb12.dll", "darwin": "libtbb.12.dylib"}.get(sys.platform, "libtbb.so.12")
+"""The file name of the TBB runtime that Numba's ``tbbpool`` links against."""
+TBB_MIN_INTERFACE = 12060
+"""Numba refuses TBB runtimes older than this interface version (oneTBB 2021.6)."""
+
+_tbb_path: str | None = None
+_tried = False
+_forked_from_layer: str | None = None
+
+
+def _tbb_candidates() -> list[str]:
+    """Paths where the TBB runtime may be: the files of the installed ``tbb`` distribution,
+    then ``<sys.prefix>/lib`` (pip's data files) and ``<sys.prefix>/Library/bin`` (Windows)."""
+    paths = []
+    try:
+        from importlib import metadata
+
+        files = metadata.distribution("tbb").files or []
+        paths += [str(f.locate()) for f in files if f.name == TBB_LIBRARY]
+    except Exception:  # no tbb distribution, or one without a RECORD
+        pass
+    for folder in (os.path.join(sys.prefix, "lib"), os.path.join(sys.prefix, "Library", "bin")):
+        paths.append(os.path.join(folder, TBB_LIBRARY))
+    return [os.path.abspath(p) for p in paths if os.path.exists(p)]
+
+
+def load_tbb() -> str | None:
+    """Load the TBB runtime so that Numba's ``tbbpool`` finds it; returns what was loaded
+    (a path, or the bare file name when the loader found it by itself), or ``None``.
+
+    A runtime older than Numba accepts counts as missing."""
+    global _tbb_path, _tried
+    if _tried:
+        return _tbb_path
+    _tried = True
+    for target in (TBB_LIBRARY, *_tbb_candidates()):
+        try:
+            lib = ctypes.CDLL(target, mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+            if lib.TBB_runtime_interface_version() < TBB_MIN_INTERFACE:
+                continue
+        except (OSError, AttributeError):
+            continue
+        _tbb_path = target
+        break
+    return _tbb_path
+
+
+def _launched_layer() -> str | None:
+    """The layer Numba's threads run on, or ``None`` while they have not started."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # "Threading layer is not initialized."
+        return None
+
+
+def choose_layer() -> str:
+    """Load TBB if it is installed, and pick Numba's layer when the user has not; returns the
+    configured layer name (what ``numba.config.THREADING_LAYER`` now says)."""
+    tbb = load_tbb() is not None
+    if tbb:
+        try:
+            importlib.import_module("numba.np.ufunc.tbbpool")  # the extension that links libtbb
+        except ImportError:
+            tbb = False
+    if numba.config.THREADING_LAYER == "default" and _launched_layer() is None:
+        numba.config.THREADING_LAYER = "tbb" if tbb else "threadsafe"
+    return numba.config.THREADING_LAYER
+
+
+def _omp_vendor() -> str:
+    try:
+        from numba.np.ufunc import omppool
+
+        return str(omppool.openmp_vendor)
+    except Exception:  # pragma: no cover - omppool is there whenever the layer is omp
+        return "unknown"
+
+
+def _after_fork_in_child() -> None:
+    global _forked_from_layer
+    layer = _launched_layer()
+    if layer is not None:
+        _forked_from_layer = layer
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_fork_safe() -> None:
+    """Raise ``RuntimeError`` in a child forked from a process whose Numba threads run on GNU
+    OpenMP, which aborts the child at the first parallel kernel (the parent's threads are gone)."""
+    if _forked_from_layer == "omp" and _omp_vendor() == "GNU":
+        raise RuntimeError(
+            "backend 'numba': this process was forked from one that had started Numba's GNU OpenMP "
+            "threads, and GNU OpenMP cannot run in a forked child. Use Numba's TBB threading layer "
+            "(pip install tbb; fastgrad picks it unless NUMBA_THREADING_LAYER or "
+            "numba.config.THREADING_LAYER says otherwise), or start the workers with the 'spawn' or "
+            "'forkserver' method (multiprocessing.get_context('spawn')), or use backend='numpy' in them."
+        )
+
+
+def describe() -> str:
+    """One line for reports: the configured and the running layer, and where TBB came from."""
+    running = _launched_layer() or "not started"
+    tbb = _tbb_path or "absent"
+    return f"numba threading layer: {numba.config.THREADING_LAYER} (running: {running}); tbb: {tbb}"
