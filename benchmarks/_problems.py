@@ -30,6 +30,22 @@ commits that lack ``fastgrad.tools``). It must stay equal to it, or the history 
 tests/test_configs.py checks the two match, and that ``problem`` below builds the
 same arrays as ``fastgrad.tools.configs.problem``."""
 
+SMALL_BATCH_CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
+    "mnist128-B64": ((784, 128, 10), 64),
+    "narrow-B32": ((64, 64, 64, 10), 32),
+    "narrow-B256": ((64, 64, 64, 10), 256),
+}
+"""DESIGN §6's small-batch set: a FROZEN COPY of ``fastgrad.tools.configs.SMALL_BATCH_CONFIGS``,
+checked like :data:`CONFIGS`."""
+
+ALL_CONFIGS = [*CONFIGS, *SMALL_BATCH_CONFIGS]
+"""The names of every configuration the suite times: DESIGN §6's, then the small-batch set."""
+
+
+def sizes_and_batch(name: str) -> tuple[tuple[int, ...], int]:
+    """``(sizes, batch size)`` of a configuration of either table."""
+    return CONFIGS[name] if name in CONFIGS else SMALL_BATCH_CONFIGS[name]
+
 KNOWN_BACKENDS = ("numpy", "numba", "cuda")
 """Always listed, so results keep their keys across commits and machines; a backend that
 cannot run here is skipped (shown as n/a). The ``naive`` definition is too slow to track."""
@@ -58,7 +74,7 @@ def require(backend: str) -> None:
 @functools.cache
 def problem(config: str):
     """``(net, theta, X, y)`` of a configuration, float32; shared, so never modify it."""
-    sizes, B = CONFIGS[config]
+    sizes, B = sizes_and_batch(config)
     net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
     rng = np.random.default_rng(0)
     theta = net.init(seed=0, dtype=np.float32)
@@ -76,11 +92,11 @@ def per_sample_buffer(config: str) -> np.ndarray:
 
 def mean_grad_flops(config: str) -> int:
     """6·B·Σ n_l n_{l-1}: the forward, input-gradient and weight-gradient GEMMs."""
-    sizes, B = CONFIGS[config]
+    sizes, B = sizes_and_batch(config)
     return 6 * B * sum(a * b for a, b in itertools.pairwise(sizes))
 
 
 def per_sample_bytes(config: str) -> int:
     """B·P·4: the bytes float32 per-sample gradients write."""
-    sizes, B = CONFIGS[config]
+    sizes, B = sizes_and_batch(config)
     return 4 * B * sum(b * (a + 1) for a, b in itertools.pairwise(sizes))

@@ -1,4 +1,4 @@
-"""Time and peak memory of each quantity, per configuration (DESIGN §6) and backend.
+"""Time and peak memory of each quantity, per configuration (DESIGN §6 and its small-batch set) and backend.
 
 Part of the asv suite, whose job is the history across commits (see benchmarks/__init__.py).
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fastgrad
 
-from ._problems import CONFIGS, backend_names, per_sample_buffer, problem, require
+from ._problems import ALL_CONFIGS, backend_names, per_sample_buffer, problem, require
 
 MAX_NORM = 1.0
 """DP-SGD clipping norm of the ``clipped`` benchmarks."""
@@ -39,7 +39,7 @@ class _Quantity:
     """Shared parameters and setup; subclasses name the quantity and define the benchmarks."""
 
     quantity = ""
-    params = (list(CONFIGS), backend_names())
+    params = (list(ALL_CONFIGS), backend_names())
     param_names = ("config", "backend")
     timeout = 600.0  # a cold Numba compile in setup can take a minute on 2 cores
 

@@ -151,7 +151,7 @@ def test_asv_suite_lists_every_available_backend_but_naive():
     names = _problems.backend_names()
     assert set(fastgrad.available_backends()) - {"naive"} <= set(names)
     assert "naive" not in names and names[:3] == ["numpy", "numba", "cuda"]
-    assert backprop.Grad.params == (list(configs.CONFIGS), names)
+    assert backprop.Grad.params == ([*configs.CONFIGS, *configs.SMALL_BATCH_CONFIGS], names)
 
 
 ASV_CLASSES = [

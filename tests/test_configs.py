@@ -87,7 +87,8 @@ def test_asv_suites_frozen_copy_of_the_configurations_matches_the_single_source(
     # benchmarks/_problems.py keeps its own copy (asv runs it against commits without
     # fastgrad.tools); it must stay equal to fastgrad.tools.configs
     assert _problems.CONFIGS == configs.CONFIGS
-    for name, (sizes, B) in configs.CONFIGS.items():
+    assert _problems.SMALL_BATCH_CONFIGS == configs.SMALL_BATCH_CONFIGS
+    for name, (sizes, B) in {**configs.CONFIGS, **configs.SMALL_BATCH_CONFIGS}.items():
         assert _problems.mean_grad_flops(name) == configs.mean_grad_flops(sizes, B)
         assert _problems.per_sample_bytes(name) == configs.per_sample_bytes(sizes, B)
         a, b = _problems.problem(name), configs.problem(name)
