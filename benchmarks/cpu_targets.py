@@ -295,6 +295,7 @@ def main():
         pass
     import numba
 
+    import fastgrad  # noqa: F401  (before Numba's threads start: fastgrad picks its threading layer)
     from fastgrad.tools import configs
 
     numba.set_num_threads(THREADS)

@@ -11,13 +11,19 @@
 ((115,), (32,))
 """
 
-from .activations import ACTIVATIONS
-from .api import BackpropResult, ClippedGrad, available_backends, backprop, clipped_grad, resolve_backend
-from .interop import from_torch, to_torch
-from .losses import LOSSES
-from .mlp import MLP
-from .quantities import QUANTITIES
-from .shortcut import METHODS, ShortcutReport, compare_shortcut, covariance_terms, shortcut_grad
+from . import _threading
+
+# Numba's threading layer is chosen here, on import, not at the first numba call: a user's
+# numba.set_num_threads() in between would start Numba's threads on its default layer first
+_threading.choose_layer()
+
+from .activations import ACTIVATIONS  # noqa: E402
+from .api import BackpropResult, ClippedGrad, available_backends, backprop, clipped_grad, resolve_backend  # noqa: E402
+from .interop import from_torch, to_torch  # noqa: E402
+from .losses import LOSSES  # noqa: E402
+from .mlp import MLP  # noqa: E402
+from .quantities import QUANTITIES  # noqa: E402
+from .shortcut import METHODS, ShortcutReport, compare_shortcut, covariance_terms, shortcut_grad  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -90,6 +90,23 @@ def test_forked_child_of_gnu_openmp_raises_a_clear_error_instead_of_hanging():
     assert "spawn" in done.stdout
 
 
+def test_the_layer_is_chosen_on_import_before_the_users_set_num_threads():
+    if not _has_tbb():
+        pytest.skip("TBB not installed")
+    # numba.set_num_threads() starts Numba's threads: with the layer chosen only at the first
+    # numba call (as before), they started on OpenMP and fastgrad's choice came too late
+    script = (
+        "import numba, numpy as np, fastgrad\n"
+        "numba.set_num_threads(1)\n"
+        "net = fastgrad.MLP([3, 4, 2]); X = np.ones((2, 3), np.float32)\n"
+        "fastgrad.backprop(net, net.init(seed=0), X, np.array([0, 1]), backend='numba')\n"
+        "print('layer:', numba.threading_layer())\n"
+    )
+    done = _run_script(script, {}, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "layer: tbb" in done.stdout
+
+
 def test_tbb_preload_makes_numbas_tbb_layer_importable():
     if not _has_tbb():
         pytest.skip("TBB not installed")
@@ -100,9 +117,12 @@ def test_tbb_preload_makes_numbas_tbb_layer_importable():
 
 
 LAYER_SCRIPT = """
+import numba
 import fastgrad._threading as t
-if {hide_tbb}:
+if {hide_tbb}:  # import fastgrad chose TBB already; Numba's threads have not started, so choose again
     t.TBB_LIBRARY, t._tbb_candidates = "libtbb-not-here.so.12", lambda: []
+    t._tried, t._tbb_path = False, None
+    numba.config.THREADING_LAYER = "default"
 from fastgrad import cpu
 print("configured:", cpu.THREADING_LAYER)
 """
