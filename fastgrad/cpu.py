@@ -44,7 +44,7 @@ on one thread while a fastgrad call is inside the kernels. Measured on the 2-cor
 alternating Numba's OpenMP pool with a 2-thread OpenBLAS pool made each side wait for the
 other's spinning threads (a 2.6 ms GEMM took 20 ms), so the GEMMs are not run outside ``prange``.
 
-Threading layer: on import, unless the user chose one (``NUMBA_THREADING_LAYER``),
+Threading layer: on ``import fastgrad``, unless the user chose one (``NUMBA_THREADING_LAYER``),
 Numba's layer is set to TBB (pip's ``tbb``, a dependency on Linux and Windows x86_64,
 loaded by :mod:`fastgrad._threading` since pip puts it off the loader's path), else to
 ``"threadsafe"`` (OpenMP): TBB works in forked children and its idle workers sleep, where
