@@ -46,6 +46,7 @@ def sizes_and_batch(name: str) -> tuple[tuple[int, ...], int]:
     """``(sizes, batch size)`` of a configuration of either table."""
     return CONFIGS[name] if name in CONFIGS else SMALL_BATCH_CONFIGS[name]
 
+
 KNOWN_BACKENDS = ("numpy", "numba", "cuda")
 """Always listed, so results keep their keys across commits and machines; a backend that
 cannot run here is skipped (shown as n/a). The ``naive`` definition is too slow to track."""

@@ -1,6 +1,7 @@
 """Numba's threading layer, chosen on purpose, and the fork guard of the numba backend.
 
-``import fastgrad`` calls :func:`choose_layer` (and :mod:`fastgrad.cpu` again, harmlessly), before any kernel runs:
+``import fastgrad`` calls :func:`choose_layer` (:mod:`fastgrad.cpu` again, harmlessly), before
+any kernel runs:
 
 - TBB (pip's ``tbb``, a dependency of fastgrad where PyPI has wheels) is made loadable: pip
   puts ``libtbb.so.12`` in ``<venv>/lib``, which is not on the loader's path, so Numba's
