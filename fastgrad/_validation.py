@@ -197,12 +197,18 @@ def check_compute(compute) -> frozenset[str]:
     return frozenset(names)
 
 
+def check_positive(name: str, value) -> float:
+    """``value`` as a float when it is a positive finite real number; else ``TypeError`` or
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a positive real number, got {type(value).__name__}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a positive finite number, got {value}")
+    return float(value)
+
+
 def check_max_norm(max_norm) -> float:
-    if isinstance(max_norm, (bool, np.bool_)) or not isinstance(max_norm, numbers.Real):
-        raise TypeError(f"max_norm: expected a positive real number, got {type(max_norm).__name__}")
-    if not np.isfinite(max_norm) or max_norm <= 0:
-        raise ValueError(f"max_norm: expected a positive finite number, got {max_norm}")
-    return float(max_norm)
+    return check_positive("max_norm", max_norm)
 
 
 def check_noise_multiplier(noise_multiplier) -> float:

@@ -9,7 +9,6 @@ once, so the backends cannot disagree about them.
 from __future__ import annotations
 
 import importlib
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, make_dataclass
 
@@ -25,6 +24,7 @@ from ._validation import (
     check_noise_multiplier,
     check_out,
     check_per_sample_fits,
+    check_positive,
 )
 from .mlp import MLP
 from .privacy import check_seed
@@ -293,18 +293,6 @@ class ClippedGrad:
         )
 
 
-def _check_expected_batch_size(value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"expected_batch_size: expected a positive number or None, got {type(value).__name__}"
-        )
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"expected_batch_size: expected a positive finite number, got {value}")
-    return float(value)
-
-
 def clipped_grad(
     net: MLP,
     theta: np.ndarray,
@@ -366,7 +354,9 @@ def clipped_grad(
     max_norm = check_max_norm(max_norm)
     noise_multiplier = check_noise_multiplier(noise_multiplier)
     check_seed(seed, secure_noise)
-    denominator = _check_expected_batch_size(expected_batch_size)
+    denominator = (
+        None if expected_batch_size is None else check_positive("expected_batch_size", expected_batch_size)
+    )
     if not isinstance(return_stats, (bool, np.bool_)):
         raise TypeError(f"return_stats: expected True or False, got {type(return_stats).__name__}")
     run = _backend(backend)
