@@ -155,10 +155,15 @@ def _naive_noise_scale(res: dict) -> float:
     return trace / grad_sq if grad_sq > 0 else np.inf
 
 
+def _sum_squares(M: np.ndarray) -> np.ndarray:
+    """Σ_k M[i, k]² of each row (B,), accumulated in float64."""
+    return np.einsum("ij,ij->i", M, M, dtype=np.float64)
+
+
 def row_norms(G: np.ndarray) -> np.ndarray:
     """‖G_i‖₂ of each row, in G's dtype, with the squares summed in float64: a float32 row whose
     norm is representable neither overflows (entries above ~1.8e19) nor underflows (below ~1e-19)."""
-    return np.sqrt(np.einsum("ij,ij->i", G, G, dtype=np.float64)).astype(G.dtype)
+    return np.sqrt(_sum_squares(G)).astype(G.dtype)
 
 
 ROWS_BYTES = 16 * 2**20
@@ -292,11 +297,6 @@ def operand(kind: int, D: np.ndarray, clip_c: np.ndarray | None) -> np.ndarray:
 def source(kind: int, A: np.ndarray) -> np.ndarray:
     """The source S (B, n_{l-1}) of a sum over samples: A or A ⊙ A."""
     return A if kind == INPUT else A * A
-
-
-def _sum_squares(M: np.ndarray) -> np.ndarray:
-    """Σ_k M[i, k]² of each row (B,), accumulated in float64."""
-    return np.einsum("ij,ij->i", M, M, dtype=np.float64)
 
 
 def run_batched(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | None = None, out=None):
