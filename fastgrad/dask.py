@@ -175,7 +175,8 @@ def run_chunk(net: MLP, theta, X, y, r0: int, need: frozenset, max_norm, backend
     ``need``) and ``rows`` the per-sample maps named in ``maps``, in θ's dtype.
 
     A bad chunk (NaN, a label out of range) raises the input check's error with the chunk's
-    rows in front, so a worker's failure says where the data is wrong.
+    rows in front, so a worker's failure says where the data is wrong; so does a sample whose
+    gradient norm is NaN or Inf when clipping (``FloatingPointError``, as the core's).
     """
     B = X.shape[0]
     sums_made = quantities.sums_to_make(need, max_norm is not None)
@@ -186,6 +187,11 @@ def run_chunk(net: MLP, theta, X, y, r0: int, need: frozenset, max_norm, backend
         return sums, rows
     inp = _checked_chunk(net, theta, X, y, r0)
     raw = run_backend(backend, net, inp, need, max_norm)
+    if max_norm is not None:  # as fastgrad.clipped_grad: a NaN or Inf norm would go unclipped
+        try:
+            quantities.check_clip_norms(raw["norms"])  # every backend returns the norms it clipped with
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"rows {r0}:{r0 + B} (a chunk of X, y): {exc}") from None
     sums = {"loss": float(np.float64(raw["loss"]) * B)}  # the backends' loss is the mean
     for q in sums_made:
         s = raw[q.name].astype(np.float64)

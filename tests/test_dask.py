@@ -407,3 +407,21 @@ def test_stats_command_without_dask_names_the_extra(tmp_path):
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert 'pip install "fastgrad[dask]"' in p.stderr
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy reports the overflow it is made to do
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_chunk_with_a_nan_or_inf_norm_is_never_left_unclipped(backend):
+    # as fastgrad.clipped_grad (issue 10.7): 2·x − 2·x with x near float32's max makes the second
+    # sample's pass NaN; its chunk must raise, naming its rows, not add the sample unclipped
+    net = fastgrad.MLP([2, 1, 2], activation="tanh", loss="cross_entropy")
+    theta = np.zeros(net.num_params, np.float32)
+    (W1, _), (W2, _) = net.unpack(theta)
+    W1[...] = [[2.0, -2.0]]
+    W2[...] = 1.0
+    big = np.finfo(np.float32).max / 2 * 1.5
+    X = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [big, big]], np.float32)
+    y = np.array([0, 1, 0, 1])
+    Xd, yd = chunked(X, y, rows=2)
+    with pytest.raises(FloatingPointError, match=r"rows 2:4 .*gradient norm of sample 1 is (nan|inf)"):
+        fdask.clipped_grad(net, theta, Xd, yd, max_norm=1.0, backend=backend, scheduler="sync")
