@@ -94,8 +94,11 @@ CACHE = _cache.configure()
 False with ``FASTGRAD_NUMBA_CACHE=0``, or (with one warning) when no cache folder is writable."""
 
 TILE = 128
-"""Samples per forward/backward tile (phase 1). Measured (1 thread, float32): 64 → 128 made
-mnist's forward+backward 15 % and wide's 15 % faster, narrow unchanged; 256 gained no more."""
+"""Samples per forward/backward tile (phase 1) of batches of at least 2 × ``TILE``. Measured (1 thread,
+float32): 64 → 128 made mnist's forward+backward 15 % and wide's 15 % faster, narrow unchanged; 256
+gained no more (2 threads: mnist B = 512 and 2048 were 7-12 % faster, wide B = 1024 16 % slower)."""
+SMALL_TILE = 32
+"""The smallest tile: smaller batches are cut into halved tiles (see :func:`tile_rows`) down to this."""
 BLOCK = 128
 """Weight-gradient rows per GEMM task (phase 2). Measured on mnist (1 thread): 32 rows took
 16 ms for the gradient, 128 rows 11.6 ms (small GEMMs repack the other operand every call)."""
@@ -452,9 +455,10 @@ def outer_sum(M, S, w_out, b_out):
 
 
 @njit(cache=CACHE, error_model="numpy")
-def tile_sums(plan, net, chunk, r0, r1, clip_c, partial, t):
+def tile_sums(plan, net, chunk, r0, r1, clip_c, partial, t, sums, accumulate):
     # rows [r0, r1) (tile t) -> partial[slot, t] (P,): per layer Mᵀ S and Σ_i M_i, for the planned sums
-    # that have a slot
+    # that have a slot; tile 0 writes sums[s] (P,) itself unless the chunk's sums are added to earlier ones
+    # (sum_partials then starts at tile 1: the same bits as copying tile 0's, one pass over P fewer)
     layout = net[0]
     for l in range(1, layout.shape[0] + 1):
         n_in, n_out = layout[l - 1, N_IN], layout[l - 1, N_OUT]
@@ -466,18 +470,17 @@ def tile_sums(plan, net, chunk, r0, r1, clip_c, partial, t):
                 continue
             M = reducer_operand(operand, d, FIRST, clip_c[r0:r1], d if operand == DELTA else np.empty_like(d))
             S = layer_source(net, chunk, plan[s, SOURCE], l, r0, r1)
-            p = partial[slot, t]
+            p = sums[s] if t == 0 and not accumulate else partial[slot, t]
             outer_sum(M, S, p[w0:b0].reshape((n_out, n_in)), p[b0 : b0 + n_out])
 
 
 @njit(cache=CACHE, error_model="numpy")
 def sum_partials(part, k0, k1, out, accumulate):
-    # part (n_tiles, P) -> out[k0:k1] = Σ_t part[t, k0:k1] in tile order (added to out when accumulate)
-    for k in range(k0, k1):
-        if accumulate:
+    # part (n_tiles, P) -> out[k0:k1] = Σ_t part[t, k0:k1] in tile order; when accumulate, added to out,
+    # else out holds tile 0's sum already (tile_sums wrote it there)
+    if accumulate:
+        for k in range(k0, k1):
             out[k] += part[0, k]
-        else:
-            out[k] = part[0, k]
     for u in range(1, part.shape[0]):
         for k in range(k0, k1):
             out[k] += part[u, k]
@@ -556,7 +559,7 @@ def fused_backprop(net, data, codes, flags, plan, max_norm, bufs, row_out, sums,
         if rows_out.shape[0] > 0:
             tile_write_rows(net, chunk, r0, r1, rows_out)
         if partial.shape[0] > 0:  # the clip factors of the tile's rows are known: tile_norms ran
-            tile_sums(plan, net, chunk, r0, r1, clip_c, partial, np.int64(t))
+            tile_sums(plan, net, chunk, r0, r1, clip_c, partial, np.int64(t), sums, accumulate)
     # the tiles' sums added in tile order, over fixed chunks of parameters
     P = sums.shape[1]
     in_phase_2 = 0
@@ -639,6 +642,19 @@ class Workspace:
         if buf is None or buf.shape != shape or buf.dtype != dtype:
             buf = self._partials = np.empty(shape, dtype)
         return buf
+
+
+def tile_rows(batch_size: int) -> int:
+    """Samples per tile for a batch of ``batch_size``: ``TILE``, halved while the batch would have fewer
+    than two tiles, down to ``SMALL_TILE``. A batch of one tile ran on one thread; the tile depends on the
+    batch size alone, never on the thread count, so results stay bit-identical across thread counts.
+    Measured (2 threads, float32, paired A/B against one 128-row tile, 2026-11-28): [784, 128, 10]
+    B = 64 in tiles of 32 took 0.91× the time, B = 128 in tiles of 64 0.77×; [64, 64, 64, 10] B = 128
+    in tiles of 64 0.93×, B ≤ 64 the same (tiles of 16 were slower everywhere)."""
+    tile = TILE
+    while tile > SMALL_TILE and batch_size < 2 * tile:
+        tile //= 2
+    return tile
 
 
 def chunk_rows(sizes: tuple[int, ...], dtype) -> int:
@@ -794,7 +810,8 @@ def _run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray
     per_row = quantities.needs_norms(need, clip)
     backward = bool(made) or want_rows or per_row
     squares = any(q.source == INPUT_SQUARED for q in made)
-    chunk = min(B, chunk_rows(net.sizes, dt))
+    chunk = min(B, chunk_rows(net.sizes, dt))  # whole tiles: TILE is a multiple of any tile
+    tile = tile_rows(B)
     acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(net.sizes, chunk, dt, squares)
     # Numba types read-only arrays apart: copy them rather than compile the kernel a second time
     theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
@@ -807,12 +824,12 @@ def _run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray
     if want_rows:
         G = out if out is not None else np.empty((B, P), dt)
     no_rows = np.empty((0, 0), dt)
-    n_tiles = -(-chunk // TILE)
+    n_tiles = -(-chunk // tile)
     plan, n_slots = _plan(made, n_tiles, P, dt.itemsize)
     partial = ws.partials(n_slots, n_tiles, P, dt) if n_slots else np.empty((0, 0, 0), dt)
     ce = net.loss_code == CROSS_ENTROPY
     net_pack = (_layout(net), theta, w_t)
-    codes = (net.activation_code, net.loss_code, TILE)
+    codes = (net.activation_code, net.loss_code, tile)
     c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
     hidden, width, inputs = sum(net.sizes[1:-1]), sum(net.sizes[1:]), sum(net.sizes[:-1])
     # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
@@ -860,6 +877,7 @@ __all__ = [
     "CACHE",
     "PARTIALS_BYTES",
     "SMALL_LAYER",
+    "SMALL_TILE",
     "TILE",
     "WORKSPACE_BYTES",
     "Workspace",
@@ -869,4 +887,5 @@ __all__ = [
     "chunk_rows",
     "compile_all",
     "run",
+    "tile_rows",
 ]

@@ -72,6 +72,7 @@ def test_every_quantity_matches_naive_for_every_activation_and_loss(activation, 
         ([4, 2], 3),  # no hidden layer
         ([13, 37, 11, 9, 5], cpu.TILE + 3),  # odd sizes, a partial last tile
         ([7, cpu.BLOCK + 22, 3], 2 * cpu.TILE),  # whole tiles; a layer split into phase-2 blocks
+        ([13, 37, 11, 9, 5], 3 * cpu.SMALL_TILE + 5),  # a small batch: smaller tiles, a partial last one
     ],
 )
 def test_shapes_single_sample_width_one_odd_sizes_partial_tile(sizes, B, dtype):
@@ -251,12 +252,18 @@ def _all_quantities(net, theta, X, y):
     return {name: np.array(raw[name], copy=True) for name in RAW}
 
 
+def test_small_batches_are_cut_into_smaller_tiles_by_batch_size_alone():
+    assert [cpu.tile_rows(B) for B in (1, 63, 64, 127, 128, 255, 256, 10_000)] == [32, 32, 32, 32, 64, 64, 128, 128]
+    assert cpu.TILE % cpu.SMALL_TILE == 0  # a chunk of whole TILE tiles is whole tiles of any size
+
+
 @pytest.mark.parametrize("partials_bytes", [cpu.PARTIALS_BYTES, 0])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bit_identical_across_calls_and_thread_counts(dtype, partials_bytes, monkeypatch):
+@pytest.mark.parametrize("batch", [5 * cpu.TILE + 7, 3 * cpu.SMALL_TILE + 5])  # tiles of TILE; of SMALL_TILE
+def test_bit_identical_across_calls_and_thread_counts(dtype, partials_bytes, batch, monkeypatch):
     monkeypatch.setattr(cpu, "PARTIALS_BYTES", partials_bytes)
     # enough samples for several tiles and weight rows for several phase-2 blocks
-    net, theta, X, y = make_problem([20, 70, 33, 4], "tanh", "cross_entropy", B=5 * cpu.TILE + 7, dtype=dtype)
+    net, theta, X, y = make_problem([20, 70, 33, 4], "tanh", "cross_entropy", B=batch, dtype=dtype)
     first = _all_quantities(net, theta, X, y)
     again = _all_quantities(net, theta, X, y)
     threads = numba.get_num_threads()
