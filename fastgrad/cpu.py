@@ -4,13 +4,13 @@ One compiled driver per dtype, :func:`fused_backprop`, serves every activation �
 (run-time codes) and every combination of quantities: the host turns the requested sums
 over samples of :data:`fastgrad.quantities.SUMS` into a ``plan``, one row of (operand kind,
 source kind, partial-sum slot) per sum, and the kernels know those kinds, never quantity
-names. The driver works in two phases over a chunk of samples (as many whole tiles as fit
-in ``WORKSPACE_BYTES``):
+names. The driver works in two phases over a chunk of samples (whole tiles that fit in
+``WORKSPACE_BYTES``; a long batch in chunks as equal as whole tiles allow):
 
-1. ``prange`` over fixed tiles of ``TILE`` samples: each tile goes forward through the
-   whole network (:func:`dense_forward` per hidden layer, :func:`output_forward` for the
-   loss and Δ_L) and back (:func:`dense_backward`), keeping its activations A_l and
-   deltas Δ_l in the workspace; the per-row reducers run on the tile while it is hot
+1. ``prange`` over tiles of ``TILE`` samples (fewer for small batches: :func:`tile_rows`): each
+   tile goes forward through the whole network (:func:`dense_forward` per hidden layer,
+   :func:`output_forward` for the loss and Δ_L) and back (:func:`dense_backward`), keeping its
+   activations A_l and deltas Δ_l in the workspace; the per-row reducers run on the tile while it is hot
    (:func:`tile_norms`: Goodfellow's layer terms and the clip factors; :func:`tile_write_rows`:
    per-sample rows straight into the flat layout), and so do the tile's sums
    (:func:`tile_sums`: per layer Mᵀ S with M = Δ, Δ⊙Δ or c⊙Δ and S = A or A⊙A, DESIGN §3:
@@ -26,8 +26,8 @@ called once per tile (or per layer of a tile), never per sample, and the ``prang
 share no arrays beyond the inputs, outputs, workspace and the small layout and offsets tables:
 a split that ignored both was 10-24 % slower on narrow.
 
-Determinism: tiles, blocks and chunks are fixed sizes, independent of the thread
-count; every output element is written by exactly one task, sums over samples run
+Determinism: tiles, blocks and chunks have sizes set by the network, dtype and batch size,
+independent of the thread count; every output element is written by exactly one task, sums over samples run
 in a fixed order (tile sums in tile order, inside one single-threaded GEMM, or
 serially), and chunks are accumulated in order. Repeated calls, any
 ``numba.set_num_threads``, any Python thread and concurrent calls from several give the
@@ -93,10 +93,12 @@ CACHE = _cache.configure()
 """Whether compiled kernels are cached on disk, keyed on the package's source (:mod:`fastgrad._cache`):
 False with ``FASTGRAD_NUMBA_CACHE=0``, or (with one warning) when no cache folder is writable."""
 
-TILE = 128
-"""Samples per forward/backward tile (phase 1) of batches of at least 2 × ``TILE``. Measured (1 thread,
-float32): 64 → 128 made mnist's forward+backward 15 % and wide's 15 % faster, narrow unchanged; 256
-gained no more (2 threads: mnist B = 512 and 2048 were 7-12 % faster, wide B = 1024 16 % slower)."""
+TILE = 256
+"""Samples per forward/backward tile (phase 1) of batches of at least 2 × ``TILE`` (smaller batches:
+:func:`tile_rows`). Measured (1 thread, float32): 64 → 128 made mnist's forward+backward 15 % and
+wide's 15 % faster, narrow unchanged, 256 no faster; on 2 threads (paired A/B, 2026-11-28) 256 took
+0.88-0.95× the time of 128 on nine shapes from [256]×3 to wide, float32 and float64: bigger GEMMs and
+fewer per-tile sums. Wide at B = 1024 was then 1.12× slower until chunks were balanced (:func:`_chunking`)."""
 SMALL_TILE = 32
 """The smallest tile: smaller batches are cut into halved tiles (see :func:`tile_rows`) down to this."""
 BLOCK = 128
@@ -648,7 +650,7 @@ def tile_rows(batch_size: int) -> int:
     """Samples per tile for a batch of ``batch_size``: ``TILE``, halved while the batch would have fewer
     than two tiles, down to ``SMALL_TILE``. A batch of one tile ran on one thread; the tile depends on the
     batch size alone, never on the thread count, so results stay bit-identical across thread counts.
-    Measured (2 threads, float32, paired A/B against one 128-row tile, 2026-11-28): [784, 128, 10]
+    Measured (2 threads, float32, paired A/B against one tile of 128, 2026-11-28): [784, 128, 10]
     B = 64 in tiles of 32 took 0.91× the time, B = 128 in tiles of 64 0.77×; [64, 64, 64, 10] B = 128
     in tiles of 64 0.93×, B ≤ 64 the same (tiles of 16 were slower everywhere)."""
     tile = TILE
@@ -658,9 +660,22 @@ def tile_rows(batch_size: int) -> int:
 
 
 def chunk_rows(sizes: tuple[int, ...], dtype) -> int:
-    """Samples per kernel call: the whole tiles whose scratch fits in ``WORKSPACE_BYTES``."""
+    """The most samples per kernel call: whole tiles of ``TILE`` whose scratch fits in ``WORKSPACE_BYTES``."""
     per_row = np.dtype(dtype).itemsize * (2 * sum(sizes[1:-1]) + sum(sizes[1:]) + sum(sizes[:-1]))
     return max(TILE, WORKSPACE_BYTES // per_row // TILE * TILE)
+
+
+def _chunking(sizes: tuple[int, ...], dtype, batch_size: int) -> tuple[int, int]:
+    """(chunk, tile): samples per kernel call and per tile for a batch of ``batch_size``.
+
+    As few chunks as :func:`chunk_rows` allows, of equal length rounded up to whole tiles (the last may be
+    shorter): a full chunk then a short one left threads idle on the short one (wide, B = 1024: 3 tiles
+    of 256 and then 1, two threads). Both depend on the network, dtype and batch size, never on threads."""
+    tile = tile_rows(batch_size)
+    most = chunk_rows(sizes, dtype)  # a multiple of TILE, so of tile
+    n_chunks = -(-batch_size // most)
+    chunk = -(-batch_size // n_chunks)
+    return min(most, -(-chunk // tile) * tile), tile
 
 
 def _tasks(sizes) -> np.ndarray:
@@ -810,8 +825,8 @@ def _run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray
     per_row = quantities.needs_norms(need, clip)
     backward = bool(made) or want_rows or per_row
     squares = any(q.source == INPUT_SQUARED for q in made)
-    chunk = min(B, chunk_rows(net.sizes, dt))  # whole tiles: TILE is a multiple of any tile
-    tile = tile_rows(B)
+    chunk, tile = _chunking(net.sizes, dt, B)
+    chunk = min(B, chunk)
     acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(net.sizes, chunk, dt, squares)
     # Numba types read-only arrays apart: copy them rather than compile the kernel a second time
     theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))

@@ -252,8 +252,19 @@ def _all_quantities(net, theta, X, y):
     return {name: np.array(raw[name], copy=True) for name in RAW}
 
 
+def test_chunks_are_balanced_whole_tiles_within_the_workspace():
+    sizes = (1024, 1024, 1024, 10)
+    most = cpu.chunk_rows(sizes, np.float32)
+    for B in (1, 255, 256, most, most + 1, 2 * most + 7, 10 * most - 3):
+        chunk, tile = cpu._chunking(sizes, np.float32, B)
+        n_chunks = -(-B // chunk)
+        assert chunk % tile == 0 and chunk <= max(most, tile) and n_chunks == -(-B // most)
+        assert B - (n_chunks - 1) * chunk > chunk - n_chunks * tile  # the last chunk is not much shorter
+
+
 def test_small_batches_are_cut_into_smaller_tiles_by_batch_size_alone():
-    assert [cpu.tile_rows(B) for B in (1, 63, 64, 127, 128, 255, 256, 10_000)] == [32, 32, 32, 32, 64, 64, 128, 128]
+    batches = (1, 63, 64, 127, 128, 255, 256, 511, 512, 10_000)
+    assert [cpu.tile_rows(B) for B in batches] == [32, 32, 32, 32, 64, 64, 128, 128, 256, 256]
     assert cpu.TILE % cpu.SMALL_TILE == 0  # a chunk of whole TILE tiles is whole tiles of any size
 
 
