@@ -659,20 +659,32 @@ def tile_rows(batch_size: int) -> int:
     return tile
 
 
-def chunk_rows(sizes: tuple[int, ...], dtype) -> int:
-    """The most samples per kernel call: whole tiles of ``TILE`` whose scratch fits in ``WORKSPACE_BYTES``."""
+def _rows_that_fit(sizes: tuple[int, ...], dtype) -> int:
+    """Samples whose scratch (A_l, φ'(z_l), Δ_l and A_l ⊙ A_l) fits in ``WORKSPACE_BYTES``."""
     per_row = np.dtype(dtype).itemsize * (2 * sum(sizes[1:-1]) + sum(sizes[1:]) + sum(sizes[:-1]))
-    return max(TILE, WORKSPACE_BYTES // per_row // TILE * TILE)
+    return WORKSPACE_BYTES // per_row
+
+
+def chunk_rows(sizes: tuple[int, ...], dtype, tile: int | None = None) -> int:
+    """The most samples per kernel call: whole tiles of ``tile`` (default ``TILE``) whose scratch fits in
+    ``WORKSPACE_BYTES``, at least one."""
+    tile = TILE if tile is None else tile
+    return max(tile, _rows_that_fit(sizes, dtype) // tile * tile)
 
 
 def _chunking(sizes: tuple[int, ...], dtype, batch_size: int) -> tuple[int, int]:
     """(chunk, tile): samples per kernel call and per tile for a batch of ``batch_size``.
 
-    As few chunks as :func:`chunk_rows` allows, of equal length rounded up to whole tiles (the last may be
-    shorter): a full chunk then a short one left threads idle on the short one (wide, B = 1024: 3 tiles
-    of 256 and then 1, two threads). Both depend on the network, dtype and batch size, never on threads."""
+    The tile is :func:`tile_rows`', halved (down to ``SMALL_TILE``) while two tiles' scratch would not fit
+    in ``WORKSPACE_BYTES``: very wide networks keep to the budget and a chunk still has two tiles for two
+    threads. As few chunks as :func:`chunk_rows` allows, of equal length rounded up to whole tiles (the
+    last may be shorter): a full chunk then a short one left threads idle on the short one (wide,
+    B = 1024: 3 tiles of 256 and then 1, two threads). Both depend on the network, dtype and batch size,
+    never on threads."""
     tile = tile_rows(batch_size)
-    most = chunk_rows(sizes, dtype)  # a multiple of TILE, so of tile
+    while tile > SMALL_TILE and 2 * tile > _rows_that_fit(sizes, dtype):
+        tile //= 2
+    most = chunk_rows(sizes, dtype, tile)
     n_chunks = -(-batch_size // most)
     chunk = -(-batch_size // n_chunks)
     return min(most, -(-chunk // tile) * tile), tile

@@ -90,6 +90,16 @@ def test_batches_longer_than_a_chunk_are_accumulated(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_tight_workspace_halves_the_tile_and_chunks_the_batch(monkeypatch, dtype):
+    # 70 samples' scratch fit: tiles of 32, chunks of 64 (two tiles), a 300-sample batch in five chunks
+    sizes = [13, 37, 11, 9, 5]
+    per_row = np.dtype(dtype).itemsize * (2 * (37 + 11 + 9) + (37 + 11 + 9 + 5) + (13 + 37 + 11 + 9))
+    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 70 * per_row)
+    assert cpu._chunking(tuple(sizes), dtype, 300) == (64, 32)
+    check_against_naive(sizes, "tanh", "cross_entropy", B=300, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_mean_gradient_by_phase_two_gemms_matches_too(monkeypatch, dtype):
     # small problems sum the gradient per tile; big ones (tiles × P over PARTIALS_BYTES) by GEMM blocks
     monkeypatch.setattr(cpu, "PARTIALS_BYTES", 0)
@@ -260,6 +270,13 @@ def test_chunks_are_balanced_whole_tiles_within_the_workspace():
         n_chunks = -(-B // chunk)
         assert chunk % tile == 0 and chunk <= max(most, tile) and n_chunks == -(-B // most)
         assert B - (n_chunks - 1) * chunk > chunk - n_chunks * tile  # the last chunk is not much shorter
+
+
+def test_very_wide_networks_keep_to_the_workspace_budget_in_chunks_of_two_tiles():
+    sizes = (20_000, 20_000, 10)  # 400 kB of scratch per float32 sample: 83 samples fit in 32 MiB
+    chunk, tile = cpu._chunking(sizes, np.float32, 4096)
+    per_row = 4 * (2 * 20_000 + 20_010 + 40_000)
+    assert (chunk, tile) == (64, 32) and chunk * per_row <= cpu.WORKSPACE_BYTES
 
 
 def test_small_batches_are_cut_into_smaller_tiles_by_batch_size_alone():
