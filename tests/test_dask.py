@@ -22,6 +22,7 @@ zarr = pytest.importorskip("zarr")
 import fastgrad  # noqa: E402
 import fastgrad.dask as fdask  # noqa: E402
 from fastgrad.quantities import QUANTITIES, REGISTRY, Derived, PerSample  # noqa: E402
+from problems import overflowing_problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 128  # rows per chunk: N = 600 gives chunks 128, 128, 128, 128, 88
@@ -414,14 +415,7 @@ def test_stats_command_without_dask_names_the_extra(tmp_path):
 def test_a_chunk_with_a_nan_or_inf_norm_is_never_left_unclipped(backend):
     # as fastgrad.clipped_grad (issue 10.7): 2·x − 2·x with x near float32's max makes the second
     # sample's pass NaN; its chunk must raise, naming its rows, not add the sample unclipped
-    net = fastgrad.MLP([2, 1, 2], activation="tanh", loss="cross_entropy")
-    theta = np.zeros(net.num_params, np.float32)
-    (W1, _), (W2, _) = net.unpack(theta)
-    W1[...] = [[2.0, -2.0]]
-    W2[...] = 1.0
-    big = np.finfo(np.float32).max / 2 * 1.5
-    X = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [big, big]], np.float32)
-    y = np.array([0, 1, 0, 1])
+    net, theta, X, y = overflowing_problem(np.float32, finite_rows=3)
     Xd, yd = chunked(X, y, rows=2)
     with pytest.raises(FloatingPointError, match=r"rows 2:4 .*gradient norm of sample 1 is (nan|inf)"):
         fdask.clipped_grad(net, theta, Xd, yd, max_norm=1.0, backend=backend, scheduler="sync")

@@ -3,7 +3,7 @@ answers or run out of memory get a clear error or the right answer on every host
 
 import numpy as np
 import pytest
-from problems import make_problem
+from problems import make_problem, overflowing_problem
 
 import fastgrad
 
@@ -307,23 +307,11 @@ def test_clipped_grad_clips_float32_samples_whose_squared_norm_overflows(backend
     assert np.isfinite(g).all() and np.linalg.norm(g.astype(np.float64)) <= 1.0 + 1e-5
 
 
-def _overflowing_problem(dtype):
-    # 2·x − 2·x with x near the dtype's max: inf − inf = NaN in the first layer's pre-activation
-    net = fastgrad.MLP([2, 1, 2], activation="tanh", loss="cross_entropy")
-    theta = np.zeros(net.num_params, dtype)
-    (W1, _), (W2, _) = net.unpack(theta)
-    W1[...] = [[2.0, -2.0]]
-    W2[...] = 1.0
-    big = np.finfo(dtype).max / 2 * 1.5
-    X = np.array([[1.0, 2.0], [big, big]], dtype)
-    return net, theta, X, np.array([0, 1])
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy reports the overflow it is made to do
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("backend", HOST)
 def test_a_nan_or_inf_norm_is_never_left_unclipped(backend, dtype):
-    net, theta, X, y = _overflowing_problem(dtype)
+    net, theta, X, y = overflowing_problem(dtype)
     with pytest.raises(FloatingPointError, match="gradient norm of sample 1 is (nan|inf)"):
         fastgrad.clipped_grad(net, theta, X, y, max_norm=1.0, backend=backend)
     # a finite gradient whose norm overflows float64: inf

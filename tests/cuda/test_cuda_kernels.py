@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from problems import make_problem
+from problems import make_problem, overflowing_problem
 
 import fastgrad
 from fastgrad import cuda as fc
@@ -278,15 +278,7 @@ def test_float32_norms_neither_overflow_nor_underflow_when_representable(path):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator computes the overflow on the host
 @pytest.mark.parametrize("path", ["fused", "tiled"])
 def test_a_nan_norm_is_never_left_unclipped_on_the_device(path):
-    # 2·x − 2·x with x near float32's max: inf − inf = NaN in sample 1's forward pass
-    net = fastgrad.MLP([2, 1, 2], activation="tanh", loss="cross_entropy")
-    theta = np.zeros(net.num_params, np.float32)
-    (W1, _), (W2, _) = net.unpack(theta)
-    W1[...] = [[2.0, -2.0]]
-    W2[...] = 1.0
-    big = np.float32(np.finfo(np.float32).max / 2 * 1.5)
-    X = np.array([[1.0, 2.0], [big, big]], np.float32)
-    y = np.array([0, 1])
+    net, theta, X, y = overflowing_problem(np.float32)  # inf − inf = NaN in sample 1's forward pass
     with pytest.raises(FloatingPointError, match="gradient norm of sample 1 is (nan|inf)"):
         fc.clipped_grad_device(
             net, cuda.to_device(theta), cuda.to_device(X), cuda.to_device(y), 1.0, 0.0, 0, path=path
