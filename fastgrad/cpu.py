@@ -681,8 +681,8 @@ def _chunking(sizes: tuple[int, ...], dtype, batch_size: int) -> tuple[int, int]
     last may be shorter): a full chunk then a short one left threads idle on the short one (wide,
     B = 1024: 3 tiles of 256 and then 1, two threads). Both depend on the network, dtype and batch size,
     never on threads."""
-    tile = tile_rows(batch_size)
-    while tile > SMALL_TILE and 2 * tile > _rows_that_fit(sizes, dtype):
+    tile, fit = tile_rows(batch_size), _rows_that_fit(sizes, dtype)
+    while tile > SMALL_TILE and 2 * tile > fit:
         tile //= 2
     most = chunk_rows(sizes, dtype, tile)
     n_chunks = -(-batch_size // most)
