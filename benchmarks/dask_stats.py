@@ -201,12 +201,12 @@ def _load() -> str:
     return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def measure_runners(log2: int, chunk_rows: int, rounds: int) -> None:
+def measure_runners(log2: int, chunk_rows: int, rounds: int, workers=(1, 2)) -> None:
     import numba
 
     numba.set_num_threads(1)
     net, theta, X, y = problem(log2)
-    clusters = {w: start_cluster(w) for w in (1, 2)}
+    clusters = {w: start_cluster(w) for w in workers}
     try:
         calls = {"core": core_call(net, theta, X, y)}
         for w, (_, client) in clusters.items():
@@ -220,15 +220,18 @@ def measure_runners(log2: int, chunk_rows: int, rounds: int) -> None:
         for r in range(rounds):
             for name in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
                 times[name].append(_timed(calls[name]))
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
         print(f"load after:  {_load()}")
         rows = 2**log2
         print(f"\n{rows} samples, chunks of {chunk_rows} rows, {rounds} rounds (median s, samples/s):")
         for name, ts in times.items():
             print(f"  {name:<7} {statistics.median(ts):8.3f} s  {rows / statistics.median(ts):12.0f}/s  {ts}")
-        over = statistics.median(d / c for d, c in zip(times["dask-1"], times["core"]))
-        speed = statistics.median(a / b for a, b in zip(times["dask-1"], times["dask-2"]))
-        print(f"  overhead dask-1 / core: {over:.3f}x (median of per-round ratios)")
-        print(f"  throughput dask-2 / dask-1: {speed:.3f}x")
+        first = f"dask-{workers[0]}"
+        over = statistics.median(d / c for d, c in zip(times[first], times["core"]))
+        print(f"  overhead {first} / core: {over:.3f}x (median of per-round ratios)")
+        for w in workers[1:]:
+            speed = statistics.median(a / b for a, b in zip(times[first], times[f"dask-{w}"]))
+            print(f"  throughput dask-{w} / {first}: {speed:.3f}x")
         for w, (_, client) in clusters.items():
             peak = [round(v) for v in worker_peak_rss_mb(client)]
             warm = [round(v) for v in base[w]]
@@ -269,6 +272,11 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-rows", type=int, default=65536)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk-sizes", default="8192,32768,65536,262144", help="for the memory table")
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="comma-separated worker counts, one cluster each (one thread per worker)",
+    )
     parser.add_argument("--skip-runners", action="store_true")
     parser.add_argument("--skip-chunks", action="store_true")
     args = parser.parse_args(argv)
@@ -285,7 +293,8 @@ def main(argv=None) -> int:
         f"{fastgrad.__version__}, numba {numba.__version__}, dask {dask.__version__}; load {_load()}"
     )
     if not args.skip_runners:
-        measure_runners(args.log2_samples, args.chunk_rows, args.rounds)
+        workers = tuple(int(w) for w in args.workers.split(","))
+        measure_runners(args.log2_samples, args.chunk_rows, args.rounds, workers)
     if not args.skip_chunks:
         measure_chunks(args.log2_samples, [int(s) for s in args.chunk_sizes.split(",")])
         measure_chunks(args.log2_samples - 2, [args.chunk_rows])

@@ -54,6 +54,87 @@ def median_ms(fn, sync, reps: int, warmup: int = 2) -> float:
     return 1e3 * statistics.median(times)
 
 
+_SLEEP = None
+
+
+def sleep_kernel(cuda):
+    """A one-thread kernel that keeps the GPU busy for about ``n`` µs (``sleep[1, 1](n)``)."""
+    global _SLEEP
+    if _SLEEP is None:
+        if hasattr(cuda, "nanosleep"):
+
+            @cuda.jit
+            def sleep(n):
+                for _ in range(n):
+                    cuda.nanosleep(1000)
+
+        else:  # the simulator (smoke test): no nanosleep, and no queue to hide the host behind
+
+            @cuda.jit
+            def sleep(n):
+                pass
+
+        _SLEEP = sleep
+    return _SLEEP
+
+
+def gpu_ms(fn, cuda, sync, calls: int = 10) -> float:
+    """GPU time (ms) of one ``fn()``, ``fn`` launching without waiting: ``calls`` calls queued behind
+    a sleeping kernel and timed between CUDA events, so the host's launch cost is hidden."""
+    sleep = sleep_kernel(cuda)
+    fn()
+    sync()
+    sleep[1, 1](20000)  # about 20 ms of GPU time, while the host queues the calls
+    start, stop = cuda.event(), cuda.event()
+    start.record()
+    for _ in range(calls):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / calls
+
+
+def tiled_gemm_shapes(sizes, B) -> list[tuple[str, int, int, int]]:
+    """``(role, m, k, n)`` of every GEMM the tiled path runs for the mean gradient:
+    per layer the forward Z = A·Wᵀ (B×n_in·n_in×n_out), the weight gradient Δᵀ·A
+    (n_out×B·B×n_in), and for every layer but the first the backward Δ·W (B×n_out·n_out×n_in)."""
+    shapes = []
+    for n_in, n_out in itertools.pairwise(sizes):
+        shapes.append(("forward", B, n_in, n_out))
+    for l, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        if l > 0:
+            shapes.append(("backward_input", B, n_out, n_in))
+        shapes.append(("weight_grad", n_out, B, n_in))
+    return shapes
+
+
+def cublas_gemms(torch, sync, tdev, sizes, B, reps) -> dict:
+    """``torch.mm`` (cuBLAS on a GPU, TF32 off) on exactly the tiled path's GEMM shapes: each alone
+    and all in sequence (ms), the floor of a tiled gradient made of cuBLAS calls."""
+    mats = []
+    for role, m, k, n in tiled_gemm_shapes(sizes, B):
+        a = torch.randn(m, k, device=tdev)
+        b = torch.randn(k, n, device=tdev)
+        c = torch.empty(m, n, device=tdev)
+        mats.append((role, m, k, n, a, b, c))
+
+    def all_gemms():
+        for *_, a, b, c in mats:
+            torch.mm(a, b, out=c)
+
+    each = [
+        {
+            "role": r,
+            "m": m,
+            "k": k,
+            "n": n,
+            "ms": median_ms(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), sync, reps),
+        }
+        for r, m, k, n, a, b, c in mats
+    ]
+    return {"sequence_ms": median_ms(all_gemms, sync, reps), "each": each}
+
+
 def rel_err(got, ref) -> float:
     got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-300))
@@ -165,6 +246,28 @@ def bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, 
         ),
         "clipped": (median_ms(fg_clipped, sync, reps), nan, nan, nan),
     }
+    gpu = {}
+    for q, need, out in (
+        ("grad", {"grad"}, None),
+        ("per_sample", {"per_sample"}, G_d),
+        ("norms", {"norms"}, None),
+    ):
+        try:  # GPU time of the kernels alone; the public call's time minus it is the host's cost
+            gpu[q] = gpu_ms(
+                lambda need=need, out=out: fc._run_device(
+                    net, d, frozenset(need) | {"loss"}, None, out, host_loss=False
+                ),
+                cuda,
+                sync,
+            )
+        except Exception as exc:  # a diagnostic: never lose the timings to it
+            print(f"kernel GPU time of {q} failed: {type(exc).__name__}: {exc}", flush=True)
+            gpu[q] = nan
+    try:
+        cublas = cublas_gemms(torch, sync, tdev, sizes, B, reps)
+    except Exception as exc:
+        print(f"cuBLAS GEMMs failed: {type(exc).__name__}: {exc}", flush=True)
+        cublas = {"sequence_ms": nan, "each": []}
     rows = []
     for q, (t_api, t_kern, t_torch, t_floor) in meas.items():
         row = {
@@ -180,11 +283,17 @@ def bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, 
             "speedup_vs_torch": t_torch / t_api,
             "floor_ms": t_floor,
             "rel_err_vs_torch": errs[q],
+            "kernels_gpu_ms": gpu.get(q, nan),
+            "host_above_kernels_us": 1e3 * (t_api - gpu.get(q, nan)),
         }
+        if q == "grad":
+            row["cublas_gemms_ms"] = cublas["sequence_ms"]
+            row["cublas_gemms"] = cublas["each"]
         if q == "per_sample":
             row["per_sample_GBps"] = ps_bytes / t_api / 1e6
             row["fraction_of_copy_bw"] = row["per_sample_GBps"] / floors["copy_GBps"]
             row["kernels_fraction_of_copy_bw"] = ps_bytes / t_kern / 1e6 / floors["copy_GBps"]
+            row["kernels_gpu_fraction_of_copy_bw"] = ps_bytes / gpu["per_sample"] / 1e6 / floors["copy_GBps"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -266,12 +375,269 @@ def profile_call(name, sizes, B, cuda, fastgrad, fc, sync, sleep, reps) -> dict:
     return out
 
 
+def launch_ab(cuda, fastgrad, fc, sync, configs, reps) -> list[dict]:
+    """``fastgrad.cuda.config.DIRECT_LAUNCH`` off (Numba's dispatcher) against on (overloads resolved
+    once), per configuration and quantity: results compared bit for bit first, then the public call
+    timed with the two settings interleaved call by call, and the host time of the kernels-only call
+    queued behind a sleeping kernel (so the GPU never holds the host up)."""
+    out = []
+    for name, (sizes, B) in configs.items():
+        net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
+        rng = np.random.default_rng(0)
+        theta_d = cuda.to_device(net.init(seed=0, dtype=np.float32))
+        X_d = cuda.to_device(rng.standard_normal((B, sizes[0])).astype(np.float32))
+        y_d = cuda.to_device(rng.integers(0, sizes[-1], size=B).astype(np.int64))
+        G_d = cuda.device_array((B, net.num_params), dtype=np.float32)
+        for q in ("grad", "per_sample"):
+            row = {
+                "config": name,
+                "path": "fused" if fc.fused_tile(net, B, np.float32) else "tiled",
+                "quantity": q,
+            }
+            try:
+                row.update(_ab_one(cuda, fc, sync, net, (theta_d, X_d, y_d), q, G_d, reps))
+            except Exception as exc:  # a diagnostic: never lose the other numbers to it
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            finally:
+                fc.config.DIRECT_LAUNCH = False
+            print("launch A/B:", json.dumps(row), flush=True)
+            out.append(row)
+        del G_d
+        fc.clear_scratch()
+    return out
+
+
+def _ab_one(cuda, fc, sync, net, inputs, q, G_d, reps) -> dict:
+    need = frozenset({q, "loss"})
+    G = G_d if q == "per_sample" else None
+    d = fc.check_device_inputs(net, *inputs)
+
+    def call():
+        return fc.backprop_device(net, *inputs, need, G)
+
+    def kernels():
+        return fc._run_device(net, d, need, None, G, host_loss=False)
+
+    row = {}
+    got = {}
+    for flag in (False, True):
+        fc.config.DIRECT_LAUNCH = flag
+        r = call()
+        got[flag] = (r[q].copy_to_host(), r["loss"])
+    row["bit_identical"] = bool(np.array_equal(got[False][0], got[True][0]) and got[False][1] == got[True][1])
+    if not row["bit_identical"]:
+        raise RuntimeError("results differ between the two launchers")
+    times = {False: [], True: []}
+    for i in range(2 * reps):
+        for flag in (False, True) if i % 2 else (True, False):
+            fc.config.DIRECT_LAUNCH = flag
+            sync()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times[flag].append(time.perf_counter() - t0)
+    row["call_us_dispatcher"] = 1e6 * statistics.median(times[False])
+    row["call_us_direct"] = 1e6 * statistics.median(times[True])
+    for flag, key in ((False, "host_us_dispatcher"), (True, "host_us_direct")):
+        fc.config.DIRECT_LAUNCH = flag
+        row[key] = host_us(kernels, cuda, sync)
+    return row
+
+
+def host_us(fn, cuda, sync, calls: int = 10) -> float:
+    """Host time (µs) of one ``fn()`` that does not wait for the GPU, with the GPU kept busy by a
+    sleeping kernel so no launch waits for a queue slot."""
+    sleep = sleep_kernel(cuda)
+    fn()
+    sleep[1, 1](1)  # compiled before the timing
+    sync()
+    sleep[1, 1](20000)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = (time.perf_counter() - t0) / calls
+    sync()
+    return 1e6 * t
+
+
+def kernel_profile(path, torch, cuda, fastgrad, fc, sync, configs) -> None:
+    """Every kernel's GPU time in 5 public ``grad`` calls and 2 ``per_sample`` calls per configuration,
+    by ``torch.profiler`` (CUPTI records the kernels Numba launches in the same process), to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(path, "w") as fh:
+        for name, (sizes, B) in configs.items():
+            net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
+            rng = np.random.default_rng(0)
+            theta_d = cuda.to_device(net.init(seed=0, dtype=np.float32))
+            X_d = cuda.to_device(rng.standard_normal((B, sizes[0])).astype(np.float32))
+            y_d = cuda.to_device(rng.integers(0, sizes[-1], size=B).astype(np.int64))
+            G_d = cuda.device_array((B, net.num_params), dtype=np.float32)
+            for compute, out, n in ((("grad",), None, 5), (("per_sample",), G_d, 2)):
+                fastgrad.backprop(net, theta_d, X_d, y_d, compute=compute, backend="cuda", out=out)
+                sync()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(n):
+                        fastgrad.backprop(net, theta_d, X_d, y_d, compute=compute, backend="cuda", out=out)
+                    sync()
+                fh.write(
+                    f"\n=== {name} {list(sizes)} B={B} {compute[0]} x{n} (times are totals over {n} calls)\n"
+                )
+                fh.write(
+                    prof.key_averages().table(
+                        sort_by="cuda_time_total", row_limit=25, max_name_column_width=60
+                    )
+                )
+                fh.write("\n")
+            del G_d
+            fc.clear_scratch()
+    print(f"kernel profile written to {path}", flush=True)
+
+
+TARGETS = (
+    ("host cost above the kernels, narrow grad (us)", "<= 30"),
+    ("narrow grad: torch autograd / fastgrad", ">= 3.0"),
+    ("tiled grad (wide): torch autograd / fastgrad", ">= 1.0"),
+    ("narrow per_sample: fraction of copy bandwidth", ">= 0.50"),
+)
+
+
+def targets_table(rows) -> list[tuple[str, str, str, str]]:
+    """The issue's targets against this run: (target, wanted, measured, the profile that explains it)."""
+    by = {(r["config"], r["quantity"]): r for r in rows}
+    out = []
+    g = by.get(("narrow", "grad"))
+    if g:
+        out.append(
+            (
+                *TARGETS[0],
+                f"{g['host_above_kernels_us']:.0f}",
+                f"call {1e3 * g['fastgrad_ms']:.0f} us, kernels on GPU {1e3 * g['kernels_gpu_ms']:.0f} us",
+            )
+        )
+        out.append(
+            (
+                *TARGETS[1],
+                f"{g['speedup_vs_torch']:.2f}",
+                f"torch / kernels' GPU time {g['torch_ms'] / g['kernels_gpu_ms']:.2f}x; "
+                f"cuBLAS GEMMs {g['cublas_gemms_ms']:.3f} ms",
+            )
+        )
+    for name in ("mnist", "wide"):
+        t = by.get((name, "grad"))
+        if t:
+            out.append(
+                (
+                    TARGETS[2][0].replace("(wide)", f"({name}, {t['path']})"),
+                    TARGETS[2][1],
+                    f"{t['speedup_vs_torch']:.2f}",
+                    f"kernels GPU {t['kernels_gpu_ms']:.3f} ms, cuBLAS on its GEMM shapes "
+                    f"{t['cublas_gemms_ms']:.3f} ms, torch {t['torch_ms']:.3f} ms",
+                )
+            )
+    p = by.get(("narrow", "per_sample"))
+    if p:
+        out.append(
+            (
+                *TARGETS[3],
+                f"{p['fraction_of_copy_bw']:.2f}",
+                f"kernels-only GPU time: {p['kernels_gpu_fraction_of_copy_bw']:.2f} of copy bw",
+            )
+        )
+    return out
+
+
+def write_json(path, results) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def print_table(env, floors, rows) -> None:
+    copy_gbs, fill_gbs, sgemm_tflops = floors["copy_GBps"], floors["fill_GBps"], floors["sgemm_TFLOPs"]
+    print()
+    print(
+        f"{env['gpu']} (cc {env['compute_capability']}), {env['date']}; numba {env['numba']}, "
+        f"numba-cuda {env['numba_cuda']}, torch {env['torch']} (CUDA {env['torch_cuda']})"
+    )
+    print(
+        f"floors: device copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
+        f"sgemm {sgemm_tflops:.1f} TFLOP/s"
+    )
+    head = (
+        "config",
+        "path",
+        "quantity",
+        "fastgrad ms",
+        "kernels ms",
+        "torch ms",
+        "torch/fastgrad",
+        "floor ms",
+        "rel err",
+        "kernels GPU ms",
+        "host us",
+        "note",
+    )
+    body = []
+    for r in rows:
+        note = ""
+        if r["quantity"] == "per_sample":
+            note = (
+                f"{r['per_sample_GBps']:.0f} GB/s = {100 * r['fraction_of_copy_bw']:.0f}% of copy bw "
+                f"(kernels {100 * r['kernels_fraction_of_copy_bw']:.0f}%)"
+            )
+        body.append(
+            (
+                r["config"],
+                r["path"],
+                r["quantity"],
+                f"{r['fastgrad_ms']:.3f}",
+                f"{r['fastgrad_kernels_ms']:.3f}",
+                f"{r['torch_ms']:.3f}",
+                f"{r['speedup_vs_torch']:.2f}x",
+                f"{r['floor_ms']:.3f}",
+                f"{r['rel_err_vs_torch']:.1e}",
+                f"{r['kernels_gpu_ms']:.3f}",
+                f"{r['host_above_kernels_us']:.0f}",
+                note,
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    for line in [head, ["-" * w for w in widths], *body]:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)).rstrip())
+
+
+def print_ab(ab) -> None:
+    if ab:
+        print("\nlaunchers A/B (DIRECT_LAUNCH off -> on): public call us, kernels-only host us")
+        for r in ab:
+            if "error" in r:
+                print(f"  {r['config']:>13} {r['quantity']:<10} {r['error']}")
+            else:
+                print(
+                    f"  {r['config']:>13} {r['path']:<5} {r['quantity']:<10} "
+                    f"call {r['call_us_dispatcher']:7.0f} -> {r['call_us_direct']:7.0f}; "
+                    f"host {r['host_us_dispatcher']:7.0f} -> {r['host_us_direct']:7.0f}; "
+                    f"bit-identical {r['bit_identical']}"
+                )
+
+
+def print_targets(targets) -> None:
+    if targets:
+        print("\ntargets (issue 21):")
+        for t in targets:
+            print("  " + " | ".join(t))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="write every number to FILE")
     parser.add_argument("--reps", type=int, default=15, help="timed calls per measurement (median)")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--profile", action="store_true", help="also measure launch and copy overheads")
+    parser.add_argument(
+        "--kernel-profile", metavar="FILE", help="write each kernel's GPU time (torch.profiler)"
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -337,58 +703,28 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         fc.clear_scratch()
 
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(
-                {"environment": env, "floors": floors, "overheads": overheads, "rows": rows}, fh, indent=1
-            )
+    targets = targets_table(rows)
+    results = {"environment": env, "floors": floors, "overheads": overheads, "rows": rows, "targets": targets}
+    write_json(args.json, results)
+    print_table(env, floors, rows)
+    print_targets(targets)  # here too, in case a diagnostic below runs out of time
 
-    print()
-    print(
-        f"{env['gpu']} (cc {env['compute_capability']}), {env['date']}; numba {env['numba']}, "
-        f"numba-cuda {env['numba_cuda']}, torch {env['torch']} (CUDA {env['torch_cuda']})"
-    )
-    print(
-        f"floors: device copy {copy_gbs:.0f} GB/s (read+write), fill {fill_gbs:.0f} GB/s, "
-        f"sgemm {sgemm_tflops:.1f} TFLOP/s"
-    )
-    head = (
-        "config",
-        "path",
-        "quantity",
-        "fastgrad ms",
-        "kernels ms",
-        "torch ms",
-        "torch/fastgrad",
-        "floor ms",
-        "rel err",
-        "note",
-    )
-    body = []
-    for r in rows:
-        note = ""
-        if r["quantity"] == "per_sample":
-            note = (
-                f"{r['per_sample_GBps']:.0f} GB/s = {100 * r['fraction_of_copy_bw']:.0f}% of copy bw "
-                f"(kernels {100 * r['kernels_fraction_of_copy_bw']:.0f}%)"
-            )
-        body.append(
-            (
-                r["config"],
-                r["path"],
-                r["quantity"],
-                f"{r['fastgrad_ms']:.3f}",
-                f"{r['fastgrad_kernels_ms']:.3f}",
-                f"{r['torch_ms']:.3f}",
-                f"{r['speedup_vs_torch']:.2f}x",
-                f"{r['floor_ms']:.3f}",
-                f"{r['rel_err_vs_torch']:.1e}",
-                note,
-            )
-        )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    for line in [head, ["-" * w for w in widths], *body]:
-        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)).rstrip())
+    results["launch_ab"] = []
+    try:
+        results["launch_ab"] = launch_ab(cuda, fastgrad, fc, sync, configs, args.reps)
+    except Exception as exc:  # a diagnostic: never lose the timings to it
+        print(f"launch A/B failed: {type(exc).__name__}: {exc}", flush=True)
+    write_json(args.json, results)
+    print_ab(results["launch_ab"])
+
+    if args.kernel_profile:
+        try:
+            if tdev != "cuda":
+                raise RuntimeError("needs a GPU")
+            kernel_profile(args.kernel_profile, torch, cuda, fastgrad, fc, sync, configs)
+        except Exception as exc:  # a diagnostic: never lose the timings to it
+            print(f"kernel profile failed: {type(exc).__name__}: {exc}", flush=True)
+    print_targets(targets)
     return 0
 
 

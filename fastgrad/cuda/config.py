@@ -63,6 +63,15 @@ FUSED_MAX_WIDTH = 128  # the fused path is used when every width is at most this
 FUSED_SAMPLES_PER_THREAD = 4  # register blocking of the fused kernel's products
 FUSED_MAX_LAYERS = 16
 SHARED_BYTES = 48 * 1024  # dynamic shared memory available without an opt-in
+DIRECT_LAUNCH = False
+"""Launch each kernel through its overload for the declared signature, resolved once per dtype,
+instead of Numba's dispatcher (which types every argument on every launch). An A/B switch that
+``benchmarks/gpu_check.py`` measures (results compared bit for bit first), off by default: it
+skips the dispatcher's typing, so every array argument must be C-contiguous and every argument of
+the declared type. The device inputs are (:func:`fastgrad.cuda.check_device_inputs` requires
+it), the scratch buffers are; a caller's ``out`` for the per-sample rows is not checked for
+contiguity, so a strided ``out`` would be written wrongly with the switch on. Ignored under the
+simulator, which has no compiled overloads."""
 
 
 def cdiv(a: int, b: int) -> int:
@@ -80,13 +89,25 @@ class Kernel:
         self.build = build
         self.signature = signature
         self._compiled: dict = {}
+        self._direct: dict = {}
 
     def launch(self, dtype, grid, block, *args, shared: int = 0) -> None:
         """Launch the kernel for float dtype ``dtype`` on ``grid`` × ``block`` with ``shared`` bytes of
         dynamic shared memory. Every launch of the package goes through here, so :data:`LAUNCHES`
         counts them (a test holds each call's launch count) and a cheaper launcher has one place to go."""
         LAUNCHES[self.name] += 1
+        if DIRECT_LAUNCH and not SIMULATOR:
+            k = self._direct.get(dtype)
+            if k is None:
+                k = self._direct[dtype] = self.resolved(dtype)
+            k.launch(args, *_dims(grid, block), 0, shared)
+            return
         self.compiled(dtype)[grid, block, 0, shared](*args)
+
+    def resolved(self, dtype):
+        """The compiled overload (numba-cuda's ``_Kernel``) for the declared signature and float dtype
+        ``dtype``: what :data:`DIRECT_LAUNCH` launches."""
+        return self.compiled(dtype).compile(tuple(self.signature(numba.from_dtype(np.dtype(dtype)))))
 
     def compiled(self, dtype):
         """The kernel for float dtype ``dtype``, compiled lazily (at its first launch), once per process."""
@@ -95,6 +116,13 @@ class Kernel:
         if k is None:
             k = self._compiled[dtype] = cuda.jit(self.build(numba.from_dtype(dtype)))
         return k
+
+
+def _dims(grid, block):
+    """``(grid, block)`` as the 3-tuples a compiled kernel's ``launch`` takes (ints or tuples given)."""
+    from numba.cuda.errors import normalize_kernel_dimensions
+
+    return normalize_kernel_dimensions(grid, block)
 
 
 KERNELS: dict[str, Kernel] = {}
