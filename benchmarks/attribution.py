@@ -14,8 +14,10 @@ DESIGN §6's configurations (float32, tanh, cross-entropy), every side on 2 thre
   layer (no concatenated (B, P) copy: the cheaper way for torch).
 
 Times: the methods take turns call by call (``cpu_targets.timed_rounds``), medians.
-Peak memory: each method in a fresh subprocess (same problem, one warm-up call), the peak
-resident set of one call above the resident set just before it (Linux: VmHWM reset by writing 5
+Peak memory: each method in a fresh subprocess, after a warm-up call on 2 samples of the
+problem (imports, compiling, first-call caches; a warm-up on the whole batch would leave its
+buffers resident, and the timed call would reuse them), the peak resident set of one call on
+the whole batch above the resident set just before it (Linux: VmHWM reset by writing 5
 to /proc/self/clear_refs, then read from /proc/self/status). That counts every allocator
 (NumPy, Numba, torch, BLAS buffers) and only what the call itself adds. A script, not a test:
 it asserts nothing.
@@ -41,12 +43,13 @@ from cpu_targets import THREADS, timed_rounds
 METHODS = ("grad", "gram", "dot", "torch.func gram")
 
 
-def method(name: str, config: str):
-    """A no-argument call of ``name`` on ``config``'s problem."""
+def method(name: str, config: str, rows: int | None = None):
+    """A no-argument call of ``name`` on ``config``'s problem (its first ``rows`` samples)."""
     import fastgrad
     from fastgrad.tools import configs
 
     net, theta, X, y = configs.problem(config)
+    X, y = X[:rows], y[:rows]
     if name == "grad":
         return lambda: fastgrad.backprop(net, theta, X, y, compute=("grad",), backend="numba")
     if name == "gram":
@@ -88,9 +91,10 @@ def _rss_kib(field: str) -> int:
 
 
 def peak_of_call(name: str, config: str) -> dict:
-    """In this process: one warm-up call, then the peak RSS of one call above the RSS before it."""
+    """In this process: a warm-up call on 2 samples (imports, compiling, first-call caches), then the
+    peak RSS of one call on the whole batch above the RSS before it."""
+    method(name, config, 2)()
     f = method(name, config)
-    f()
     before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as c:
         c.write("5")  # resets VmHWM to the current RSS
