@@ -110,7 +110,7 @@ run_validate() {
 }
 export TESTS VALIDATE
 export -f run_tests run_validate
-step tests 120 run_tests &
+step tests 170 run_tests &
 tests_pid=$!
 step validate 120 run_validate
 wait $tests_pid
