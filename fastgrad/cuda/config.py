@@ -100,7 +100,7 @@ class Kernel:
             k = self._direct.get(dtype)
             if k is None:
                 k = self._direct[dtype] = self.resolved(dtype)
-            k.launch(args, *_dims(grid, block), 0, shared)
+            k.launch(args, *_dims(grid, block), _default_stream(), shared)
             return
         self.compiled(dtype)[grid, block, 0, shared](*args)
 
@@ -116,6 +116,19 @@ class Kernel:
         if k is None:
             k = self._compiled[dtype] = cuda.jit(self.build(numba.from_dtype(dtype)))
         return k
+
+
+_STREAM = []
+
+
+def _default_stream():
+    """The default stream as the object a compiled kernel's ``launch`` takes (numba-cuda's launch
+    configuration converts the ``0`` of ``kernel[grid, block, 0, shared]`` the same way), made once."""
+    if not _STREAM:
+        from numba.cuda.cudadrv import driver
+
+        _STREAM.append(driver._to_core_stream(0))
+    return _STREAM[0]
 
 
 def _dims(grid, block):
