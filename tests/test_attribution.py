@@ -322,3 +322,11 @@ def test_bad_input_is_a_clear_error_naming_the_argument(case):
     call, error, message = _bad_calls()[case]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_auto_backend_is_the_one_resolve_backend_picks():
+    net, theta, X, y = make_problem([3, 4, 2], "tanh", "cross_entropy", B=6)
+    picked = fastgrad.resolve_backend("auto")
+    assert np.array_equal(
+        fastgrad.gram(net, theta, X, y, backend="auto"), fastgrad.gram(net, theta, X, y, backend=picked)
+    )
