@@ -129,9 +129,9 @@ def _check_checkpoints(net: MLP, checkpoints) -> list[tuple[np.ndarray, float]]:
                 f"checkpoints[{k}]: theta has dtype {theta.dtype}, checkpoint 0 has {out[0][0].dtype}"
             )
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-            raise TypeError(f"checkpoints[{k}]: eta must be a real number, got {type(eta).__name__}")
+            raise TypeError(f"checkpoints[{k}]: eta must be a finite real number, got {type(eta).__name__}")
         if not math.isfinite(eta):
-            raise ValueError(f"checkpoints[{k}]: eta must be finite, got {eta!r}")
+            raise ValueError(f"checkpoints[{k}]: eta must be a finite real number, got {eta!r}")
         out.append((theta, float(eta)))
     return out
 

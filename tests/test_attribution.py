@@ -309,14 +309,22 @@ def _bad_calls():
         (
             lambda: fastgrad.tracin(net, [(theta, np.nan)], X, y),
             ValueError,
-            r"checkpoints\[0\]: eta must be finite",
+            r"checkpoints\[0\]: eta must be a finite real number",
         ),
-        (lambda: fastgrad.tracin(net, [(theta, np.inf)], X, y), ValueError, "eta must be finite, got inf"),
-        (lambda: fastgrad.tracin(net, [(theta, "1")], X, y), TypeError, "eta must be a real number, got str"),
+        (
+            lambda: fastgrad.tracin(net, [(theta, np.inf)], X, y),
+            ValueError,
+            "eta must be a finite real number, got inf",
+        ),
+        (
+            lambda: fastgrad.tracin(net, [(theta, "1")], X, y),
+            TypeError,
+            "eta must be a finite real number, got str",
+        ),
         (
             lambda: fastgrad.tracin(net, [(theta, True)], X, y),
             TypeError,
-            "eta must be a real number, got bool",
+            "eta must be a finite real number, got bool",
         ),
         (
             lambda: fastgrad.tracin(net, [(theta, 1), (theta[:5], 1)], X, y),
