@@ -18,6 +18,7 @@ from . import _threading
 _threading.choose_layer()
 
 from .activations import ACTIVATIONS  # noqa: E402
+from .attribution import grad_dot, gram, ntk, tracin  # noqa: E402
 from .api import BackpropResult, ClippedGrad, available_backends, backprop, clipped_grad, resolve_backend  # noqa: E402
 from .interop import from_torch, to_torch  # noqa: E402
 from .losses import LOSSES  # noqa: E402
@@ -42,7 +43,11 @@ __all__ = [
     "compare_shortcut",
     "covariance_terms",
     "from_torch",
+    "grad_dot",
+    "gram",
+    "ntk",
     "resolve_backend",
     "shortcut_grad",
     "to_torch",
+    "tracin",
 ]

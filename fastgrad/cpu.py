@@ -888,6 +888,76 @@ def _run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray
     return res
 
 
+def layer_factors(net: MLP, inp, workspace: Workspace | None = None) -> tuple[list, list]:
+    """The factors of every per-sample gradient from one pass of :func:`fused_backprop`: deltas
+    [Δ_1..Δ_L], Δ_l (B, n_l), and layer inputs [A_0..A_{L-1}], A_{l-1} (B, n_{l-1}), copied out of the
+    workspace chunk by chunk (no sum is planned, so the pass is the forward and backward GEMMs alone).
+    ``fastgrad.attribution`` forms the inner products of per-sample gradients from them."""
+    return _factors(net, inp, True, workspace)
+
+
+def forward_factors(net: MLP, theta: np.ndarray, X: np.ndarray, workspace: Workspace | None = None):
+    """The forward pass of :func:`fused_backprop` alone: layer inputs [A_0..A_{L-1}] (B, n_{l-1}) and
+    the hidden layers' derivatives [φ'(z_1)..φ'(z_{L-1})] (B, n_l), for the Jacobians of the outputs."""
+    from ._validation import Inputs
+
+    B, dt = X.shape[0], theta.dtype
+    if net.loss_code == CROSS_ENTROPY:  # the pass's loss is computed and dropped: any valid y
+        inp = Inputs(theta, X, np.zeros(B, np.int64), np.zeros((0, net.n_out), dt))
+    else:
+        inp = Inputs(theta, X, np.zeros(0, np.int64), np.zeros((B, net.n_out), dt))
+    return _factors(net, inp, False, workspace)
+
+
+def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
+    _threading.check_fork_safe()
+    ws = workspace if workspace is not None else _thread_workspace()
+    dt, B, sizes = inp.dtype, inp.batch_size, net.sizes
+    L = len(sizes) - 1
+    hidden, width = sum(sizes[1:-1]), sum(sizes[1:])
+    acts_out = [np.empty((B, n), dt) for n in sizes[1:-1]]
+    second = [np.empty((B, n), dt) for n in (sizes[1:] if backward else sizes[1:-1])]  # Δ_l or φ'(z_l)
+    theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
+    ce = net.loss_code == CROSS_ENTROPY
+    with ws.claimed(), single_threaded_blas():
+        chunk, tile = _chunking(sizes, dt, B)
+        chunk = min(B, chunk)
+        acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(sizes, chunk, dt, False)
+        net_pack = (_layout(net), theta, w_t)
+        codes = (net.activation_code, net.loss_code, tile)
+        plan, sums, partial = (
+            np.empty((0, 3), np.int64),
+            np.empty((0, net.num_params), dt),
+            np.empty((0, 0, 0), dt),
+        )
+        losses, layer_sq = np.empty(chunk, dt), np.empty((chunk, L), np.float64)
+        norms, clip_c, no_rows = np.empty(chunk, dt), np.empty(chunk, dt), np.empty((0, 0), dt)
+        with numba.parallel_chunksize(1):
+            for c0 in range(0, B, chunk):
+                c1 = min(B, c0 + chunk)
+                R = c1 - c0
+                data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
+                bufs = (acts[: R * hidden], dphi[: R * hidden], deltas[: R * width], sqa)
+                row_out = (losses[:R], layer_sq[:R], norms[:R], clip_c[:R], no_rows)
+                flags = (backward, False, False, False)
+                fused_backprop(
+                    net_pack, data, codes, flags, plan, dt.type(-1.0), bufs, row_out, sums, partial, tasks
+                )
+                # each layer's (R, n_l) block lies after the previous layers' in acts, dphi and deltas
+                at = 0
+                for k, n in enumerate(sizes[1:-1]):
+                    acts_out[k][c0:c1] = acts[at : at + R * n].reshape(R, n)
+                    if not backward:
+                        second[k][c0:c1] = dphi[at : at + R * n].reshape(R, n)
+                    at += R * n
+                at = 0
+                for k, n in enumerate(sizes[1:] if backward else ()):
+                    second[k][c0:c1] = deltas[at : at + R * n].reshape(R, n)
+                    at += R * n
+    inputs = [inp.X, *acts_out]
+    return (second, inputs) if backward else (inputs, second)
+
+
 def compile_all(dtypes=(np.float32, np.float64)) -> None:
     """Compile (or load from the disk cache) every kernel for ``dtypes``: one tiny call each."""
     from ._validation import check_inputs
@@ -913,6 +983,8 @@ __all__ = [
     "check_kernels_current",
     "chunk_rows",
     "compile_all",
+    "forward_factors",
+    "layer_factors",
     "run",
     "tile_rows",
 ]

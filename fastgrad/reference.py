@@ -345,3 +345,20 @@ def per_sample_gradients(net: MLP, theta, X, y) -> np.ndarray:
     """The (B, P) matrix of per-sample gradients by the naive loop; a convenience for checks."""
     inp = check_inputs(net, theta, X, y)
     return run_naive(net, inp, frozenset({"per_sample"}))["per_sample"]
+
+
+# ------------------------------------------- the factors of per-sample inner products
+
+
+def layer_factors(net: MLP, inp: Inputs) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The factors of every per-sample gradient, g_i = δ_{l,i} ⊗ [a_{l-1,i}; 1] per layer:
+    deltas [Δ_1..Δ_L], Δ_l (B, n_l), and layer inputs [A_0..A_{L-1}], A_{l-1} (B, n_{l-1})."""
+    Zs, A = forward(net, inp.theta, inp.X)
+    return backward(net, inp.theta, Zs, inp.labels, inp.targets)[1], A
+
+
+def forward_factors(net: MLP, theta: np.ndarray, X: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The forward pass without the loss: layer inputs [A_0..A_{L-1}] (B, n_{l-1}) and the
+    hidden layers' derivatives [φ'(z_1)..φ'(z_{L-1})] (B, n_l), for Jacobians of the outputs."""
+    Zs, A = forward(net, theta, X)
+    return A, [phi_prime(net.activation, Z) for Z in Zs[:-1]]

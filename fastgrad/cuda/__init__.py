@@ -255,16 +255,12 @@ def _check_values(net: MLP, d: _Device) -> None:
     d.values_checked = True
 
 
-def _tiled_backward(net: MLP, d: _Device, per_layer):
-    """Forward and backward by tiled GEMMs: losses (B,), deltas [Δ_1..Δ_L], layer inputs [A_0..A_{L-1}].
-
-    Deltas and inputs are (array, flat view) pairs, so ``deltas[k]`` is Δ_{k+1} and ``acts[k]``
-    is A_k, the input of layer k + 1 (``net.layers[k]``); ``per_layer`` (B, L), when given, gets
-    the layer norms ‖∇_{W_l,b_l} ℓ_i‖ (Goodfellow).
-    """
+def _tiled_forward(net: MLP, d: _Device):
+    """The forward pass by tiled GEMMs: layer inputs [A_0..A_{L-1}] and the hidden layers' φ'(Z_l),
+    as (array, flat view) pairs, and the outputs Z_L (B, n_L)."""
     B, L = d.batch_size, net.num_layers
     acts = [(d.X, d.X.reshape(d.X.size))]
-    derivs = []  # φ'(Z_l) of the hidden layers, overwritten with Δ_l
+    derivs = []
     for l, s in enumerate(net.layers):
         out = scratch_flat(f"act{l}", (B, s.n_out), d.dtype)
         if l == L - 1:
@@ -285,6 +281,18 @@ def _tiled_backward(net: MLP, d: _Device, per_layer):
             )
             acts.append(out)
             derivs.append(deriv)
+    return acts, derivs, z_out
+
+
+def _tiled_backward(net: MLP, d: _Device, per_layer):
+    """Forward and backward by tiled GEMMs: losses (B,), deltas [Δ_1..Δ_L], layer inputs [A_0..A_{L-1}].
+
+    Deltas and inputs are (array, flat view) pairs, so ``deltas[k]`` is Δ_{k+1} and ``acts[k]``
+    is A_k, the input of layer k + 1 (``net.layers[k]``); ``per_layer`` (B, L), when given, gets
+    the layer norms ‖∇_{W_l,b_l} ℓ_i‖ (Goodfellow).
+    """
+    B, L = d.batch_size, net.num_layers
+    acts, derivs, z_out = _tiled_forward(net, d)  # derivs φ'(Z_l) are overwritten with Δ_l
     deltas = [None] * L
     deltas[L - 1] = scratch_flat("delta_out", (B, net.n_out), d.dtype)
     losses = scratch("losses", (B,), d.dtype)
@@ -310,6 +318,37 @@ def _tiled_backward(net: MLP, d: _Device, per_layer):
 # ---------------------------------------------------------------- entry points
 
 
+def _host_device(net: MLP, inp: _validation.Inputs) -> _Device:
+    """Validated host inputs copied to the device (values already checked on the host)."""
+    dt = inp.dtype
+    return _Device(
+        cuda.to_device(inp.theta),
+        cuda.to_device(inp.X),
+        cuda.to_device(inp.labels if inp.labels.shape[0] else np.zeros(1, dtype=np.int64)),
+        cuda.to_device(inp.targets if inp.targets.shape[0] else np.zeros((1, net.n_out), dtype=dt)),
+        inp.batch_size,
+        dt,
+        values_checked=True,
+    )
+
+
+def layer_factors(net: MLP, inp: _validation.Inputs) -> tuple[list, list]:
+    """The factors of every per-sample gradient from the tiled path's forward and backward GEMMs,
+    copied to the host: deltas [Δ_1..Δ_L] (B, n_l) and layer inputs [A_0..A_{L-1}] (B, n_{l-1})."""
+    check_available()
+    _, deltas, acts = _tiled_backward(net, _host_device(net, inp), None)
+    return [D[0].copy_to_host() for D in deltas], [inp.X] + [A[0].copy_to_host() for A in acts[1:]]
+
+
+def forward_factors(net: MLP, theta: np.ndarray, X: np.ndarray) -> tuple[list, list]:
+    """The tiled path's forward pass, copied to the host: layer inputs [A_0..A_{L-1}] (B, n_{l-1}) and
+    the hidden layers' derivatives [φ'(z_1)..φ'(z_{L-1})] (B, n_l)."""
+    check_available()
+    d = _Device(cuda.to_device(theta), cuda.to_device(X), None, None, X.shape[0], theta.dtype, True)
+    acts, derivs, _ = _tiled_forward(net, d)
+    return [X] + [A[0].copy_to_host() for A in acts[1:]], [g[0].copy_to_host() for g in derivs]
+
+
 def run(
     net: MLP,
     inp: _validation.Inputs,
@@ -320,17 +359,7 @@ def run(
 ) -> dict:
     """The backend contract of :mod:`fastgrad.api`: validated host arrays in, host arrays out."""
     check_available()
-    dt = inp.dtype
-    d = _Device(
-        cuda.to_device(inp.theta),
-        cuda.to_device(inp.X),
-        cuda.to_device(inp.labels if inp.labels.shape[0] else np.zeros(1, dtype=np.int64)),
-        cuda.to_device(inp.targets if inp.targets.shape[0] else np.zeros((1, net.n_out), dtype=dt)),
-        inp.batch_size,
-        dt,
-        values_checked=True,
-    )
-    raw = _run_device(net, d, need, max_norm, None, path)
+    raw = _run_device(net, _host_device(net, inp), need, max_norm, None, path)
     res = {"loss": raw.pop("loss")}
     for name, arr in raw.items():
         if name == "per_sample" and out is not None:
@@ -450,7 +479,9 @@ __all__ = [
     "clear_scratch",
     "clipped_grad_device",
     "cuda",
+    "forward_factors",
     "fused_tile",
     "is_device_array",
+    "layer_factors",
     "run",
 ]
