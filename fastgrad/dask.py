@@ -57,7 +57,7 @@ require("dask.array", "dask", "fastgrad.dask")
 import dask  # noqa: E402  (after the check that names the extra)
 import dask.array as da  # noqa: E402
 
-from . import quantities, reference, shortcut  # noqa: E402
+from . import attribution, quantities, reference, shortcut  # noqa: E402
 from ._validation import (  # noqa: E402
     check_compute,
     check_inputs,
@@ -164,8 +164,7 @@ def _check(net, theta, X, y, backend, max_norm=None) -> _Problem:
 
 def _check_second(p: _Problem, X2, y2) -> _Problem:
     """The second batch (X2, y2) of a cross-Gram, checked like (X, y), its errors naming X2 and y2."""
-    if (X2 is None) != (y2 is None):
-        raise ValueError("X2, y2: give both (a second dataset) or neither (the Gram of X against itself)")
+    attribution._check_pair(X2, y2)
     try:
         return _check(p.net, p.theta, X2, y2, p.backend)
     except (TypeError, ValueError) as exc:
@@ -485,10 +484,8 @@ def clipped_grad(
 
 
 def _core(name: str) -> Callable:
-    """The in-memory function ``fastgrad.<name>`` (gram, grad_dot, tracin) that each block runs."""
-    import fastgrad
-
-    return getattr(fastgrad, name)
+    """The in-memory function (:func:`fastgrad.gram`, ``grad_dot``, ``tracin``) that a block runs."""
+    return getattr(attribution, name)
 
 
 def inner_block(func: str, net: MLP, operand, Xi, yi, r0: int, Xj, yj, s0: int, kw: dict) -> np.ndarray:
@@ -624,7 +621,7 @@ def grad_dot(net: MLP, theta: np.ndarray, X, y, v, *, backend: str = "numba") ->
     ----------
     net, theta, X, y, backend
         As for :func:`gram`.
-    v : ndarray (P,)
+    v : ndarray (P,) in θ's dtype
         A vector in θ's layout (a gradient, a direction); one key of the graph, shipped to each
         worker once.
 
@@ -633,7 +630,7 @@ def grad_dot(net: MLP, theta: np.ndarray, X, y, v, *, backend: str = "numba") ->
     dask.array.Array (N,) in θ's dtype, with X's row chunks; lazy.
     """
     p = _check(net, theta, X, y, backend)
-    v = _check_vector(net, v)
+    v = attribution._check_vector(net, v, p.theta.dtype)
     theta_key, v_key = dask.delayed(p.theta, pure=True), dask.delayed(v, pure=True)
     task = dask.delayed(dot_chunk, pure=True)
     blocks = [
@@ -665,54 +662,10 @@ def tracin(net: MLP, checkpoints, X, y, X2=None, y2=None, *, backend: str = "num
     -------
     dask.array.Array (N, M) in the checkpoints' dtype, chunked as :func:`gram`'s; lazy.
     """
-    ckpts = _check_checkpoints(net, checkpoints)
+    ckpts = attribution._check_checkpoints(check_net(net), checkpoints)
     p = _check(net, ckpts[0][0], X, y, backend)
     p2 = None if X2 is None and y2 is None else _check_second(p, X2, y2)
     return _tiled("tracin", p, p2, ckpts, {"backend": p.backend})
-
-
-def _check_vector(net: MLP, v) -> np.ndarray:
-    if not isinstance(v, np.ndarray):
-        raise TypeError(f"v: expected a NumPy array (P,), got {type(v).__name__}")
-    if v.dtype.kind not in "biuf":
-        raise TypeError(f"v: expected real numbers, got dtype {v.dtype}")
-    if v.shape != (net.num_params,):
-        raise ValueError(f"v: expected shape ({net.num_params},) (the network's P), got {v.shape}")
-    if not np.isfinite(v).all():
-        raise ValueError("v: contains NaN or Inf")
-    return np.ascontiguousarray(v)
-
-
-def _check_checkpoints(net: MLP, checkpoints) -> list[tuple[np.ndarray, float]]:
-    """The checkpoints as a list of (θ_k, η_k): each θ_k checked, one dtype, η_k finite reals."""
-    try:
-        items = list(checkpoints)
-    except TypeError:
-        raise TypeError(
-            f"checkpoints: expected a sequence of (theta, eta) pairs, got {type(checkpoints).__name__}"
-        ) from None
-    if not items:
-        raise ValueError("checkpoints: empty; expected at least one (theta, eta) pair")
-    out = []
-    for k, item in enumerate(items):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(f"checkpoints[{k}]: expected a (theta, eta) pair, got {type(item).__name__}")
-        theta, eta = item
-        try:
-            theta = check_theta(net, theta)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"checkpoints[{k}]: {exc}") from None
-        if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, (int, float, np.integer, np.floating)):
-            raise TypeError(f"checkpoints[{k}]: eta must be a real number, got {type(eta).__name__}")
-        if not np.isfinite(eta):
-            raise ValueError(f"checkpoints[{k}]: eta must be finite, got {eta}")
-        if out and theta.dtype != out[0][0].dtype:
-            raise TypeError(
-                f"checkpoints[{k}]: theta is {theta.dtype} but checkpoints[0]'s is {out[0][0].dtype}; "
-                "give every checkpoint one dtype"
-            )
-        out.append((theta, float(eta)))
-    return out
 
 
 # --------------------------------------------------------- compare_shortcut
