@@ -80,6 +80,7 @@ class InfluenceResult:
     test_accuracy: float
     train_accuracy: float  # on the labels trained on
     scores: dict[str, np.ndarray]  # ranking name -> (N,) score, higher = more suspicious
+    checkpoints: list[tuple[np.ndarray, float]]  # (θ_k, η_k) after each epoch
     tracin: np.ndarray  # (N, M) TracIn of each training sample against each test sample
     rankings: list[Ranking]
 
@@ -133,9 +134,8 @@ class InfluenceResult:
         plt = pyplot()
         cols = 1 + 2 * per_side
         rows = self.examples(examples)
-        fig, axes = plt.subplots(
-            len(rows), cols, figsize=(1.05 * cols + 0.6, 1.45 * len(rows) + 0.5), squeeze=False
-        )
+        height = 1.45 * len(rows) + 1.0  # inches: 1.45 a row, 1 for the titles above
+        fig, axes = plt.subplots(len(rows), cols, figsize=(1.05 * cols + 0.6, height), squeeze=False)
         for r, j in enumerate(rows):
             pred = int(np.argmax(predict(self.net, self.theta, self.test_X[j : j + 1])[0]))
             self._digit(axes[r, 0], self.test_X[j], side, f"test: {self.test_y[j]}\n(predicted {pred})", "k")
@@ -165,7 +165,9 @@ class InfluenceResult:
             "flipped labels in violet",
             fontsize=9,
         )
-        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        fig.subplots_adjust(
+            left=0.02, right=0.98, bottom=0.1 / height, top=1 - 1.0 / height, wspace=0.3, hspace=0.75
+        )
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
@@ -380,6 +382,7 @@ def mislabel_study(
         test_accuracy=history.test_accuracy[-1],
         train_accuracy=history.train_accuracy[-1],
         scores=scores,
+        checkpoints=checkpoints,
         tracin=tracin,
         rankings=rankings,
     )
