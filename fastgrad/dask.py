@@ -18,6 +18,11 @@ Requires the ``dask`` extra (``pip install "fastgrad[dask]"``: ``dask[array]``,
 >>> res.noise_scale                       # a float: the whole dataset's  # doctest: +SKIP
 >>> res.norms.to_zarr("norms.zarr")       # a Dask array, chunked like X  # doctest: +SKIP
 
+The per-sample gradient inner products (:func:`gram`, :func:`tracin`, :func:`grad_dot`) are
+not sums over samples but N × M matrices: they come back as lazy Dask arrays made one block per
+task, block (i, j) the in-memory function (:mod:`fastgrad.attribution`) on X's row chunk i
+against X2's row chunk j, so a worker holds two chunks and one block at a time.
+
 Any Dask scheduler runs it: the default (threads), ``scheduler="processes"``, or a
 ``dask.distributed`` cluster (an active ``Client``, or ``scheduler=client``).
 

@@ -184,3 +184,21 @@ def test_auc_and_rank_against_their_definitions():
     assert r.precision == 1.0 and r.recall == 1.0
     rr = random_ranking(300, int(positive.sum()), 0.1)
     assert rr.precision == positive.mean() and rr.auc == 0.5 and rr.flagged == 30
+
+
+def test_the_docs_table_is_what_the_documented_command_prints(capsys):
+    # docs/attribution.md shows the table of `fastgrad influence --backend numba`; the numpy backend
+    # printed the same table there. Counts and AUCs may move a little with another BLAS (float32
+    # training), so they are compared with a small margin; the setting line must be the same.
+    docs = (ROOT / "docs" / "attribution.md").read_text()
+    assert "fastgrad influence --backend numba --plot docs/img/influence_digits.png" in docs
+    assert cli.main(["influence", "--backend", "numpy", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    documented, printed = table_rows(docs), table_rows(out)
+    assert list(documented) == list(printed) == [*RANKINGS, "random (expected)"]
+    for name in documented:
+        flagged, found, _, _, area = documented[name]
+        assert printed[name][0] == flagged and abs(printed[name][1] - found) <= 2, name
+        assert abs(printed[name][4] - area) <= 0.01, name
+    setting = out.splitlines()[0].replace("backend numpy", "backend numba")
+    assert setting.split("; accuracy")[0] in docs
