@@ -49,11 +49,16 @@ from .mlp import MLP
 BLOCK_ROWS = 256
 """Rows (and columns) of one output block of a Gram or NTK, and rows per task of ``grad_dot``."""
 
-MATERIALISE_MAX = 64
+MATERIALISE_MAX = 0
 """A layer whose per-sample gradient has at most this many entries, n_l (n_{l-1} + 1), is
 multiplied as materialised per-sample layer gradients (one GEMM of inner size n_l (n_{l-1} + 1))
-instead of the factorised form (two GEMMs of inner sizes n_l and n_{l-1}, and two element-wise
-passes over the block). See ``benchmarks/attribution.py --materialise`` for the measurement."""
+instead of the factorised form (two GEMMs of inner sizes n_l and n_{l-1} and two element-wise
+passes over the block). For a whole Gram the factorised form always wins: both forms produce
+the B × B' block, and only the materialised one multiplies over n_l n_{l-1} instead of
+n_l + n_{l-1} (the choice pays off for the diagonal alone, the norms, which the registry has).
+Measured (``benchmarks/attribution.py --materialise``, 256 × 256 block, float32, one BLAS
+thread, 2026-12-04): materialised/factorised took 1.07 at 2 × 3 (8 entries), 1.63 at 4 × 4,
+2.8 at 8 × 8, 9.8 at 16 × 16, 52 at 32 × 32, 29 at 10 × 256; so no layer is materialised."""
 
 _FACTORS = {"numpy": "fastgrad.reference", "numba": "fastgrad.cpu", "cuda": "fastgrad.cuda"}
 """The module of each backend that makes the factors (``layer_factors``, ``forward_factors``)."""
