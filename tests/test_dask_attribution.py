@@ -261,3 +261,14 @@ def test_a_bad_chunk_names_the_rows_of_its_block():
     G = fdask.gram(net, theta, *chunked(X, y, 64), *chunked(X2_nan, y2, 48), backend="numpy")
     with pytest.raises(ValueError, match=r"against rows 96:144 of X2, y2 .*contains NaN"):
         G.compute(scheduler="sync")
+
+
+def test_numba_blocks_match_the_in_memory_numba_gram_and_numpy_labels_are_split_like_X2():
+    net, theta, X, y, X2, y2 = problem()
+    dX, _ = chunked(X, y, 64)
+    dX2, _ = chunked(X2, y2, 48)
+    got = fdask.gram(net, theta, dX, y, dX2, y2).compute(scheduler="threads")  # y, y2 NumPy
+    assert rel_error(got, fastgrad.gram(net, theta, X, y, X2, y2, backend="numba")) <= 1e-12
+    ck = checkpoints(net, np.float64)
+    got = fdask.tracin(net, ck, dX, y).compute(scheduler="threads")
+    assert rel_error(got, fastgrad.tracin(net, ck, X, y, backend="numba")) <= 1e-12

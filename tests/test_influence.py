@@ -202,3 +202,10 @@ def test_the_docs_table_is_what_the_documented_command_prints(capsys):
         assert abs(printed[name][4] - area) <= 0.01, name
     setting = out.splitlines()[0].replace("backend numpy", "backend numba")
     assert setting.split("; accuracy")[0] in docs
+
+
+def test_any_labelled_dataset_runs_without_a_picture(capsys):
+    assert cli.main(["influence", "--dataset", "spirals", *SMALL, "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "spirals: 1200 training samples, 60 labels flipped" in out
+    assert len(table_rows(out)) == len(RANKINGS) + 1
