@@ -493,10 +493,13 @@ def _core(name: str) -> Callable:
     return getattr(attribution, name)
 
 
-def inner_block(func: str, net: MLP, operand, Xi, yi, r0: int, Xj, yj, s0: int, kw: dict) -> np.ndarray:
+def inner_block(
+    func: str, net: MLP, operand, Xi, yi, r0: int, Xj, yj, s0: int, kw: dict, same: bool = False
+) -> np.ndarray:
     """Block (i, j) of a tiled Gram: ``fastgrad.<func>(net, operand, X_i, y_i, X_j, y_j, **kw)``, with
     X_i = rows r0 : r0 + len(Xi) of X and X_j = rows s0 : s0 + len(Xj) of X2; ``Xj`` None for a
-    diagonal block of X against itself. ``operand`` is θ (gram) or the checkpoints (tracin).
+    diagonal block of X against itself; ``same`` when X_j is a chunk of X too (the Gram of X
+    against itself). ``operand`` is θ (gram) or the checkpoints (tracin).
 
     A bad chunk raises the in-memory function's error with the rows of both chunks in front.
     """
@@ -510,7 +513,7 @@ def inner_block(func: str, net: MLP, operand, Xi, yi, r0: int, Xj, yj, s0: int, 
     except (TypeError, ValueError) as exc:
         where = f"rows {r0}:{r0 + rows_i} of X, y"
         if Xj is not None:
-            where += f" against rows {s0}:{s0 + rows_j} of X2, y2"
+            where += f" against rows {s0}:{s0 + rows_j} of {'X, y' if same else 'X2, y2'}"
         raise type(exc)(f"{where} (a block of the Gram): {exc}") from None
 
 
@@ -558,7 +561,7 @@ def _tiled(func: str, p: _Problem, p2: _Problem | None, operand, kw: dict) -> da
             elif p2 is None and j == i:
                 block = task(func, p.net, key, xi, yi, int(r0), None, None, int(s0), kw)
             else:
-                block = task(func, p.net, key, xi, yi, int(r0), xj, yj, int(s0), kw)
+                block = task(func, p.net, key, xi, yi, int(r0), xj, yj, int(s0), kw, p2 is None)
             done[i, j] = block
             row.append(da.from_delayed(block, shape=(*lead, ri, rj), dtype=dt))
         grid.append(row)

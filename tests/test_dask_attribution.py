@@ -272,3 +272,30 @@ def test_numba_blocks_match_the_in_memory_numba_gram_and_numpy_labels_are_split_
     ck = checkpoints(net, np.float64)
     got = fdask.tracin(net, ck, dX, y).compute(scheduler="threads")
     assert rel_error(got, fastgrad.tracin(net, ck, X, y, backend="numba")) <= 1e-12
+
+
+def test_a_gram_far_larger_than_memory_allows_is_reduced_a_block_at_a_time():
+    import tracemalloc
+
+    net = fastgrad.MLP([20, 32, 10], activation="tanh", loss="cross_entropy")
+    theta = net.init(seed=0, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    n = 12_000  # the whole Gram: 1.07 GiB; a block of 1000 × 1000: 7.6 MiB
+    X, y = chunked(rng.standard_normal((n, 20)), rng.integers(0, 10, n), 1000)
+    fdask.gram(net, theta, X[:10], y[:10], backend="numpy").sum().compute(scheduler="sync")  # imports
+    tracemalloc.start()
+    try:
+        fdask.gram(net, theta, X, y, backend="numpy").sum(axis=1).compute(scheduler="sync")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1000 * 1000 * 8, peak / 2**20  # measured 16-18 MiB: two blocks and the graph
+
+
+def test_a_bad_chunk_of_a_self_gram_names_its_rows_in_X():
+    net, theta, X, y, _, _ = problem()
+    y_bad = y.copy()
+    y_bad[70] = 5  # X's second chunk, rows 64:128
+    G = fdask.gram(net, theta, *chunked(X, y_bad, 64), backend="numpy")
+    with pytest.raises(ValueError, match=r"rows 0:64 of X, y against rows 64:128 of X, y .*labels must lie"):
+        G[:64].compute(scheduler="sync")
