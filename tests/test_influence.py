@@ -90,7 +90,7 @@ def test_the_picture_is_written(tmp_path, capsys):
         (["--flip-fraction", "1.5"], "--flip-fraction: expected a number in (0, 1), got '1.5'"),
         (["--top-fraction", "0"], "--top-fraction: expected a number in (0, 1)"),
         (["--epochs", "0"], "--epochs: expected a positive integer"),
-        (["--examples", "11"], "--examples 11: at most 10 (one per class)"),
+        (["--examples", "11", "--plot", "x.png"], "--examples 11: at most 10 (one per class)"),
         (["--dataset", "spirals", "--plot", "x.png"], "--plot: draws square images, but 'spirals' has 2"),
         (["--batch-size", "5000"], "batch_size: 5000 exceeds the 1438 training samples"),
         (

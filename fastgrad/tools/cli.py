@@ -439,7 +439,7 @@ def cmd_influence(args) -> int:
         raise UsageError(
             f"--plot: draws square images, but {data.name!r} has {data.num_features} features per sample"
         )
-    if args.examples > data.num_classes:
+    if plot and args.examples > data.num_classes:
         raise UsageError(f"--examples {args.examples}: at most {data.num_classes} (one per class)")
     backend = resolve_backend(args.backend)
     n_train = data.num_samples - round(args.test_fraction * data.num_samples)
