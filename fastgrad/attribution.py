@@ -86,8 +86,8 @@ def _second_batch(net: MLP, theta: np.ndarray, X2, y2, labelled: bool):
             return _validation.check_inputs(net, theta, X2, y2)
         return _validation.check_X(net, X2, theta.dtype)
     except (TypeError, ValueError) as exc:
-        names = "X2, y2" if labelled else "X2"
-        raise type(exc)(f"{names} (the second batch, as X and y): {exc}") from None
+        names = "X2, y2 (the second batch, as X and y)" if labelled else "X2 (the second batch, as X)"
+        raise type(exc)(f"{names}: {exc}") from None
 
 
 def _check_pair(X2, y2) -> None:
@@ -109,7 +109,7 @@ def _check_vector(net: MLP, v, dtype: np.dtype) -> np.ndarray:
 
 
 def _check_checkpoints(net: MLP, checkpoints) -> list[tuple[np.ndarray, float]]:
-    if isinstance(checkpoints, (str, bytes)) or not isinstance(checkpoints, Sequence | np.ndarray):
+    if isinstance(checkpoints, (str, bytes)) or not isinstance(checkpoints, Sequence):
         raise TypeError(
             f"checkpoints: expected a sequence of (theta_k, eta_k) pairs, got {type(checkpoints).__name__}"
         )
@@ -128,7 +128,9 @@ def _check_checkpoints(net: MLP, checkpoints) -> list[tuple[np.ndarray, float]]:
             raise TypeError(
                 f"checkpoints[{k}]: theta has dtype {theta.dtype}, checkpoint 0 has {out[0][0].dtype}"
             )
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta):
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+            raise TypeError(f"checkpoints[{k}]: eta must be a finite real number, got {type(eta).__name__}")
+        if not math.isfinite(eta):
             raise ValueError(f"checkpoints[{k}]: eta must be a finite real number, got {eta!r}")
         out.append((theta, float(eta)))
     return out

@@ -195,21 +195,37 @@ def test_numba_results_are_the_same_bits_across_runs_and_thread_counts():
         numba.set_num_threads(before)
 
 
+def test_numba_inner_products_add_no_compiled_specialisation():
+    # docs/architecture.md: cpu.layer_factors and forward_factors call fused_backprop with backprop's types
+    for loss in ("cross_entropy", "mse"):
+        for dtype in (np.float32, np.float64):
+            net, theta, X, y = make_problem([3, 4, 2], "tanh", loss, B=5, dtype=dtype)
+            fastgrad.backprop(net, theta, X, y, compute=("grad",), backend="numba")
+    before = set(cpu.fused_backprop.signatures)
+    for loss in ("cross_entropy", "mse"):
+        for dtype in (np.float32, np.float64):
+            net, theta, X, y = make_problem([3, 4, 2], "tanh", loss, B=5, dtype=dtype)
+            fastgrad.gram(net, theta, X, y, backend="numba")
+            fastgrad.ntk(net, theta, X, backend="numba")
+    assert set(cpu.fused_backprop.signatures) == before
+
+
 # ------------------------------------------------------------------ memory
 
 
-def test_gram_and_dot_never_allocate_a_per_sample_matrix():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gram_and_dot_never_allocate_a_per_sample_matrix(backend):
     import tracemalloc
 
     # B × P = 256 × 263k float32 would be 269 MB; the factors (B × 1.1k) and the output are ~1 MB
     net, theta, X, y = make_problem([512, 512, 10], "relu", "cross_entropy", B=256, dtype=np.float32, seed=1)
     v = np.ones(net.num_params, np.float32)
-    fastgrad.gram(net, theta, X[:2], y[:2])  # imports and first-call caches outside the measurement
+    fastgrad.gram(net, theta, X[:2], y[:2], backend=backend)  # imports, first-call caches
     tracemalloc.start()
     try:
-        fastgrad.gram(net, theta, X, y)
-        fastgrad.gram(net, theta, X, y, X[:100], y[:100])
-        fastgrad.grad_dot(net, theta, X, y, v)
+        fastgrad.gram(net, theta, X, y, backend=backend)
+        fastgrad.gram(net, theta, X, y, X[:100], y[:100], backend=backend)
+        fastgrad.grad_dot(net, theta, X, y, v, backend=backend)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -283,11 +299,33 @@ def _bad_calls():
         (lambda: fastgrad.gram(net, theta, X, y, backend="naive"), ValueError, "backend: 'naive' has no"),
         (lambda: fastgrad.gram(net, theta, X, y, backend="nope"), ValueError, "backend: unknown"),
         (lambda: fastgrad.tracin(net, [], X, y), ValueError, "checkpoints: empty"),
-        (lambda: fastgrad.tracin(net, theta, X, y), TypeError, r"checkpoints\[0\]: expected a pair"),
+        (
+            lambda: fastgrad.tracin(net, theta, X, y),
+            TypeError,
+            "checkpoints: expected a sequence .* got ndarray",
+        ),
+        (lambda: fastgrad.tracin(net, [theta], X, y), TypeError, r"checkpoints\[0\]: expected a pair"),
         (lambda: fastgrad.tracin(net, None, X, y), TypeError, "checkpoints: expected a sequence"),
-        (lambda: fastgrad.tracin(net, [(theta, np.nan)], X, y), ValueError, r"checkpoints\[0\]: eta must be"),
-        (lambda: fastgrad.tracin(net, [(theta, np.inf)], X, y), ValueError, "eta must be a finite"),
-        (lambda: fastgrad.tracin(net, [(theta, "1")], X, y), ValueError, "eta must be a finite"),
+        (
+            lambda: fastgrad.tracin(net, [(theta, np.nan)], X, y),
+            ValueError,
+            r"checkpoints\[0\]: eta must be a finite real number",
+        ),
+        (
+            lambda: fastgrad.tracin(net, [(theta, np.inf)], X, y),
+            ValueError,
+            "eta must be a finite real number, got inf",
+        ),
+        (
+            lambda: fastgrad.tracin(net, [(theta, "1")], X, y),
+            TypeError,
+            "eta must be a finite real number, got str",
+        ),
+        (
+            lambda: fastgrad.tracin(net, [(theta, True)], X, y),
+            TypeError,
+            "eta must be a finite real number, got bool",
+        ),
         (
             lambda: fastgrad.tracin(net, [(theta, 1), (theta[:5], 1)], X, y),
             ValueError,
@@ -306,3 +344,11 @@ def test_bad_input_is_a_clear_error_naming_the_argument(case):
     call, error, message = _bad_calls()[case]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_auto_backend_is_the_one_resolve_backend_picks():
+    net, theta, X, y = make_problem([3, 4, 2], "tanh", "cross_entropy", B=6)
+    picked = fastgrad.resolve_backend("auto")
+    assert np.array_equal(
+        fastgrad.gram(net, theta, X, y, backend="auto"), fastgrad.gram(net, theta, X, y, backend=picked)
+    )
