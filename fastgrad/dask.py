@@ -18,6 +18,11 @@ Requires the ``dask`` extra (``pip install "fastgrad[dask]"``: ``dask[array]``,
 >>> res.noise_scale                       # a float: the whole dataset's  # doctest: +SKIP
 >>> res.norms.to_zarr("norms.zarr")       # a Dask array, chunked like X  # doctest: +SKIP
 
+The per-sample gradient inner products (:func:`gram`, :func:`tracin`, :func:`grad_dot`) are
+not sums over samples but N × M matrices: they come back as lazy Dask arrays made one block per
+task, block (i, j) the in-memory function (:mod:`fastgrad.attribution`) on X's row chunk i
+against X2's row chunk j, so a worker holds two chunks and one block at a time.
+
 Any Dask scheduler runs it: the default (threads), ``scheduler="processes"``, or a
 ``dask.distributed`` cluster (an active ``Client``, or ``scheduler=client``).
 
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,7 +62,7 @@ require("dask.array", "dask", "fastgrad.dask")
 import dask  # noqa: E402  (after the check that names the extra)
 import dask.array as da  # noqa: E402
 
-from . import quantities, reference, shortcut  # noqa: E402
+from . import attribution, quantities, reference, shortcut  # noqa: E402
 from ._validation import (  # noqa: E402
     check_compute,
     check_inputs,
@@ -159,6 +165,20 @@ def _check(net, theta, X, y, backend, max_norm=None) -> _Problem:
             "rechunk one like the other: y.rechunk({0: X.chunks[0]})"
         )
     return _Problem(net, theta, X, y, resolve_backend(backend), max_norm)
+
+
+def _check_second(p: _Problem, X2, y2) -> _Problem:
+    """The second batch (X2, y2) of a cross-Gram, checked like (X, y), its errors naming X2 and y2."""
+    attribution._check_pair(X2, y2)
+    try:
+        return _check(p.net, p.theta, X2, y2, p.backend)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(_renamed(str(exc))) from None
+
+
+def _renamed(message: str) -> str:
+    """An input check's message about X or y, reworded about X2 or y2."""
+    return re.sub(r"\b([Xy])\b", r"\g<1>2", message)
 
 
 # --------------------------------------------------------------- one chunk
@@ -465,6 +485,197 @@ def clipped_grad(
     return mean.astype(p.theta.dtype)
 
 
+# ------------------------------------------------- per-sample inner products
+
+
+def _core(name: str) -> Callable:
+    """The in-memory function (:func:`fastgrad.gram`, ``grad_dot``, ``tracin``) that a block runs."""
+    return getattr(attribution, name)
+
+
+def inner_block(
+    func: str, net: MLP, operand, Xi, yi, r0: int, Xj, yj, s0: int, kw: dict, same: bool = False
+) -> np.ndarray:
+    """Block (i, j) of a tiled Gram: ``fastgrad.<func>(net, operand, X_i, y_i, X_j, y_j, **kw)``, with
+    X_i = rows r0 : r0 + len(Xi) of X and X_j = rows s0 : s0 + len(Xj) of X2; ``Xj`` None for a
+    diagonal block of X against itself; ``same`` when X_j is a chunk of X too (the Gram of X
+    against itself). ``operand`` is θ (gram) or the checkpoints (tracin).
+
+    A bad chunk raises the in-memory function's error with the rows of both chunks in front.
+    """
+    rows_i, rows_j = Xi.shape[0], (Xi if Xj is None else Xj).shape[0]
+    if rows_i == 0 or rows_j == 0:  # an empty chunk (e.g. from slicing): an empty block
+        lead = (net.num_layers,) if kw.get("per_layer") else ()
+        return np.zeros((*lead, rows_i, rows_j), _operand_dtype(operand))
+    second = () if Xj is None else (np.asarray(Xj), np.asarray(yj))
+    try:
+        return np.asarray(_core(func)(net, operand, np.asarray(Xi), np.asarray(yi), *second, **kw))
+    except (TypeError, ValueError) as exc:
+        where = f"rows {r0}:{r0 + rows_i} of X, y"
+        if Xj is not None:
+            where += f" against rows {s0}:{s0 + rows_j} of {'X, y' if same else 'X2, y2'}"
+        raise type(exc)(f"{where} (a block of the Gram): {exc}") from None
+
+
+def dot_chunk(net: MLP, theta, X, y, v, r0: int, backend: str) -> np.ndarray:
+    """One chunk of :func:`grad_dot`: ``fastgrad.grad_dot`` on rows r0 : r0 + len(X), (rows,)."""
+    if X.shape[0] == 0:
+        return np.zeros(0, theta.dtype)
+    try:
+        return np.asarray(_core("grad_dot")(net, theta, np.asarray(X), np.asarray(y), v, backend=backend))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"rows {r0}:{r0 + X.shape[0]} (a chunk of X, y): {exc}") from None
+
+
+def _operand_dtype(operand) -> np.dtype:
+    return operand.dtype if isinstance(operand, np.ndarray) else operand[0][0].dtype
+
+
+def _transposed(block: np.ndarray) -> np.ndarray:
+    """Block (j, i) of a symmetric Gram from block (i, j)."""
+    return np.ascontiguousarray(np.swapaxes(block, -1, -2))
+
+
+def _tiled(func: str, p: _Problem, p2: _Problem | None, operand, kw: dict) -> da.Array:
+    """The N × M (or L × N × M) Dask array whose block (i, j) is chunk i of ``p`` against chunk j of
+    ``p2`` (of ``p`` itself when ``p2`` is None: then the blocks below the diagonal are the
+    transposes of those above, so each pair of chunks is computed once)."""
+    key = dask.delayed(operand, pure=True)  # one key, shipped to each worker once
+    task = dask.delayed(inner_block, pure=True)
+    flip = dask.delayed(_transposed, pure=True)
+    lead = (p.net.num_layers,) if kw.get("per_layer") else ()
+    dt = _operand_dtype(operand)
+    left = list(zip(_rows_of(p.X.to_delayed()), _rows_of(p.y.to_delayed()), _starts(p.rows), p.rows))
+    right = (
+        left
+        if p2 is None
+        else list(zip(_rows_of(p2.X.to_delayed()), _rows_of(p2.y.to_delayed()), _starts(p2.rows), p2.rows))
+    )
+    done: dict[tuple[int, int], object] = {}
+    grid = []
+    for i, (xi, yi, r0, ri) in enumerate(left):
+        row = []
+        for j, (xj, yj, s0, rj) in enumerate(right):
+            if p2 is None and j < i:
+                block = flip(done[j, i])
+            elif p2 is None and j == i:
+                block = task(func, p.net, key, xi, yi, int(r0), None, None, int(s0), kw)
+            else:
+                block = task(func, p.net, key, xi, yi, int(r0), xj, yj, int(s0), kw, p2 is None)
+            done[i, j] = block
+            row.append(da.from_delayed(block, shape=(*lead, ri, rj), dtype=dt))
+        grid.append(row)
+    return da.block(grid)
+
+
+def gram(
+    net: MLP,
+    theta: np.ndarray,
+    X,
+    y,
+    X2=None,
+    y2=None,
+    *,
+    per_layer: bool = False,
+    backend: str = "numba",
+) -> da.Array:
+    """:func:`fastgrad.gram` over whole datasets: the N × M matrix ∇ℓ_i · ∇ℓ'_j in tiles.
+
+    Block (i, j) is ``fastgrad.gram`` of X's row chunk i against X2's row chunk j, one task
+    each, so a worker holds one block (and the two chunks' passes) at a time; the result is
+    lazy, to be written to zarr (``G.to_zarr(path)``) or reduced (``G.sum(axis=1)``) without
+    ever being in memory whole. Without X2, the Gram of X against itself: the blocks below
+    the diagonal are the transposes of those above.
+
+    Parameters
+    ----------
+    net : MLP
+    theta : ndarray (P,), float32 or float64
+    X : dask.array.Array (N, n0)
+        Chunked along rows only.
+    y : dask.array.Array or ndarray
+        Labels (N,) or targets (N, n_L); a NumPy array is split like X.
+    X2, y2 : as X and y, (M, n0) and (M,) or (M, n_L), optional
+        The second dataset; both or neither.
+    per_layer : bool
+        The per-layer terms instead of their sum: (L, N, M).
+    backend : str
+        The backend each block runs on its worker.
+
+    Returns
+    -------
+    dask.array.Array (N, M), or (L, N, M) with ``per_layer``, in θ's dtype
+        Row chunks X's, column chunks X2's (X's without X2). Each block is one call of the
+        in-memory function, so the bits do not depend on the scheduler or the number of
+        workers; they may depend on the chunking.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For bad arguments or chunks, before any task runs; from a task, the in-memory
+        function's error on a bad chunk (NaN, a label out of range) with the rows of both chunks.
+    """
+    p = _check(net, theta, X, y, backend)
+    if not isinstance(per_layer, (bool, np.bool_)):
+        raise TypeError(f"per_layer: expected a bool, got {type(per_layer).__name__}")
+    p2 = None if X2 is None and y2 is None else _check_second(p, X2, y2)
+    return _tiled("gram", p, p2, p.theta, {"per_layer": bool(per_layer), "backend": p.backend})
+
+
+def grad_dot(net: MLP, theta: np.ndarray, X, y, v, *, backend: str = "numba") -> da.Array:
+    """:func:`fastgrad.grad_dot` over a whole dataset: ∇ℓ_i · v for every row, (N,).
+
+    Parameters
+    ----------
+    net, theta, X, y, backend
+        As for :func:`gram`.
+    v : ndarray (P,) in θ's dtype
+        A vector in θ's layout (a gradient, a direction); one key of the graph, shipped to each
+        worker once.
+
+    Returns
+    -------
+    dask.array.Array (N,) in θ's dtype, with X's row chunks; lazy.
+    """
+    p = _check(net, theta, X, y, backend)
+    v = attribution._check_vector(net, v, p.theta.dtype)
+    theta_key, v_key = dask.delayed(p.theta, pure=True), dask.delayed(v, pure=True)
+    task = dask.delayed(dot_chunk, pure=True)
+    blocks = [
+        da.from_delayed(
+            task(p.net, theta_key, xb, yb, v_key, int(r0), p.backend), shape=(r,), dtype=p.theta.dtype
+        )
+        for xb, yb, r0, r in zip(
+            _rows_of(p.X.to_delayed()), _rows_of(p.y.to_delayed()), _starts(p.rows), p.rows
+        )
+    ]
+    return da.concatenate(blocks, axis=0)
+
+
+def tracin(net: MLP, checkpoints, X, y, X2=None, y2=None, *, backend: str = "numba") -> da.Array:
+    """:func:`fastgrad.tracin` over whole datasets: Σ_k η_k ∇ℓ_i(θ_k) · ∇ℓ'_j(θ_k), N × M in tiles.
+
+    Tiled as :func:`gram`: block (i, j) is ``fastgrad.tracin`` of X's chunk i against X2's
+    chunk j over every checkpoint, one task each.
+
+    Parameters
+    ----------
+    net, X, y, X2, y2, backend
+        As for :func:`gram`.
+    checkpoints : sequence of (θ_k, η_k)
+        Parameters (P,) (one dtype for all) and the step size η_k that weights each; one key
+        of the graph.
+
+    Returns
+    -------
+    dask.array.Array (N, M) in the checkpoints' dtype, chunked as :func:`gram`'s; lazy.
+    """
+    ckpts = attribution._check_checkpoints(check_net(net), checkpoints)
+    p = _check(net, ckpts[0][0], X, y, backend)
+    p2 = None if X2 is None and y2 is None else _check_second(p, X2, y2)
+    return _tiled("tracin", p, p2, ckpts, {"backend": p.backend})
+
+
 # --------------------------------------------------------- compare_shortcut
 
 
@@ -569,8 +780,13 @@ __all__ = [
     "clipped_grad",
     "compare_shortcut",
     "delayed_backprop",
+    "dot_chunk",
     "from_npy",
+    "grad_dot",
+    "gram",
+    "inner_block",
     "run_chunk",
     "shortcut_chunk",
+    "tracin",
     "tree_sum",
 ]

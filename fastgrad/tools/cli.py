@@ -1,8 +1,9 @@
-"""The ``fastgrad`` command: compare, train, sweep, validate, bench.
+"""The ``fastgrad`` command: compare, train, sweep, influence, validate, bench, stats.
 
     fastgrad compare                  # true gradient vs both shortcuts, per layer
     fastgrad train --plot loss.png    # same net, same seed: true gradient vs shortcuts (vs DP-SGD)
     fastgrad sweep --plot sweep.png   # the shortcut's error against batch size, depth, activation
+    fastgrad influence                # find flipped labels by self-influence and TracIn (digits)
     fastgrad validate                 # kernels against the NumPy reference
     fastgrad bench                    # the quick peer comparison
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import importlib
+import math
 import os
 import sys
 import threading
@@ -92,6 +94,7 @@ _positive_int = _number_parser(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number_parser(float, lambda v: v > 0, "a positive number")
 _nonneg_float = _number_parser(float, lambda v: v >= 0, "a non-negative number")
 _seed = _number_parser(int, lambda v: v >= 0, "a non-negative integer")
+_fraction = _number_parser(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -206,6 +209,52 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     g.add_argument("--plot", metavar="FILE.png", help="draw the error curves (extra: plot)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "influence",
+        help="flip some training labels, train, and find them by self-influence and TracIn",
+        description="Mislabel detection with per-sample gradient inner products: flip a share of the "
+        "training labels (seeded), train an MLP with SGD keeping θ after every epoch, rank the "
+        "training samples by self-influence, self-TracIn, TracIn against the test set and loss, "
+        "and print a Markdown table of how many flipped labels each ranking's top share holds.",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="scikit-learn's digits (default; extra: digits), or the built-in spirals",
+    )
+    g.add_argument(
+        "--data", metavar="FILE.npz", help="your own arrays instead: 'X' (N, d) and integer labels 'y' (N,)"
+    )
+    g.add_argument("--test-fraction", type=_fraction, default=0.2, help="held-out share (0.2)")
+    g.add_argument(
+        "--flip-fraction", type=_fraction, default=0.05, help="share of training labels flipped (0.05)"
+    )
+    g.add_argument(
+        "--top-fraction", type=_fraction, default=0.05, help="share of training samples flagged (0.05)"
+    )
+    g = p.add_argument_group("network and training (cross-entropy, plain SGD, one checkpoint per epoch)")
+    g.add_argument("--hidden", type=_hidden, default=_hidden("32"), metavar="N1,N2,...", help="(default 32)")
+    g.add_argument("--activation", choices=ACTIVATIONS, default="tanh", help="hidden activation (tanh)")
+    g.add_argument("--epochs", type=_positive_int, default=30, help="(default 30)")
+    g.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="(default 32)")
+    g.add_argument("--lr", type=_positive_float, default=0.1, help="SGD learning rate (default 0.1)")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the split, the flips, θ and batches (0)")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="(auto: the fastest here)")
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw the most influential training samples for a few test samples (extra: plot; "
+        "square images such as digits)",
+    )
+    g.add_argument(
+        "--examples", type=_positive_int, default=4, help="test samples in the picture (4, distinct labels)"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("validate", help="check the kernels against the NumPy reference", add_help=False)
@@ -379,6 +428,50 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_influence(args) -> int:
+    from .influence import mislabel_study
+
+    plot = _check_plot(args.plot)
+    data = load_dataset(args.dataset, args.data, seed=0)
+    if not data.is_classification:
+        raise UsageError(f"--data: {data.name!r} has real-valued targets; flipping labels needs class labels")
+    if plot and math.isqrt(data.num_features) ** 2 != data.num_features:
+        raise UsageError(
+            f"--plot: draws square images, but {data.name!r} has {data.num_features} features per sample"
+        )
+    if plot and args.examples > data.num_classes:
+        raise UsageError(f"--examples {args.examples}: at most {data.num_classes} (one per class)")
+    backend = resolve_backend(args.backend)
+    n_train = data.num_samples - round(args.test_fraction * data.num_samples)
+    bar = _progress(args.epochs * (n_train // args.batch_size) + args.epochs, "training", args.no_progress)
+    try:
+        result = mislabel_study(
+            data,
+            hidden=args.hidden,
+            activation=args.activation,
+            flip_fraction=args.flip_fraction,
+            top_fraction=args.top_fraction,
+            test_fraction=args.test_fraction,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            dtype=args.dtype,
+            backend=backend,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    print(result.table())
+    if plot:
+        try:
+            written = result.plot(plot, examples=args.examples)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"--plot {plot}: {exc}") from None
+        print(f"\npicture written to {written}")
+    return 0
+
+
 def _delegate(command: str, module: str, argv: list[str]) -> int:
     """Run ``fastgrad.tools.<module>.main(argv)`` if this version has it."""
     try:
@@ -391,7 +484,7 @@ def _delegate(command: str, module: str, argv: list[str]) -> int:
     return int(mod.main(argv) or 0)
 
 
-_COMMANDS = {"compare": cmd_compare, "train": cmd_train, "sweep": cmd_sweep}
+_COMMANDS = {"compare": cmd_compare, "train": cmd_train, "sweep": cmd_sweep, "influence": cmd_influence}
 _DELEGATED = {"validate": "validate", "bench": "bench", "stats": "stats"}
 
 

@@ -258,6 +258,7 @@ class _SGD:
     backend: str
     dp: DPSettings | None
     progress: Callable[[int], None] | None
+    on_epoch: Callable[[int, np.ndarray], None] | None = None  # (epoch, θ after it): checkpoints
 
     def gradient(self, method: str, theta: np.ndarray, idx: np.ndarray, epoch: int, step: int):
         X, y = self.train.X[idx], self.Y[idx]
@@ -339,6 +340,8 @@ class _SGD:
                     rec.append(float("nan"))
                 break
             _record(h, self.net, theta, self.train, self.test, self.backend)
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, theta.copy())
         return h
 
 
