@@ -684,17 +684,13 @@ class Workspace:
         return self._bufs
 
     def partials(self, n_slots: int, n_tiles: int, num_params: int, dtype: np.dtype) -> np.ndarray:
-        """A (n_slots, n_tiles, P) view of the buffer of per-tile sums (kept when big enough)."""
+        """The (n_slots, n_tiles, P) buffer of per-tile sums: a C-contiguous view of a flat buffer that is
+        kept while big enough (a strided view would be another type to Numba: another compile)."""
         buf = getattr(self, "_partials", None)
-        if (
-            buf is None
-            or buf.shape[0] < n_slots
-            or buf.shape[1] < n_tiles
-            or buf.shape[2] != num_params
-            or buf.dtype != dtype
-        ):
-            buf = self._partials = np.empty((n_slots, n_tiles, num_params), dtype)
-        return buf[:n_slots, :n_tiles]
+        size = n_slots * n_tiles * num_params
+        if buf is None or buf.shape[0] < size or buf.dtype != dtype:
+            buf = self._partials = np.empty(size, dtype)
+        return buf[:size].reshape(n_slots, n_tiles, num_params)
 
 
 def tile_rows(batch_size: int) -> int:

@@ -232,3 +232,22 @@ def test_the_numba_loss_is_numpys_mean_of_the_per_sample_losses(dtype):
         each = step._prepared[B].losses  # the kernel's per-sample losses
         assert got == float(each.mean(dtype=dtype))
         assert got == fastgrad.backprop(net, theta, X, y, backend="numba").loss
+
+
+def test_batches_of_other_sizes_reuse_the_buffers_and_the_compiled_kernels():
+    from fastgrad import cpu
+
+    net, theta, X, y = make_problem([5, 40, 3], "tanh", "cross_entropy", B=600, dtype=np.float32)
+    step = fastgrad.Step(net, np.float32, compute=("grad", "sq_mean", "norms"), backend="numba")
+    step(theta, X, y)
+    compiled = len(cpu.fused_backprop.signatures)
+    grad = step._results.sums
+    for B in (40, 7, 333, 600):
+        got = step(theta, X[:B], y[:B])
+        want = fastgrad.backprop(
+            net, theta, X[:B], y[:B], compute=("grad", "sq_mean", "norms"), backend="numba"
+        )
+        np.testing.assert_array_equal(got.grad, want.grad)
+        np.testing.assert_array_equal(got.sq_mean, want.sq_mean)
+    assert step._results.sums is grad  # no new result buffers
+    assert len(cpu.fused_backprop.signatures) == compiled
