@@ -64,11 +64,13 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import logging
 import math
 import threading
 from contextlib import contextmanager
 
 import numba
+import numba.core.event
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -632,6 +634,47 @@ def variance_into(grad, sq_mean, var):
 
 
 # ------------------------------------------------------------------ host side
+
+log = logging.getLogger("fastgrad")
+
+
+class _CompileNotice(numba.core.event.Listener):
+    """Says, once per dtype and process, that the kernels are being compiled: the ~20 s of the first
+    call would otherwise look like a hang. Numba's "numba:compile" event starts only after its disk
+    cache missed, so a cached load says nothing.
+
+    The line goes to the ``fastgrad`` logger at WARNING: with no logging set up, Python's last-resort
+    handler writes it to stderr; an application's logging configuration routes or silences it
+    (``logging.getLogger("fastgrad").setLevel(logging.ERROR)``). Not a ``warnings`` warning, which
+    ``-W error`` would turn into an exception."""
+
+    def __init__(self):
+        self.told: set[str] = set()
+
+    def on_start(self, event) -> None:
+        data = event.data or {}
+        if data.get("dispatcher") is not fused_backprop:
+            return
+        try:
+            dtype = str(data["args"][0].types[1].dtype)  # net = (layout, θ, w_t)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            dtype = "a new type"
+        if dtype not in self.told:
+            self.told.add(dtype)
+            log.warning(
+                "fastgrad: compiling the numba kernels for %s (once, ~20 s; %s)",
+                dtype,
+                "cached on disk after"
+                if CACHE
+                else "not cached: FASTGRAD_NUMBA_CACHE=0 or no writable folder",
+            )
+
+    def on_end(self, event) -> None:
+        pass
+
+
+compile_notice = _CompileNotice()
+numba.core.event.register("numba:compile", compile_notice)
 
 
 class Workspace:

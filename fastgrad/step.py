@@ -164,7 +164,7 @@ class Step:
                 raise ValueError(f"max_batch_size: expected a positive integer, got {max_batch_size}")
             max_batch_size = int(max_batch_size)
         self.max_batch_size = max_batch_size
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, host=True)
         if self.backend not in HOST_BACKENDS:
             raise ValueError(
                 f"backend: a Step runs on host backends ({', '.join(HOST_BACKENDS)}), got {self.backend!r}; "
