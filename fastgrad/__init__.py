@@ -23,6 +23,7 @@ from .interop import from_torch, to_torch  # noqa: E402
 from .losses import LOSSES  # noqa: E402
 from .mlp import MLP  # noqa: E402
 from .quantities import QUANTITIES  # noqa: E402
+from .step import Step  # noqa: E402
 from .shortcut import METHODS, ShortcutReport, compare_shortcut, covariance_terms, shortcut_grad  # noqa: E402
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "BackpropResult",
     "ClippedGrad",
     "ShortcutReport",
+    "Step",
     "available_backends",
     "backprop",
     "clipped_grad",

@@ -272,6 +272,9 @@ class ClippedGrad:
         the noise in ``grad`` has standard deviation ``noise_std / denominator``. 0 without noise.
     denominator : float
         D: the batch size B, or ``expected_batch_size``.
+    loss : float or None
+        (1/B) Σ ℓ_i, the batch's mean loss, from the same forward pass (``None`` where a caller
+        that builds a ``ClippedGrad`` itself has none).
     """
 
     grad: np.ndarray
@@ -279,6 +282,7 @@ class ClippedGrad:
     clip_fraction: float
     noise_std: float
     denominator: float
+    loss: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -382,7 +386,8 @@ def clipped_grad(
         return grad
     norms = raw["norms"]
     clipped = int(np.count_nonzero(norms > inp.dtype.type(max_norm)))  # exactly the rows with c_i < 1
-    return ClippedGrad(grad, norms, clipped / inp.batch_size, noise_std, float(denominator))
+    fraction = clipped / inp.batch_size
+    return ClippedGrad(grad, norms, fraction, noise_std, float(denominator), float(raw["loss"]))
 
 
 __all__ = [

@@ -622,9 +622,13 @@ class Workspace:
             self._busy.release()
 
     def buffers(self, sizes: tuple[int, ...], rows: int, dtype: np.dtype, want_sq: bool):
-        """Flat buffers (acts, dphi, deltas, sqa) and the task list for ``rows`` samples."""
-        key = (tuple(sizes), rows, np.dtype(dtype), want_sq)
-        if self._key != key:
+        """Flat buffers (acts, dphi, deltas, sqa) for at least ``rows`` samples, the task list and w_t.
+
+        Buffers made for more rows (or with sqa) serve smaller requests as they are: the kernels read
+        only the leading part of each, so a step whose batch size varies allocates once."""
+        sizes, dtype = tuple(sizes), np.dtype(dtype)
+        key = self._key
+        if key is None or key[0] != sizes or key[2] != dtype or key[1] < rows or (want_sq and not key[3]):
             hidden = sum(sizes[1:-1])
             self._bufs = (
                 np.empty(rows * hidden, dtype),
@@ -634,16 +638,21 @@ class Workspace:
                 _tasks(sizes),
                 np.empty(sum(a * b for a, b in itertools.pairwise(sizes)) + sum(sizes[1:]), dtype),
             )
-            self._key = key
+            self._key = (sizes, rows, dtype, want_sq)
         return self._bufs
 
     def partials(self, n_slots: int, n_tiles: int, num_params: int, dtype: np.dtype) -> np.ndarray:
-        """The (slots, tiles, P) buffer of per-tile sums."""
+        """A (n_slots, n_tiles, P) view of the buffer of per-tile sums (kept when big enough)."""
         buf = getattr(self, "_partials", None)
-        shape = (n_slots, n_tiles, num_params)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._partials = np.empty(shape, dtype)
-        return buf
+        if (
+            buf is None
+            or buf.shape[0] < n_slots
+            or buf.shape[1] < n_tiles
+            or buf.shape[2] != num_params
+            or buf.dtype != dtype
+        ):
+            buf = self._partials = np.empty((n_slots, n_tiles, num_params), dtype)
+        return buf[:n_slots, :n_tiles]
 
 
 def tile_rows(batch_size: int) -> int:
@@ -824,68 +833,119 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     _threading.check_fork_safe()
     ws = workspace if workspace is not None else _thread_workspace()
     with ws.claimed(), single_threaded_blas():
-        return _run(net, inp, need, max_norm, out, ws)
+        results = Results(net, inp.dtype, need, max_norm is not None, inp.batch_size, out)
+        call = PreparedCall(net, inp.dtype, need, max_norm, inp.batch_size, ws, results)
+        theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
+        return call(theta, X, labels, targets)
 
 
-def _run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray | None,
-         ws: Workspace) -> dict:  # fmt: skip
-    dt = inp.dtype
-    B, P, L = inp.batch_size, net.num_params, net.num_layers
-    clip = max_norm is not None
-    made = quantities.sums_to_make(need, clip)
-    want_rows = "per_sample" in need
-    per_row = quantities.needs_norms(need, clip)
-    backward = bool(made) or want_rows or per_row
-    squares = any(q.source == INPUT_SQUARED for q in made)
-    chunk, tile = _chunking(net.sizes, dt, B)
-    chunk = min(B, chunk)
-    acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(net.sizes, chunk, dt, squares)
-    # Numba types read-only arrays apart: copy them rather than compile the kernel a second time
-    theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
-    sums = np.empty((len(made), P), dt)
-    losses = np.empty(B, dt)
-    layer_sq = np.empty((B, L), np.float64)  # squares of float32 norms may overflow float32
-    norms = np.empty(B, dt)
-    clip_c = np.empty(B, dt)
-    G = None
-    if want_rows:
-        G = out if out is not None else np.empty((B, P), dt)
-    no_rows = np.empty((0, 0), dt)
-    n_tiles = -(-chunk // tile)
-    plan, n_slots = _plan(made, n_tiles, P, dt.itemsize)
-    partial = ws.partials(n_slots, n_tiles, P, dt) if n_slots else np.empty((0, 0, 0), dt)
-    ce = net.loss_code == CROSS_ENTROPY
-    net_pack = (_layout(net), theta, w_t)
-    codes = (net.activation_code, net.loss_code, tile)
-    c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
-    hidden, width, inputs = sum(net.sizes[1:-1]), sum(net.sizes[1:]), sum(net.sizes[:-1])
-    # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
-    with numba.parallel_chunksize(1):
+class Results:
+    """The arrays a call writes its results into, for batches of up to ``rows`` samples.
+
+    :func:`run` makes new ones per call; :class:`fastgrad.Step` keeps one set for all its calls.
+    ``out`` (rows, P), when given, receives the per-sample rows."""
+
+    def __init__(self, net: MLP, dtype, need: frozenset, clip: bool, rows: int, out=None):
+        dt = np.dtype(dtype)
+        P = net.num_params
+        self.rows = rows
+        made = quantities.sums_to_make(need, clip)
+        self.sums = np.empty((len(made), P), dt)
+        self.losses = np.empty(rows, dt)
+        # float64: squares of float32 norms may overflow float32
+        self.layer_sq = np.empty((rows, net.num_layers), np.float64)
+        self.norms = np.empty(rows, dt)
+        self.clip_c = np.empty(rows, dt)
+        per_row = quantities.needs_norms(need, clip)
+        self.layer_norms = np.empty((rows, net.num_layers), dt) if per_row else None
+        self.variance = np.empty(P, dt) if "variance" in need else None
+        self.G = None
+        if "per_sample" in need:
+            self.G = out if out is not None else np.empty((rows, P), dt)
+
+
+class PreparedCall:
+    """One numba call's set-up for a batch of ``batch_size`` samples, made once: the chunking, the plan
+    of sums, the kernels' argument packs over the workspace's buffers and the ``results``' arrays.
+
+    Calling it runs the kernels on validated (C-contiguous, writeable, θ's dtype) arrays and returns
+    the backend's dict of raw quantities, views of ``results``; the caller holds the workspace and
+    the single-threaded BLAS (:func:`run` does)."""
+
+    def __init__(self, net: MLP, dtype, need: frozenset, max_norm: float | None, batch_size: int,
+                 ws: Workspace, results: Results):  # fmt: skip
+        dt = self.dtype = np.dtype(dtype)
+        self.batch_size = B = batch_size
+        P = net.num_params
+        clip = max_norm is not None
+        self.made = made = quantities.sums_to_make(need, clip)
+        self.need = need
+        want_rows = "per_sample" in need
+        self.per_row = per_row = quantities.needs_norms(need, clip)
+        backward = bool(made) or want_rows or per_row
+        squares = any(q.source == INPUT_SQUARED for q in made)
+        chunk, tile = _chunking(net.sizes, dt, B)
+        chunk = min(B, chunk)
+        acts, dphi, deltas, sqa, self.tasks, self.w_t = ws.buffers(net.sizes, chunk, dt, squares)
+        n_tiles = -(-chunk // tile)
+        self.plan, n_slots = _plan(made, n_tiles, P, dt.itemsize)
+        self.partial = ws.partials(n_slots, n_tiles, P, dt) if n_slots else np.empty((0, 0, 0), dt)
+        self.ce = net.loss_code == CROSS_ENTROPY
+        self.layout = _layout(net)
+        self.codes = (net.activation_code, net.loss_code, tile)
+        self.c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
+        r = self.results = results
+        self.sums = r.sums
+        self.losses, self.norms = r.losses[:B], r.norms[:B]
+        self.layer_sq = r.layer_sq[:B]
+        self.layer_norms = r.layer_norms[:B] if per_row else None
+        self.G = (r.G if r.G.shape[0] == B else r.G[:B]) if want_rows else None
+        self.B_as_dt = dt.type(B)
+        hidden, width, inputs = sum(net.sizes[1:-1]), sum(net.sizes[1:]), sum(net.sizes[:-1])
+        no_rows = np.empty((0, 0), dt)
+        self.chunks = []
         for c0 in range(0, B, chunk):
             c1 = min(B, c0 + chunk)
             R = c1 - c0
-            data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
             bufs = (acts[: R * hidden], dphi[: R * hidden], deltas[: R * width],
-                    sqa[: R * inputs] if squares else sqa)  # fmt: skip
-            row_out = (losses[c0:c1], layer_sq[c0:c1], norms[c0:c1], clip_c[c0:c1],
-                       np.asarray(G[c0:c1]) if want_rows else no_rows)  # fmt: skip
+                    sqa[: R * inputs] if squares else sqa[:0])  # fmt: skip
+            row_out = (r.losses[c0:c1], r.layer_sq[c0:c1], r.norms[c0:c1], r.clip_c[c0:c1],
+                       np.asarray(r.G[c0:c1]) if want_rows else no_rows)  # fmt: skip
             flags = (backward, per_row, squares, c0 > 0)
-            fused_backprop(net_pack, data, codes, flags, plan, c_max, bufs, row_out, sums, partial, tasks)
-    res = {"loss": losses.mean(dtype=dt)}
-    for s, q in enumerate(made):
-        if q.mean:
-            sums[s] /= dt.type(B)
-        res[q.name] = sums[s]
-    if "variance" in need and "grad" in res and "sq_mean" in res:
-        res["variance"] = np.empty(P, dt)
+            self.chunks.append((c0, c1, bufs, row_out, flags))
+
+    def __call__(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> dict:
+        net_pack = (self.layout, theta, self.w_t)
+        ce, codes, plan, c_max = self.ce, self.codes, self.plan, self.c_max
+        sums, partial, tasks = self.sums, self.partial, self.tasks
+        # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
         with numba.parallel_chunksize(1):
-            variance_into(res["grad"], res["sq_mean"], res["variance"])
-    if per_row:
-        res["norms"] = norms
-        res["layer_norms"] = np.sqrt(layer_sq).astype(dt)
-    if want_rows:
-        res["per_sample"] = G
-    return res
+            for c0, c1, bufs, row_out, flags in self.chunks:
+                data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
+                fused_backprop(net_pack, data, codes, flags, plan, c_max, bufs, row_out, sums, partial, tasks)
+        return self.finish()
+
+    def finish(self) -> dict:
+        """The raw quantities from the kernels' outputs: the loss and the sums' means, the variance
+        from the moments, the layer norms from their squares."""
+        dt, need = self.dtype, self.need
+        res = {"loss": self.losses.mean(dtype=dt)}
+        for s, q in enumerate(self.made):
+            if q.mean:
+                np.divide(self.sums[s], self.B_as_dt, out=self.sums[s])
+            res[q.name] = self.sums[s]
+        if "variance" in need and "grad" in res and "sq_mean" in res:
+            res["variance"] = self.results.variance
+            with numba.parallel_chunksize(1):
+                variance_into(res["grad"], res["sq_mean"], res["variance"])
+        if self.per_row:
+            res["norms"] = self.norms
+            np.sqrt(self.layer_sq, out=self.layer_sq)  # float64, then rounded once to θ's dtype
+            self.layer_norms[...] = self.layer_sq
+            res["layer_norms"] = self.layer_norms
+        if self.G is not None:
+            res["per_sample"] = self.G
+        return res
 
 
 def compile_all(dtypes=(np.float32, np.float64)) -> None:
@@ -907,6 +967,8 @@ __all__ = [
     "SMALL_TILE",
     "TILE",
     "WORKSPACE_BYTES",
+    "PreparedCall",
+    "Results",
     "Workspace",
     "cache_description",
     "check_available",

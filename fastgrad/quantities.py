@@ -156,26 +156,40 @@ def check_clip_norms(norms: np.ndarray) -> None:
         )
 
 
-def dp_noise(num_params: int, seed, dtype, secure: bool = False) -> np.ndarray:
+def dp_noise(num_params: int, seed, dtype, secure: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """ξ ~ N(0, I) of DP-SGD, drawn on the host by ``numpy.random.default_rng(seed)``,
     so every backend adds the same noise for the same seed; with ``secure``, from the OS
-    CSPRNG instead (:func:`fastgrad.privacy.standard_normal`; ``seed`` must be ``None``)."""
+    CSPRNG instead (:func:`fastgrad.privacy.standard_normal`; ``seed`` must be ``None``).
+    ``out`` (num_params,) of ``dtype``, when given, receives the noise."""
     from .privacy import standard_normal
 
-    return standard_normal(num_params, dtype, seed, secure=secure)
+    noise = standard_normal(num_params, dtype, seed, secure=secure)
+    if out is None:
+        return noise
+    out[...] = noise
+    return out
 
 
-def noised_mean(clipped_sum: np.ndarray, noise_std: float, noise, denominator: float) -> np.ndarray:
+def noised_mean(
+    clipped_sum: np.ndarray, noise_std: float, noise, denominator: float, out: np.ndarray | None = None
+) -> np.ndarray:
     """DP-SGD's step (1/D) [Σ_i c_i ∇ℓ_i + σ C ξ] from the clipped sum; ``noise_std`` = σ C and
     the denominator D is the batch size B, or the expected batch size of Poisson sampling.
 
-    With ``noise_std`` = 0 no noise is added (``noise`` may then be ``None``).
+    With ``noise_std`` = 0 no noise is added (``noise`` may then be ``None``). ``out`` (P,), when
+    given, receives the step (it may be ``noise``); the bits are those of the call without it.
     """
     dt = clipped_sum.dtype
-    total = clipped_sum
+    if out is None:
+        total = clipped_sum
+        if noise_std > 0:
+            total = total + dt.type(noise_std) * noise
+        return total / dt.type(denominator)
     if noise_std > 0:
-        total = total + dt.type(noise_std) * noise
-    return total / dt.type(denominator)
+        np.multiply(noise, dt.type(noise_std), out=out)
+        np.add(clipped_sum, out, out=out)
+        return np.divide(out, dt.type(denominator), out=out)
+    return np.divide(clipped_sum, dt.type(denominator), out=out)
 
 
 # ------------------------------------------------------------- the registry

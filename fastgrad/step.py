@@ -1,0 +1,338 @@
+"""A prepared training step: :class:`Step`, built once per network, dtype and quantities, called per batch.
+
+What does not change from one call to the next is checked and built once: the network, the
+quantities and clipping options, the backend, the numba backend's chunking, plan of sums,
+workspace and result arrays (per batch size, over buffers sized for the largest batch seen or
+``max_batch_size``), and the DP noise's seed sequence. A call checks only what a new array can get
+wrong (type, dtype, shape, C-contiguity, finiteness, label range or target domain) and runs the
+same code as :func:`fastgrad.backprop` / :func:`fastgrad.clipped_grad`, so the bits are theirs.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+
+from ._validation import (
+    Inputs,
+    check_compute,
+    check_max_norm,
+    check_net,
+    check_noise_multiplier,
+    check_per_sample_fits,
+    check_positive,
+    check_theta,
+    check_X,
+    check_y,
+)
+from .api import BackpropResult, ClippedGrad, _backend, resolve_backend
+from .losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY
+from .mlp import FLOAT_DTYPES, MLP
+from .privacy import check_seed
+from .quantities import check_clip_norms, dp_noise, finish, needed, noised_mean
+
+HOST_BACKENDS: tuple[str, ...] = ("naive", "numpy", "numba")
+"""Backends a :class:`Step` runs on (host arrays)."""
+
+MAX_PREPARED = 256
+"""Batch sizes whose prepared numba call a step keeps (Poisson batches vary in size); past this
+many the oldest is dropped (the buffers are shared, so a prepared call is small)."""
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """Whether every element of ``a`` is finite: a NaN or an Inf makes the sum NaN or ±Inf, so a
+    finite sum proves it in one pass without a temporary; a sum that overflowed is checked exactly."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(np.add.reduce(a, axis=None)):
+            return True
+    return bool(np.isfinite(a).all())
+
+
+def _plain(a) -> bool:
+    """A NumPy array (or memmap), not a masked array, C-contiguous."""
+    return isinstance(a, np.ndarray) and not isinstance(a, np.ma.MaskedArray) and a.flags.c_contiguous
+
+
+def _seed_sequence(seed) -> np.random.SeedSequence:
+    """The step's own seed sequence from a checked ``seed`` (a Generator gives 4 words of its output)."""
+    if isinstance(seed, np.random.SeedSequence):  # a copy: spawning advances the user's object otherwise
+        return np.random.SeedSequence(
+            seed.entropy,
+            spawn_key=seed.spawn_key,
+            pool_size=seed.pool_size,
+            n_children_spawned=seed.n_children_spawned,
+        )
+    if isinstance(seed, np.random.Generator):
+        return np.random.SeedSequence(seed.integers(0, 2**63, size=4, dtype=np.uint64).tolist())
+    return np.random.SeedSequence(seed)
+
+
+class Step:
+    """A prepared call of :func:`fastgrad.backprop` (or, with ``max_norm``, of
+    :func:`fastgrad.clipped_grad`) for one network, dtype and set of quantities.
+
+    >>> step = fastgrad.Step(net, np.float32, compute=("loss", "grad"))
+    >>> for X, y in batches:
+    ...     res = step(theta, X, y)          # res.grad is the step's buffer, overwritten next call
+    ...     theta -= lr * res.grad
+
+    Parameters
+    ----------
+    net : MLP
+        The network spec.
+    dtype : float32 or float64
+        θ's dtype; every call's θ must have it (X and y of other real dtypes are converted, as
+        :func:`fastgrad.backprop` does).
+    compute : sequence of str
+        As for :func:`fastgrad.backprop`. With ``max_norm`` leave it at its default: the step then
+        returns :func:`fastgrad.clipped_grad`'s :class:`ClippedGrad`.
+    backend : str
+        ``"auto"`` (the fastest host backend here: numba, else numpy), ``"numba"``, ``"numpy"`` or
+        ``"naive"``. GPU arrays go to :func:`fastgrad.backprop` with ``backend="cuda"``.
+    max_norm : float, optional
+        C > 0: the step is DP-SGD's clipped (and with ``noise_multiplier`` > 0 noised) mean gradient.
+    noise_multiplier : float
+        σ ≥ 0, with ``max_norm``.
+    seed : int, sequence of int, numpy SeedSequence or Generator, or None
+        Seed of the noise. Call k (counting from 0) adds the noise that
+        ``clipped_grad(..., seed=np.random.SeedSequence(seed).spawn(k + 1)[k])`` adds (a
+        SeedSequence seed is copied and spawned from where it stands; a Generator gives the
+        entropy of a new SeedSequence once, at construction; ``None``: fresh OS entropy, kept in
+        :attr:`seed_sequence`). So a seed gives a reproducible sequence of steps.
+    expected_batch_size : float, optional
+        The denominator D of the clipped mean (Poisson sampling: q·N), with ``max_norm``.
+    max_batch_size : int, optional
+        The largest batch: result buffers are made for it at once, and a bigger batch is refused.
+        By default they grow to the largest batch seen.
+
+    Notes
+    -----
+    The arrays of a result are the step's own buffers (numba backend), overwritten by the next
+    call; ``copy=True`` returns copies. One step serves one call at a time: a call from a second
+    Python thread while another runs raises ``RuntimeError``; give each thread its own step.
+    """
+
+    def __init__(
+        self,
+        net: MLP,
+        dtype=np.float32,
+        compute: Sequence[str] = ("loss", "grad"),
+        backend: str = "auto",
+        max_norm: float | None = None,
+        noise_multiplier: float = 0.0,
+        seed=None,
+        expected_batch_size: float | None = None,
+        max_batch_size: int | None = None,
+    ):
+        self.net = check_net(net)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {dt}")
+        self.dtype = dt
+        self.want = want = check_compute(compute)
+        self.max_norm = None if max_norm is None else check_max_norm(max_norm)
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+        if self.max_norm is None:
+            if self.noise_multiplier > 0 or seed is not None or expected_batch_size is not None:
+                raise ValueError(
+                    "max_norm: noise_multiplier, seed and expected_batch_size need max_norm (DP-SGD's C)"
+                )
+        elif want != frozenset({"loss", "grad"}):
+            raise ValueError(
+                "compute: with max_norm the step returns a ClippedGrad (grad, norms, loss, clip_fraction); "
+                "leave compute at its default"
+            )
+        check_seed(seed)
+        self.seed_sequence = _seed_sequence(seed)
+        """The noise's seed sequence; call k's noise has seed ``seed_sequence``'s child k."""
+        self.expected_batch_size = (
+            None
+            if expected_batch_size is None
+            else check_positive("expected_batch_size", expected_batch_size)
+        )
+        if max_batch_size is not None:
+            if isinstance(max_batch_size, (bool, np.bool_)) or not isinstance(
+                max_batch_size, (int, np.integer)
+            ):
+                raise TypeError(
+                    f"max_batch_size: expected a positive integer, got {type(max_batch_size).__name__}"
+                )
+            if max_batch_size < 1:
+                raise ValueError(f"max_batch_size: expected a positive integer, got {max_batch_size}")
+            max_batch_size = int(max_batch_size)
+        self.max_batch_size = max_batch_size
+        self.backend = resolve_backend(backend)
+        if self.backend not in HOST_BACKENDS:
+            raise ValueError(
+                f"backend: a Step runs on host backends ({', '.join(HOST_BACKENDS)}), got {self.backend!r}; "
+                "for GPU arrays call fastgrad.backprop / clipped_grad with backend='cuda'"
+            )
+        self._run = _backend(self.backend)
+        clip = self.max_norm is not None
+        self.need = needed(("norms",), clipping=True) if clip else needed(want)
+        self.calls = 0
+        """Calls made so far (the index k of the next call's noise)."""
+        self._busy = threading.Lock()
+        P = net.num_params
+        self._no_labels = np.zeros(0, np.int64)
+        self._no_targets = np.zeros((0, net.n_out), dt)
+        self._noise = np.empty(P, dt) if clip and self.noise_multiplier > 0 else None
+        self._grad = np.empty(P, dt) if clip else None
+        self._prepared: dict[int, object] = {}
+        self._results = None
+        if self.backend == "numba":
+            from . import cpu
+
+            self._cpu = cpu
+            self._ws = cpu.Workspace()
+            if max_batch_size is not None:
+                self._grow(max_batch_size)
+
+    # ------------------------------------------------------------ set-up
+
+    def _grow(self, rows: int) -> None:
+        """Result buffers for batches of up to ``rows`` samples (the prepared calls are rebuilt)."""
+        if "per_sample" in self.need:
+            check_per_sample_fits(rows, self.net.num_params, self.dtype)
+        self._results = self._cpu.Results(self.net, self.dtype, self.need, self.max_norm is not None, rows)
+        self._prepared.clear()
+
+    def _prepared_call(self, batch: int):
+        call = self._prepared.get(batch)
+        if call is None:
+            if self._results is None or self._results.rows < batch:
+                self._grow(batch)
+            if len(self._prepared) >= MAX_PREPARED:
+                del self._prepared[next(iter(self._prepared))]
+            call = self._prepared[batch] = self._cpu.PreparedCall(
+                self.net, self.dtype, self.need, self.max_norm, batch, self._ws, self._results
+            )
+        return call
+
+    @contextmanager
+    def _claimed(self):
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "step: this Step is in use by another call (a second Python thread?); "
+                "give each thread its own fastgrad.Step"
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    # ------------------------------------------------------------ per call
+
+    def _inputs(self, theta, X, y) -> Inputs:
+        """The call's arrays, checked as :func:`fastgrad.api.check_inputs` would, fast when they
+        already have the step's dtype and are C-contiguous (then nothing is copied)."""
+        net, dt = self.net, self.dtype
+        if not (_plain(theta) and theta.dtype == dt and theta.shape == (net.num_params,)):
+            theta = check_theta(net, theta)  # raises, or a contiguous native copy
+            if theta.dtype != dt:
+                raise TypeError(f"theta: expected dtype {dt} (the step's dtype), got {theta.dtype}")
+        elif not _all_finite(theta):
+            raise ValueError("theta: contains NaN or Inf")
+        if _plain(X) and X.dtype == dt and X.ndim == 2 and X.shape[1] == net.n_in and X.shape[0] > 0:
+            if not _all_finite(X):
+                raise ValueError("X: contains NaN or Inf")
+        else:
+            X = check_X(net, X, dt)
+        B = X.shape[0]
+        loss = net.loss_code
+        if loss == CROSS_ENTROPY:
+            if _plain(y) and y.dtype == np.int64 and y.shape == (B,):
+                if y.min() < 0 or y.max() >= net.n_out:
+                    check_y(net, y, B, dt)  # raises, naming the range
+                return Inputs(theta, X, y, self._no_targets)
+        elif _plain(y) and y.dtype == dt and y.shape == (B, net.n_out):
+            if not _all_finite(y):
+                raise ValueError("y: contains NaN or Inf")
+            if loss == BINARY_CROSS_ENTROPY and (y.min() < 0 or y.max() > 1):
+                raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
+            return Inputs(theta, X, self._no_labels, y)
+        labels, targets = check_y(net, y, B, dt)
+        return Inputs(theta, X, labels, targets)
+
+    def __call__(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, copy: bool = False):
+        """One step on a batch.
+
+        Parameters
+        ----------
+        theta : ndarray (P,) of the step's dtype
+            Flat parameters.
+        X : ndarray (B, n0)
+            Inputs; B up to ``max_batch_size`` when that was given.
+        y : ndarray
+            Labels (B,) or targets (B, n_L), as for :func:`fastgrad.backprop`.
+        copy : bool
+            Return arrays of its own rather than the step's buffers (which the next call overwrites).
+
+        Returns
+        -------
+        BackpropResult, or ClippedGrad (with ``loss``) when the step was built with ``max_norm``.
+            Bit-identical to :func:`fastgrad.backprop` / :func:`fastgrad.clipped_grad` (with
+            ``return_stats=True`` and call k's seed, see ``seed``) on the same inputs and backend.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For bad input, naming the argument, before any kernel runs.
+        RuntimeError
+            When another thread's call is using this step.
+        FloatingPointError
+            As :func:`fastgrad.clipped_grad`: a sample's gradient norm is NaN or Inf.
+        """
+        with self._claimed():
+            inp = self._inputs(theta, X, y)
+            B = inp.batch_size
+            if self.max_batch_size is not None and B > self.max_batch_size:
+                raise ValueError(
+                    f"X: {B} samples, more than the step's max_batch_size = {self.max_batch_size}"
+                )
+            if self.backend == "numba":
+                raw = self._run_numba(inp)
+            else:
+                if "per_sample" in self.need:
+                    check_per_sample_fits(B, self.net.num_params, self.dtype)
+                raw = self._run(self.net, inp, self.need, self.max_norm, None)
+            if self.max_norm is None:
+                values = finish(self.want - {"loss"}, raw, B)
+                if copy:
+                    values = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in values.items()}
+                return BackpropResult(loss=float(raw["loss"]), **values)
+            return self._clipped(raw, B, copy)
+
+    def _run_numba(self, inp: Inputs) -> dict:
+        cpu = self._cpu
+        cpu._threading.check_fork_safe()
+        call = self._prepared_call(inp.batch_size)
+        theta, X, labels, targets = (cpu._writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
+        with self._ws.claimed(), cpu.single_threaded_blas():
+            return call(theta, X, labels, targets)
+
+    def _clipped(self, raw: dict, B: int, copy: bool) -> ClippedGrad:
+        norms = raw["norms"]
+        check_clip_norms(norms)
+        C = self.max_norm
+        noise_std = self.noise_multiplier * C
+        noise = None
+        if noise_std > 0:
+            noise = dp_noise(self.net.num_params, self.seed_sequence.spawn(1)[0], self.dtype, out=self._noise)
+        self.calls += 1
+        denominator = B if self.expected_batch_size is None else self.expected_batch_size
+        grad = noised_mean(raw["clipped_sum"], noise_std, noise, denominator, out=self._grad)
+        clipped = int(np.count_nonzero(norms > self.dtype.type(C)))
+        if copy:
+            grad, norms = grad.copy(), norms.copy()
+        return ClippedGrad(grad, norms, clipped / B, noise_std, float(denominator), float(raw["loss"]))
+
+
+__all__ = ["HOST_BACKENDS", "Step"]
