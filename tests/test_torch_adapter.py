@@ -335,3 +335,31 @@ def test_dp_batches_accounting_and_the_empty_batch():
     assert calibrated.epsilon() <= 2.0
     assert calibrated.epsilon() == pytest.approx(2.0, rel=0.01)  # calibrated: the budget is spent
     assert calibrated.epsilon() == fastgrad.privacy.epsilon(calibrated.noise_multiplier, 0.1, 30, 1e-3)
+
+
+def _cuda_runs() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    return "cuda" in fastgrad.available_backends()
+
+
+@pytest.mark.skipif(not _cuda_runs(), reason="needs a CUDA GPU for both torch and fastgrad's cuda backend")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("loss", list(TORCH_LOSS))
+def test_a_cuda_model_gets_p_grad_from_the_cuda_backend_as_autograd_gives(loss, dtype):
+    model, X, y = model_and_batch("tanh", loss, dtype)
+    ref = clone(model).cuda()
+    model = model.cuda()
+    X, y = X.cuda(), y.cuda()
+    step = ft.GradStep(model, loss)
+    assert step.backend == "cuda" and step.theta.is_cuda
+    got = step(X, y)
+    ref_loss = TORCH_LOSS[loss]()(ref(X), y)
+    ref_loss.backward()
+    assert got == pytest.approx(ref_loss.item(), rel=10 * TOL[dtype])
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).cpu().numpy()
+    r = torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).cpu().numpy()
+    assert rel(g, r) < TOL[dtype]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()  # the optimizer updates the flat θ on the device
+    assert torch.equal(step.theta[: model[0].weight.numel()].view_as(model[0].weight), model[0].weight)
