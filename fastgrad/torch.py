@@ -267,8 +267,8 @@ class DPGradStep(GradStep):
     num_samples : int
         N, the dataset size.
     expected_batch_size : float
-        E = q·N: the sampling rate is q = E/N, an epoch is round(N/E) steps, and the clipped sum
-        is divided by E.
+        E = q·N: the sampling rate is q = E/N, an epoch is N // E steps (as ``fastgrad train``),
+        and the clipped sum is divided by E.
     max_norm : float
         C > 0, the per-sample clipping norm in torch's scale (Opacus's ``max_grad_norm``).
     noise_multiplier : float, optional
@@ -322,7 +322,7 @@ class DPGradStep(GradStep):
                 f"expected_batch_size: {self.expected_batch_size:g} exceeds num_samples = {self.num_samples}"
             )
         self.sampling_rate = self.expected_batch_size / self.num_samples
-        self.steps_per_epoch = max(1, round(1 / self.sampling_rate))
+        self.steps_per_epoch = max(1, self.num_samples // math.ceil(self.expected_batch_size))
         self.delta = 10.0 ** -math.ceil(math.log10(self.num_samples)) if delta is None else float(delta)
         self.accountant = accountant
         if (noise_multiplier is None) == (target_epsilon is None):
