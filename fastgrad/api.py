@@ -8,6 +8,7 @@ once, so the backends cannot disagree about them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, make_dataclass
@@ -87,6 +88,12 @@ BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
 BACKEND_PREFERENCE: tuple[str, ...] = ("cuda", "numba", "numpy")
 """The order in which ``resolve_backend("auto")`` picks a backend: fastest first."""
 
+HOST_PREFERENCE: tuple[str, ...] = ("numba", "numpy")
+"""The order in which ``backend="auto"`` of :func:`backprop`, :func:`clipped_grad` and
+:class:`fastgrad.Step` picks a backend for host (NumPy) arrays. The CUDA backend is not picked for
+them: it would copy θ, X and y to the GPU and the results back on every call, and change the
+arithmetic (other kernels, other bits) without being asked; GPU arrays go to it."""
+
 
 def available_backends() -> list[str]:
     """Names of the backends that can run here (the CUDA one only with a GPU)."""
@@ -100,9 +107,10 @@ def available_backends() -> list[str]:
     return names
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, host: bool = False) -> str:
     """Check that backend ``name`` can run here and return it; ``"auto"`` picks the fastest
-    that can (cuda, else numba, else numpy).
+    that can (cuda, else numba, else numpy), or with ``host`` the fastest for host arrays
+    (numba, else numpy: :data:`HOST_PREFERENCE`).
 
     Raises
     ------
@@ -112,10 +120,34 @@ def resolve_backend(name: str) -> str:
         Saying why a known backend cannot run here (no GPU, a missing extra).
     """
     if name == "auto":
+        if host:
+            return _best_host()
         avail = available_backends()
         return next((b for b in BACKEND_PREFERENCE if b in avail), "numpy")
     _backend(name)
     return name
+
+
+@functools.cache
+def _best_host() -> str:
+    """The first of :data:`HOST_PREFERENCE` that runs here (asked once per process)."""
+    for name in HOST_PREFERENCE[:-1]:
+        try:
+            _backend(name)
+        except (ImportError, RuntimeError, ValueError):
+            continue
+        return name
+    return HOST_PREFERENCE[-1]
+
+
+def _auto(backend: str, *arrays) -> str:
+    """``backend``, with ``"auto"`` resolved for these arrays: ``"cuda"`` when any is a GPU array,
+    else the fastest host backend."""
+    if backend != "auto":
+        return backend
+    if any(hasattr(a, "__cuda_array_interface__") for a in arrays):
+        return "cuda"
+    return _best_host()
 
 
 def run_backend(
@@ -176,7 +208,7 @@ def backprop(
     X: np.ndarray,
     y: np.ndarray,
     compute: Sequence[str] = ("grad",),
-    backend: str = "numpy",
+    backend: str = "auto",
     *,
     out: np.ndarray | None = None,
     workspace=None,
@@ -199,8 +231,11 @@ def backprop(
         Any of ``loss``, ``grad``, ``per_sample``, ``norms``, ``layer_norms``,
         ``sq_mean``, ``variance``, ``noise_scale``.
     backend : str
-        ``"naive"`` (the per-sample loop, the definition), ``"numpy"`` (batched
-        GEMMs), ``"numba"`` (CPU kernels), ``"cuda"`` (GPU kernels).
+        ``"auto"`` (the default: ``"cuda"`` for GPU arrays, else ``"numba"`` where Numba is
+        installed, else ``"numpy"``; see :data:`HOST_PREFERENCE`), ``"naive"`` (the per-sample
+        loop, the definition), ``"numpy"`` (batched GEMMs), ``"numba"`` (CPU kernels; the first
+        call per dtype compiles them, about 20 s, once: they are cached on disk), ``"cuda"`` (GPU
+        kernels).
     out : ndarray (B, P), optional
         Receives ``per_sample`` (e.g. an ``np.memmap`` for batches that do not fit in RAM; every
         host backend writes it in chunks of bounded size). Native byte order, C-contiguous,
@@ -224,6 +259,7 @@ def backprop(
         and its B × P matrix would not fit in the available memory, before any work.
     """
     want = check_compute(compute)
+    backend = _auto(backend, theta, X, y, out)
     run = _backend(backend)
     if out is not None and "per_sample" not in want:
         raise ValueError("out: given, but 'per_sample' is not in compute")
@@ -305,7 +341,7 @@ def clipped_grad(
     max_norm: float,
     noise_multiplier: float = 0.0,
     seed: int | None = None,
-    backend: str = "numpy",
+    backend: str = "auto",
     *,
     workspace=None,
     expected_batch_size: float | None = None,
@@ -363,6 +399,7 @@ def clipped_grad(
     )
     if not isinstance(return_stats, (bool, np.bool_)):
         raise TypeError(f"return_stats: expected True or False, got {type(return_stats).__name__}")
+    backend = _auto(backend, theta, X, y)
     run = _backend(backend)
     if _on_device(backend, theta, X, y):
         if denominator is not None or secure_noise or return_stats:
@@ -393,6 +430,7 @@ def clipped_grad(
 __all__ = [
     "BACKENDS",
     "BACKEND_PREFERENCE",
+    "HOST_PREFERENCE",
     "QUANTITIES",
     "BackpropResult",
     "ClippedGrad",

@@ -10,7 +10,6 @@ same code as :func:`fastgrad.backprop` / :func:`fastgrad.clipped_grad`, so the b
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -44,11 +43,7 @@ many the oldest is dropped (the buffers are shared, so a prepared call is small)
 
 
 def _all_finite(a: np.ndarray) -> bool:
-    """Whether every element of ``a`` is finite: a NaN or an Inf makes the sum NaN or ±Inf, so a
-    finite sum proves it in one pass without a temporary; a sum that overflowed is checked exactly."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        if math.isfinite(np.add.reduce(a, axis=None)):
-            return True
+    """Whether every element of ``a`` is finite (NumPy: one boolean temporary)."""
     return bool(np.isfinite(a).all())
 
 
@@ -137,6 +132,7 @@ class Step:
             raise TypeError(f"dtype: expected float32 or float64, got {dt}")
         self.dtype = dt
         self.want = want = check_compute(compute)
+        self._rest = want - {"loss"}
         self.max_norm = None if max_norm is None else check_max_norm(max_norm)
         self.noise_multiplier = check_noise_multiplier(noise_multiplier)
         if self.max_norm is None:
@@ -168,7 +164,7 @@ class Step:
                 raise ValueError(f"max_batch_size: expected a positive integer, got {max_batch_size}")
             max_batch_size = int(max_batch_size)
         self.max_batch_size = max_batch_size
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, host=True)
         if self.backend not in HOST_BACKENDS:
             raise ValueError(
                 f"backend: a Step runs on host backends ({', '.join(HOST_BACKENDS)}), got {self.backend!r}; "
@@ -218,15 +214,19 @@ class Step:
 
     @contextmanager
     def _claimed(self):
+        """Hold the step for one call; raise if another call (thread) holds it."""
+        self._claim()
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def _claim(self) -> None:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError(
                 "step: this Step is in use by another call (a second Python thread?); "
                 "give each thread its own fastgrad.Step"
             )
-        try:
-            yield
-        finally:
-            self._busy.release()
 
     # ------------------------------------------------------------ per call
 
@@ -238,28 +238,48 @@ class Step:
             theta = check_theta(net, theta)  # raises, or a contiguous native copy
             if theta.dtype != dt:
                 raise TypeError(f"theta: expected dtype {dt} (the step's dtype), got {theta.dtype}")
-        elif not _all_finite(theta):
-            raise ValueError("theta: contains NaN or Inf")
-        if _plain(X) and X.dtype == dt and X.ndim == 2 and X.shape[1] == net.n_in and X.shape[0] > 0:
-            if not _all_finite(X):
-                raise ValueError("X: contains NaN or Inf")
-        else:
-            X = check_X(net, X, dt)
+        if not (_plain(X) and X.dtype == dt and X.ndim == 2 and X.shape[1] == net.n_in and X.shape[0] > 0):
+            X = check_X(net, X, dt)  # raises, or a converted copy (checked then)
         B = X.shape[0]
-        loss = net.loss_code
-        if loss == CROSS_ENTROPY:
+        if net.loss_code == CROSS_ENTROPY:
             if _plain(y) and y.dtype == np.int64 and y.shape == (B,):
-                if y.min() < 0 or y.max() >= net.n_out:
-                    check_y(net, y, B, dt)  # raises, naming the range
-                return Inputs(theta, X, y, self._no_targets)
+                labels, targets = y, self._no_targets
+            else:
+                labels, targets = check_y(net, y, B, dt)
         elif _plain(y) and y.dtype == dt and y.shape == (B, net.n_out):
-            if not _all_finite(y):
-                raise ValueError("y: contains NaN or Inf")
-            if loss == BINARY_CROSS_ENTROPY and (y.min() < 0 or y.max() > 1):
-                raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
-            return Inputs(theta, X, self._no_labels, y)
-        labels, targets = check_y(net, y, B, dt)
+            labels, targets = self._no_labels, y
+        else:
+            labels, targets = check_y(net, y, B, dt)
+        self._check_values(theta, X, labels, targets)
         return Inputs(theta, X, labels, targets)
+
+    def _check_values(self, theta, X, labels, targets) -> None:
+        """θ, X and the targets finite, the labels in range (an array that came through the full
+        checks again, which costs little beside the copy it made)."""
+        net = self.net
+        if self.backend == "numba" and all(a.flags.writeable for a in (theta, X, labels, targets)):
+            # one compiled pass; read-only arrays would make Numba compile it again
+            bad = self._cpu.bad_input(theta, X.reshape(-1), targets.reshape(-1), labels, net.n_out)
+        else:
+            bad = 0
+            if not _all_finite(theta):
+                bad = 1
+            elif not _all_finite(X):
+                bad = 2
+            elif targets.size and not _all_finite(targets):
+                bad = 3
+            elif labels.size and (labels.min() < 0 or labels.max() >= net.n_out):
+                bad = 4
+        if bad == 1:
+            raise ValueError("theta: contains NaN or Inf")
+        if bad == 2:
+            raise ValueError("X: contains NaN or Inf")
+        if bad == 3:
+            raise ValueError("y: contains NaN or Inf")
+        if bad == 4:
+            check_y(net, labels, labels.shape[0], self.dtype)  # raises, naming the range
+        if net.loss_code == BINARY_CROSS_ENTROPY and (targets.min() < 0 or targets.max() > 1):
+            raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
 
     def __call__(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, copy: bool = False):
         """One step on a batch.
@@ -290,33 +310,38 @@ class Step:
         FloatingPointError
             As :func:`fastgrad.clipped_grad`: a sample's gradient norm is NaN or Inf.
         """
-        with self._claimed():
-            inp = self._inputs(theta, X, y)
-            B = inp.batch_size
-            if self.max_batch_size is not None and B > self.max_batch_size:
-                raise ValueError(
-                    f"X: {B} samples, more than the step's max_batch_size = {self.max_batch_size}"
-                )
-            if self.backend == "numba":
-                raw = self._run_numba(inp)
-            else:
-                if "per_sample" in self.need:
-                    check_per_sample_fits(B, self.net.num_params, self.dtype)
-                raw = self._run(self.net, inp, self.need, self.max_norm, None)
-            if self.max_norm is None:
-                values = finish(self.want - {"loss"}, raw, B)
-                if copy:
-                    values = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in values.items()}
-                return BackpropResult(loss=float(raw["loss"]), **values)
-            return self._clipped(raw, B, copy)
+        self._claim()
+        try:
+            return self._step(theta, X, y, copy)
+        finally:
+            self._busy.release()
+
+    def _step(self, theta, X, y, copy: bool):
+        inp = self._inputs(theta, X, y)
+        B = inp.batch_size
+        if self.max_batch_size is not None and B > self.max_batch_size:
+            raise ValueError(f"X: {B} samples, more than the step's max_batch_size = {self.max_batch_size}")
+        if self.backend == "numba":
+            raw = self._run_numba(inp)
+        else:
+            if "per_sample" in self.need:
+                check_per_sample_fits(B, self.net.num_params, self.dtype)
+            raw = self._run(self.net, inp, self.need, self.max_norm, None)
+        if self.max_norm is None:
+            values = finish(self._rest, raw, B)
+            if copy:
+                values = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in values.items()}
+            return BackpropResult(loss=float(raw["loss"]), **values)
+        return self._clipped(raw, B, copy)
 
     def _run_numba(self, inp: Inputs) -> dict:
         cpu = self._cpu
         cpu._threading.check_fork_safe()
         call = self._prepared_call(inp.batch_size)
-        theta, X, labels, targets = (cpu._writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
-        with self._ws.claimed(), cpu.single_threaded_blas():
-            return call(theta, X, labels, targets)
+        w = cpu._writeable
+        # the step's own workspace: its lock (held by the caller) stands for the workspace's claim
+        with cpu.single_threaded_blas:
+            return call(w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets))
 
     def _clipped(self, raw: dict, B: int, copy: bool) -> ClippedGrad:
         norms = raw["norms"]

@@ -221,3 +221,33 @@ def test_one_step_per_thread_gives_the_serial_results():
             np.testing.assert_array_equal(r.grad, want.grad)
             np.testing.assert_array_equal(r.norms, want.norms)
             assert r.loss == want.loss
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_numba_loss_is_numpys_mean_of_the_per_sample_losses(dtype):
+    for B in (1, 37, 300):
+        net, theta, X, y = make_problem([5, 9, 3], "tanh", "cross_entropy", B=B, dtype=dtype, scale=2.0)
+        step = fastgrad.Step(net, dtype, backend="numba")
+        got = step(theta, X, y).loss
+        each = step._prepared[B].losses  # the kernel's per-sample losses
+        assert got == float(each.mean(dtype=dtype))
+        assert got == fastgrad.backprop(net, theta, X, y, backend="numba").loss
+
+
+def test_batches_of_other_sizes_reuse_the_buffers_and_the_compiled_kernels():
+    from fastgrad import cpu
+
+    net, theta, X, y = make_problem([5, 40, 3], "tanh", "cross_entropy", B=600, dtype=np.float32)
+    step = fastgrad.Step(net, np.float32, compute=("grad", "sq_mean", "norms"), backend="numba")
+    step(theta, X, y)
+    compiled = len(cpu.fused_backprop.signatures)
+    grad = step._results.sums
+    for B in (40, 7, 333, 600):
+        got = step(theta, X[:B], y[:B])
+        want = fastgrad.backprop(
+            net, theta, X[:B], y[:B], compute=("grad", "sq_mean", "norms"), backend="numba"
+        )
+        np.testing.assert_array_equal(got.grad, want.grad)
+        np.testing.assert_array_equal(got.sq_mean, want.sq_mean)
+    assert step._results.sums is grad  # no new result buffers
+    assert len(cpu.fused_backprop.signatures) == compiled
