@@ -7,10 +7,14 @@ Per configuration (``fastgrad.tools.configs``: tanh hidden layers, cross-entropy
 and Numba both on 2 threads), the same model and batch, each method a real training step:
 
 - **torch**: ``opt.zero_grad()``, forward, ``CrossEntropyLoss``, ``backward()``, ``opt.step()``;
-- **fastgrad**: ``GradStep(X, y)`` (every ``p.grad``) then ``opt.step()``;
+- **fastgrad**: ``GradStep(X, y)`` (every ``p.grad``) then ``opt.step()``; and the same with
+  torch on one thread (``torch.set_num_threads(1)`` at the start of each step; each method sets
+  its own thread count), the rule of docs/training.md for loops where torch runs only the
+  optimizer;
 - **fastgrad DP**: a Poisson batch drawn from a dataset of 10·B samples (q = 0.1, so the expected
   batch is B), gathered (``X[idx]``), ``DPGradStep`` (norms, clipping, noise σ = 1, ÷ E) and
-  ``opt.step()``: everything DP-SGD needs, against torch's *non-private* step;
+  ``opt.step()``: everything DP-SGD needs, against torch's *non-private* step (also with torch
+  on one thread);
 - **Opacus**: ``make_private``'s pieces (``GradSampleModule`` + ``DPOptimizer``, σ = 1) on the
   fixed batch: zero_grad, forward, loss, backward with per-sample hooks, ``opt.step()``.
 
@@ -38,7 +42,7 @@ CONFIGS = "mnist128-B64,narrow-B32,narrow-B256,mnist,wide"
 CLOCK = time.perf_counter
 
 
-def methods_for(name: str, opacus_too: bool) -> dict:
+def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
     import torch
 
     import fastgrad
@@ -61,6 +65,7 @@ def methods_for(name: str, opacus_too: bool) -> dict:
     ref_opt = sgd(ref)
 
     def torch_step():
+        torch.set_num_threads(threads)
         ref_opt.zero_grad()
         loss_fn(ref(Xt), yt).backward()
         ref_opt.step()
@@ -70,6 +75,12 @@ def methods_for(name: str, opacus_too: bool) -> dict:
     step = ft.GradStep(model, loss_fn)
 
     def fastgrad_step():
+        torch.set_num_threads(threads)
+        step(Xt, yt)
+        opt.step()
+
+    def fastgrad_step_1():  # torch runs only the optimizer: on one thread (docs/training.md's rule)
+        torch.set_num_threads(1)
         step(Xt, yt)
         opt.step()
 
@@ -79,8 +90,9 @@ def methods_for(name: str, opacus_too: bool) -> dict:
                        noise_multiplier=1.0, seed=0)  # fmt: skip
     batches = iter(())
 
-    def dp_step():
+    def dp_step(torch_threads=threads):
         nonlocal batches
+        torch.set_num_threads(torch_threads)
         idx = next(batches, None)
         if idx is None:
             batches = dp.batches(epochs=100)
@@ -89,7 +101,13 @@ def methods_for(name: str, opacus_too: bool) -> dict:
         dp(X_all[idx], y_all[idx])
         dp_opt.step()
 
-    methods = {"torch": torch_step, "fastgrad": fastgrad_step, "fastgrad DP": dp_step}
+    methods = {
+        "torch": torch_step,
+        "fastgrad": fastgrad_step,
+        "fastgrad, torch 1 thread": fastgrad_step_1,
+        "fastgrad DP": dp_step,
+        "fastgrad DP, torch 1 thread": lambda: dp_step(1),
+    }
     if opacus_too:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -98,6 +116,7 @@ def methods_for(name: str, opacus_too: bool) -> dict:
         op_opt = DPOptimizer(sgd(op_model), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=B)
 
         def opacus_step():
+            torch.set_num_threads(threads)
             op_opt.zero_grad()
             loss_fn(op_model(Xt), yt).backward()
             op_opt.step()
@@ -168,8 +187,11 @@ def main(argv=None) -> int:
         f"{args.blocks} blocks of ~{args.seconds * 1e3:.0f} ms per method"
     )
     print()
-    head = "| config | torch step | fastgrad step | ÷ torch | DP step | DP ÷ torch |"
-    rule = "|---|---|---|---|---|---|"
+    head = (
+        "| config | torch step | fastgrad step | ÷ torch | torch 1 thread: fastgrad step | ÷ torch "
+        "| DP step | DP ÷ torch | torch 1 thread: DP step | ÷ torch |"
+    )
+    rule = "|---|---|---|---|---|---|---|---|---|---|"
     if opacus_too:
         head += " Opacus step | Opacus ÷ DP |"
         rule += "---|---|"
@@ -177,12 +199,14 @@ def main(argv=None) -> int:
     print(rule)
     for name in args.configs.split(","):
         sizes, B = configs.config(name)
-        res = timed_blocks(methods_for(name, opacus_too), args.blocks, args.seconds)
+        res = timed_blocks(methods_for(name, opacus_too, args.torch_threads), args.blocks, args.seconds)
         ms = {k: float(np.median(v)) for k, v in res.items()}
         row = (
             f"| {name} {list(sizes)} B={B} | {ms['torch']:.3f} | {ms['fastgrad']:.3f} | "
-            f"{ratio(res, 'fastgrad', 'torch'):.2f} | {ms['fastgrad DP']:.3f} | "
-            f"{ratio(res, 'fastgrad DP', 'torch'):.2f} |"
+            f"{ratio(res, 'fastgrad', 'torch'):.2f} | {ms['fastgrad, torch 1 thread']:.3f} | "
+            f"{ratio(res, 'fastgrad, torch 1 thread', 'torch'):.2f} | {ms['fastgrad DP']:.3f} | "
+            f"{ratio(res, 'fastgrad DP', 'torch'):.2f} | {ms['fastgrad DP, torch 1 thread']:.3f} | "
+            f"{ratio(res, 'fastgrad DP, torch 1 thread', 'torch'):.2f} |"
         )
         if opacus_too:
             row += f" {ms['Opacus']:.2f} | {ratio(res, 'Opacus', 'fastgrad DP'):.1f} |"
