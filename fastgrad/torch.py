@@ -151,9 +151,7 @@ class GradStep:
                 raise ValueError(f"backend: a CUDA model needs backend 'cuda' (or 'auto'), got {backend!r}")
             self.backend = resolve_backend("cuda")
         else:
-            self.backend = resolve_backend(backend)
-            if self.backend == "cuda":  # auto on a GPU machine: the model's device decides
-                self.backend = resolve_backend("numba") if "numba" in _host_backends() else "numpy"
+            self.backend = resolve_backend(backend, host=True)  # "auto": numba, else numpy
         P = self.net.num_params
         with torch.no_grad():
             self.theta = torch.from_numpy(theta).to(self.device)
@@ -235,12 +233,6 @@ class GradStep:
         return res.loss * self._inv_scale
 
 
-def _host_backends() -> list[str]:
-    from .api import available_backends
-
-    return [b for b in available_backends() if b != "cuda"]
-
-
 class DPGradStep(GradStep):
     """DP-SGD for a PyTorch MLP: clipped, noised ``p.grad`` from one fused pass, Poisson batches,
     and the privacy spent.
@@ -277,7 +269,7 @@ class DPGradStep(GradStep):
         ε for the whole run of ``epochs`` epochs: σ is calibrated with
         :func:`fastgrad.privacy.calibrate_noise_multiplier` (needs the ``dp`` extra).
     delta : float, optional
-        δ for ``target_epsilon`` and :meth:`epsilon` (default: 1/N rounded down to a power of 10).
+        δ for ``target_epsilon`` and :meth:`epsilon` (default: the largest power of ten below 1/N).
     epochs : int, optional
         The run's length, for ``target_epsilon``.
     accountant : {"rdp", "pld"}
@@ -313,8 +305,10 @@ class DPGradStep(GradStep):
         from ._validation import check_max_norm, check_noise_multiplier, check_positive
 
         self.max_norm = check_max_norm(max_norm)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-            raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+            raise TypeError(f"num_samples: expected a positive integer, got {type(num_samples).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected a positive integer, got {num_samples}")
         self.num_samples = int(num_samples)
         self.expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
         if self.expected_batch_size > self.num_samples:
@@ -323,7 +317,10 @@ class DPGradStep(GradStep):
             )
         self.sampling_rate = self.expected_batch_size / self.num_samples
         self.steps_per_epoch = max(1, self.num_samples // math.ceil(self.expected_batch_size))
-        self.delta = 10.0 ** -math.ceil(math.log10(self.num_samples)) if delta is None else float(delta)
+        # by default the power of ten below 1/N (δ < 1/N, the usual rule)
+        self.delta = (
+            10.0 ** -(math.floor(math.log10(self.num_samples)) + 1) if delta is None else float(delta)
+        )
         self.accountant = accountant
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError("noise_multiplier, target_epsilon: give exactly one of the two")

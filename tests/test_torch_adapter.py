@@ -326,6 +326,17 @@ def test_dp_batches_accounting_and_the_empty_batch():
     dp(X[:0], y[:0])  # Poisson may take no one: σ = 0 gives a zero gradient
     assert not flat_grad(model).any()
     assert dp.steps == 1
+    assert dp.delta == 1e-3  # the power of ten below 1/N = 0.01
+    with pytest.raises(TypeError, match="num_samples"):
+        ft.DPGradStep(
+            clone(model), num_samples=100.0, expected_batch_size=10, max_norm=1.0, noise_multiplier=1.0
+        )
+    with pytest.raises(ValueError, match="noise_multiplier, target_epsilon: give exactly one"):
+        ft.DPGradStep(clone(model), num_samples=100, expected_batch_size=10, max_norm=1.0)
+    with pytest.raises(ValueError, match="expected_batch_size: 200 exceeds num_samples"):
+        ft.DPGradStep(
+            clone(model), num_samples=100, expected_batch_size=200, max_norm=1.0, noise_multiplier=1.0
+        )
     pytest.importorskip("dp_accounting")
     calibrated = ft.DPGradStep(clone(model), "cross_entropy", num_samples=100, expected_batch_size=10,
                                max_norm=1.0, target_epsilon=2.0, delta=1e-3, epochs=3, seed=0)  # fmt: skip
