@@ -49,8 +49,7 @@ def kernel_args(step, theta, X, y):
         call.codes,
         flags,
         call.plan,
-        call.c_max,
-        count,
+        (call.c_max, count),
         bufs,
         row_out,
         call.sums,
@@ -61,9 +60,12 @@ def kernel_args(step, theta, X, y):
 
 def kernel_only(args) -> int:
     with cpu.single_threaded_blas:
+        before = cpu._set_chunksize(1)
         t0 = ns()
         cpu.fused_backprop(*args)
-        return ns() - t0
+        t1 = ns()
+        cpu._set_chunksize(before)
+        return t1 - t0
 
 
 UNPREPARED = ("check_compute + check_inputs", "run() entry: fork check, claim, BLAS hold",
@@ -88,10 +90,13 @@ def timeline_unprepared(net, theta, X, y) -> list[int]:
     call = cpu.PreparedCall(net, inp.dtype, need, None, inp.batch_size, ws, results)
     th, Xw, labels, targets = (cpu._writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
     t.append(ns())
+    before = cpu._set_chunksize(1)
     for c0, c1, bufs, row_out, flags, count in call.chunks:
         data = (Xw[c0:c1], labels[c0:c1], targets)
-        cpu.fused_backprop((call.layout, th, call.w_t), data, call.codes, flags, call.plan, call.c_max, count,
+        scalars = (call.c_max, count)
+        cpu.fused_backprop((call.layout, th, call.w_t), data, call.codes, flags, call.plan, scalars,
                            bufs, row_out, call.sums, call.partial, call.tasks)  # fmt: skip
+    cpu._set_chunksize(before)
     t.append(ns())
     raw = call.finish()
     t.append(ns())
@@ -121,10 +126,13 @@ def timeline_prepared(step, theta, X, y) -> list[int]:
     blas = cpu.single_threaded_blas
     blas.__enter__()
     t.append(ns())
+    before = cpu._set_chunksize(1)
     for c0, c1, bufs, row_out, flags, count in call.chunks:
         data = (Xw[c0:c1], labels[c0:c1], targets)
-        cpu.fused_backprop((call.layout, th, call.w_t), data, call.codes, flags, call.plan, call.c_max, count,
+        scalars = (call.c_max, count)
+        cpu.fused_backprop((call.layout, th, call.w_t), data, call.codes, flags, call.plan, scalars,
                            bufs, row_out, call.sums, call.partial, call.tasks)  # fmt: skip
+    cpu._set_chunksize(before)
     t.append(ns())
     raw = call.finish()
     t.append(ns())

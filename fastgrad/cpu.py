@@ -524,11 +524,11 @@ def gemm_block(plan, net, chunk, task, clip_c, sums, accumulate):
 
 
 @njit(parallel=True, cache=CACHE, error_model="numpy")
-def fused_backprop(net, data, codes, flags, plan, max_norm, count, bufs, row_out, sums, partial, tasks):
+def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks):
     # net = (layout, θ, w_t) as above; data = (X (R, n_0), labels (R,) or (0,), targets (R, n_L) or (0, n_L));
     # codes = (activation, loss, tile); flags = (backward, per_row, squares, accumulate); plan (n_sums, 4);
-    # max_norm: C in θ's dtype (≤ 0: no clipping); count: B in θ's dtype on the batch's last chunk, whose
-    # end divides the mean sums by it (≤ 0: no division); bufs = (acts, dphi: flat (R, n_l) for
+    # scalars = (max_norm: C in θ's dtype (≤ 0: no clipping), count: B in θ's dtype on the batch's last
+    # chunk, whose end divides the mean sums by it (≤ 0: no division)); bufs = (acts, dphi: flat (R, n_l) for
     # l = 1..L-1, deltas: flat (R, n_l) for l = 1..L, sqa: flat (R, n_l) for l = 0..L-1 when squares);
     # row_out = (losses (R,), layer_sq (R, L) float64, norms (R,), clip_c (R,), rows_out (R, P) or (0, 0));
     # sums (n_sums, P); partial (n_slots, n_tiles, P): per-tile sums of the plan's rows with a slot;
@@ -536,6 +536,7 @@ def fused_backprop(net, data, codes, flags, plan, max_norm, count, bufs, row_out
     X, labels, targets = data
     act, loss, tile = codes
     backward, per_row, squares, accumulate = flags
+    max_norm, count = scalars
     losses, rows_out, clip_c = row_out[0], row_out[4], row_out[3]
     L, R = net[0].shape[0], X.shape[0]
     chunk = (X, bufs[0], bufs[1], bufs[2], bufs[3], chunk_offsets(net[0], R))
@@ -1017,11 +1018,17 @@ class PreparedCall:
         net_pack = (self.layout, theta, self.w_t)
         ce, codes, plan, c_max = self.ce, self.codes, self.plan, self.c_max
         sums, partial, tasks = self.sums, self.partial, self.tasks
-        for c0, c1, bufs, row_out, flags, count in self.chunks:
-            data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
-            fused_backprop(
-                net_pack, data, codes, flags, plan, c_max, count, bufs, row_out, sums, partial, tasks
-            )
+        # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
+        before = _set_chunksize(1)
+        try:
+            for c0, c1, bufs, row_out, flags, count in self.chunks:
+                data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
+                scalars = (c_max, count)
+                fused_backprop(
+                    net_pack, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks
+                )
+        finally:
+            _set_chunksize(before)
         return self.finish()
 
     def finish(self) -> dict:

@@ -251,3 +251,17 @@ def test_batches_of_other_sizes_reuse_the_buffers_and_the_compiled_kernels():
         np.testing.assert_array_equal(got.sq_mean, want.sq_mean)
     assert step._results.sums is grad  # no new result buffers
     assert len(cpu.fused_backprop.signatures) == compiled
+
+
+def test_the_callers_prange_chunk_size_is_restored():
+    import numba
+
+    net, theta, X, y = make_problem([5, 8, 3], B=10, dtype=np.float32)
+    step = fastgrad.Step(net, np.float32, backend="numba")
+    before = numba.set_parallel_chunksize(7)
+    try:
+        step(theta, X, y)
+        fastgrad.backprop(net, theta, X, y, backend="numba")
+        assert numba.get_parallel_chunksize() == 7
+    finally:
+        numba.set_parallel_chunksize(before)
