@@ -374,3 +374,22 @@ def test_a_cuda_model_gets_p_grad_from_the_cuda_backend_as_autograd_gives(loss, 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     opt.step()  # the optimizer updates the flat θ on the device
     assert torch.equal(step.theta[: model[0].weight.numel()].view_as(model[0].weight), model[0].weight)
+
+
+def test_dp_step_is_clipped_grad_in_torch_scale_bit_for_bit_noise_included():
+    # MSE on K = 4 outputs: s = 2, so ÷ s is exact and the bits can be compared
+    model, X, y = model_and_batch("tanh", "mse", np.float64, B=20)
+    net, theta = fastgrad.from_torch(model, "mse")
+    dp = ft.DPGradStep(model, "mse", num_samples=60, expected_batch_size=20, max_norm=0.4,
+                       noise_multiplier=0.9, seed=5)  # fmt: skip
+    noise_seed = np.random.SeedSequence(5).spawn(3)[1]  # the step's noise stream: the root's 2nd child
+    kw = dict(max_norm=2 * 0.4, noise_multiplier=0.9, expected_batch_size=20, return_stats=True)
+    grads = []
+    for _ in range(2):
+        stats = dp(X, y)
+        expect = fastgrad.clipped_grad(net, theta, X.numpy(), y.numpy(), seed=noise_seed.spawn(1)[0], **kw)
+        np.testing.assert_array_equal(flat_grad(model), expect.grad / 2)
+        np.testing.assert_array_equal(stats.norms, expect.norms / 2)
+        assert stats.clip_fraction == expect.clip_fraction
+        grads.append(flat_grad(model))
+    assert not np.array_equal(grads[0], grads[1])  # call k draws the k-th noise
