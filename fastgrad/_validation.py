@@ -4,7 +4,8 @@ Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong
 shape or value) naming the argument and what was expected. What comes out is
 clean: C-contiguous, native byte order, in θ's dtype, finite, labels in range.
 
-The dtype rules (docs/api.md, "Input types"): θ is float32 or float64; X and float
+The dtype rules (docs/api.md, "Input types"): θ is float32 or float64 (a NumPy array or a CPU
+``torch.Tensor``, read through :func:`host_array` like X and y); X and float
 targets are real numbers (bool, integer or floating, converted to θ's dtype); labels
 are integers. Complex, datetime/timedelta, string, object and structured arrays are
 refused, and so are NumPy masked arrays (their mask would be dropped silently, a
@@ -118,7 +119,20 @@ REAL_KINDS = "biuf"
 (``timedelta64`` counts as an integer for ``np.issubdtype``, so kinds are checked instead)."""
 
 
+def host_array(name: str, a):
+    """``a`` itself, or a CPU ``torch.Tensor`` as the NumPy array sharing its memory (detached from
+    autograd: the kernels read values only). torch is not imported: a tensor is recognised by its
+    type's module. A tensor NumPy cannot hold (bfloat16) is a ``TypeError`` naming ``name``."""
+    if type(a).__module__.startswith("torch") and hasattr(a, "detach"):
+        try:
+            return a.detach().numpy()
+        except (TypeError, RuntimeError) as exc:
+            raise TypeError(f"{name}: this torch tensor cannot be read as a NumPy array ({exc})") from None
+    return a
+
+
 def check_theta(net: MLP, theta) -> np.ndarray:
+    theta = host_array("theta", theta)
     if not isinstance(theta, np.ndarray):
         raise TypeError(f"theta: expected a NumPy array, got {type(theta).__name__}")
     _refuse_masked("theta", theta)
@@ -132,7 +146,7 @@ def check_theta(net: MLP, theta) -> np.ndarray:
 
 def _real_array(name: str, a) -> np.ndarray:
     _refuse_masked(name, a)
-    arr = np.asarray(a)
+    arr = np.asarray(host_array(name, a))
     if arr.dtype.kind not in REAL_KINDS:
         raise TypeError(
             f"{name}: expected real numbers (a numeric bool, integer or float array), got dtype {arr.dtype}"

@@ -65,31 +65,74 @@ def _activation_name(module) -> str:
     )
 
 
+def _unsupported(i: int, m, nn) -> str:
+    """Why module ``i`` of the Sequential cannot be computed by fastgrad, or "" when it is a Linear or
+    an activation module of :func:`_activation_name`'s list."""
+    kind = type(m).__name__
+    if isinstance(m, nn.Linear):
+        if m.bias is None:
+            return (
+                f"module: layer {i} is Linear({m.in_features}, {m.out_features}, bias=False); fastgrad's "
+                "layers all have a bias (θ holds b_l for every layer), so a bias-less layer would get "
+                "a phantom bias and its gradient; use bias=True"
+            )
+        return ""
+    if isinstance(m, nn.Sequential):
+        return (
+            f"module: layer {i} is a nested Sequential; fastgrad reads one flat Sequential of Linear "
+            "and activation modules (unpack it: nn.Sequential(*outer[:i], *outer[i], *outer[i+1:]))"
+        )
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return f"module: layer {i} is {kind}, which fastgrad does not compute (no dropout); remove it"
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    if isinstance(m, norms):
+        return f"module: layer {i} is {kind}, a normalisation layer, which fastgrad does not compute"
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd)):
+        return f"module: layer {i} is {kind}; fastgrad computes dense (Linear) layers only"
+    try:
+        _activation_name(m)
+    except TypeError as exc:
+        return str(exc).replace("module: ", f"module: layer {i}: ", 1)
+    return ""
+
+
 def _linears_and_activation(layers: list, nn) -> tuple[list, str]:
     """The ``Linear`` layers of ``Linear, act, ..., Linear`` and the one hidden activation's name."""
+    if not layers:
+        raise ValueError("module: holds no torch.nn.Linear layer (the Sequential is empty)")
+    if not isinstance(layers[-1], nn.Linear):
+        raise ValueError(
+            f"module: ends with {type(layers[-1]).__name__} (layer {len(layers) - 1}); the last layer "
+            "must be Linear (fastgrad's output layer is linear and the loss applies the output "
+            "nonlinearity)"
+        )
+    for i, m in enumerate(layers):  # every unsupported module is named, with its index, first
+        why = _unsupported(i, m, nn)
+        if why:
+            raise TypeError(why)
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("module: holds no torch.nn.Linear layer")
-    if not isinstance(layers[-1], nn.Linear):
+    if len({id(p) for lin in linears for p in lin.parameters()}) != 2 * len(linears):
         raise ValueError(
-            f"module: ends with {type(layers[-1]).__name__}; the last layer must be Linear (fastgrad's "
-            "output layer is linear and the loss applies the output nonlinearity)"
+            "module: two Linear layers share a parameter (the same module or tensor used twice); "
+            "θ gives every layer its own W_l and b_l"
         )
     # between consecutive Linear layers: nothing, or exactly one activation module
     acts: list[str] = []
     gap: list = []
-    for m in layers:
+    for i, m in enumerate(layers):
         if isinstance(m, nn.Linear):
             if m is not linears[0]:
                 if len(gap) > 1:
                     raise ValueError(
-                        f"module: {len(gap)} modules between two Linear layers "
+                        f"module: {len(gap)} modules between two Linear layers before layer {i} "
                         f"({', '.join(type(g).__name__ for g in gap)}); expected at most one activation"
                     )
                 acts.append(_activation_name(gap[0]) if gap else "identity")
             gap = []
         else:
-            if m is layers[0]:
+            if i == 0:
                 raise ValueError(f"module: starts with {type(m).__name__}; the first layer must be Linear")
             gap.append(m)
     if len(set(acts)) > 1:
@@ -107,8 +150,9 @@ def from_torch(module, loss: str = "cross_entropy") -> tuple[MLP, np.ndarray]:
     module : torch.nn.Sequential
         ``Linear, act, Linear, act, ..., Linear``: every hidden activation the same
         kind (or none at all between the ``Linear`` layers, meaning ``identity``),
-        nothing after the last ``Linear``. A ``Linear`` without bias gets b = 0.
-        Parameters float32 or float64, all the same dtype.
+        nothing after the last ``Linear``. Every ``Linear`` has a bias (fastgrad's θ has
+        b_l for every layer); no parameter is shared between layers. Parameters float32
+        or float64, all the same dtype.
     loss : str
         The loss to attach (PyTorch keeps the loss outside the module).
 
@@ -122,9 +166,11 @@ def from_torch(module, loss: str = "cross_entropy") -> tuple[MLP, np.ndarray]:
     Raises
     ------
     TypeError
-        For a module that is not a ``Sequential`` or holds an unsupported layer.
+        For a module that is not a ``Sequential`` or holds an unsupported layer (Dropout,
+        normalisation, convolution, a nested ``Sequential``, ``Linear(bias=False)``, an
+        unsupported activation): the message names the module and its index.
     ValueError
-        For mismatched widths, mixed activations or a trailing activation.
+        For mismatched widths, mixed activations, a trailing activation or shared parameters.
     fastgrad.extras.MissingExtraError
         When torch is not installed.
     """
@@ -149,8 +195,7 @@ def from_torch(module, loss: str = "cross_entropy") -> tuple[MLP, np.ndarray]:
     with torch.no_grad():
         for lin, (W, b) in zip(linears, net.unpack(theta)):
             W[...] = lin.weight.detach().cpu().numpy()
-            if lin.bias is not None:
-                b[...] = lin.bias.detach().cpu().numpy()
+            b[...] = lin.bias.detach().cpu().numpy()
     return net, theta
 
 

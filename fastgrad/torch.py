@@ -1,0 +1,408 @@
+"""Train a PyTorch MLP with fastgrad's gradients: the ``torch`` extra.
+
+:class:`GradStep` takes an ``nn.Sequential`` MLP (what :func:`fastgrad.from_torch` accepts) and
+makes its parameters views into one flat θ tensor: W_l in torch's (out, in) row-major order, then
+b_l, which is fastgrad's layout, so a step copies no parameter. ``loss = step(X, y)`` runs the
+fused kernel on θ's NumPy view and leaves every ``p.grad`` as ``loss.backward()`` would have, in
+the torch loss's convention (fastgrad's loss is s × torch's: s = 1 for ``CrossEntropyLoss``, K/2
+for ``MSELoss``, K for ``BCEWithLogitsLoss``, K outputs; so ``p.grad`` = fastgrad's gradient / s).
+Any ``torch.optim`` optimizer, learning-rate scheduler and ``state_dict`` work unchanged.
+
+:class:`DPGradStep` is DP-SGD on top: per-sample clipping at a norm in torch's scale, Gaussian
+noise (a noise multiplier, or one calibrated for (ε, δ, epochs) by :mod:`fastgrad.privacy`),
+Poisson batches, the expected batch size as denominator (as Opacus's ``DPOptimizer``) and the
+ε spent so far.
+
+Importing :mod:`fastgrad` does not import this module or torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import privacy
+from .api import backprop, resolve_backend
+from .extras import require
+from .interop import from_torch
+
+from .step import Step
+
+torch = require("torch", "torch", "fastgrad.torch")
+
+_TORCH_LOSSES = {  # fastgrad loss -> torch's mean-reduced loss module
+    "cross_entropy": torch.nn.CrossEntropyLoss,
+    "mse": torch.nn.MSELoss,
+    "binary_cross_entropy": torch.nn.BCEWithLogitsLoss,
+}
+
+
+def loss_scale(loss: str, n_out: int) -> float:
+    """s, with fastgrad's loss = s × PyTorch's mean-reduced loss on ``n_out`` outputs (K):
+    1 for cross-entropy, K/2 for MSE, K for binary cross-entropy."""
+    return {"cross_entropy": 1.0, "mse": n_out / 2, "binary_cross_entropy": float(n_out)}[loss]
+
+
+def _loss_name(loss) -> str:
+    """fastgrad's name of ``loss``: one of :data:`_TORCH_LOSSES`' names, or a torch loss module of
+    those kinds with the default options (mean reduction, no weights, no label smoothing)."""
+    if isinstance(loss, str):
+        if loss not in _TORCH_LOSSES:
+            raise ValueError(
+                f"loss: expected one of {', '.join(_TORCH_LOSSES)} (the losses with a PyTorch "
+                f"counterpart) or a torch loss module of those kinds, got {loss!r}"
+            )
+        return loss
+    for name, kind in _TORCH_LOSSES.items():
+        if isinstance(loss, kind):
+            if loss.reduction != "mean":
+                raise ValueError(
+                    f"loss: {type(loss).__name__}(reduction={loss.reduction!r}); expected 'mean'"
+                )
+            extras = {
+                "weight": getattr(loss, "weight", None),
+                "pos_weight": getattr(loss, "pos_weight", None),
+            }
+            for key, value in extras.items():
+                if value is not None:
+                    raise ValueError(f"loss: {type(loss).__name__} with {key}= is not supported")
+            if getattr(loss, "label_smoothing", 0.0):
+                raise ValueError("loss: CrossEntropyLoss with label_smoothing is not supported")
+            return name
+    raise TypeError(
+        "loss: expected a loss name or CrossEntropyLoss, MSELoss, BCEWithLogitsLoss, "
+        f"got {type(loss).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one :class:`DPGradStep` call computed, in torch's scale.
+
+    Attributes
+    ----------
+    loss : float
+        The batch's mean loss (torch's convention), before clipping; NaN for an empty batch.
+    norms : ndarray (B,)
+        ‖h_i‖₂: each sample's gradient norm before clipping, in torch's scale (Opacus's
+        per-sample gradient norms). The step's buffer: overwritten by the next call.
+    clip_fraction : float
+        The share of the batch with ‖h_i‖ > C (clipped); 0 for an empty batch.
+    batch_size : int
+        B (Poisson batches vary).
+    """
+
+    loss: float
+    norms: np.ndarray
+    clip_fraction: float
+    batch_size: int
+
+
+class GradStep:
+    """Fill a PyTorch MLP's ``p.grad`` from fastgrad's fused backward pass.
+
+    >>> step = fastgrad.torch.GradStep(model, torch.nn.CrossEntropyLoss())
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> for X, y in loader:
+    ...     loss = step(X, y)        # p.grad of every parameter, as loss.backward() leaves it
+    ...     opt.step()
+
+    Parameters
+    ----------
+    model : torch.nn.Sequential
+        ``Linear, act, ..., Linear`` as :func:`fastgrad.from_torch` accepts, float32 or float64,
+        on the CPU (or on a CUDA device when the ``cuda`` backend runs here). Its parameters are
+        made views into one flat tensor :attr:`theta` in place (the same ``Parameter`` objects, so
+        an optimizer made before or after keeps working); moving or casting the model afterwards
+        (``model.to(...)``, ``.double()``) is refused at the next call.
+    loss : str or torch loss module
+        ``"cross_entropy"`` / ``CrossEntropyLoss()``, ``"mse"`` / ``MSELoss()`` or
+        ``"binary_cross_entropy"`` / ``BCEWithLogitsLoss()``, mean-reduced, without weights.
+    backend : str
+        fastgrad's backend for CPU models (``"auto"``: numba where it runs, else numpy). A CUDA
+        model uses the ``cuda`` backend.
+
+    Attributes
+    ----------
+    net : fastgrad.MLP
+    theta : torch.Tensor (P,)
+        The parameters, flat: every ``Linear``'s weight and bias is a view of it.
+    grad : torch.Tensor (P,)
+        The gradient, flat, in torch's scale: every ``p.grad`` is a view of it.
+    scale : float
+        s, fastgrad's loss / torch's.
+    """
+
+    def __init__(self, model, loss="cross_entropy", *, backend: str = "auto"):
+        name = _loss_name(loss)
+        self.net, theta = from_torch(model, loss=name)
+        self.scale = loss_scale(name, self.net.n_out)
+        self._inv_scale = 1.0 / self.scale
+        linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+        first = linears[0].weight
+        self.device = first.device
+        if any(p.device != self.device for p in model.parameters()):
+            raise ValueError("model: parameters on more than one device")
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            if backend not in ("auto", "cuda"):
+                raise ValueError(f"backend: a CUDA model needs backend 'cuda' (or 'auto'), got {backend!r}")
+            self.backend = resolve_backend("cuda")
+        else:
+            self.backend = resolve_backend(backend, host=True)  # "auto": numba, else numpy
+        P = self.net.num_params
+        with torch.no_grad():
+            self.theta = torch.from_numpy(theta).to(self.device)
+            self.grad = torch.zeros(P, dtype=self.theta.dtype, device=self.device)
+        self._params: list[tuple] = []  # (parameter, its view of theta's address, its grad view)
+        for lin, spec in zip(linears, self.net.layers):
+            for p, start, stop, shape in (
+                (lin.weight, spec.w_start, spec.b_start, (spec.n_out, spec.n_in)),
+                (lin.bias, spec.b_start, spec.end, (spec.n_out,)),
+            ):
+                p.data = self.theta[start:stop].view(shape)
+                g = self.grad[start:stop].view(shape)
+                p.grad = g
+                self._params.append((p, p.data_ptr(), g))
+        self._theta_np = None if self._cuda else self.theta.numpy()
+        self._grad_np = None if self._cuda else self.grad.numpy()
+        self._step = None if self._cuda else self._make_step()
+
+    def _make_step(self):
+        return Step(self.net, self._theta_np.dtype, compute=("loss", "grad"), backend=self.backend)
+
+    # -------------------------------------------------------------- per call
+
+    def _check_params(self) -> None:
+        for p, ptr, g in self._params:
+            if p.data_ptr() != ptr:
+                raise RuntimeError(
+                    "model: a parameter no longer lies in the step's flat theta (the model was moved, "
+                    "cast or given new parameters after the GradStep was made); make a new GradStep"
+                )
+            if p.grad is not g:  # optimizer.zero_grad() sets p.grad to None
+                p.grad = g
+
+    def _host(self, name: str, a):
+        """A CPU tensor's NumPy view (detached), or ``a`` as it is when not a tensor."""
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "cpu":
+                raise TypeError(f"{name}: a {a.device.type} tensor, but the model is on the CPU")
+            return a.detach().numpy() if a.requires_grad else a.numpy()
+        return a
+
+    def __call__(self, X, y) -> float:
+        """One step: every ``p.grad`` of the model for the batch (X, y); returns the loss.
+
+        Parameters
+        ----------
+        X : torch.Tensor or ndarray (B, n0)
+            Inputs (any real dtype, converted to the model's; any strides).
+        y : torch.Tensor or ndarray
+            Class labels (B,) of any integer dtype for cross-entropy; targets (B, K) otherwise.
+
+        Returns
+        -------
+        float
+            The batch's mean loss in the torch loss's convention.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For bad input, naming the argument, before any kernel runs.
+        RuntimeError
+            When the model's parameters no longer lie in :attr:`theta`.
+        """
+        self._check_params()
+        if self._cuda:
+            return self._call_cuda(X, y)
+        res = self._step(self._theta_np, self._host("X", X), self._host("y", y))
+        if self.scale == 1.0:
+            np.copyto(self._grad_np, res.grad)
+        else:
+            np.multiply(res.grad, self._inv_scale, out=self._grad_np)
+        return res.loss * self._inv_scale
+
+    def _call_cuda(self, X, y) -> float:
+        X, y = torch.as_tensor(X, device=self.device), torch.as_tensor(y, device=self.device)
+        res = backprop(self.net, self.theta, X, y, compute=("loss", "grad"), backend="cuda")
+        with torch.no_grad():
+            self.grad.copy_(torch.as_tensor(res.grad, device=self.device)).mul_(self._inv_scale)
+        return res.loss * self._inv_scale
+
+
+class DPGradStep(GradStep):
+    """DP-SGD for a PyTorch MLP: clipped, noised ``p.grad`` from one fused pass, Poisson batches,
+    and the privacy spent.
+
+    >>> dp = fastgrad.torch.DPGradStep(model, "cross_entropy", num_samples=len(X),
+    ...                                expected_batch_size=256, max_norm=1.0,
+    ...                                target_epsilon=3.0, delta=1e-5, epochs=20, seed=0)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    >>> for epoch in range(20):
+    ...     for idx in dp.batches():            # Poisson: each sample with probability q
+    ...         stats = dp(X[idx], y[idx])
+    ...         opt.step()
+    ...     print(dp.epsilon())
+
+    Each call sets ``p.grad`` to Opacus's ``DPOptimizer`` gradient in torch's scale:
+    (1/E) [Σ_i min(1, C/‖h_i‖) h_i + σ C ξ] with h_i the per-sample gradient of torch's loss,
+    E the expected batch size, ξ ~ N(0, I). (Opacus clips with C/(‖h_i‖ + 1e-6): a relative
+    difference below 1e-6/C.)
+
+    Parameters
+    ----------
+    model, loss, backend
+        As for :class:`GradStep` (CPU models only).
+    num_samples : int
+        N, the dataset size.
+    expected_batch_size : float
+        E = q·N: the sampling rate is q = E/N, an epoch is N // E steps (as ``fastgrad train``),
+        and the clipped sum is divided by E.
+    max_norm : float
+        C > 0, the per-sample clipping norm in torch's scale (Opacus's ``max_grad_norm``).
+    noise_multiplier : float, optional
+        σ ≥ 0. Either this or ``target_epsilon`` (with ``delta`` and ``epochs``).
+    target_epsilon : float, optional
+        ε for the whole run of ``epochs`` epochs: σ is calibrated with
+        :func:`fastgrad.privacy.calibrate_noise_multiplier` (needs the ``dp`` extra).
+    delta : float, optional
+        δ for ``target_epsilon`` and :meth:`epsilon` (default: the largest power of ten below 1/N).
+    epochs : int, optional
+        The run's length, for ``target_epsilon``.
+    accountant : {"rdp", "pld"}
+    seed : int, optional
+        Seeds the Poisson sampling and the noise (reproducible steps); ``None``: fresh entropy.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        σ.
+    sampling_rate : float
+        q.
+    steps : int
+        Noised steps taken so far (what :meth:`epsilon` counts).
+    """
+
+    def __init__(
+        self,
+        model,
+        loss="cross_entropy",
+        *,
+        num_samples: int,
+        expected_batch_size: float,
+        max_norm: float,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        delta: float | None = None,
+        epochs: int | None = None,
+        accountant: str = "rdp",
+        seed: int | None = None,
+        backend: str = "auto",
+    ):
+        from ._validation import check_max_norm, check_noise_multiplier, check_positive
+
+        self.max_norm = check_max_norm(max_norm)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+            raise TypeError(f"num_samples: expected a positive integer, got {type(num_samples).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected a positive integer, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.expected_batch_size = check_positive("expected_batch_size", expected_batch_size)
+        if self.expected_batch_size > self.num_samples:
+            raise ValueError(
+                f"expected_batch_size: {self.expected_batch_size:g} exceeds num_samples = {self.num_samples}"
+            )
+        self.sampling_rate = self.expected_batch_size / self.num_samples
+        self.steps_per_epoch = max(1, self.num_samples // math.ceil(self.expected_batch_size))
+        # by default the power of ten below 1/N (δ < 1/N, the usual rule)
+        self.delta = (
+            10.0 ** -(math.floor(math.log10(self.num_samples)) + 1) if delta is None else float(delta)
+        )
+        self.accountant = accountant
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError("noise_multiplier, target_epsilon: give exactly one of the two")
+        if target_epsilon is not None:
+            if epochs is None:
+                raise ValueError("epochs: needed with target_epsilon (the run's length sets σ)")
+            noise_multiplier = privacy.calibrate_noise_multiplier(
+                target_epsilon, self.delta, self.sampling_rate, epochs * self.steps_per_epoch, accountant
+            )
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
+        privacy.check_seed(seed)
+        root = np.random.SeedSequence(seed)
+        self._sampling_seed, self._noise_seed, self._empty_seed = root.spawn(3)
+        self.steps = 0
+        super().__init__(model, loss, backend=backend)
+        if self._cuda:
+            raise NotImplementedError("model: DPGradStep runs CPU models only; move the model to the CPU")
+        self._empty_norms = np.zeros(0, self._theta_np.dtype)
+
+    def _make_step(self):
+        return Step(
+            self.net,
+            self._theta_np.dtype,
+            backend=self.backend,
+            max_norm=self.scale * self.max_norm,  # torch's C in fastgrad's loss scale
+            noise_multiplier=self.noise_multiplier,
+            seed=self._noise_seed,
+            expected_batch_size=self.expected_batch_size,
+        )
+
+    def batches(self, epochs: int = 1):
+        """Poisson batches for ``epochs`` epochs: an iterator of sorted index arrays (int64), each
+        sample taken with probability q; a batch may be empty (call the step with it anyway: the
+        step is then noise alone)."""
+        return privacy.poisson_batches(
+            self.num_samples,
+            self.sampling_rate,
+            epochs * self.steps_per_epoch,
+            seed=self._sampling_seed.spawn(1)[0],
+        )
+
+    def __call__(self, X, y) -> StepStats:
+        """One DP-SGD step on the batch (X, y): every ``p.grad``; returns the step's statistics.
+
+        Parameters
+        ----------
+        X, y
+            As for :meth:`GradStep.__call__`; the batch may be empty (B = 0).
+
+        Returns
+        -------
+        StepStats
+        """
+        self._check_params()
+        X, y = self._host("X", X), self._host("y", y)
+        self.steps += 1
+        if len(X) == 0:  # Poisson sampling took no one: the step is the noise alone
+            noise_std = self.noise_multiplier * self.max_norm
+            xi = privacy.standard_normal(
+                self.net.num_params, self._grad_np.dtype, seed=self._empty_seed.spawn(1)[0]
+            )
+            np.multiply(xi, noise_std / self.expected_batch_size, out=self._grad_np)
+            return StepStats(math.nan, self._empty_norms, 0.0, 0)
+        res = self._step(self._theta_np, X, y)
+        inv = self._inv_scale
+        if self.scale == 1.0:
+            np.copyto(self._grad_np, res.grad)
+            norms = res.norms
+        else:
+            np.multiply(res.grad, inv, out=self._grad_np)
+            norms = res.norms * inv
+        return StepStats(res.loss * inv, norms, res.clip_fraction, len(norms))
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far (after :attr:`steps` steps) at ``delta`` (default: the step's δ)."""
+        return privacy.epsilon(
+            self.noise_multiplier,
+            self.sampling_rate,
+            self.steps,
+            self.delta if delta is None else delta,
+            self.accountant,
+        )
+
+
+__all__ = ["DPGradStep", "GradStep", "StepStats", "loss_scale"]
