@@ -34,11 +34,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-CONFIGS = {
-    "narrow-B256": ((64, 64, 64, 10), 256),
-    "mnist128-B128": ((784, 128, 10), 128),
-    "mnist-B128": ((784, 512, 256, 10), 128),
+CONFIG_SIZES = {
+    "narrow-B256": ("narrow-B256", None),
+    "mnist128-B128": ("mnist128-B64", 128),
+    "mnist-B128": ("mnist", 128),
 }
+"""name -> (a configuration of ``fastgrad.tools.configs``, the batch size used here: None keeps its own)."""
 
 
 def stax_params(net, theta: np.ndarray):
@@ -55,7 +56,7 @@ def stax_params(net, theta: np.ndarray):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIG_SIZES))
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
 
@@ -64,6 +65,7 @@ def main() -> None:
     from neural_tangents import stax
 
     import fastgrad
+    from fastgrad.tools.configs import config
 
     print(
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
@@ -74,7 +76,9 @@ def main() -> None:
     )
     rows = []
     for name in args.configs.split(","):
-        sizes, B = CONFIGS[name]
+        source, batch_size = CONFIG_SIZES[name]
+        sizes, B = config(source)
+        B = B if batch_size is None else batch_size
         net = fastgrad.MLP(list(sizes), activation="tanh", loss="cross_entropy")
         theta = net.init(seed=0, dtype=np.float32)
         X = np.random.default_rng(0).standard_normal((B, sizes[0])).astype(np.float32)
