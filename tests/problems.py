@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
 
 import fastgrad
@@ -38,3 +42,21 @@ def overflowing_problem(dtype=np.float32, finite_rows=1):
     big = np.finfo(dtype).max / 2 * 1.5
     X = np.array([[1.0, 2.0]] * finite_rows + [[big, big]], dtype)
     return net, theta, X, np.arange(finite_rows + 1) % 2
+
+
+@contextmanager
+def two_worker_client():
+    """A Dask client on two worker processes with one thread each (and one Numba thread), which import
+    this source tree's fastgrad. Needs ``distributed``: the Dask test modules skip without it."""
+    import distributed
+
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = {"NUMBA_NUM_THREADS": "1", "PYTHONPATH": path}
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", env=env
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c

@@ -22,7 +22,7 @@ zarr = pytest.importorskip("zarr")
 import fastgrad  # noqa: E402
 import fastgrad.dask as fdask  # noqa: E402
 from fastgrad.quantities import QUANTITIES, REGISTRY, Derived, PerSample  # noqa: E402
-from problems import overflowing_problem  # noqa: E402
+from problems import overflowing_problem, two_worker_client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 128  # rows per chunk: N = 600 gives chunks 128, 128, 128, 128, 88
@@ -67,16 +67,7 @@ def same_bits(a, b) -> bool:
 @pytest.fixture(scope="module")
 def client():
     """Two worker processes with one thread each (and one Numba thread), shared by the module."""
-    env = {
-        "NUMBA_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", env=env
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
+    with two_worker_client() as c:
         yield c
 
 

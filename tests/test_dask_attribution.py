@@ -3,9 +3,6 @@ functions on the concatenated rows and the naive definition from the (B, P) matr
 threads, the synchronous scheduler and a LocalCluster of two worker processes; tiles of bounded
 size; the same bits on any scheduler."""
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -15,8 +12,8 @@ distributed = pytest.importorskip("distributed")
 
 import fastgrad  # noqa: E402
 import fastgrad.dask as fdask  # noqa: E402
+from problems import two_worker_client  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 N, M = 230, 150  # X in chunks of 64 (64, 64, 64, 38), X2 in chunks of 48 (48, 48, 48, 6)
 
 
@@ -80,16 +77,7 @@ TOL = {np.float64: 1e-12, np.float32: 1e-5}
 
 @pytest.fixture(scope="module")
 def client():
-    env = {
-        "NUMBA_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", env=env
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
+    with two_worker_client() as c:
         yield c
 
 
