@@ -35,13 +35,16 @@ def test_direct_launch_hands_the_overload_normalised_dimensions(monkeypatch):
     monkeypatch.setattr(config, "SIMULATOR", False)
     monkeypatch.setattr(sum_rows_kernel, "resolved", lambda dtype: rec)
     monkeypatch.setattr(sum_rows_kernel, "_direct", {})
+    # the compiled overload takes the default stream as numba-cuda's stream object, not an int 0
+    # (an int raised TypeError on a real GPU); the simulator has no such object, so a stand-in here
+    monkeypatch.setattr(config, "_default_stream", lambda: "default stream")
     config.LAUNCHES.clear()
     args = ("part", 0, 3, 4, np.float32(0.5), "out", 0)
     sum_rows_kernel.launch(np.dtype(np.float32), (5,), (32, 8), *args, shared=96)
     sum_rows_kernel.launch(np.dtype(np.float32), 7, 64, *args)
     assert rec.calls == [
-        (args, (5, 1, 1), (32, 8, 1), 0, 96),
-        (args, (7, 1, 1), (64, 1, 1), 0, 0),
+        (args, (5, 1, 1), (32, 8, 1), "default stream", 96),
+        (args, (7, 1, 1), (64, 1, 1), "default stream", 0),
     ]
     assert config.LAUNCHES["sum_rows_kernel"] == 2  # still counted
     assert list(sum_rows_kernel._direct) == [np.dtype(np.float32)]  # resolved once per dtype
