@@ -38,7 +38,7 @@ VARIANTS = {
 CONFIGS = {"mnist-B64": ("mnist", 64), "mnist-B256": ("mnist", 256), "mnist128-B64": ("mnist128-B64", 64)}
 
 
-def time_config(cname: str, steps: int) -> dict:
+def measure_config(cname: str, steps: int) -> dict:
     """{method: ms, user and system CPU ms per step} for one configuration, in this process."""
     import resource
 
@@ -91,7 +91,7 @@ def child(config_names: list[str], steps: int, torch_threads: int) -> dict:
     import torch
 
     torch.set_num_threads(torch_threads)
-    out = {c: time_config(c, steps) for c in config_names}
+    out = {c: measure_config(c, steps) for c in config_names}
     out["layer"] = numba.threading_layer()
     return out
 
