@@ -10,13 +10,18 @@
 #                                                                       kernel_profile.txt
 #   3. Dask scaling on the CPU cores: benchmarks/dask_stats.py with 1, 2, 4 and 8 workers, one
 #      Numba thread each; dask and distributed come from the wheelhouse .device/wheels (carried to
-#      the machine, installed offline into .device/site) when the machine lacks them
+#      the machine, installed offline into .device/site) when the machine lacks them. The wheelhouse
+#      is git-ignored: build it (about 10 MB) before the run, for each v in 3.10 3.11 3.12 3.13,
+#        pip download dask distributed --dest .device/wheels --only-binary=:all: --python-version $v \
+#          --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#          --platform manylinux_2_28_x86_64 --platform linux_x86_64 --platform any
+#      then delete the numpy wheels from it, and pass carry [".device/wheels"] to the device tool
 #                                                                    -> $OUT/dask.txt, dask_install.txt
 # then a summary (each step's status and time, the timing table, the targets, the Dask lines) last.
 # Each step is time-boxed (`timeout`); a failing step does not stop the others.
 #
 #   OUT=some/dir bash benchmarks/gpu_check.sh            # on the device: about 4-5 min (at most
-#                                                         # 15 + 120 + 125 + 95 = 355 s by the time boxes)
+#                                                         # 15 + 170 + 125 + 95 = 405 s by the time boxes)
 #   SMOKE=1 bash benchmarks/gpu_check.sh  (or --smoke)   # here: CUDA simulator, tiny sizes, torch on CPU
 #
 # Results go to $OUT (default ./gpu_check_out). Exit status: non-zero if any step failed.
