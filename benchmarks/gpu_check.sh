@@ -15,7 +15,7 @@
 #        pip download dask distributed --dest .device/wheels --only-binary=:all: --python-version $v \
 #          --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
 #          --platform manylinux_2_28_x86_64 --platform linux_x86_64 --platform any
-#      then delete the numpy wheels from it, and pass carry [".device/wheels"] to the device tool
+#      (no numpy: dask and distributed do not need it), and pass carry [".device/wheels"] to the device tool
 #                                                                    -> $OUT/dask.txt, dask_install.txt
 # then a summary (each step's status and time, the timing table, the targets, the Dask lines) last.
 # Each step is time-boxed (`timeout`); a failing step does not stop the others.
