@@ -90,13 +90,7 @@ def timeline_unprepared(net, theta, X, y) -> list[int]:
     call = cpu.PreparedCall(net, inp.dtype, need, None, inp.batch_size, ws, results)
     th, Xw, labels, targets = (cpu._writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
     t.append(ns())
-    before = cpu._set_chunksize(1)
-    for c0, c1, bufs, row_out, flags, count in call.chunks:
-        data = (Xw[c0:c1], labels[c0:c1], targets)
-        scalars = (call.c_max, count)
-        cpu.fused_backprop((call.layout, th, call.w_t), data, call.codes, flags, call.plan, scalars,
-                           bufs, row_out, call.sums, call.partial, call.tasks)  # fmt: skip
-    cpu._set_chunksize(before)
+    call.launch(th, Xw, labels, targets)
     t.append(ns())
     raw = call.finish()
     t.append(ns())
@@ -126,13 +120,7 @@ def timeline_prepared(step, theta, X, y) -> list[int]:
     blas = cpu.single_threaded_blas
     blas.__enter__()
     t.append(ns())
-    before = cpu._set_chunksize(1)
-    for c0, c1, bufs, row_out, flags, count in call.chunks:
-        data = (Xw[c0:c1], labels[c0:c1], targets)
-        scalars = (call.c_max, count)
-        cpu.fused_backprop((call.layout, th, call.w_t), data, call.codes, flags, call.plan, scalars,
-                           bufs, row_out, call.sums, call.partial, call.tasks)  # fmt: skip
-    cpu._set_chunksize(before)
+    call.launch(th, Xw, labels, targets)
     t.append(ns())
     raw = call.finish()
     t.append(ns())

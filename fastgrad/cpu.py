@@ -1015,6 +1015,11 @@ class PreparedCall:
             self.chunks.append((c0, c1, bufs, row_out, flags, count))
 
     def __call__(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> dict:
+        self.launch(theta, X, labels, targets)
+        return self.finish()
+
+    def launch(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> None:
+        """Run the kernels over every chunk, leaving the sums and per-row results in ``results``."""
         net_pack = (self.layout, theta, self.w_t)
         ce, codes, plan, c_max = self.ce, self.codes, self.plan, self.c_max
         sums, partial, tasks = self.sums, self.partial, self.tasks
@@ -1029,7 +1034,6 @@ class PreparedCall:
                 )
         finally:
             _set_chunksize(before)
-        return self.finish()
 
     def finish(self) -> dict:
         """The raw quantities from the kernels' outputs: the loss and the sums' means, the variance
