@@ -35,6 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from fastgrad.tools.configs import CONFIGS as DESIGN_CONFIGS
+from fastgrad.tools.configs import problem
 
 CONFIGS = {**DESIGN_CONFIGS, "narrow-B65536": (DESIGN_CONFIGS["narrow"][0], 65536)}
 """DESIGN §6's configurations (the one source, ``fastgrad.tools.configs``) and a large-batch narrow case."""
@@ -161,12 +162,8 @@ def bench_config(name, sizes, B, floors, torch, cuda, fastgrad, fc, sync, tdev, 
     """fastgrad (public call and kernels alone) and PyTorch on one configuration; one row per quantity."""
     from torch.func import functional_call, grad, vmap
 
-    net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
+    net, theta, X, y = problem(sizes, B)
     P = net.num_params
-    rng = np.random.default_rng(0)
-    theta = net.init(seed=0, dtype=np.float32)
-    X = rng.standard_normal((B, sizes[0])).astype(np.float32)
-    y = rng.integers(0, sizes[-1], size=B).astype(np.int64)
     theta_d, X_d, y_d = cuda.to_device(theta), cuda.to_device(X), cuda.to_device(y)
     G_d = cuda.device_array((B, P), dtype=np.float32)
     path = "fused" if fc.fused_tile(net, B, np.float32) else "tiled"
@@ -344,13 +341,15 @@ def profile_overheads(torch, cuda, fastgrad, fc, sync, reps: int) -> dict:
     return out
 
 
+def device_problem(cuda, sizes, B):
+    """``(net, θ, X, y)`` of :func:`fastgrad.tools.configs.problem`, the arrays on the GPU."""
+    net, *arrays = problem(sizes, B)
+    return (net, *(cuda.to_device(a) for a in arrays))
+
+
 def profile_call(name, sizes, B, cuda, fastgrad, fc, sync, sleep, reps) -> dict:
     """Host launch cost and GPU time of one kernels-only call, per set of quantities."""
-    net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
-    rng = np.random.default_rng(0)
-    theta_d = cuda.to_device(net.init(seed=0, dtype=np.float32))
-    X_d = cuda.to_device(rng.standard_normal((B, sizes[0])).astype(np.float32))
-    y_d = cuda.to_device(rng.integers(0, sizes[-1], size=B).astype(np.int64))
+    net, theta_d, X_d, y_d = device_problem(cuda, sizes, B)
     d = fc.check_device_inputs(net, theta_d, X_d, y_d)
     out = {
         f"{name}_check_inputs_us": 1e3
@@ -382,11 +381,7 @@ def launch_ab(cuda, fastgrad, fc, sync, configs, reps) -> list[dict]:
     queued behind a sleeping kernel (so the GPU never holds the host up)."""
     out = []
     for name, (sizes, B) in configs.items():
-        net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
-        rng = np.random.default_rng(0)
-        theta_d = cuda.to_device(net.init(seed=0, dtype=np.float32))
-        X_d = cuda.to_device(rng.standard_normal((B, sizes[0])).astype(np.float32))
-        y_d = cuda.to_device(rng.integers(0, sizes[-1], size=B).astype(np.int64))
+        net, theta_d, X_d, y_d = device_problem(cuda, sizes, B)
         G_d = cuda.device_array((B, net.num_params), dtype=np.float32)
         for q in ("grad", "per_sample"):
             row = {
@@ -467,11 +462,7 @@ def kernel_profile(path, torch, cuda, fastgrad, fc, sync, configs) -> None:
 
     with open(path, "w") as fh:
         for name, (sizes, B) in configs.items():
-            net = fastgrad.MLP(sizes, activation="tanh", loss="cross_entropy")
-            rng = np.random.default_rng(0)
-            theta_d = cuda.to_device(net.init(seed=0, dtype=np.float32))
-            X_d = cuda.to_device(rng.standard_normal((B, sizes[0])).astype(np.float32))
-            y_d = cuda.to_device(rng.integers(0, sizes[-1], size=B).astype(np.int64))
+            net, theta_d, X_d, y_d = device_problem(cuda, sizes, B)
             G_d = cuda.device_array((B, net.num_params), dtype=np.float32)
             for compute, out, n in ((("grad",), None, 5), (("per_sample",), G_d, 2)):
                 fastgrad.backprop(net, theta_d, X_d, y_d, compute=compute, backend="cuda", out=out)
