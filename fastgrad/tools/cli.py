@@ -359,8 +359,7 @@ def cmd_train(args) -> int:
     del data  # the split holds copies of the rows: one copy of X in memory, not two
     methods = TRAIN_METHODS if args.dp else TRAIN_METHODS[:3]
     total = len(methods) * args.epochs * (train.num_samples // max(args.batch_size, 1))
-    bar = _progress(total, "training", args.no_progress)
-    try:
+    with _progress(total, "training", args.no_progress) as bar:
         result = train_compare(
             net,
             train,
@@ -379,8 +378,6 @@ def cmd_train(args) -> int:
             delta=args.delta,
             accountant=args.accountant,
         )
-    finally:
-        bar.close()
     print(result.table())
     if args.dp:
         print()
@@ -403,8 +400,7 @@ def cmd_sweep(args) -> int:
     data, loss = _load(args)
     backend = resolve_backend(args.backend)
     total = len(args.batch_sizes) + len(args.depths) + len(activations)
-    bar = _progress(total, "sweep", args.no_progress)
-    try:
+    with _progress(total, "sweep", args.no_progress) as bar:
         result = sweep_shortcut(
             data,
             loss=loss,
@@ -420,8 +416,6 @@ def cmd_sweep(args) -> int:
             backend=backend,
             progress=bar.update,
         )
-    finally:
-        bar.close()
     print(result.table())
     if plot:
         _save_plot(result, plot, "sweep plot")
@@ -443,8 +437,8 @@ def cmd_influence(args) -> int:
         raise UsageError(f"--examples {args.examples}: at most {data.num_classes} (one per class)")
     backend = resolve_backend(args.backend)
     n_train = data.num_samples - round(args.test_fraction * data.num_samples)
-    bar = _progress(args.epochs * (n_train // args.batch_size) + args.epochs, "training", args.no_progress)
-    try:
+    total = args.epochs * (n_train // args.batch_size) + args.epochs
+    with _progress(total, "training", args.no_progress) as bar:
         result = mislabel_study(
             data,
             hidden=args.hidden,
@@ -460,8 +454,6 @@ def cmd_influence(args) -> int:
             backend=backend,
             progress=bar.update,
         )
-    finally:
-        bar.close()
     print(result.table())
     if plot:
         try:
