@@ -37,21 +37,21 @@ ns = time.perf_counter_ns
 
 
 def kernel_args(step, theta, X, y):
-    """A prepared call of ``step`` and the arguments it hands the driver for one chunk."""
+    """A prepared call of ``step`` and the arguments its compiled driver hands ``fused_backprop`` for the
+    batch's one chunk."""
     inp = step._inputs(theta, X, y)
     call = step._prepared_call(inp.batch_size)
-    assert len(call.chunks) == 1, "one chunk expected at this size"
-    _, _, bufs, row_out, flags, count = call.chunks[0]
-    data = (inp.X, inp.labels, inp.targets)
+    assert call.chunk == inp.batch_size, "one chunk expected at this size"
+    backward, per_row, squares = call.flags
     return (
         (call.layout, inp.theta, call.w_t),
-        data,
+        (inp.X, inp.labels, inp.targets),
         call.codes,
-        flags,
+        (backward, per_row, squares, False),
         call.plan,
-        (call.c_max, count),
-        bufs,
-        row_out,
+        call.scalars,
+        call.bufs,
+        call.row_out,
         call.sums,
         call.partial,
         call.tasks,
@@ -59,7 +59,7 @@ def kernel_args(step, theta, X, y):
 
 
 def kernel_only(args) -> int:
-    with cpu.single_threaded_blas:
+    with cpu.kernel_blas:
         before = cpu._set_chunksize(1)
         t0 = ns()
         cpu.fused_backprop(*args)
@@ -82,7 +82,7 @@ def timeline_unprepared(net, theta, X, y) -> list[int]:
     t.append(ns())
     cpu._threading.check_fork_safe()
     ws = cpu._thread_workspace()
-    claim, blas = ws.claimed(), cpu.single_threaded_blas
+    claim, blas = ws.claimed(), cpu.kernel_blas
     claim.__enter__()
     blas.__enter__()
     t.append(ns())
@@ -103,8 +103,8 @@ def timeline_unprepared(net, theta, X, y) -> list[int]:
     return [b - a for a, b in itertools.pairwise(t)]
 
 
-PREPARED = ("claim + per-call checks", "fork check, prepared lookup, BLAS hold",
-            "kernel", "finish: loss mean, result dict", "BLAS release",
+PREPARED = ("claim + per-call checks (types, shapes)", "fork check, prepared lookup, BLAS hold",
+            "kernel (with the values' compiled check)", "finish: loss mean, result dict", "BLAS release",
             "BackpropResult, unclaim")  # fmt: skip
 
 
@@ -117,10 +117,10 @@ def timeline_prepared(step, theta, X, y) -> list[int]:
     call = step._prepared_call(inp.batch_size)
     w = cpu._writeable
     th, Xw, labels, targets = w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets)
-    blas = cpu.single_threaded_blas
+    blas = cpu.kernel_blas
     blas.__enter__()
     t.append(ns())
-    call.launch(th, Xw, labels, targets)
+    call.launch(th, Xw, labels, targets, step._check)
     t.append(ns())
     raw = call.finish()
     t.append(ns())

@@ -39,8 +39,10 @@ Numba alone. OpenBLAS partitions a multi-threaded GEMM differently, with other b
 the hold must work from every Python thread: pip's OpenBLAS (pthreads) is set through its
 own ``openblas_set_num_threads``, because threadpoolctl 3.8 ignores a limit set by any
 thread but the first one that set one (:class:`_BLASThreads`); other BLAS libraries go
-through threadpoolctl. The hold is process-wide: BLAS calls of other Python threads run
-on one thread while a fastgrad call is inside the kernels. Measured on the 2-core machine,
+through threadpoolctl. The kernels hold only the libraries Numba's GEMMs can call
+(:data:`kernel_blas`: SciPy's LP64 interface, not NumPy's ILP64 OpenBLAS). The hold is
+process-wide: BLAS calls of other Python threads run on one thread while a fastgrad call
+is inside the kernels. Measured on the 2-core machine,
 alternating Numba's OpenMP pool with a 2-thread OpenBLAS pool made each side wait for the
 other's spinning threads (a 2.6 ms GEMM took 20 ms), so the GEMMs are not run outside ``prange``.
 
@@ -608,20 +610,130 @@ def all_finite(v):
 
 
 @njit(cache=CACHE)
-def bad_input(theta, x, targets, labels, n_out):
-    # θ (P,), X (B·n_0,), targets (B·n_L,) or (0,), labels (B,) or (0,) -> 0 when θ, X and the targets are
-    # finite and the labels lie in [0, n_out); else 1 (θ), 2 (X), 3 (targets) or 4 (labels): one call
-    # checks a prepared step's arrays
+def bad_input(theta, x, targets, labels, n_out, lo, hi):
+    # θ (P,), X (B·n_0,), targets (B·n_L,) or (0,), labels (B,) or (0,); lo ≤ hi the targets' domain
+    # -> 0 when θ and X are finite, the targets lie in [lo, hi] (and are finite) and the labels in
+    # [0, n_out); else 1 (θ), 2 (X), 3 (targets) or 4 (labels): one call checks a prepared call's arrays
     if not all_finite(theta):
         return 1
     if not all_finite(x):
         return 2
-    if targets.shape[0] > 0 and not all_finite(targets):
-        return 3
+    if targets.shape[0] > 0:
+        if not all_finite(targets):
+            return 3
+        inside = True
+        for k in range(targets.shape[0]):
+            inside &= (targets[k] >= lo) & (targets[k] <= hi)
+        if not inside:
+            return 3
     ok = True
     for k in range(labels.shape[0]):
         ok &= (labels[k] >= 0) & (labels[k] < n_out)
     return 0 if ok else 4
+
+
+@njit(cache=CACHE)
+def block_sum(a, i0, n):
+    # a[i0 : i0 + n], 0 ≤ n ≤ 128 -> NumPy's sum of one block: 8 running sums, then the rest in order
+    if n < 8:
+        res = a.dtype.type(0)
+        for i in range(n):
+            res += a[i0 + i]
+        return res
+    r0, r1, r2, r3 = a[i0], a[i0 + 1], a[i0 + 2], a[i0 + 3]
+    r4, r5, r6, r7 = a[i0 + 4], a[i0 + 5], a[i0 + 6], a[i0 + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[i0 + i]
+        r1 += a[i0 + i + 1]
+        r2 += a[i0 + i + 2]
+        r3 += a[i0 + i + 3]
+        r4 += a[i0 + i + 4]
+        r5 += a[i0 + i + 5]
+        r6 += a[i0 + i + 6]
+        r7 += a[i0 + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for k in range(i, n):
+        res += a[i0 + k]
+    return res
+
+
+@njit(cache=CACHE)
+def pairwise_sum(a, n):
+    # a (≥ n,) -> the sum of a[:n] in a's dtype with NumPy's pairwise summation, the bits of
+    # np.add.reduce(a[:n]): blocks of ≤ 128 (block_sum), a longer range split in halves at a multiple of 8
+    # and the halves' sums added. The recursion runs on an explicit stack (Numba's cache cannot load a
+    # recursive function): frames (start, length, stage), stage 0 → left half next, 1 → right, 2 → add
+    if n <= 128:
+        return block_sum(a, 0, n)
+    start, length, stage = np.empty(64, np.int64), np.empty(64, np.int64), np.zeros(64, np.int64)
+    values = np.empty(64, a.dtype)
+    start[0], length[0], top, nv = 0, n, 1, 0
+    while top > 0:
+        f = top - 1
+        m = length[f]
+        if m <= 128:
+            values[nv] = block_sum(a, start[f], m)
+            nv += 1
+            top -= 1
+        elif stage[f] < 2:
+            half = m // 2
+            half -= half % 8
+            start[top] = start[f] if stage[f] == 0 else start[f] + half
+            length[top] = half if stage[f] == 0 else m - half
+            stage[top] = 0
+            stage[f] += 1
+            top += 1
+        else:
+            values[nv - 2] = values[nv - 2] + values[nv - 1]
+            nv -= 1
+            top -= 1
+    return values[0]
+
+
+@njit(cache=CACHE)
+def batch_backprop(check, net, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks, chunk):
+    # The whole batch, chunk by chunk, in one compiled call (no Python between the chunks):
+    # check = (on, lo, hi): with on, bad_input's code first (nonzero: nothing runs); net = (layout, θ, w_t);
+    # data = (X (B, n_0), labels (B,) or (0,), targets (B, n_L) or (0, n_L)); flags = (backward, per_row,
+    # squares); scalars = (C, B) in θ's dtype; bufs as fused_backprop's for `chunk` rows; row_out as its,
+    # for B rows -> 0, after fused_backprop ran on each chunk of `chunk` rows in order (its accumulate flag
+    # set after the first, its count B on the last only), and the sum of the B losses (pairwise_sum);
+    # or a nonzero check code and 0
+    X, labels, targets = data
+    losses = row_out[0]
+    on, lo, hi = check
+    if on:
+        code = bad_input(net[1], X.reshape(-1), targets.reshape(-1), labels, targets.shape[1], lo, hi)
+        if code != 0:
+            return code, losses.dtype.type(0)
+    backward, per_row, squares = flags
+    c_max, batch = scalars
+    acts, dphi, deltas, sqa = bufs
+    _, layer_sq, norms, clip_c, rows = row_out
+    layout = net[0]
+    hidden = width = inputs = 0
+    for l in range(layout.shape[0]):
+        inputs += layout[l, 0]
+        width += layout[l, 1]
+        if l < layout.shape[0] - 1:
+            hidden += layout[l, 1]
+    B = X.shape[0]
+    ce = labels.shape[0] > 0
+    for c0 in range(0, B, chunk):
+        c1 = min(B, c0 + chunk)
+        R = c1 - c0
+        chunk_bufs = (acts[: R * hidden], dphi[: R * hidden], deltas[: R * width],
+                      sqa[: R * inputs] if squares else sqa[:0])  # fmt: skip
+        chunk_rows_out = (losses[c0:c1], layer_sq[c0:c1], norms[c0:c1], clip_c[c0:c1],
+                          rows[c0:c1] if rows.shape[0] > 0 else rows)  # fmt: skip
+        chunk_data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
+        chunk_flags = (backward, per_row, squares, c0 > 0)
+        count = batch if c1 == B else batch - batch  # the last chunk divides the means
+        fused_backprop(net, chunk_data, codes, chunk_flags, plan, (c_max, count), chunk_bufs, chunk_rows_out,
+                       sums, partial, tasks)  # fmt: skip
+    return 0, pairwise_sum(losses, B)
 
 
 @njit(parallel=True, cache=CACHE)
@@ -814,6 +926,8 @@ class _BLASThreads:
     def __init__(self, lib):
         self._lib = lib
         self._get = self._set = None
+        self.ilp64 = False
+        """An OpenBLAS with 64-bit integers (symbols suffixed ``64_``, as NumPy's wheels ship)."""
         if lib.internal_api == "openblas" and lib.threading_layer != "openmp":
             dynlib = ctypes.CDLL(lib.filepath)
             for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
@@ -821,6 +935,7 @@ class _BLASThreads:
                 set_ = getattr(dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
                 if get is not None and set_ is not None:
                     self._get, self._set = get, set_
+                    self.ilp64 = "64" in suffix
                     break
 
     def get(self) -> int:
@@ -833,21 +948,18 @@ class _BLASThreads:
             self._lib.set_num_threads(n)
 
 
-class _SingleThreadedBLAS:
-    """Holds every loaded BLAS to one thread while any call is inside a kernel.
-
-    A counter under a lock makes nested and concurrent calls (two Python threads)
-    restore the user's setting exactly once, when the last one leaves. A library already
-    at one thread is left alone. ``with single_threaded_blas:`` (or ``single_threaded_blas()``).
-    """
+class _BLASHolds:
+    """The process's BLAS libraries and, per library, how many calls hold it at one thread: a library's
+    setting is saved when its first hold begins and restored when its last one ends, under one lock, so
+    nested and concurrent holds (two Python threads) restore the user's setting exactly once."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._inside = 0
-        self._saved = None
+        self.lock = threading.Lock()
+        self.inside: dict = {}
+        self.saved: dict = {}
         self._controllers = None
 
-    def _blas(self) -> list[_BLASThreads]:
+    def libraries(self) -> list[_BLASThreads]:
         if self._controllers is None:
             import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls)
             from threadpoolctl import ThreadpoolController
@@ -856,30 +968,61 @@ class _SingleThreadedBLAS:
             self._controllers = [_BLASThreads(lib) for lib in libs]
         return self._controllers
 
+
+_blas_holds = _BLASHolds()
+
+
+class _SingleThreadedBLAS:
+    """Holds BLAS libraries to one thread while a call is inside a kernel: every loaded one, or with
+    ``kernels_only`` those Numba's GEMMs can call. ``with single_threaded_blas:`` (or ``...()``).
+
+    Numba's ``np.dot`` calls SciPy's LP64 interface (``int *`` dimensions), never an ILP64 library such
+    as NumPy's own OpenBLAS (symbols suffixed ``64_``), so the kernels' hold leaves that one alone:
+    holding it as well cost two ctypes calls more a call (3 µs on [784, 128, 10] B = 64, 2026-12-04).
+    NumPy's GEMMs run on threads (:mod:`fastgrad.attribution`) need the hold of every library.
+    A library already at one thread is left alone."""
+
+    def __init__(self, kernels_only: bool = False):
+        self._kernels_only = kernels_only
+        self._libs = None
+
+    def _blas(self) -> list[_BLASThreads]:
+        if self._libs is None:
+            libs = _blas_holds.libraries()
+            self._libs = [lib for lib in libs if not lib.ilp64] if self._kernels_only else libs
+        return self._libs
+
     def __call__(self):
         return self
 
     def __enter__(self):
-        with self._lock:
-            if self._inside == 0:
-                libs = self._blas()
-                self._saved = [lib.get() for lib in libs]
-                for lib, n in zip(libs, self._saved):
+        holds = _blas_holds
+        with holds.lock:
+            for lib in self._blas():
+                k = holds.inside.get(lib, 0)
+                if k == 0:
+                    n = holds.saved[lib] = lib.get()
                     if n != 1:
                         lib.set(1)
-            self._inside += 1
+                holds.inside[lib] = k + 1
         return self
 
     def __exit__(self, *exc):
-        with self._lock:
-            self._inside -= 1
-            if self._inside == 0:
-                for lib, n in zip(self._blas(), self._saved):
-                    if n != 1:
-                        lib.set(n)
+        holds = _blas_holds
+        with holds.lock:
+            for lib in self._blas():
+                k = holds.inside[lib] = holds.inside[lib] - 1
+                if k == 0 and holds.saved[lib] != 1:
+                    lib.set(holds.saved[lib])
 
 
 single_threaded_blas = _SingleThreadedBLAS()
+kernel_blas = _SingleThreadedBLAS(kernels_only=True)
+"""The hold around the Numba kernels: the BLAS libraries their GEMMs call."""
+
+
+NO_CHECK = (False, 0.0, 0.0)
+"""``check`` of :meth:`PreparedCall.launch` for arrays checked already."""
 
 
 def _set_chunksize(n: int) -> int:
@@ -932,7 +1075,7 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     """
     _threading.check_fork_safe()
     ws = workspace if workspace is not None else _thread_workspace()
-    with ws.claimed(), single_threaded_blas():
+    with ws.claimed(), kernel_blas():
         results = Results(net, inp.dtype, need, max_norm is not None, inp.batch_size, out)
         call = PreparedCall(net, inp.dtype, need, max_norm, inp.batch_size, ws, results)
         theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
@@ -970,7 +1113,8 @@ class PreparedCall:
 
     Calling it runs the kernels on validated (C-contiguous, writeable, θ's dtype) arrays and returns
     the backend's dict of raw quantities, views of ``results``; the caller holds the workspace and
-    the single-threaded BLAS (:func:`run` does)."""
+    :data:`kernel_blas` (:func:`run` does). :meth:`launch` runs every chunk in one compiled call
+    (:func:`batch_backprop`), with the values' check first when asked (:class:`fastgrad.Step`)."""
 
     def __init__(self, net: MLP, dtype, need: frozenset, max_norm: float | None, batch_size: int,
                  ws: Workspace, results: Results):  # fmt: skip
@@ -1000,48 +1144,42 @@ class PreparedCall:
         self.layer_sq = r.layer_sq[:B]
         self.layer_norms = r.layer_norms[:B] if per_row else None
         self.G = (r.G if r.G.shape[0] == B else r.G[:B]) if want_rows else None
-        hidden, width, inputs = sum(net.sizes[1:-1]), sum(net.sizes[1:]), sum(net.sizes[:-1])
-        no_rows = np.empty((0, 0), dt)
-        self.chunks = []
-        for c0 in range(0, B, chunk):
-            c1 = min(B, c0 + chunk)
-            R = c1 - c0
-            bufs = (acts[: R * hidden], dphi[: R * hidden], deltas[: R * width],
-                    sqa[: R * inputs] if squares else sqa[:0])  # fmt: skip
-            row_out = (r.losses[c0:c1], r.layer_sq[c0:c1], r.norms[c0:c1], r.clip_c[c0:c1],
-                       np.asarray(r.G[c0:c1]) if want_rows else no_rows)  # fmt: skip
-            flags = (backward, per_row, squares, c0 > 0)
-            count = dt.type(B if c1 == B else 0)  # the last chunk divides the means
-            self.chunks.append((c0, c1, bufs, row_out, flags, count))
+        self.chunk = chunk
+        self.flags = (backward, per_row, squares)
+        self.scalars = (self.c_max, dt.type(B))
+        self.bufs = (acts, dphi, deltas, sqa if squares else sqa[:0])
+        rows = np.asarray(r.G[:B]) if want_rows else np.empty((0, 0), dt)
+        self.row_out = (r.losses[:B], r.layer_sq[:B], r.norms[:B], r.clip_c[:B], rows)
 
     def __call__(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> dict:
         self.launch(theta, X, labels, targets)
         return self.finish()
 
-    def launch(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> None:
-        """Run the kernels over every chunk, leaving the sums and per-row results in ``results``."""
-        net_pack = (self.layout, theta, self.w_t)
-        ce, codes, plan, c_max = self.ce, self.codes, self.plan, self.c_max
-        sums, partial, tasks = self.sums, self.partial, self.tasks
+    def launch(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray,
+               check: tuple = NO_CHECK) -> int:  # fmt: skip
+        """Run the kernels over every chunk, leaving the sums and per-row results in ``results``.
+
+        ``check`` = (True, lo, hi) first checks the arrays in the same compiled call (:func:`bad_input`,
+        targets in [lo, hi]) and returns its nonzero code without running anything; else 0."""
         # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
         before = _set_chunksize(1)
         try:
-            for c0, c1, bufs, row_out, flags, count in self.chunks:
-                data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
-                scalars = (c_max, count)
-                fused_backprop(
-                    net_pack, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks
-                )
+            code, self.loss_sum = batch_backprop(
+                check, (self.layout, theta, self.w_t), (X, labels, targets), self.codes, self.flags,
+                self.plan, self.scalars, self.bufs, self.row_out, self.sums, self.partial, self.tasks,
+                self.chunk,
+            )  # fmt: skip
         finally:
             _set_chunksize(before)
+        return code
 
     def finish(self) -> dict:
         """The raw quantities from the kernels' outputs: the loss and the sums' means, the variance
         from the moments, the layer norms from their squares."""
         dt, need = self.dtype, self.need
-        # the bits of losses.mean(dtype=dt) in a quarter of its time: NumPy's pairwise sum in θ's dtype,
+        # the bits of losses.mean(dtype=dt): NumPy's pairwise sum in θ's dtype (made by the compiled call),
         # divided by B in float64 (NumPy divides by the count as an intp) and rounded to θ's dtype
-        res = {"loss": dt.type(float(np.add.reduce(self.losses, dtype=dt)) / self.batch_size)}
+        res = {"loss": dt.type(float(self.loss_sum) / self.batch_size)}
         for s, q in enumerate(self.made):
             res[q.name] = self.sums[s]
         if "variance" in need and "grad" in res and "sq_mean" in res:
@@ -1089,7 +1227,7 @@ def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
     second = [np.empty((B, n), dt) for n in (sizes[1:] if backward else sizes[1:-1])]  # Δ_l or φ'(z_l)
     theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
     ce = net.loss_code == CROSS_ENTROPY
-    with ws.claimed(), single_threaded_blas():
+    with ws.claimed(), kernel_blas():
         chunk, tile = _chunking(sizes, dt, B)
         chunk = min(B, chunk)
         acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(sizes, chunk, dt, False)

@@ -47,9 +47,7 @@ def _all_finite(a: np.ndarray) -> bool:
     return bool(np.isfinite(a).all())
 
 
-def _plain(a) -> bool:
-    """A NumPy array (or memmap), not a masked array, C-contiguous."""
-    return isinstance(a, np.ndarray) and not isinstance(a, np.ma.MaskedArray) and a.flags.c_contiguous
+_INT64 = np.dtype(np.int64)
 
 
 def _seed_sequence(seed) -> np.random.SeedSequence:
@@ -182,6 +180,10 @@ class Step:
         self._noise = np.empty(P, dt) if clip and self.noise_multiplier > 0 else None
         self._grad = np.empty(P, dt) if clip else None
         self._prepared: dict[int, object] = {}
+        self._labels = net.loss_code == CROSS_ENTROPY
+        self._theta_shape = (P,)
+        self._domain = (0.0, 1.0) if net.loss_code == BINARY_CROSS_ENTROPY else (-np.inf, np.inf)
+        self._check = (True, *self._domain)  # the numba call's check: on, the targets' domain
         self._results = None
         if self.backend == "numba":
             from . import cpu
@@ -231,55 +233,58 @@ class Step:
     # ------------------------------------------------------------ per call
 
     def _inputs(self, theta, X, y) -> Inputs:
-        """The call's arrays, checked as :func:`fastgrad.api.check_inputs` would, fast when they
-        already have the step's dtype and are C-contiguous (then nothing is copied)."""
-        net, dt = self.net, self.dtype
-        if not (_plain(theta) and theta.dtype == dt and theta.shape == (net.num_params,)):
+        """The call's arrays, checked as :func:`fastgrad.api.check_inputs` would (values aside), fast when
+        they are C-contiguous ndarrays of the step's dtype already (then nothing is copied); any other
+        array goes through the full checks, which raise or convert it."""
+        net, dt, nd = self.net, self.dtype, np.ndarray
+        if not (type(theta) is nd and theta.dtype is dt and theta.shape == self._theta_shape
+                and theta.flags.c_contiguous):  # fmt: skip
             theta = check_theta(net, theta)  # raises, or a contiguous native copy
             if theta.dtype != dt:
                 raise TypeError(f"theta: expected dtype {dt} (the step's dtype), got {theta.dtype}")
-        if not (_plain(X) and X.dtype == dt and X.ndim == 2 and X.shape[1] == net.n_in and X.shape[0] > 0):
+        if not (type(X) is nd and X.dtype is dt and X.ndim == 2 and X.shape[1] == net.n_in and X.shape[0] > 0
+                and X.flags.c_contiguous):  # fmt: skip
             X = check_X(net, X, dt)  # raises, or a converted copy (checked then)
         B = X.shape[0]
-        if net.loss_code == CROSS_ENTROPY:
-            if _plain(y) and y.dtype == np.int64 and y.shape == (B,):
+        if self._labels:
+            if type(y) is nd and y.dtype is _INT64 and y.shape == (B,) and y.flags.c_contiguous:
                 labels, targets = y, self._no_targets
             else:
                 labels, targets = check_y(net, y, B, dt)
-        elif _plain(y) and y.dtype == dt and y.shape == (B, net.n_out):
+        elif type(y) is nd and y.dtype is dt and y.shape == (B, net.n_out) and y.flags.c_contiguous:
             labels, targets = self._no_labels, y
         else:
             labels, targets = check_y(net, y, B, dt)
-        self._check_values(theta, X, labels, targets)
         return Inputs(theta, X, labels, targets)
 
-    def _check_values(self, theta, X, labels, targets) -> None:
-        """θ, X and the targets finite, the labels in range (an array that came through the full
-        checks again, which costs little beside the copy it made)."""
-        net = self.net
-        if self.backend == "numba" and all(a.flags.writeable for a in (theta, X, labels, targets)):
-            # one compiled pass; read-only arrays would make Numba compile it again
-            bad = self._cpu.bad_input(theta, X.reshape(-1), targets.reshape(-1), labels, net.n_out)
-        else:
-            bad = 0
-            if not _all_finite(theta):
-                bad = 1
-            elif not _all_finite(X):
-                bad = 2
-            elif targets.size and not _all_finite(targets):
-                bad = 3
-            elif labels.size and (labels.min() < 0 or labels.max() >= net.n_out):
-                bad = 4
-        if bad == 1:
+    def _bad_values(self, inp: Inputs) -> int:
+        """NumPy's check of what the numba backend's call checks in its compiled pass: 0, or the code of
+        :func:`fastgrad.cpu.bad_input` (1 θ, 2 X, 3 targets, 4 labels)."""
+        lo, hi = self._domain
+        if not _all_finite(inp.theta):
+            return 1
+        if not _all_finite(inp.X):
+            return 2
+        t, labels = inp.targets, inp.labels
+        if t.size and not (_all_finite(t) and t.min() >= lo and t.max() <= hi):
+            return 3
+        if labels.size and (labels.min() < 0 or labels.max() >= self.net.n_out):
+            return 4
+        return 0
+
+    def _refuse(self, code: int, inp: Inputs) -> None:
+        """Raise the error for a nonzero :meth:`_bad_values` / ``bad_input`` code, naming the argument."""
+        if code == 1:
             raise ValueError("theta: contains NaN or Inf")
-        if bad == 2:
+        if code == 2:
             raise ValueError("X: contains NaN or Inf")
-        if bad == 3:
-            raise ValueError("y: contains NaN or Inf")
-        if bad == 4:
-            check_y(net, labels, labels.shape[0], self.dtype)  # raises, naming the range
-        if net.loss_code == BINARY_CROSS_ENTROPY and (targets.min() < 0 or targets.max() > 1):
-            raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
+        if code == 3:
+            if not _all_finite(inp.targets):
+                raise ValueError("y: contains NaN or Inf")
+            lo, hi = self._domain
+            raise ValueError(f"y: {self.net.loss} targets must lie in [{lo:g}, {hi:g}]")
+        check_y(self.net, inp.labels, inp.labels.shape[0], self.dtype)  # raises, naming the range
+        raise AssertionError(f"bad_input code {code}")  # pragma: no cover
 
     def __call__(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, copy: bool = False):
         """One step on a batch.
@@ -324,6 +329,9 @@ class Step:
         if self.backend == "numba":
             raw = self._run_numba(inp)
         else:
+            code = self._bad_values(inp)
+            if code:
+                self._refuse(code, inp)
             if "per_sample" in self.need:
                 check_per_sample_fits(B, self.net.num_params, self.dtype)
             raw = self._run(self.net, inp, self.need, self.max_norm, None)
@@ -335,13 +343,17 @@ class Step:
         return self._clipped(raw, B, copy)
 
     def _run_numba(self, inp: Inputs) -> dict:
+        """The prepared call: the values' check and every chunk's kernels in one compiled call (the step's
+        lock, held by the caller, stands for the workspace's claim)."""
         cpu = self._cpu
         cpu._threading.check_fork_safe()
         call = self._prepared_call(inp.batch_size)
-        w = cpu._writeable
-        # the step's own workspace: its lock (held by the caller) stands for the workspace's claim
-        with cpu.single_threaded_blas:
-            return call(w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets))
+        w = cpu._writeable  # a read-only array would be another type to Numba: another compile
+        with cpu.kernel_blas:
+            code = call.launch(w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets), self._check)
+        if code:
+            self._refuse(code, inp)
+        return call.finish()
 
     def _clipped(self, raw: dict, B: int, copy: bool) -> ClippedGrad:
         norms = raw["norms"]

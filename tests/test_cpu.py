@@ -341,6 +341,43 @@ def test_blas_thread_setting_is_restored_after_a_call():
     assert dict(after).items() >= dict(before).items()
 
 
+def _blas_threads() -> dict:
+    from threadpoolctl import threadpool_info
+
+    return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_kernel_blas_hold_sets_only_the_lp64_libraries_numba_calls():
+    from threadpoolctl import threadpool_limits
+
+    from fastgrad.cpu import _blas_holds, kernel_blas, single_threaded_blas
+
+    libs = _blas_holds.libraries()
+    ilp64 = {lib._lib.filepath for lib in libs if lib.ilp64}
+    lp64 = {lib._lib.filepath for lib in libs if not lib.ilp64}
+    assert lp64, "no LP64 BLAS found: Numba's np.dot needs SciPy's"
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        with kernel_blas:
+            inside = _blas_threads()
+            with single_threaded_blas:  # nested: every library at one thread, then back
+                assert set(_blas_threads().values()) == {1}
+            assert _blas_threads() == inside
+        assert _blas_threads() == before
+    assert all(inside[f] == 1 for f in lp64)
+    assert all(inside[f] == before[f] for f in ilp64)
+
+
+def test_pairwise_sum_has_the_bits_of_numpys_add_reduce():
+    from fastgrad.cpu import pairwise_sum
+
+    rng = np.random.default_rng(5)
+    for dt in (np.float32, np.float64):
+        for n in [*range(0, 300), 1000, 1031, 4096, 100_003]:
+            a = (rng.standard_normal(n + 3) * rng.uniform(0.1, 1e3)).astype(dt)
+            assert pairwise_sum(a, n) == np.add.reduce(a[:n], dtype=dt), (dt, n)
+
+
 def test_disk_cache_can_be_turned_off_by_environment():
     code = "import fastgrad.cpu as c; print(c.CACHE)"
     for value, expected in (("0", "False"), ("1", "True")):

@@ -125,9 +125,10 @@ def test_max_batch_size_is_allocated_once_and_enforced():
         (lambda t, X, y: (list(t), X, y), TypeError, "theta: expected a NumPy array"),
     ],
 )
-def test_each_call_checks_its_arrays_naming_the_argument(change, exc, match):
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_each_call_checks_its_arrays_naming_the_argument(change, exc, match, backend):
     net, theta, X, y = make_problem([5, 8, 3], B=10, dtype=np.float32)
-    step = fastgrad.Step(net, np.float32, backend="numba")
+    step = fastgrad.Step(net, np.float32, backend=backend)
     with pytest.raises(exc, match=match):
         step(*change(theta, X, y))
 
@@ -142,9 +143,10 @@ def test_other_input_types_are_converted_as_backprop_converts_them():
     assert got.loss == want.loss
 
 
-def test_targets_out_of_the_losss_domain_are_refused():
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_targets_out_of_the_losss_domain_are_refused(backend):
     net, theta, X, y = make_problem([5, 8, 3], "tanh", "binary_cross_entropy", B=10, dtype=np.float32)
-    step = fastgrad.Step(net, np.float32, backend="numba")
+    step = fastgrad.Step(net, np.float32, backend=backend)
     with pytest.raises(ValueError, match=r"y: binary_cross_entropy targets must lie in \[0, 1\]"):
         step(theta, X, y + 1)
     with pytest.raises(ValueError, match="y: contains NaN or Inf"):
