@@ -1086,14 +1086,15 @@ class Results:
     """The arrays a call writes its results into, for batches of up to ``rows`` samples.
 
     :func:`run` makes new ones per call; :class:`fastgrad.Step` keeps one set for all its calls.
-    ``out`` (rows, P), when given, receives the per-sample rows."""
+    ``out`` (rows, P), when given, receives the per-sample rows; ``sums`` (n_sums, P), when given, is the
+    sums' array (a step's, kept when its buffers grow for a bigger batch)."""
 
-    def __init__(self, net: MLP, dtype, need: frozenset, clip: bool, rows: int, out=None):
+    def __init__(self, net: MLP, dtype, need: frozenset, clip: bool, rows: int, out=None, sums=None):
         dt = np.dtype(dtype)
         P = net.num_params
         self.rows = rows
         made = quantities.sums_to_make(need, clip)
-        self.sums = np.empty((len(made), P), dt)
+        self.sums = np.empty((len(made), P), dt) if sums is None else sums
         self.losses = np.empty(rows, dt)
         # float64: squares of float32 norms may overflow float32
         self.layer_sq = np.empty((rows, net.num_layers), np.float64)

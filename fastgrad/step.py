@@ -32,7 +32,7 @@ from .api import BackpropResult, ClippedGrad, _backend, resolve_backend
 from .losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY
 from .mlp import FLOAT_DTYPES, MLP
 from .privacy import check_seed
-from .quantities import check_clip_norms, dp_noise, finish, needed, noised_mean
+from .quantities import check_clip_norms, dp_noise, finish, needed, noised_mean, sums_to_make
 
 HOST_BACKENDS: tuple[str, ...] = ("naive", "numpy", "numba")
 """Backends a :class:`Step` runs on (host arrays)."""
@@ -178,7 +178,9 @@ class Step:
         self._no_labels = np.zeros(0, np.int64)
         self._no_targets = np.zeros((0, net.n_out), dt)
         self._noise = np.empty(P, dt) if clip and self.noise_multiplier > 0 else None
-        self._grad = np.empty(P, dt) if clip else None
+        # the gradient's buffer, the same array for the step's life (grad_buffer); on numba without
+        # clipping it is the kernels' own output row, so nothing is copied
+        self._grad = np.empty(P, dt) if clip or "grad" in want else None
         self._prepared: dict[int, object] = {}
         self._labels = net.loss_code == CROSS_ENTROPY
         self._theta_shape = (P,)
@@ -190,8 +192,17 @@ class Step:
 
             self._cpu = cpu
             self._ws = cpu.Workspace()
-            if max_batch_size is not None:
-                self._grow(max_batch_size)
+            self._grow(max_batch_size or 1)
+            if not clip and "grad" in want:
+                made = [q.name for q in sums_to_make(self.need, False)]
+                self._grad = self._results.sums[made.index("grad")]
+
+    @property
+    def grad_buffer(self) -> np.ndarray | None:
+        """The (P,) array every call's gradient (``res.grad``) is written into, the same array for the
+        step's life (``None`` when the step does not compute ``grad``): a training loop may keep views of
+        it, as :class:`fastgrad.torch.GradStep` does for every ``p.grad``."""
+        return self._grad
 
     # ------------------------------------------------------------ set-up
 
@@ -199,7 +210,9 @@ class Step:
         """Result buffers for batches of up to ``rows`` samples (the prepared calls are rebuilt)."""
         if "per_sample" in self.need:
             check_per_sample_fits(rows, self.net.num_params, self.dtype)
-        self._results = self._cpu.Results(self.net, self.dtype, self.need, self.max_norm is not None, rows)
+        sums = None if self._results is None else self._results.sums  # kept: grad_buffer is a view of it
+        clip = self.max_norm is not None
+        self._results = self._cpu.Results(self.net, self.dtype, self.need, clip, rows, sums=sums)
         self._prepared.clear()
 
     def _prepared_call(self, batch: int):
@@ -337,6 +350,10 @@ class Step:
             raw = self._run(self.net, inp, self.need, self.max_norm, None)
         if self.max_norm is None:
             values = finish(self._rest, raw, B)
+            grad = values.get("grad")
+            if grad is not None and grad is not self._grad:  # numpy, naive: into the step's buffer
+                np.copyto(self._grad, grad)
+                values["grad"] = self._grad
             if copy:
                 values = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in values.items()}
             return BackpropResult(loss=float(raw["loss"]), **values)

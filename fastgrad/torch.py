@@ -153,9 +153,15 @@ class GradStep:
         else:
             self.backend = resolve_backend(backend, host=True)  # "auto": numba, else numpy
         P = self.net.num_params
+        self._theta_np = None if self._cuda else theta
+        self._step = None if self._cuda else self._make_step()
         with torch.no_grad():
             self.theta = torch.from_numpy(theta).to(self.device)
-            self.grad = torch.zeros(P, dtype=self.theta.dtype, device=self.device)
+            if self._cuda:
+                self.grad = torch.zeros(P, dtype=self.theta.dtype, device=self.device)
+            else:  # the step's own gradient buffer: its kernels write every p.grad, nothing is copied
+                self.grad = torch.from_numpy(self._step.grad_buffer)
+                self.grad.zero_()
         self._params: list[tuple] = []  # (parameter, its view of theta's address, its grad view)
         for lin, spec in zip(linears, self.net.layers):
             for p, start, stop, shape in (
@@ -166,9 +172,7 @@ class GradStep:
                 g = self.grad[start:stop].view(shape)
                 p.grad = g
                 self._params.append((p, p.data_ptr(), g))
-        self._theta_np = None if self._cuda else self.theta.numpy()
-        self._grad_np = None if self._cuda else self.grad.numpy()
-        self._step = None if self._cuda else self._make_step()
+        self._grad_np = None if self._cuda else self._step.grad_buffer
 
     def _make_step(self):
         return Step(self.net, self._theta_np.dtype, compute=("loss", "grad"), backend=self.backend)
@@ -218,11 +222,9 @@ class GradStep:
         self._check_params()
         if self._cuda:
             return self._call_cuda(X, y)
-        res = self._step(self._theta_np, self._host("X", X), self._host("y", y))
-        if self.scale == 1.0:
-            np.copyto(self._grad_np, res.grad)
-        else:
-            np.multiply(res.grad, self._inv_scale, out=self._grad_np)
+        res = self._step(self._theta_np, self._host("X", X), self._host("y", y))  # res.grad is p.grad's
+        if self.scale != 1.0:
+            np.multiply(res.grad, self._inv_scale, out=res.grad)
         return res.loss * self._inv_scale
 
     def _call_cuda(self, X, y) -> float:
@@ -384,14 +386,12 @@ class DPGradStep(GradStep):
             )
             np.multiply(xi, noise_std / self.expected_batch_size, out=self._grad_np)
             return StepStats(math.nan, self._empty_norms, 0.0, 0)
-        res = self._step(self._theta_np, X, y)
+        res = self._step(self._theta_np, X, y)  # res.grad is p.grad's buffer
         inv = self._inv_scale
-        if self.scale == 1.0:
-            np.copyto(self._grad_np, res.grad)
-            norms = res.norms
-        else:
-            np.multiply(res.grad, inv, out=self._grad_np)
-            norms = res.norms * inv
+        norms = res.norms
+        if self.scale != 1.0:
+            np.multiply(res.grad, inv, out=res.grad)
+            norms = norms * inv
         return StepStats(res.loss * inv, norms, res.clip_fraction, len(norms))
 
     def epsilon(self, delta: float | None = None) -> float:
