@@ -11,7 +11,5 @@
   ``fastgrad.extras``, which names the extra to install).
 
 ``import fastgrad`` imports none of these; import them directly, e.g.
-``from fastgrad.tools import configs``. The old paths (``fastgrad.cli``, ``fastgrad.train``,
-``fastgrad.bench``, ``fastgrad.datasets``, ``fastgrad.validate``) still work, with a
-``DeprecationWarning``.
+``from fastgrad.tools import configs``.
 """
