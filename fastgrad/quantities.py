@@ -295,7 +295,7 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
 """Every quantity by name, in the order of ``QUANTITIES`` (then the internal ones)."""
 
 QUANTITIES: tuple[str, ...] = tuple(name for name, q in REGISTRY.items() if q.public)
-"""Names accepted by ``compute``; see DESIGN §2 for their definitions."""
+"""Names accepted by ``compute``; see docs/design.md §2 for their definitions."""
 
 SUMS: tuple[Sum, ...] = tuple(q for q in REGISTRY.values() if isinstance(q, Sum))
 """The sums over samples, in the order backends lay out their partial sums."""

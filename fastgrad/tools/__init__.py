@@ -5,7 +5,7 @@
 - ``datasets``: spirals, scikit-learn's digits, the user's ``.npz``.
 - ``validate``: every backend against the float64 reference (``fastgrad validate``).
 - ``bench``: the peer comparison (``fastgrad bench``).
-- ``configs``: DESIGN §6's benchmark configurations, problem builder and floors, the one
+- ``configs``: docs/design.md §6's benchmark configurations, problem builder and floors, the one
   source of every timing harness.
 - ``plotting``: matplotlib, headless (optional packages come through the core's
   ``fastgrad.extras``, which names the extra to install).
