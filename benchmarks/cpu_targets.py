@@ -1,4 +1,4 @@
-"""Measure the Numba CPU backend against the targets of issue 3 and print a Markdown table.
+"""Measure the Numba CPU backend against PyTorch and the floors and print a Markdown table.
 
 Job: the A/B of a CPU-kernel change (run it before and after, same machine; ``--threads 1
 --clock cpu`` for the least noise): paired per-call ratios of the numba backend's quantities

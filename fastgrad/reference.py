@@ -169,7 +169,7 @@ def row_norms(G: np.ndarray) -> np.ndarray:
 ROWS_BYTES = 16 * 2**20
 """The naive loop and the batched form make per-sample rows in blocks of at most this many bytes
 (at least one row): with ``out=`` an ``np.memmap``, or without ``per_sample``, no (B, P) matrix
-is held in memory (an 1839 MiB memmap used to cost 1670 MiB of RAM)."""
+is held in memory (filled through one whole matrix, an 1839 MiB memmap would cost 1670 MiB of RAM)."""
 
 
 def row_blocks(batch: int, num_params: int, dtype) -> list[tuple[int, int]]:

@@ -3,7 +3,7 @@
 Job: the peer comparison a user runs (``fastgrad bench``) — every backend against the
 NumPy reference, PyTorch and JAX, and the machine's floors, one table and a JSON
 record. (The other harnesses: ``benchmarks/cpu_targets.py`` A/Bs the CPU kernels
-against issue 3's targets; ``benchmarks/gpu_check.py`` the GPU; the asv suite in
+against PyTorch and the floors; ``benchmarks/gpu_check.py`` the GPU; the asv suite in
 ``benchmarks/`` tracks history across commits.) Configurations and floors come from
 :mod:`fastgrad.tools.configs`.
 

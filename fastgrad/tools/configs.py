@@ -127,15 +127,14 @@ def fill_kernel():
     a (R, n), b (R, m), out (R, L) with L ≤ n·m: row r of ``out`` is
     ``outer(a[r], b[r]).ravel()[:L]``, rows split over Numba's threads.
 
-    This is THE fill floor of per-sample gradients (docs/design.md §6: B·P numbers written), used
-    by ``fastgrad bench`` (and so the asv floors) and ``benchmarks/cpu_targets.py``. It
-    writes outer products rather than a constant (the former ``fill_rows`` of cpu_targets)
-    because that is what a per-sample gradient row is, δ_l ⊗ a_{l-1} per layer: the least
-    work any per-sample kernel does once it has the operands (two short cached vectors
-    read, one product per number written), and the "plain Numba loop writing outer
-    products" docs/design.md §6 names as the fill rate. Both loops are memory-bound and measured
-    the same here (2 threads, float32: 12.3 vs 11.7 ms on narrow's 4096 × 8970, 18.1 vs
-    20.0 ms on 256 × 512²), so the choice keeps the meaning without moving the numbers.
+    This is THE fill floor of per-sample gradients (docs/design.md §6: B·P numbers written), used by
+    ``fastgrad bench`` (and so the asv floors) and ``benchmarks/cpu_targets.py``. It writes outer
+    products rather than a constant because that is what a per-sample gradient row is, δ_l ⊗ a_{l-1} per
+    layer: the least work any per-sample kernel does once it has the operands (two short cached vectors
+    read, one product per number written), and the "plain Numba loop writing outer products"
+    docs/design.md §6 names as the fill rate. Both loops are memory-bound and measured the same here (2
+    threads, float32: 12.3 vs 11.7 ms on narrow's 4096 × 8970, 18.1 vs 20.0 ms on 256 × 512²), so the
+    choice keeps the meaning without moving the numbers.
     """
     global _FILL_KERNEL
     if _FILL_KERNEL is None:
