@@ -5,7 +5,7 @@ for cold and cached compile time.
 Job: the history, commit by commit (``asv run``, ``asv continuous``). The other timing
 harnesses each have their own: ``fastgrad bench`` (fastgrad.tools.bench) compares every
 backend with the peers and the floors in one run; ``cpu_targets.py`` A/Bs a CPU-kernel
-change against issue 3's targets; ``gpu_check.py``/``gpu_check.sh`` do the same on a GPU.
+change against PyTorch and the floors; ``gpu_check.py``/``gpu_check.sh`` do the same on a GPU.
 ``cpu_targets.py`` and ``gpu_check.py`` are scripts, not asv benchmarks (asv imports them
 and finds none); configurations and floors come from fastgrad.tools.configs, of which
 ``_problems.py`` keeps a frozen copy for old commits."""

@@ -23,7 +23,7 @@ CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
     "mnist": ((784, 512, 256, 10), 512),
     "wide": ((1024, 1024, 1024, 10), 256),
 }
-"""DESIGN §6: name -> (sizes, batch size); tanh hidden layers, cross-entropy, float32.
+"""docs/design.md §6: name -> (sizes, batch size); tanh hidden layers, cross-entropy, float32.
 
 A FROZEN COPY of ``fastgrad.tools.configs.CONFIGS`` (asv runs this suite against old
 commits that lack ``fastgrad.tools``). It must stay equal to it, or the history breaks:
@@ -35,11 +35,11 @@ SMALL_BATCH_CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
     "narrow-B32": ((64, 64, 64, 10), 32),
     "narrow-B256": ((64, 64, 64, 10), 256),
 }
-"""DESIGN §6's small-batch set: a FROZEN COPY of ``fastgrad.tools.configs.SMALL_BATCH_CONFIGS``,
+"""docs/design.md §6's small-batch set: a FROZEN COPY of ``fastgrad.tools.configs.SMALL_BATCH_CONFIGS``,
 checked like :data:`CONFIGS`."""
 
 ALL_CONFIGS = [*CONFIGS, *SMALL_BATCH_CONFIGS]
-"""The names of every configuration the suite times: DESIGN §6's, then the small-batch set."""
+"""The names of every configuration the suite times: docs/design.md §6's, then the small-batch set."""
 
 
 def sizes_and_batch(name: str) -> tuple[tuple[int, ...], int]:

@@ -4,7 +4,7 @@ torch.func, side by side in one run; print a Markdown table.
     python benchmarks/attribution.py [--configs mnist,wide] [--rounds 3] [--reps 1]
     python benchmarks/attribution.py --materialise      # the measurement behind MATERIALISE_MAX
 
-DESIGN §6's configurations (float32, tanh, cross-entropy), every side on 2 threads
+docs/design.md §6's configurations (float32, tanh, cross-entropy), every side on 2 threads
 (``NUMBA_NUM_THREADS=2``, ``torch.set_num_threads(2)``):
 
 - **grad**: ``fastgrad.backprop(compute=("grad",), backend="numba")``, the yardstick;

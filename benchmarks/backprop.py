@@ -1,4 +1,5 @@
-"""Time and peak memory of each quantity, per configuration (DESIGN §6 and its small-batch set) and backend.
+"""Time and peak memory of each quantity, per configuration (docs/design.md §6, and its small-batch set)
+and backend.
 
 Part of the asv suite, whose job is the history across commits (see benchmarks/__init__.py).
 

@@ -1,4 +1,4 @@
-"""Measure the Numba CPU backend against the targets of issue 3 and print a Markdown table.
+"""Measure the Numba CPU backend against PyTorch and the floors and print a Markdown table.
 
 Job: the A/B of a CPU-kernel change (run it before and after, same machine; ``--threads 1
 --clock cpu`` for the least noise): paired per-call ratios of the numba backend's quantities
@@ -8,7 +8,7 @@ tracks history; ``benchmarks/gpu_check.py`` is the GPU's counterpart of this scr
 
     python benchmarks/cpu_targets.py [--rounds 3] [--reps 10] [--skip-compile] [--skip-vmap]
 
-Everything is float32, tanh hidden layers, cross-entropy, on DESIGN §6's configurations,
+Everything is float32, tanh hidden layers, cross-entropy, on docs/design.md §6's configurations,
 with Numba and PyTorch both on 2 threads, measured side by side in this one run (the
 peer is optional: ``pip install -e ".[peers]"``). After a warm-up, the methods take turns
 (two untimed calls, then a timed one), ``rounds × reps`` times, so call i of every method sees the same

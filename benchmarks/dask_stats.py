@@ -5,7 +5,7 @@ docs/scale.md in one run, A/B interleaved::
 
     python benchmarks/dask_stats.py [--log2-samples 20] [--rounds 5] [--chunk-rows 65536]
 
-The problem: DESIGN §6's narrow net [64, 64, 64, 10], tanh, cross-entropy, float32, with
+The problem: docs/design.md §6's narrow net [64, 64, 64, 10], tanh, cross-entropy, float32, with
 2^20 samples in a memory-mapped ``.npy`` file (written once to the temp folder), and
 ``compute=("grad", "noise_scale")``. Compared, each on one Numba thread:
 
@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 SIZES = (64, 64, 64, 10)
-"""DESIGN §6's narrow configuration."""
+"""docs/design.md §6's narrow configuration."""
 COMPUTE = ("grad", "noise_scale")
 WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 

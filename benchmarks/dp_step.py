@@ -2,7 +2,7 @@
 
     python benchmarks/dp_step.py [--configs narrow,mnist,wide] [--rounds 3] [--reps 3] [--backend numba]
 
-One step, on DESIGN §6's configurations (float32, tanh, cross-entropy), both sides on 2 threads:
+One step, on docs/design.md §6's configurations (float32, tanh, cross-entropy), both sides on 2 threads:
 
 - **fastgrad**: ``clipped_grad(..., noise_multiplier=1, expected_batch_size=B)`` (one backward
   pass: norms, clipped sum, noise from NumPy's PCG64) and the SGD update ``θ -= lr·g``;
@@ -13,7 +13,7 @@ One step, on DESIGN §6's configurations (float32, tanh, cross-entropy), both si
 - **Opacus, secure_mode**: ``DPOptimizer(secure_mode=True)``: four Gaussian draws per
   coordinate, here from torch's default generator (``torchcsprng``, which Opacus's
   ``PrivacyEngine`` would use, is not installed), so this times the draws, not a CSPRNG;
-- **torch backward**: a plain forward + backward of the mean loss, the yardstick of DESIGN §6.
+- **torch backward**: a plain forward + backward of the mean loss, the yardstick of docs/design.md §6.
 
 The methods take turns call by call (``cpu_targets.timed_rounds``: two untimed calls, then a
 timed one), so each sees the same load; ratios are medians of paired per-call ratios (and,

@@ -2,7 +2,7 @@
 
 Part of the asv suite, whose job is the history across commits (see benchmarks/__init__.py).
 
-Floors (DESIGN §6): the mean gradient needs 6·B·Σ n_l n_{l-1} flops, run at the
+Floors (docs/design.md §6): the mean gradient needs 6·B·Σ n_l n_{l-1} flops, run at the
 machine's sgemm rate; per-sample gradients write B·P float32 numbers, at the fill
 bandwidth of a Numba loop writing outer products. Ratios travel across machines and
 noisy runs better than times. The floor timers come from ``fastgrad.tools.bench``

@@ -3,7 +3,7 @@
 Run by ``benchmarks/gpu_check.sh`` (``PYTHONPATH=. python benchmarks/gpu_check.py``);
 needs a GPU, numba-cuda and torch. Not an asv benchmark: nothing here runs on import.
 
-Per configuration (DESIGN §6, plus a large-batch narrow case), float32, tanh,
+Per configuration (docs/design.md §6, plus a large-batch narrow case), float32, tanh,
 cross-entropy, inputs already on the GPU:
 
 - fastgrad ``backprop(..., backend="cuda")`` on numba device arrays (the public
@@ -38,7 +38,8 @@ from fastgrad.tools.configs import CONFIGS as DESIGN_CONFIGS
 from fastgrad.tools.configs import problem
 
 CONFIGS = {**DESIGN_CONFIGS, "narrow-B65536": (DESIGN_CONFIGS["narrow"][0], 65536)}
-"""DESIGN §6's configurations (the one source, ``fastgrad.tools.configs``) and a large-batch narrow case."""
+"""docs/design.md §6's configurations (the one source, ``fastgrad.tools.configs``) and a large-batch
+narrow case."""
 
 
 def median_ms(fn, sync, reps: int, warmup: int = 2) -> float:

@@ -8,8 +8,8 @@ layer sees the same neighbours on a shared machine::
 
     python benchmarks/threading_layers.py [--rounds 3] [--layers tbb,omp,omp-passive]
 
-1. speed: median time per call of the mean gradient (float32, tanh, cross-entropy) on DESIGN
-   §6's narrow (B = 4096) and mnist (B = 512) configurations and the small-batch narrow ones
+1. speed: median time per call of the mean gradient (float32, tanh, cross-entropy) on
+   docs/design.md §6's narrow (B = 4096) and mnist (B = 512) configurations and the small-batch narrow ones
    (B = 256, 32; ``fastgrad.tools.configs``), back to back after a warm-up; ratios to TBB are
    per round, then the median.
 2. latency under load: median of back-to-back small calls (narrow-B32: [64, 64, 64, 10],

@@ -2,8 +2,8 @@
 
 Numba checks a cached kernel against the source file of the function it compiled, and
 nothing else: after an edit to a function it calls in another file (an activation's
-derivative in ``activations.py``, a loss in ``losses.py``) or an upgrade that changed only
-those, it loaded the old machine code. fastgrad's kernels are cached with the *source key*
+derivative in ``activations.py``, a loss in ``losses.py``) or an upgrade that changes only
+those, it loads the old machine code. fastgrad's kernels are cached with the *source key*
 instead: a SHA-256 over the path and bytes of every module of the package that
 ``import fastgrad`` can load (everything but ``tools/``, which no kernel imports), so any
 edit or upgrade of those recompiles every kernel, once.

@@ -301,7 +301,7 @@ def available_memory() -> int | None:
 
 def check_per_sample_fits(batch: int, num_params: int, dtype: np.dtype) -> None:
     """Raise :class:`PerSampleMemoryError` when B × P × itemsize bytes exceed the available memory
-    (a 19.7 GiB request used to grow until the process was killed, and one above RAM to fail only
+    (unchecked, a 19.7 GiB request grows until the OS kills the process, and one above RAM fails only
     after 13 s of work). Not called when ``out=`` is given: then the rows go there."""
     need = batch * num_params * np.dtype(dtype).itemsize
     free = available_memory()

@@ -29,7 +29,7 @@ Any Dask scheduler runs it: the default (threads), ``scheduler="processes"``, or
 **Bits.** The result is determined by the data, θ, the backend and X's row chunking,
 and by nothing else: not the scheduler, the number of workers or threads, nor the
 order in which chunks finish. Each chunk's backend call is deterministic (the numba
-backend gives the same bits on any thread count; DESIGN §3); its sums are taken to
+backend gives the same bits on any thread count; docs/design.md §3); its sums are taken to
 float64 (a mean times the chunk's rows: the backends return means, so this is the
 chunk's sum to within one rounding); and the chunks' sums are added in a fixed binary
 tree over chunk indices: level by level, chunk 2k with chunk 2k+1, an odd last one moved

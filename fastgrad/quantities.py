@@ -126,7 +126,7 @@ def noise_scale_from_sums(grad: np.ndarray, sum_sq_norms: float, batch_size: int
     tr(Σ) is clamped at 0 (its two terms come from different sums, and cancel to a rounding
     error of either sign when the samples agree) and is exactly 0 for one sample. The sums are
     NumPy's pairwise ``np.sum``, not a BLAS dot: BLAS splits a long dot between its threads, so its
-    bits changed with ``OPENBLAS_NUM_THREADS``.
+    bits change with ``OPENBLAS_NUM_THREADS``.
     """
     g = grad.astype(np.float64)
     grad_sq = float(np.sum(g * g))
@@ -142,7 +142,7 @@ def check_clip_norms(norms: np.ndarray) -> None:
 
     Every clipped gradient passes here (``fastgrad.clipped_grad``, host and device): such a
     sample's clip factor C / max(‖∇ℓ_i‖, C) is NaN or 0, not a bound, so DP-SGD's guarantee would
-    not hold (with float32 inputs above ~1.8e19 a sample used to go through unclipped, 11x off).
+    not hold (a float32 sum of squares overflows above ~1.8e19 and would let a sample through unclipped).
     Norms are summed in float64, so this happens only where the gradient itself is not finite or
     its norm exceeds θ's dtype.
     """
@@ -238,7 +238,7 @@ def _variance(raw: dict, batch_size: int) -> np.ndarray:
         var = raw["variance"]
     else:
         var = variance_from_moments(raw["sq_mean"], raw["grad"])
-    if batch_size == 1:  # one sample has no variance; sq_mean − grad² was a rounding error (1.5e-8)
+    if batch_size == 1:  # one sample has no variance; sq_mean − grad² would be a rounding error (1.5e-8 seen)
         var = _zeros_like(var)
     return var
 
@@ -295,7 +295,7 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
 """Every quantity by name, in the order of ``QUANTITIES`` (then the internal ones)."""
 
 QUANTITIES: tuple[str, ...] = tuple(name for name, q in REGISTRY.items() if q.public)
-"""Names accepted by ``compute``; see DESIGN §2 for their definitions."""
+"""Names accepted by ``compute``; see docs/design.md §2 for their definitions."""
 
 SUMS: tuple[Sum, ...] = tuple(q for q in REGISTRY.values() if isinstance(q, Sum))
 """The sums over samples, in the order backends lay out their partial sums."""

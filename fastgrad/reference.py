@@ -2,9 +2,9 @@
 
 Every kernel in fastgrad is tested against these. The naive loop backpropagates
 one sample at a time and stacks the per-sample gradients; every quantity is then
-computed from that (B, P) matrix exactly as DESIGN §2 defines it. The batched
+computed from that (B, P) matrix exactly as docs/design.md §2 defines it. The batched
 form computes the same quantities with one GEMM per layer and the tricks of
-DESIGN §3 (norms from deltas, clipped sums from row-scaled deltas, second moments
+docs/design.md §3 (norms from deltas, clipped sums from row-scaled deltas, second moments
 from squared operands), and builds the (B, P) matrix only when asked to.
 
 Both compute in θ's dtype. The activation and loss formulas here are written
@@ -169,7 +169,7 @@ def row_norms(G: np.ndarray) -> np.ndarray:
 ROWS_BYTES = 16 * 2**20
 """The naive loop and the batched form make per-sample rows in blocks of at most this many bytes
 (at least one row): with ``out=`` an ``np.memmap``, or without ``per_sample``, no (B, P) matrix
-is held in memory (an 1839 MiB memmap used to cost 1670 MiB of RAM)."""
+is held in memory (filled through one whole matrix, an 1839 MiB memmap would cost 1670 MiB of RAM)."""
 
 
 def row_blocks(batch: int, num_params: int, dtype) -> list[tuple[int, int]]:
@@ -211,7 +211,7 @@ def _sample_rows(net: MLP, inp: Inputs, r0: int, r1: int, Gb: np.ndarray, losses
 
 def run_naive(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | None = None, out=None):
     """The quantities in ``need`` (and ``clipped_sum`` with ``max_norm``) from the stacked per-sample
-    gradients; the definition of DESIGN §2. G (B, P) is kept (in ``out`` if given) only for
+    gradients; the definition of docs/design.md §2. G (B, P) is kept (in ``out`` if given) only for
     ``per_sample``; otherwise each block of rows is dropped once read."""
     B, P, dt = inp.batch_size, net.num_params, inp.dtype
     todo = set(need) | ({"clipped_sum"} if max_norm is not None else set())

@@ -1,6 +1,6 @@
 """The "average first, backpropagate once" shortcuts, and how far they are from the truth.
 
-DESIGN §4. ``mean_input`` backpropagates the loss at one averaged sample (x̄, ȳ);
+docs/design.md §4. ``mean_input`` backpropagates the loss at one averaged sample (x̄, ȳ);
 ``mean_error`` forwards the batch, averages the output error and backpropagates
 that single vector with batch-mean activations and derivatives. At every layer
 the true weight gradient is δ̄ āᵀ + Cov(δ, a); the shortcuts drop the covariance

@@ -10,7 +10,7 @@ Skipped in the default run (``--benchmark-skip`` in pyproject.toml); run them wi
 
     python -m pytest tests/test_benchmarks.py --benchmark-only
 
-One group per configuration (DESIGN §6) and quantity; in it every available fastgrad
+One group per configuration (docs/design.md §6) and quantity; in it every available fastgrad
 backend but ``naive`` (``numpy`` is the NumPy reference), and PyTorch (autograd, and
 torch.func vmap(grad) per-sample) and JAX when installed. Each implementation's result
 is checked against the float64 NumPy reference before it is timed.

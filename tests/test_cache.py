@@ -1,4 +1,4 @@
-"""The numba backend's disk cache: keyed on the package's source, and optional (issue 10, points 13-14).
+"""The numba backend's disk cache: keyed on the package's source, and optional (docs/design.md §8).
 
 The end-to-end tests run a copy of the package in a subprocess, so that editing it or making
 its cache folders unwritable touches nothing else.

@@ -3,6 +3,7 @@
 Each subprocess costs about half a second (imports), so there are few and they are small.
 """
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -229,14 +230,20 @@ def test_validate_runs_the_real_validation_module_end_to_end():
     assert "checks passed" in p.stdout
 
 
-@pytest.mark.parametrize("name", ["cli", "train", "bench", "datasets", "validate"])
-def test_old_module_paths_still_work_with_a_deprecation_warning(monkeypatch, name):
-    monkeypatch.delitem(sys.modules, f"fastgrad.{name}", raising=False)
-    with pytest.warns(DeprecationWarning, match=f"fastgrad.{name} is deprecated; use fastgrad.tools.{name}"):
-        old = importlib.import_module(f"fastgrad.{name}")
-    new = importlib.import_module(f"fastgrad.tools.{name}")
-    public = getattr(new, "__all__", [n for n in vars(new) if not n.startswith("_")])
-    assert public and all(getattr(old, n) is getattr(new, n) for n in public)
+def test_the_console_script_and_python_m_fastgrad_run_the_same_main():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["fastgrad"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is cli.main
+    main_py = (ROOT / "fastgrad" / "__main__.py").read_text()
+    assert "from .tools.cli import main" in main_py and "sys.exit(main())" in main_py
+
+
+def test_the_applications_live_only_under_fastgrad_tools():
+    # the package's top level holds the core; the command and its applications are fastgrad.tools.*
+    for name in ("cli", "train", "bench", "datasets", "validate"):
+        assert not (ROOT / "fastgrad" / f"{name}.py").exists(), name
+        assert (ROOT / "fastgrad" / "tools" / f"{name}.py").is_file(), name
 
 
 def test_import_fastgrad_loads_none_of_the_tools():

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fastgrad"
-SHIMS = {"cli.py", "train.py", "bench.py", "datasets.py", "validate.py"}  # deprecated old paths
 COMMAND = {"__main__.py"}  # python -m fastgrad: the command, an application
-CORE = [p for p in PACKAGE.rglob("*.py") if "tools" not in p.parts and p.name not in SHIMS | COMMAND]
+CORE = [p for p in PACKAGE.rglob("*.py") if "tools" not in p.parts and p.name not in COMMAND]
 BACKENDS = [PACKAGE / "cpu.py", *sorted((PACKAGE / "cuda").glob("*.py"))]
 TOOLS = sorted((PACKAGE / "tools").glob("*.py"))
 

@@ -1,4 +1,4 @@
-"""fastgrad inside other people's processes: fork, Python threads, shared workspaces (issue 10).
+"""fastgrad inside other people's processes: fork, Python threads, shared workspaces (docs/design.md §8).
 
 The fork tests run in a subprocess with a timeout, so that a hang fails the test instead of CI.
 """

@@ -1,4 +1,4 @@
-"""fastgrad inside other people's processes (issue 10): inputs that used to give silently wrong
+"""fastgrad inside other people's processes (docs/design.md §8): inputs that could give silently wrong
 answers or run out of memory get a clear error or the right answer on every host backend."""
 
 import numpy as np

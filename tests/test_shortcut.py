@@ -1,4 +1,4 @@
-"""DESIGN §4: the shortcuts, the covariance decomposition, where they are exact and where not."""
+"""docs/design.md §4: the shortcuts, the covariance decomposition, where they are exact and where not."""
 
 import numpy as np
 import pytest
@@ -62,7 +62,7 @@ def test_shortcuts_are_clearly_wrong_for_tanh_with_mse(method, seed):
     net, theta, X, y = make_problem([5, 7, 6, 3], "tanh", "mse", B=64, seed=seed)
     report = fastgrad.compare_shortcut(net, theta, X, y)
     assert report.row(method).rel_error > 1e-2
-    assert report.row(method).rel_error > 0.1  # in fact far off, as DESIGN §4 saw
+    assert report.row(method).rel_error > 0.1  # in fact far off, as docs/design.md §4 records
 
 
 def test_compare_shortcut_report_numbers_and_table():

@@ -111,7 +111,7 @@ def test_sweep_finds_the_shortcut_exact_at_batch_one_and_wrong_at_larger_batches
 
 
 def test_sweep_with_linear_loss_and_identity_is_exact():
-    # DESIGN §4: identity network + linear loss: both shortcuts are exact
+    # docs/design.md §4: identity network + linear loss: both shortcuts are exact
     data = make_spirals(num_samples=200)
     res = sweep_shortcut(
         data,

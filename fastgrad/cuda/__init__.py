@@ -1,4 +1,4 @@
-"""CUDA backend (numba-cuda): every quantity of DESIGN §2 computed on the GPU.
+"""CUDA backend (numba-cuda): every quantity of docs/design.md §2 computed on the GPU.
 
 The only package that imports ``numba.cuda``. Kernels come in families, each module a
 kernels section and then the launchers that call them (as llm.c's ``llmc/*.cuh``):

@@ -6,7 +6,7 @@ of :mod:`fastgrad.quantities` (the clip factor is known in-block, since the bloc
 every layer of its samples), writes its per-sample gradient rows and Goodfellow's per-row
 terms, and checks the device inputs it reads. One launch per pass, as in tiny-cuda-nn
 (without tensor cores). The kernel is a sequence of device functions (inlined by NVVM:
-see ``config.device_function``), one per step. Layer indices are 1-based (DESIGN §2).
+see ``config.device_function``), one per step. Layer indices are 1-based (docs/design.md §2).
 """
 
 from __future__ import annotations

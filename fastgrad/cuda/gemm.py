@@ -4,7 +4,7 @@ One register-blocked shared-memory kernel serves a layer's forward (bias + activ
 epilogue), the backward to its input (activation-derivative epilogue) and its weight
 gradients (a GEMM over the batch written straight into θ's layout, with the reducer's
 operand M = Δ, Δ⊙Δ or c⊙Δ and source S = A or A⊙A of :mod:`fastgrad.quantities`).
-Layer indices are 1-based (DESIGN §2): layer l has W_l (n_l, n_{l-1}) and b_l (n_l,).
+Layer indices are 1-based (docs/design.md §2): layer l has W_l (n_l, n_{l-1}) and b_l (n_l,).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The per-row maths is the registry's (:mod:`fastgrad.quantities`): the ``clip_fac
 ``variance_from_moments`` are the functions the CPU kernels and the NumPy reference run too;
 Goodfellow's layer term is taken as norms (``layer_norm``) with scaled sums of squares
 (``add_square``), as float32 squares over- and underflow and float32 kernels keep to float32.
-Layer indices in comments are 1-based (DESIGN §2): layer l maps A_{l-1} (B, n_{l-1}) to Δ_l, A_l (B, n_l).
+Layer indices in comments are 1-based (docs/design.md §2): layer l maps A_{l-1} (B, n_{l-1}) to Δ_l,
+A_l (B, n_l).
 """
 
 from __future__ import annotations

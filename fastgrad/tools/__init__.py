@@ -5,13 +5,11 @@
 - ``datasets``: spirals, scikit-learn's digits, the user's ``.npz``.
 - ``validate``: every backend against the float64 reference (``fastgrad validate``).
 - ``bench``: the peer comparison (``fastgrad bench``).
-- ``configs``: DESIGN §6's benchmark configurations, problem builder and floors, the one
+- ``configs``: docs/design.md §6's benchmark configurations, problem builder and floors, the one
   source of every timing harness.
 - ``plotting``: matplotlib, headless (optional packages come through the core's
   ``fastgrad.extras``, which names the extra to install).
 
 ``import fastgrad`` imports none of these; import them directly, e.g.
-``from fastgrad.tools import configs``. The old paths (``fastgrad.cli``, ``fastgrad.train``,
-``fastgrad.bench``, ``fastgrad.datasets``, ``fastgrad.validate``) still work, with a
-``DeprecationWarning``.
+``from fastgrad.tools import configs``.
 """

@@ -3,11 +3,11 @@
 Job: the peer comparison a user runs (``fastgrad bench``) — every backend against the
 NumPy reference, PyTorch and JAX, and the machine's floors, one table and a JSON
 record. (The other harnesses: ``benchmarks/cpu_targets.py`` A/Bs the CPU kernels
-against issue 3's targets; ``benchmarks/gpu_check.py`` the GPU; the asv suite in
+against PyTorch and the floors; ``benchmarks/gpu_check.py`` the GPU; the asv suite in
 ``benchmarks/`` tracks history across commits.) Configurations and floors come from
 :mod:`fastgrad.tools.configs`.
 
-One process, interleaved repetitions, medians (DESIGN §6). For every configuration
+One process, interleaved repetitions, medians (docs/design.md §6). For every configuration
 (``narrow``, ``mnist``, ``wide``) each implementation of a quantity runs once per
 round, in a fixed order, so slow drifts of a noisy machine hit every row alike:
 
@@ -62,7 +62,7 @@ MAX_NORM = 1.0
 
 
 def config_names() -> list[str]:
-    """Every name ``compare`` takes: DESIGN §6's :data:`CONFIGS` (the default), then its
+    """Every name ``compare`` takes: docs/design.md §6's :data:`CONFIGS` (the default), then its
     small-batch set (``SMALL_BATCH_CONFIGS``, where training loops live)."""
     return [*CONFIGS, *SMALL_BATCH_CONFIGS]
 

@@ -1,4 +1,4 @@
-"""One source for the benchmark configurations, their problems and the floors (DESIGN §6).
+"""One source for the benchmark configurations, their problems and the floors (docs/design.md §6).
 
 Every timing harness of the tools and of ``benchmarks/`` (``fastgrad bench``,
 ``benchmarks/cpu_targets.py``, ``benchmarks/gpu_check.py``) reads these. The asv suite
@@ -20,14 +20,14 @@ CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
     "mnist": ((784, 512, 256, 10), 512),
     "wide": ((1024, 1024, 1024, 10), 256),
 }
-"""DESIGN §6: name -> (layer sizes, batch size); tanh hidden layers, cross-entropy, float32."""
+"""docs/design.md §6: name -> (layer sizes, batch size); tanh hidden layers, cross-entropy, float32."""
 
 SMALL_BATCH_CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
     "mnist128-B64": ((784, 128, 10), 64),
     "narrow-B32": ((64, 64, 64, 10), 32),
     "narrow-B256": ((64, 64, 64, 10), 256),
 }
-"""DESIGN §6's small-batch set (where training loops live): name -> (sizes, batch size)."""
+"""docs/design.md §6's small-batch set (where training loops live): name -> (sizes, batch size)."""
 
 
 def config(name: str) -> tuple[tuple[int, ...], int]:
@@ -40,7 +40,7 @@ def config(name: str) -> tuple[tuple[int, ...], int]:
 
 
 def problem(config_or_sizes, batch_size: int | None = None, *, dtype=np.float32, seed: int = 0):
-    """``(net, theta, X, y)``: a random, reproducible problem of DESIGN §6.
+    """``(net, theta, X, y)``: a random, reproducible problem of docs/design.md §6.
 
     Parameters
     ----------
@@ -127,15 +127,14 @@ def fill_kernel():
     a (R, n), b (R, m), out (R, L) with L ≤ n·m: row r of ``out`` is
     ``outer(a[r], b[r]).ravel()[:L]``, rows split over Numba's threads.
 
-    This is THE fill floor of per-sample gradients (DESIGN §6: B·P numbers written), used
-    by ``fastgrad bench`` (and so the asv floors) and ``benchmarks/cpu_targets.py``. It
-    writes outer products rather than a constant (the former ``fill_rows`` of cpu_targets)
-    because that is what a per-sample gradient row is, δ_l ⊗ a_{l-1} per layer: the least
-    work any per-sample kernel does once it has the operands (two short cached vectors
-    read, one product per number written), and the "plain Numba loop writing outer
-    products" DESIGN §6 names as the fill rate. Both loops are memory-bound and measured
-    the same here (2 threads, float32: 12.3 vs 11.7 ms on narrow's 4096 × 8970, 18.1 vs
-    20.0 ms on 256 × 512²), so the choice keeps the meaning without moving the numbers.
+    This is THE fill floor of per-sample gradients (docs/design.md §6: B·P numbers written), used by
+    ``fastgrad bench`` (and so the asv floors) and ``benchmarks/cpu_targets.py``. It writes outer
+    products rather than a constant because that is what a per-sample gradient row is, δ_l ⊗ a_{l-1} per
+    layer: the least work any per-sample kernel does once it has the operands (two short cached vectors
+    read, one product per number written), and the "plain Numba loop writing outer products"
+    docs/design.md §6 names as the fill rate. Both loops are memory-bound and measured the same here (2
+    threads, float32: 12.3 vs 11.7 ms on narrow's 4096 × 8970, 18.1 vs 20.0 ms on 256 × 512²), so the
+    choice keeps the meaning without moving the numbers.
     """
     global _FILL_KERNEL
     if _FILL_KERNEL is None:
