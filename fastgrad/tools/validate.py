@@ -29,6 +29,7 @@ import numpy as np
 from .. import api
 from ..activations import ACTIVATIONS
 from ..losses import LOSSES
+from ..losses import REGISTRY as LOSS_REGISTRY
 from ..mlp import MLP
 from ..quantities import RAW
 
@@ -62,12 +63,7 @@ def problem(sizes, batch, activation, loss, seed):
     for _, b in net.unpack(theta):
         b[...] = 0.1 * rng.standard_normal(b.shape)
     X = rng.standard_normal((batch, sizes[0]))
-    if loss == "cross_entropy":
-        y = rng.integers(0, sizes[-1], size=batch)
-    elif loss == "binary_cross_entropy":
-        y = rng.uniform(0, 1, size=(batch, sizes[-1]))
-    else:
-        y = rng.standard_normal((batch, sizes[-1]))
+    y = LOSS_REGISTRY[loss].random_targets(rng, batch, sizes[-1])
     return net, theta, X, y
 
 
