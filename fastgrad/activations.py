@@ -26,7 +26,7 @@ from numba.extending import register_jitable
 
 from ._scalar import like
 
-IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID, GELU, SOFTPLUS = range(7)
+IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID, GELU, SOFTPLUS, SILU = range(8)
 """Run-time codes: the branches of :func:`activate` and :func:`activate_grad`."""
 
 LEAKY_SLOPE = 0.01
@@ -103,6 +103,7 @@ REGISTRY: dict[str, Activation] = {
         Activation(
             "softplus", SOFTPLUS, HE, "Softplus", (("threshold", SOFTPLUS_THRESHOLD),), _softplus_refusal
         ),
+        Activation("silu", SILU, HE, "SiLU"),
     )
 }
 """Every activation by name, in code order."""
@@ -151,6 +152,8 @@ def activate(code, z):
         return like(z, 0.5) * z * (like(z, 1.0) + math.tanh(u))
     if code == SOFTPLUS:
         return stable_softplus(z)
+    if code == SILU:
+        return z * stable_sigmoid(z)
     return z  # IDENTITY
 
 
@@ -172,4 +175,11 @@ def activate_grad(code, z, a):
         return like(z, 0.5) * (like(z, 1.0) + t) + like(z, 0.5) * z * (like(z, 1.0) - t * t) * du
     if code == SOFTPLUS:
         return stable_sigmoid(z)
+    if code == SILU:  # σ(z) (1 + z σ(-z)): both sigmoids from one exp(-|z|), so 1 - σ is never rounded
+        one = like(z, 1.0)
+        e = math.exp(-abs(z))
+        r = one / (one + e)  # σ(|z|); σ(-|z|) = e r
+        if z >= like(z, 0.0):
+            return r * (one + z * (e * r))
+        return (e * r) * (one + z * r)
     return like(z, 1.0)  # IDENTITY
