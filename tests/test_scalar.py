@@ -69,3 +69,16 @@ def test_like_keeps_float32_code_in_float32():
     one_minus_square(np.float32(0.5))
     (sig,) = one_minus_square.signatures
     assert one_minus_square.overloads[sig].signature.return_type == numba.float32
+
+
+def test_every_activation_and_pointwise_loss_branch_keeps_float32_in_float32():
+    # the code is a run-time argument, so Numba unifies the return types of all branches: one branch
+    # that computed in float64 (a bare 1.0 - a * a) would make the whole function return float64
+    @numba.njit(cache=False)
+    def branches(code, z):
+        a = activations.activate(code, z)
+        return a, activations.activate_grad(code, z, a), losses.pointwise_loss(code, z, z)
+
+    branches(0, np.float32(0.5))
+    (sig,) = branches.signatures
+    assert branches.overloads[sig].signature.return_type == numba.types.UniTuple(numba.float32, 3)
