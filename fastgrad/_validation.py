@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY
+from .losses import REGISTRY as LOSS_REGISTRY
 from .mlp import FLOAT_DTYPES, MLP
 from .quantities import QUANTITIES
 
@@ -83,13 +83,14 @@ def check_X_shape(net: MLP, shape: tuple) -> None:
 
 
 def check_y_shape(net: MLP, shape: tuple, batch: int) -> tuple:
-    """y's shape for the loss: labels (B,) for cross-entropy, else targets (B, n_L); returns the
-    shape the kernels take (flat targets (B,) of a one-output network become (B, 1))."""
+    """y's shape for the loss: labels (B,) for a loss that takes labels (cross-entropy), else
+    targets (B, n_L); returns the shape the kernels take (flat targets (B,) of a one-output network
+    become (B, 1))."""
     shape = tuple(shape)
     n_out = net.n_out
-    if net.loss_code == CROSS_ENTROPY:
+    if LOSS_REGISTRY[net.loss].labels:
         if shape != (batch,):
-            raise ValueError(f"y: cross_entropy expects labels of shape ({batch},), got {shape}")
+            raise ValueError(f"y: {net.loss} expects labels of shape ({batch},), got {shape}")
         return shape
     if len(shape) == 1 and n_out == 1 and shape[0] == batch:
         shape = (batch, 1)
@@ -167,9 +168,10 @@ def check_y(net: MLP, y, batch: int, dtype: np.dtype) -> tuple[np.ndarray, np.nd
     """Return ``(labels, targets)`` for the kernels; the unused one is empty."""
     y = _real_array("y", y)
     n_out = net.n_out
-    if net.loss_code == CROSS_ENTROPY:
+    loss = LOSS_REGISTRY[net.loss]
+    if loss.labels:
         if not np.issubdtype(y.dtype, np.integer):
-            raise TypeError(f"y: cross_entropy expects integer class labels, got dtype {y.dtype}")
+            raise TypeError(f"y: {net.loss} expects integer class labels, got dtype {y.dtype}")
         check_y_shape(net, y.shape, batch)
         if y.min() < 0 or y.max() >= n_out:
             raise ValueError(
@@ -180,8 +182,7 @@ def check_y(net: MLP, y, batch: int, dtype: np.dtype) -> tuple[np.ndarray, np.nd
     targets = np.ascontiguousarray(y.reshape(check_y_shape(net, y.shape, batch)), dtype=dtype)
     if not np.isfinite(targets).all():
         raise ValueError("y: contains NaN or Inf")
-    if net.loss_code == BINARY_CROSS_ENTROPY and (targets.min() < 0 or targets.max() > 1):
-        raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
+    loss.check_domain(targets)
     return np.zeros(0, dtype=np.int64), targets
 
 

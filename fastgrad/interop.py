@@ -10,58 +10,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from .activations import REGISTRY as ACTIVATION_REGISTRY
+from .activations import SOFTPLUS_THRESHOLD
 from .extras import require
 from .mlp import MLP
 
 _TORCH_DTYPES = ("float32", "float64")
 
-SOFTPLUS_THRESHOLD = 40.0
-"""The ``threshold`` of the ``nn.Softplus`` that :func:`to_torch` builds. PyTorch's softplus returns z
-itself above its threshold (20 by default), fastgrad's is log(1 + eᶻ) everywhere: they differ by
-~e⁻ᶻ there, visible in float64. Above 40, e⁻ᶻ is below half an ulp of z in float32 and float64, so
-with this threshold the two agree to rounding everywhere (and eᶻ ≤ e⁴⁰ does not overflow float32)."""
-
 
 def _activation_name(module) -> str:
-    """fastgrad's name for a torch activation module, or ``TypeError`` saying why it is not one."""
+    """fastgrad's name for a torch activation module (the entry of :data:`fastgrad.activations.REGISTRY`
+    whose ``torch`` class it is), or ``TypeError`` saying why it is not one."""
 
     nn = require("torch.nn", "torch", "PyTorch interop")
-    kind = type(module).__name__
-    if isinstance(module, nn.Identity):
-        return "identity"
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.Tanh):
-        return "tanh"
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid"
-    if isinstance(module, nn.LeakyReLU):
-        if module.negative_slope != 0.01:
-            raise TypeError(
-                f"module: LeakyReLU(negative_slope={module.negative_slope}) is not supported; "
-                "fastgrad's leaky_relu has slope 0.01"
-            )
-        return "leaky_relu"
-    if isinstance(module, nn.GELU):
-        if module.approximate != "tanh":
-            raise TypeError(
-                f"module: GELU(approximate={module.approximate!r}) is not supported; fastgrad's gelu is "
-                "the tanh approximation, GELU(approximate='tanh')"
-            )
-        return "gelu"
-    if isinstance(module, nn.Softplus):
-        if module.beta != 1:
-            raise TypeError(f"module: Softplus(beta={module.beta}) is not supported; fastgrad's has beta = 1")
-        if module.threshold != 20 and module.threshold < SOFTPLUS_THRESHOLD:
-            raise TypeError(
-                f"module: Softplus(threshold={module.threshold}) is not supported; fastgrad's softplus is "
-                f"log(1 + e^z) everywhere, which PyTorch's matches (to ~e^-20) with the default threshold 20 "
-                f"or (to rounding) with threshold >= {SOFTPLUS_THRESHOLD:g}"
-            )
-        return "softplus"
+    for act in ACTIVATION_REGISTRY.values():
+        if isinstance(module, getattr(nn, act.torch)):
+            why = act.refuses(module)
+            if why:
+                raise TypeError(why)
+            return act.name
     raise TypeError(
-        f"module: unsupported layer {kind}; fastgrad handles Linear layers with one of the activations "
-        "Identity, ReLU, LeakyReLU(0.01), Tanh, Sigmoid, GELU(approximate='tanh'), Softplus between them"
+        f"module: unsupported layer {type(module).__name__}; fastgrad handles Linear layers with one of "
+        f"the activations {', '.join(a.torch_repr() for a in ACTIVATION_REGISTRY.values())} between them"
     )
 
 
@@ -210,11 +180,10 @@ def to_torch(net: MLP, theta: np.ndarray):
     Returns
     -------
     torch.nn.Sequential
-        ``Linear, act, ..., Linear``; the activation module is ``Identity``,
-        ``ReLU``, ``LeakyReLU(0.01)``, ``Tanh``, ``Sigmoid``,
-        ``GELU(approximate="tanh")`` or ``Softplus(threshold=SOFTPLUS_THRESHOLD)`` (40, not
-        PyTorch's default 20, so that it agrees with fastgrad's log(1 + eᶻ) to rounding for
-        every z). The loss is not part of it.
+        ``Linear, act, ..., Linear``; the activation module is the activation's ``torch``
+        module in :data:`fastgrad.activations.REGISTRY` (``Softplus`` with threshold
+        ``SOFTPLUS_THRESHOLD`` = 40, not PyTorch's default 20, so that it agrees with
+        fastgrad's log(1 + eᶻ) to rounding for every z). The loss is not part of it.
     """
     from ._validation import check_net, check_theta
 
@@ -222,15 +191,7 @@ def to_torch(net: MLP, theta: np.ndarray):
     nn = torch.nn
     net = check_net(net)
     theta = check_theta(net, theta)
-    make_act = {
-        "identity": nn.Identity,
-        "relu": nn.ReLU,
-        "leaky_relu": lambda: nn.LeakyReLU(0.01),
-        "tanh": nn.Tanh,
-        "sigmoid": nn.Sigmoid,
-        "gelu": lambda: nn.GELU(approximate="tanh"),
-        "softplus": lambda: nn.Softplus(threshold=SOFTPLUS_THRESHOLD),
-    }[net.activation]
+    act = ACTIVATION_REGISTRY[net.activation]
     tdtype = getattr(torch, theta.dtype.name)
     modules = []
     for l, (W, b) in enumerate(net.unpack(theta)):
@@ -240,7 +201,7 @@ def to_torch(net: MLP, theta: np.ndarray):
             lin.bias.copy_(torch.from_numpy(np.array(b)))
         modules.append(lin)
         if l < net.num_layers - 1:
-            modules.append(make_act())
+            modules.append(act.torch_module(nn))
     return nn.Sequential(*modules)
 
 

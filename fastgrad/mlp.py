@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .activations import ACTIVATIONS, RELU_FAMILY, activation_code
+from .activations import ACTIVATIONS, HE, activation_code
+from .activations import REGISTRY as ACTIVATION_REGISTRY
 from .losses import loss_code
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -109,7 +110,9 @@ class MLP:
         return loss_code(self.loss)
 
     def init(self, seed: int | None = 0, dtype=np.float32) -> np.ndarray:
-        """A fresh θ: He-normal weights for the relu family, Glorot-normal otherwise, zero biases.
+        """A fresh θ: normal weights of the activation's family (``init`` of its entry in
+        :data:`fastgrad.activations.REGISTRY`: He, std √(2/n_in), for the ReLU-like ones; Glorot,
+        std √(2/(n_in + n_out)), for the others), zero biases.
 
         Parameters
         ----------
@@ -126,7 +129,7 @@ class MLP:
             raise TypeError(f"dtype: expected float32 or float64, got {dt}")
         rng = np.random.default_rng(seed)
         theta = np.zeros(self.num_params, dtype=dt)
-        he = self.activation in RELU_FAMILY
+        he = ACTIVATION_REGISTRY[self.activation].init == HE
         for layer in self.layers:
             std = np.sqrt(2.0 / layer.n_in) if he else np.sqrt(2.0 / (layer.n_in + layer.n_out))
             theta[layer.w_start : layer.b_start] = rng.standard_normal(layer.n_out * layer.n_in) * std

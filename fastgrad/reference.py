@@ -53,6 +53,8 @@ def phi(name: str, z: np.ndarray) -> np.ndarray:
         return z.dtype.type(0.5) * z * (1 + np.tanh(c * (z + k * z**3)))
     if name == "softplus":
         return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+    if name == "silu":
+        return z * _sigmoid(z)
     raise ValueError(name)
 
 
@@ -78,6 +80,8 @@ def phi_prime(name: str, z: np.ndarray) -> np.ndarray:
         )
     if name == "softplus":
         return _sigmoid(z)
+    if name == "silu":  # d/dz z σ(z) = σ(z) + z σ(z) σ(-z)
+        return _sigmoid(z) + z * _sigmoid(z) * _sigmoid(-z)
     raise ValueError(name)
 
 

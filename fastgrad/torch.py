@@ -27,22 +27,21 @@ from . import privacy
 from .api import backprop, resolve_backend
 from .extras import require
 from .interop import from_torch
+from .losses import REGISTRY as LOSS_REGISTRY
 
 from .step import Step
 
 torch = require("torch", "torch", "fastgrad.torch")
 
-_TORCH_LOSSES = {  # fastgrad loss -> torch's mean-reduced loss module
-    "cross_entropy": torch.nn.CrossEntropyLoss,
-    "mse": torch.nn.MSELoss,
-    "binary_cross_entropy": torch.nn.BCEWithLogitsLoss,
+_TORCH_LOSSES = {  # fastgrad loss -> torch's mean-reduced loss module (the registry's, where it has one)
+    q.name: getattr(torch.nn, q.torch) for q in LOSS_REGISTRY.values() if q.torch is not None
 }
 
 
 def loss_scale(loss: str, n_out: int) -> float:
-    """s, with fastgrad's loss = s × PyTorch's mean-reduced loss on ``n_out`` outputs (K):
-    1 for cross-entropy, K/2 for MSE, K for binary cross-entropy."""
-    return {"cross_entropy": 1.0, "mse": n_out / 2, "binary_cross_entropy": float(n_out)}[loss]
+    """s, with fastgrad's loss = s × PyTorch's mean-reduced loss on ``n_out`` outputs (K): the ``scale``
+    of the loss's registry entry (1 for cross-entropy, K/2 for MSE, K for binary cross-entropy)."""
+    return LOSS_REGISTRY[loss].scale(n_out)
 
 
 def _loss_name(loss) -> str:
@@ -72,7 +71,7 @@ def _loss_name(loss) -> str:
                 raise ValueError("loss: CrossEntropyLoss with label_smoothing is not supported")
             return name
     raise TypeError(
-        "loss: expected a loss name or CrossEntropyLoss, MSELoss, BCEWithLogitsLoss, "
+        f"loss: expected a loss name or {', '.join(k.__name__ for k in _TORCH_LOSSES.values())}, "
         f"got {type(loss).__name__}"
     )
 

@@ -12,12 +12,10 @@ import fastgrad
 
 
 def make_targets(net: fastgrad.MLP, B: int, rng: np.random.Generator, dtype=np.float64) -> np.ndarray:
-    """Targets of the kind ``net.loss`` expects: labels for cross_entropy, floats otherwise."""
-    if net.loss == "cross_entropy":
-        return rng.integers(0, net.n_out, size=B)
-    if net.loss == "binary_cross_entropy":
-        return rng.uniform(0, 1, size=(B, net.n_out)).astype(dtype)
-    return rng.standard_normal((B, net.n_out)).astype(dtype)
+    """Targets of the kind ``net.loss`` expects (its registry entry): labels, or floats in its domain."""
+    loss = fastgrad.losses.REGISTRY[net.loss]
+    y = loss.random_targets(rng, B, net.n_out)
+    return y if loss.labels else y.astype(dtype)
 
 
 def make_problem(sizes, activation="tanh", loss="cross_entropy", B=8, dtype=np.float64, seed=0, scale=1.0):

@@ -20,10 +20,8 @@ pytest.importorskip("dp_accounting")
 from opacus.accountants import RDPAccountant  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 
-LOSSES = {  # fastgrad loss -> (torch loss, scale s as a function of K outputs)
-    "cross_entropy": (torch.nn.CrossEntropyLoss, lambda K: 1.0),
-    "mse": (torch.nn.MSELoss, lambda K: K / 2),
-    "binary_cross_entropy": (torch.nn.BCEWithLogitsLoss, lambda K: float(K)),
+LOSSES = {  # fastgrad loss -> (torch loss, scale s as a function of K outputs), for those with one
+    q.name: (getattr(torch.nn, q.torch), q.scale) for q in fastgrad.losses.REGISTRY.values() if q.torch
 }
 
 
@@ -38,7 +36,8 @@ def opacus_step(net, theta, X, y, C, sigma, E, seed):
         expected_batch_size=E,
         generator=torch.Generator().manual_seed(seed),
     )
-    target = torch.from_numpy(y) if net.loss == "cross_entropy" else torch.from_numpy(y).double()
+    target = torch.from_numpy(y)
+    target = target if fastgrad.losses.REGISTRY[net.loss].labels else target.double()
     opt.zero_grad()
     LOSSES[net.loss][0]()(model(torch.from_numpy(X)), target).backward()
     per_sample = torch.cat([p.grad_sample.reshape(len(X), -1) for p in model.parameters()], dim=1).numpy()

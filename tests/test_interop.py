@@ -82,7 +82,7 @@ def test_from_torch_reads_linear_layers_without_activation_as_identity():
         (nn.Sequential(nn.Linear(3, 4), nn.Softsign(), nn.Linear(4, 2)), "1: unsupported layer Softsign"),
         (nn.Sequential(), "holds no torch.nn.Linear"),
         (nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)), "approximate='tanh'"),
-        (nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2)), "slope 0.01"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2)), "negative_slope=0.01"),
         (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Softmax(dim=1)), "last layer must be"),
         (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "mixes"),
         (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.ReLU(), nn.Linear(4, 2)), "at most one activation"),

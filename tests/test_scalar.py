@@ -47,13 +47,10 @@ def test_compiled_loss_matches_reference(name, dtype):
     Z = rng.standard_normal((6, 4)).astype(dtype)
     Z[0] = [1e4, -1e4, 0, 5]
     Z[1] = [-1e4, -1e4, -1e4, -1e4]
-    labels = rng.integers(0, 4, 6) if name == "cross_entropy" else np.zeros(0, np.int64)
-    if name == "cross_entropy":
-        targets = np.zeros((0, 4), dtype)
-    elif name == "binary_cross_entropy":
-        targets = rng.uniform(0, 1, (6, 4)).astype(dtype)
-    else:
-        targets = rng.standard_normal((6, 4)).astype(dtype)
+    entry = losses.REGISTRY[name]
+    y = entry.random_targets(rng, 6, 4)  # labels, or real targets in the loss's domain
+    labels = y if entry.labels else np.zeros(0, np.int64)
+    targets = np.zeros((0, 4), dtype) if entry.labels else y.astype(dtype)
     delta, loss = np.empty_like(Z), np.empty(6, dtype)
     _apply_loss(losses.loss_code(name), Z, labels, targets, delta, loss)
     ref_loss, ref_delta = reference.loss_and_delta(name, Z, labels, targets)
@@ -72,3 +69,16 @@ def test_like_keeps_float32_code_in_float32():
     one_minus_square(np.float32(0.5))
     (sig,) = one_minus_square.signatures
     assert one_minus_square.overloads[sig].signature.return_type == numba.float32
+
+
+def test_every_activation_and_pointwise_loss_branch_keeps_float32_in_float32():
+    # the code is a run-time argument, so Numba unifies the return types of all branches: one branch
+    # that computed in float64 (a bare 1.0 - a * a) would make the whole function return float64
+    @numba.njit(cache=False)
+    def branches(code, z):
+        a = activations.activate(code, z)
+        return a, activations.activate_grad(code, z, a), losses.pointwise_loss(code, z, z)
+
+    branches(0, np.float32(0.5))
+    (sig,) = branches.signatures
+    assert branches.overloads[sig].signature.return_type == numba.types.UniTuple(numba.float32, 3)

@@ -18,10 +18,8 @@ ft = pytest.importorskip("fastgrad.torch")
 nn = torch.nn
 
 TOL = {np.float32: 1e-6, np.float64: 1e-12}
-TORCH_LOSS = {
-    "cross_entropy": nn.CrossEntropyLoss,
-    "mse": nn.MSELoss,
-    "binary_cross_entropy": nn.BCEWithLogitsLoss,
+TORCH_LOSS = {  # every loss with a PyTorch counterpart (the registry's torch module)
+    q.name: getattr(nn, q.torch) for q in fastgrad.losses.REGISTRY.values() if q.torch
 }
 
 
@@ -38,12 +36,9 @@ def model_and_batch(
     theta += np.random.default_rng(seed + 1).normal(0, 0.1, theta.shape).astype(dtype)  # non-zero biases
     rng = np.random.default_rng(seed + 2)
     X = torch.from_numpy(rng.standard_normal((B, sizes[0])).astype(dtype))
-    if loss == "cross_entropy":
-        y = torch.from_numpy(rng.integers(0, sizes[-1], size=B))
-    elif loss == "mse":
-        y = torch.from_numpy(rng.standard_normal((B, sizes[-1])).astype(dtype))
-    else:
-        y = torch.from_numpy(rng.random((B, sizes[-1])).astype(dtype))
+    entry = fastgrad.losses.REGISTRY[loss]
+    y = entry.random_targets(rng, B, sizes[-1])
+    y = torch.from_numpy(y if entry.labels else y.astype(dtype))
     return fastgrad.to_torch(net, theta), X, y
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validation
-from ..losses import CROSS_ENTROPY
+from ..losses import REGISTRY as LOSS_REGISTRY
 from ..mlp import MLP
 from ..quantities import SUMS, check_clip_norms, dp_noise, needs_norms, noise_scale, sums_to_make
 from . import config, fused, gemm, rows
@@ -96,9 +96,10 @@ def _raise_input_error(flags, net: MLP) -> None:
     for name, bad in (("theta", flags[0]), ("X", flags[1]), ("y", flags[2])):
         if bad:
             raise ValueError(f"{name}: contains NaN or Inf")
-    if net.loss_code == CROSS_ENTROPY:
+    loss = LOSS_REGISTRY[net.loss]
+    if loss.labels:
         raise ValueError(f"y: labels must lie in [0, {net.n_out}) (sizes[-1] = {net.n_out})")
-    raise ValueError("y: binary_cross_entropy targets must lie in [0, 1]")
+    raise ValueError(loss.domain_error())
 
 
 # -------------------------------------------------------------- the driver
@@ -409,9 +410,9 @@ def check_device_inputs(net: MLP, theta, X, y, values: bool = True) -> _Device:
     B = X.shape[0]
     if np.dtype(X.dtype) != dt:
         raise TypeError(f"X: device inputs are used in place, so X must have θ's dtype {dt}, got {X.dtype}")
-    ce = net.loss_code == CROSS_ENTROPY
+    ce = LOSS_REGISTRY[net.loss].labels
     if ce and np.dtype(y.dtype) != np.int64:
-        raise TypeError(f"y: cross_entropy on the device expects int64 labels, got dtype {y.dtype}")
+        raise TypeError(f"y: {net.loss} on the device expects int64 labels, got dtype {y.dtype}")
     shape = _validation.check_y_shape(net, y.shape, B)
     if not ce:
         y = y.reshape(*shape) if tuple(y.shape) != shape else y

@@ -17,7 +17,8 @@ import numpy as np
 
 from .._scalar import like
 from ..activations import activate, activate_grad
-from ..losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY, output_delta_row
+from ..losses import CROSS_ENTROPY, output_delta_row
+from ..losses import REGISTRY as LOSS_REGISTRY
 from ..mlp import MLP
 from ..quantities import (
     CLIPPED_DELTA,
@@ -415,7 +416,6 @@ def fused_backprop(*, net: MLP, d, tile: int, ws, sum_offsets, per_sample: bool,
 
 
 def target_range(net: MLP, dt: np.dtype):
-    """The range the targets must lie in: [0, 1] for binary cross-entropy, else any finite value."""
-    if net.loss_code == BINARY_CROSS_ENTROPY:
-        return dt.type(0), dt.type(1)
-    return dt.type(-np.inf), dt.type(np.inf)
+    """The range the targets must lie in, in θ's dtype: the loss's ``domain`` (its registry entry)."""
+    lo, hi = LOSS_REGISTRY[net.loss].domain
+    return dt.type(lo), dt.type(hi)

@@ -29,6 +29,7 @@ import numpy as np
 from .. import api
 from ..activations import ACTIVATIONS
 from ..losses import LOSSES
+from ..losses import REGISTRY as LOSS_REGISTRY
 from ..mlp import MLP
 from ..quantities import RAW
 
@@ -54,6 +55,13 @@ class Row:
     passed: bool
 
 
+def quick_combos(activations: Sequence[str], losses: Sequence[str]) -> list[tuple[str, str]]:
+    """(activation, loss) pairs that take every activation and every loss at least once, as few as
+    that allows: the i-th pair is (activations[i mod n_a], losses[i mod n_l])."""
+    n = max(len(activations), len(losses))
+    return [(activations[i % len(activations)], losses[i % len(losses)]) for i in range(n)]
+
+
 def problem(sizes, batch, activation, loss, seed):
     """A random (net, θ float64, X float64, y) with non-zero biases."""
     net = MLP(list(sizes), activation=activation, loss=loss)
@@ -62,12 +70,7 @@ def problem(sizes, batch, activation, loss, seed):
     for _, b in net.unpack(theta):
         b[...] = 0.1 * rng.standard_normal(b.shape)
     X = rng.standard_normal((batch, sizes[0]))
-    if loss == "cross_entropy":
-        y = rng.integers(0, sizes[-1], size=batch)
-    elif loss == "binary_cross_entropy":
-        y = rng.uniform(0, 1, size=(batch, sizes[-1]))
-    else:
-        y = rng.standard_normal((batch, sizes[-1]))
+    y = LOSS_REGISTRY[loss].random_targets(rng, batch, sizes[-1])
     return net, theta, X, y
 
 
@@ -113,7 +116,7 @@ def validate(
         check_kernels_current()
     combos = [(a, lo) for a in ACTIVATIONS for lo in LOSSES]
     if quick:  # every activation and every loss at least once
-        combos = list(zip(ACTIVATIONS, LOSSES * 2))
+        combos = quick_combos(ACTIVATIONS, LOSSES)
     worst: dict[tuple, tuple[float, str]] = {}
     for s_index, (sizes, batch) in enumerate(SHAPES):
         shape = f"{list(sizes)} B={batch}"

@@ -17,6 +17,7 @@ from fastgrad import cuda as fc
 from fastgrad import reference
 from fastgrad._validation import check_inputs
 from fastgrad.quantities import RAW, REGISTRY, needed
+from fastgrad.tools.validate import quick_combos
 
 cuda = fc.cuda
 SIM = fc.SIMULATOR
@@ -79,7 +80,7 @@ def test_fused_path_every_activation_and_loss(activation, loss):
 
 @pytest.mark.parametrize(
     "activation,loss",
-    list(zip(fastgrad.ACTIVATIONS, fastgrad.LOSSES * 2)),  # every activation and every loss once
+    quick_combos(fastgrad.ACTIVATIONS, fastgrad.LOSSES),  # every activation and every loss at least once
 )
 def test_tiled_path_every_activation_and_loss(activation, loss):
     net, theta, X, y = make_problem([3, 4, 3], activation, loss, B=5, dtype=np.float64, seed=3)
