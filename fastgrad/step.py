@@ -29,7 +29,7 @@ from ._validation import (
     check_y,
 )
 from .api import BackpropResult, ClippedGrad, _backend, resolve_backend
-from .losses import BINARY_CROSS_ENTROPY, CROSS_ENTROPY
+from .losses import REGISTRY as LOSS_REGISTRY
 from .mlp import FLOAT_DTYPES, MLP
 from .privacy import check_seed
 from .quantities import check_clip_norms, dp_noise, finish, needed, noised_mean, sums_to_make
@@ -182,9 +182,10 @@ class Step:
         # clipping it is the kernels' own output row, so nothing is copied
         self._grad = np.empty(P, dt) if clip or "grad" in want else None
         self._prepared: dict[int, object] = {}
-        self._labels = net.loss_code == CROSS_ENTROPY
+        self._loss = LOSS_REGISTRY[net.loss]
+        self._labels = self._loss.labels
         self._theta_shape = (P,)
-        self._domain = (0.0, 1.0) if net.loss_code == BINARY_CROSS_ENTROPY else (-np.inf, np.inf)
+        self._domain = self._loss.domain
         self._check = (True, *self._domain)  # the numba call's check: on, the targets' domain
         self._results = None
         if self.backend == "numba":
@@ -294,8 +295,7 @@ class Step:
         if code == 3:
             if not _all_finite(inp.targets):
                 raise ValueError("y: contains NaN or Inf")
-            lo, hi = self._domain
-            raise ValueError(f"y: {self.net.loss} targets must lie in [{lo:g}, {hi:g}]")
+            raise ValueError(self._loss.domain_error())
         check_y(self.net, inp.labels, inp.labels.shape[0], self.dtype)  # raises, naming the range
         raise AssertionError(f"bad_input code {code}")  # pragma: no cover
 
