@@ -60,11 +60,11 @@ def kernel_args(step, theta, X, y):
 
 def kernel_only(args) -> int:
     with cpu.kernel_blas:
-        before = cpu._set_chunksize(1)
+        before = cpu.driver._set_chunksize(1)
         t0 = ns()
         cpu.fused_backprop(*args)
         t1 = ns()
-        cpu._set_chunksize(before)
+        cpu.driver._set_chunksize(before)
         return t1 - t0
 
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastgrad"
 SHIMS = {"cli.py", "train.py", "bench.py", "datasets.py", "validate.py"}  # deprecated old paths
 COMMAND = {"__main__.py"}  # python -m fastgrad: the command, an application
 CORE = [p for p in PACKAGE.rglob("*.py") if "tools" not in p.parts and p.name not in SHIMS | COMMAND]
-BACKENDS = [PACKAGE / "cpu.py", *sorted((PACKAGE / "cuda").glob("*.py"))]
+BACKENDS = [*sorted((PACKAGE / "cpu").glob("*.py")), *sorted((PACKAGE / "cuda").glob("*.py"))]
 TOOLS = sorted((PACKAGE / "tools").glob("*.py"))
 
 
