@@ -42,12 +42,11 @@ def kernel_args(step, theta, X, y):
     inp = step._inputs(theta, X, y)
     call = step._prepared_call(inp.batch_size)
     assert call.chunk == inp.batch_size, "one chunk expected at this size"
-    backward, per_row, squares = call.flags
     return (
-        (call.layout, inp.theta, call.w_t),
-        (inp.X, inp.labels, inp.targets),
+        cpu.kernels.Net(call.layout, inp.theta, call.w_t),
+        cpu.kernels.Data(inp.X, inp.labels, inp.targets),
         call.codes,
-        (backward, per_row, squares, False),
+        call.flags,  # accumulate off: the batch's one chunk
         call.plan,
         call.scalars,
         call.bufs,

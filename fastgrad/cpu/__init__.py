@@ -81,14 +81,7 @@ from .driver import (
     layer_factors,
     run,
 )
-from .kernels import (
-    bad_input,
-    batch_backprop,
-    fused_backprop,
-    pairwise_sum,
-    tanh_vectorizable,
-    variance_into,
-)
+from .kernels import bad_input, batch_backprop, fused_backprop, pairwise_sum, tanh_vectorizable, variance_into
 from .workspace import Results, Workspace, _chunking, _thread_workspace, chunk_rows, tile_rows
 
 __all__ = [

@@ -16,8 +16,20 @@ from ..mlp import MLP
 from ..quantities import CLIPPED_DELTA, DELTA, DELTA_SQUARED, INPUT, INPUT_SQUARED
 from . import config
 from .config import CACHE
-from .kernels import batch_backprop, fused_backprop, variance_into
-from .workspace import Results, Workspace, _chunking, _thread_workspace
+from .kernels import (
+    Buffers,
+    Check,
+    Codes,
+    Data,
+    Flags,
+    Net,
+    RowOut,
+    Scalars,
+    batch_backprop,
+    fused_backprop,
+    variance_into,
+)
+from .workspace import Results, Workspace, _chunking, _thread_workspace, scratch_per_row
 
 
 def check_kernels_current() -> None:
@@ -85,7 +97,7 @@ class _CompileNotice(numba.core.event.Listener):
 compile_notice = _CompileNotice()
 numba.core.event.register("numba:compile", compile_notice)
 
-NO_CHECK = (False, 0.0, 0.0)
+NO_CHECK = Check(False, 0.0, 0.0)
 """``check`` of :meth:`PreparedCall.launch` for arrays checked already."""
 
 
@@ -171,13 +183,13 @@ class PreparedCall:
         squares = any(q.source == INPUT_SQUARED for q in made)
         chunk, tile = _chunking(net.sizes, dt, B)
         chunk = min(B, chunk)
-        acts, dphi, deltas, sqa, self.tasks, self.w_t = ws.buffers(net.sizes, chunk, dt, squares)
+        bufs, self.tasks, self.w_t = ws.buffers(net.sizes, chunk, dt, squares)
         n_tiles = -(-chunk // tile)
         self.plan, n_slots = _plan(made, n_tiles, P, dt.itemsize)
         self.partial = ws.partials(n_slots, n_tiles, P, dt) if n_slots else np.empty((0, 0, 0), dt)
         self.ce = net.loss_code == CROSS_ENTROPY
         self.layout = _layout(net)
-        self.codes = (net.activation_code, net.loss_code, tile)
+        self.codes = Codes(net.activation_code, net.loss_code, tile)
         self.c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
         r = self.results = results
         self.sums = r.sums
@@ -186,29 +198,31 @@ class PreparedCall:
         self.layer_norms = r.layer_norms[:B] if per_row else None
         self.G = (r.G if r.G.shape[0] == B else r.G[:B]) if want_rows else None
         self.chunk = chunk
-        self.flags = (backward, per_row, squares)
-        self.scalars = (self.c_max, dt.type(B))
-        self.bufs = (acts, dphi, deltas, sqa if squares else sqa[:0])
+        self.flags = Flags(backward, per_row, squares, False)
+        self.scalars = Scalars(self.c_max, dt.type(B))
+        self.bufs = bufs if squares else bufs._replace(sqa=bufs.sqa[:0])
+        self.scratch = scratch_per_row(net.sizes)
         rows = np.asarray(r.G[:B]) if want_rows else np.empty((0, 0), dt)
-        self.row_out = (r.losses[:B], r.layer_sq[:B], r.norms[:B], r.clip_c[:B], rows)
+        self.row_out = RowOut(r.losses[:B], r.layer_sq[:B], r.norms[:B], r.clip_c[:B], rows)
 
     def __call__(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> dict:
         self.launch(theta, X, labels, targets)
         return self.finish()
 
     def launch(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray,
-               check: tuple = NO_CHECK) -> int:  # fmt: skip
+               check: Check = NO_CHECK) -> int:  # fmt: skip
         """Run the kernels over every chunk, leaving the sums and per-row results in ``results``.
 
-        ``check`` = (True, lo, hi) first checks the arrays in the same compiled call (:func:`bad_input`,
-        targets in [lo, hi]) and returns its nonzero code without running anything; else 0."""
+        ``check`` = ``Check(True, lo, hi)`` first checks the arrays in the same compiled call
+        (:func:`bad_input`, targets in [lo, hi]) and returns its nonzero code without running anything;
+        else 0."""
         # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
         before = _set_chunksize(1)
         try:
             code, self.loss_sum = batch_backprop(
-                check, (self.layout, theta, self.w_t), (X, labels, targets), self.codes, self.flags,
-                self.plan, self.scalars, self.bufs, self.row_out, self.sums, self.partial, self.tasks,
-                self.chunk,
+                check, Net(self.layout, theta, self.w_t), Data(X, labels, targets), self.codes, self.flags,
+                self.plan, self.scalars, self.bufs, self.scratch, self.row_out, self.sums, self.partial,
+                self.tasks, self.chunk,
             )  # fmt: skip
         finally:
             _set_chunksize(before)
@@ -263,7 +277,7 @@ def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
     ws = workspace if workspace is not None else _thread_workspace()
     dt, B, sizes = inp.dtype, inp.batch_size, net.sizes
     L = len(sizes) - 1
-    hidden, width = sum(sizes[1:-1]), sum(sizes[1:])
+    per_row = scratch_per_row(sizes)
     acts_out = [np.empty((B, n), dt) for n in sizes[1:-1]]
     second = [np.empty((B, n), dt) for n in (sizes[1:] if backward else sizes[1:-1])]  # Δ_l or φ'(z_l)
     theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
@@ -271,9 +285,9 @@ def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
     with ws.claimed(), kernel_blas():
         chunk, tile = _chunking(sizes, dt, B)
         chunk = min(B, chunk)
-        acts, dphi, deltas, sqa, tasks, w_t = ws.buffers(sizes, chunk, dt, False)
-        net_pack = (_layout(net), theta, w_t)
-        codes = (net.activation_code, net.loss_code, tile)
+        (acts, dphi, deltas, sqa), tasks, w_t = ws.buffers(sizes, chunk, dt, False)
+        net_pack = Net(_layout(net), theta, w_t)
+        codes = Codes(net.activation_code, net.loss_code, tile)
         plan, sums, partial = (
             np.empty((0, 4), np.int64),
             np.empty((0, net.num_params), dt),
@@ -285,17 +299,18 @@ def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
             for c0 in range(0, B, chunk):
                 c1 = min(B, c0 + chunk)
                 R = c1 - c0
-                data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
-                bufs = (acts[: R * hidden], dphi[: R * hidden], deltas[: R * width], sqa[:0])
-                row_out = (losses[:R], layer_sq[:R], norms[:R], clip_c[:R], no_rows)
-                flags = (backward, False, False, False)
+                data = Data(X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
+                n_acts, n_deltas = R * per_row.acts, R * per_row.deltas  # acts and dphi: the same count
+                bufs = Buffers(acts[:n_acts], dphi[:n_acts], deltas[:n_deltas], sqa[:0])
+                row_out = RowOut(losses[:R], layer_sq[:R], norms[:R], clip_c[:R], no_rows)
+                flags = Flags(backward, False, False, False)
                 fused_backprop(
                     net_pack,
                     data,
                     codes,
                     flags,
                     plan,
-                    (dt.type(-1.0), dt.type(0.0)),
+                    Scalars(dt.type(-1.0), dt.type(0.0)),
                     bufs,
                     row_out,
                     sums,

@@ -7,6 +7,7 @@ Each kernel opens with a one-line shape comment.
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numpy as np
 from numba import njit, prange, types
@@ -15,14 +16,7 @@ from numba.extending import overload
 from .._scalar import like
 from ..activations import TANH, activate, activate_grad
 from ..losses import CROSS_ENTROPY, output_delta_row
-from ..quantities import (
-    DELTA,
-    DELTA_SQUARED,
-    INPUT,
-    clip_factor,
-    layer_norm_sq,
-    variance_from_moments,
-)
+from ..quantities import DELTA, DELTA_SQUARED, INPUT, clip_factor, layer_norm_sq, variance_from_moments
 from .config import CACHE
 
 
@@ -78,11 +72,37 @@ def _tanh_vectorizable_overload(z):
 
 
 # Every kernel below works on m rows of a tile (m ≤ TILE) or the R rows of a chunk. Layers are
-# numbered l = 1..L as in DESIGN; layer l maps n_{l-1} inputs to n_l outputs. The kernels share
-# three packs, so that none takes a long argument list:
-#   net   = (layout (L, 5) int64, θ (P,), w_t (P,): the stored W_lᵀ of small layers)
-#   chunk = (X (R, n_0), acts, dphi, deltas, sqa (flat workspace), offsets (L+1, 3) int64)
-#   plan  (n_sums, 3) int64: one row per sum over samples to make (see quantities.SUMS)
+# numbered l = 1..L as in DESIGN; layer l maps n_{l-1} inputs to n_l outputs. The arguments travel
+# in named packs (Numba compiles namedtuples, attribute access included), so that none takes a long
+# argument list; the plan is an array, (n_sums, 4) int64: one row per sum over samples to make.
+
+Net = namedtuple("Net", "layout theta w_t")
+"""The network: ``layout`` (L, 5) int64 (columns :data:`N_IN`, ...), θ (P,), and ``w_t`` (P,): the stored
+W_lᵀ of the layers forwarded with it, at W_l's place."""
+Data = namedtuple("Data", "X labels targets")
+"""The samples: X (R, n_0); ``labels`` (R,) int64 (cross-entropy) or (0,); ``targets`` (R, n_L) (the other
+losses) or (0, n_L)."""
+Codes = namedtuple("Codes", "activation loss tile")
+"""Run-time codes: the activation's and the loss's (:mod:`fastgrad.activations`, :mod:`fastgrad.losses`),
+and the samples per tile."""
+Flags = namedtuple("Flags", "backward per_row squares accumulate")
+"""What a pass does: go backward at all; make the per-row norms; keep A_{l-1} ⊙ A_{l-1} (for the squared
+sums); add the sums to what ``sums`` holds (every chunk but a batch's first)."""
+Scalars = namedtuple("Scalars", "max_norm count")
+"""C of the clip factors in θ's dtype (≤ 0: no clipping), and the count B in θ's dtype by which the batch's
+last chunk divides the mean sums at its end (≤ 0: no division)."""
+Buffers = namedtuple("Buffers", "acts dphi deltas sqa")
+"""The workspace's flat scratch: A_l and φ'(z_l) as (R, n_l) blocks for l = 1..L-1, Δ_l for l = 1..L, and
+A_l ⊙ A_l for l = 0..L-1 when squares (else empty); also, per buffer, its elements per sample
+(:func:`fastgrad.cpu.workspace.scratch_per_row`)."""
+RowOut = namedtuple("RowOut", "losses layer_sq norms clip_c rows")
+"""The per-row outputs: ``losses`` (R,), ``layer_sq`` (R, L) float64, ``norms`` (R,), ``clip_c`` (R,), and
+``rows`` (R, P) (the per-sample gradients) or (0, 0)."""
+Chunk = namedtuple("Chunk", "X acts dphi deltas sqa offsets")
+"""A chunk's inputs and scratch, as the per-tile kernels read them: X (R, n_0), the :class:`Buffers`, and
+``offsets`` (L+1, 3) int64 (columns :data:`A_AT`, ...) from :func:`chunk_offsets`."""
+Check = namedtuple("Check", "on lo hi")
+"""The values' check of :func:`batch_backprop`: whether to run it, and the targets' domain [lo, hi]."""
 
 N_IN, N_OUT, W_AT, B_AT, STORED_WT = range(5)
 """Columns of ``layout``, row l-1 for layer l: n_{l-1}, n_l, where W_l and b_l start in θ, and
@@ -121,25 +141,25 @@ def chunk_offsets(layout, R):
 @njit(cache=CACHE)
 def layer_params(net, l):
     # θ (P,) -> W_l (n_l, n_{l-1}), its stored transpose (n_{l-1}, n_l; valid when STORED_WT), b_l (n_l,)
-    layout, theta, w_t = net
+    layout, theta, w_t = net.layout, net.theta, net.w_t
     n_in, n_out = layout[l - 1, N_IN], layout[l - 1, N_OUT]
     w0, b0 = layout[l - 1, W_AT], layout[l - 1, B_AT]
-    return theta[w0:b0].reshape((n_out, n_in)), w_t[w0:b0].reshape((n_in, n_out)), theta[b0 : b0 + n_out]
+    return (theta[w0:b0].reshape((n_out, n_in)), w_t[w0:b0].reshape((n_in, n_out)), theta[b0 : b0 + n_out])
 
 
 @njit(cache=CACHE)
 def layer_input(net, chunk, l, r0, r1):
     # rows [r0, r1) of A_{l-1} (m, n_{l-1}); A_0 = X
-    X, acts, offsets = chunk[0], chunk[1], chunk[5]
+    X = chunk.X
     if l == 1:
         return X[r0:r1]
-    return _rows(acts, offsets[l - 1, A_AT], X.shape[0], net[0][l - 1, N_IN], r0, r1)
+    return _rows(chunk.acts, chunk.offsets[l - 1, A_AT], X.shape[0], net.layout[l - 1, N_IN], r0, r1)
 
 
 @njit(cache=CACHE)
 def layer_input_squared(net, chunk, l, r0, r1):
     # rows [r0, r1) of A_{l-1} ⊙ A_{l-1} (m, n_{l-1}), kept in sqa
-    return _rows(chunk[4], chunk[5][l - 1, S_AT], chunk[0].shape[0], net[0][l - 1, N_IN], r0, r1)
+    return _rows(chunk.sqa, chunk.offsets[l - 1, S_AT], chunk.X.shape[0], net.layout[l - 1, N_IN], r0, r1)
 
 
 @njit(cache=CACHE)
@@ -153,20 +173,20 @@ def layer_source(net, chunk, source, l, r0, r1):
 @njit(cache=CACHE)
 def layer_output(net, chunk, l, r0, r1):
     # rows [r0, r1) of A_l and of φ'(z_l), both (m, n_l), for a hidden layer l < L
-    R, off, n_out = chunk[0].shape[0], chunk[5][l, A_AT], net[0][l - 1, N_OUT]
-    return _rows(chunk[1], off, R, n_out, r0, r1), _rows(chunk[2], off, R, n_out, r0, r1)
+    R, off, n_out = chunk.X.shape[0], chunk.offsets[l, A_AT], net.layout[l - 1, N_OUT]
+    return _rows(chunk.acts, off, R, n_out, r0, r1), _rows(chunk.dphi, off, R, n_out, r0, r1)
 
 
 @njit(cache=CACHE)
 def layer_delta(net, chunk, l, r0, r1):
     # rows [r0, r1) of Δ_l (m, n_l)
-    return _rows(chunk[3], chunk[5][l, D_AT], chunk[0].shape[0], net[0][l - 1, N_OUT], r0, r1)
+    return _rows(chunk.deltas, chunk.offsets[l, D_AT], chunk.X.shape[0], net.layout[l - 1, N_OUT], r0, r1)
 
 
 @njit(cache=CACHE)
 def store_transposed(net):
     # w_t (P,) gets W_lᵀ (n_{l-1}, n_l) at W_l's place, for every layer forwarded with it
-    layout = net[0]
+    layout = net.layout
     for l in range(1, layout.shape[0] + 1):
         if layout[l - 1, STORED_WT]:
             W, WT, _ = layer_params(net, l)
@@ -180,7 +200,7 @@ def forward_gemm(net, l, a_in, out):
     # A_{l-1} (m, n_{l-1}) -> out (m, n_l) = A_{l-1} W_lᵀ
     # small GEMMs ran 1.8x faster here with Wᵀ stored than with W read transposed (128x64x64)
     W, WT, _ = layer_params(net, l)
-    if net[0][l - 1, STORED_WT]:
+    if net.layout[l - 1, STORED_WT]:
         np.dot(a_in, WT, out)
     else:
         np.dot(a_in, W.T, out)
@@ -228,7 +248,7 @@ def dense_backward(net, l, d_out, g, d_in):
 def output_forward(net, a_in, loss, labels, targets, r0, losses, d_out):
     # A_{L-1} (m, n_{L-1}) -> losses[r0 + i] = ℓ_i, d_out: Δ_L = ∂ℓ/∂z_L (m, n_L), z_L = A_{L-1} W_Lᵀ + b_L;
     # labels (R,) (cross-entropy) and targets (R, n_L) (the other losses) are the chunk's
-    L = net[0].shape[0]
+    L = net.layout.shape[0]
     z_out = np.empty(d_out.shape, d_out.dtype)
     forward_gemm(net, L, a_in, z_out)
     b = layer_params(net, L)[2]
@@ -259,8 +279,8 @@ def tile_norms(net, chunk, r0, r1, max_norm, row_out):
     # rows [r0, r1) of A_{l-1}, Δ_l -> layer_sq[i, l-1] = ‖∇_{W_l,b_l} ℓ_i‖² (R, L; float64),
     # norms[i] = ‖∇ℓ_i‖ (R,), and when max_norm > 0 the clip factors clip_c[i] = min(1, C/‖∇ℓ_i‖) (R,);
     # row_out as the driver's
-    layout, X, acts, deltas, offsets = net[0], chunk[0], chunk[1], chunk[3], chunk[5]
-    layer_sq, norms, clip_c = row_out[1], row_out[2], row_out[3]
+    layout, X, acts, deltas, offsets = net.layout, chunk.X, chunk.acts, chunk.deltas, chunk.offsets
+    layer_sq, norms, clip_c = row_out.layer_sq, row_out.norms, row_out.clip_c
     for i in range(r0, r1):
         total = 0.0  # float64, as the terms
         for l in range(1, layout.shape[0] + 1):
@@ -280,12 +300,17 @@ def tile_norms(net, chunk, r0, r1, max_norm, row_out):
 def tile_write_rows(net, chunk, r0, r1, rows_out):
     # rows [r0, r1) of A_{l-1}, Δ_l -> rows_out[i] (P,) = ∇ℓ_i in θ's layout:
     # per layer δ_{l,i} a_{l-1,i}ᵀ, then δ_{l,i}
-    layout, X, acts, deltas, offsets = net[0], chunk[0], chunk[1], chunk[3], chunk[5]
+    layout, X, acts, deltas, offsets = net.layout, chunk.X, chunk.acts, chunk.deltas, chunk.offsets
     for i in range(r0, r1):
         out_row = rows_out[i]
         for l in range(1, layout.shape[0] + 1):
             n_in, n_out = layout[l - 1, N_IN], layout[l - 1, N_OUT]
-            w0, b0, d0, a0 = layout[l - 1, W_AT], layout[l - 1, B_AT], offsets[l, D_AT], offsets[l - 1, A_AT]
+            w0, b0, d0, a0 = (
+                layout[l - 1, W_AT],
+                layout[l - 1, B_AT],
+                offsets[l, D_AT],
+                offsets[l - 1, A_AT],
+            )
             a_row = X[i] if l == 1 else acts[a0 + i * n_in : a0 + (i + 1) * n_in]
             for r in range(n_out):
                 d = deltas[d0 + i * n_out + r]
@@ -334,7 +359,7 @@ def tile_sums(plan, net, chunk, r0, r1, clip_c, partial, t, sums, accumulate):
     # rows [r0, r1) (tile t) -> partial[slot, t] (P,): per layer Mᵀ S and Σ_i M_i, for the planned sums
     # that have a slot; tile 0 writes sums[s] (P,) itself unless the chunk's sums are added to earlier ones
     # (sum_partials then starts at tile 1: the same bits as copying tile 0's, one pass over P fewer)
-    layout = net[0]
+    layout = net.layout
     for l in range(1, layout.shape[0] + 1):
         n_in, n_out = layout[l - 1, N_IN], layout[l - 1, N_OUT]
         w0, b0 = layout[l - 1, W_AT], layout[l - 1, B_AT]
@@ -365,7 +390,7 @@ def sum_partials(part, k0, k1, out, accumulate):
 def gemm_block(plan, net, chunk, task, clip_c, sums, accumulate):
     # task = (l, q0, q1) -> rows [q0, q1) of W_l's and b_l's part of sums[s] (P,), one GEMM over the chunk's
     # R samples each, for the planned sums without a slot; M (R, nr) = Δ_l[:, q0:q1] plain, squared or scaled
-    layout, R = net[0], chunk[0].shape[0]
+    layout, R = net.layout, chunk.X.shape[0]
     l, q0, q1 = task[0], task[1], task[2]
     n_in, w0, b0 = layout[l - 1, N_IN], layout[l - 1, W_AT], layout[l - 1, B_AT]
     nr = q1 - q0
@@ -395,21 +420,16 @@ def gemm_block(plan, net, chunk, task, clip_c, sums, accumulate):
 
 @njit(parallel=True, cache=CACHE, error_model="numpy")
 def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks):
-    # net = (layout, θ, w_t) as above; data = (X (R, n_0), labels (R,) or (0,), targets (R, n_L) or (0, n_L));
-    # codes = (activation, loss, tile); flags = (backward, per_row, squares, accumulate); plan (n_sums, 4);
-    # scalars = (max_norm: C in θ's dtype (≤ 0: no clipping), count: B in θ's dtype on the batch's last
-    # chunk, whose end divides the mean sums by it (≤ 0: no division)); bufs = (acts, dphi: flat (R, n_l) for
-    # l = 1..L-1, deltas: flat (R, n_l) for l = 1..L, sqa: flat (R, n_l) for l = 0..L-1 when squares);
-    # row_out = (losses (R,), layer_sq (R, L) float64, norms (R,), clip_c (R,), rows_out (R, P) or (0, 0));
-    # sums (n_sums, P); partial (n_slots, n_tiles, P): per-tile sums of the plan's rows with a slot;
-    # tasks (T, 3): (l, q0, q1) of every phase-2 GEMM block
-    X, labels, targets = data
-    act, loss, tile = codes
-    backward, per_row, squares, accumulate = flags
-    max_norm, count = scalars
-    losses, rows_out, clip_c = row_out[0], row_out[4], row_out[3]
-    L, R = net[0].shape[0], X.shape[0]
-    chunk = (X, bufs[0], bufs[1], bufs[2], bufs[3], chunk_offsets(net[0], R))
+    # one chunk of R samples: the packs Net, Data (R rows), Codes, Flags, Scalars, Buffers (for R rows),
+    # RowOut (R rows) above; plan (n_sums, 4); sums (n_sums, P); partial (n_slots, n_tiles, P): per-tile
+    # sums of the plan's rows with a slot; tasks (T, 3): (l, q0, q1) of every phase-2 GEMM block
+    X, labels, targets = data.X, data.labels, data.targets
+    act, loss, tile = codes.activation, codes.loss, codes.tile
+    backward, per_row, squares, accumulate = flags.backward, flags.per_row, flags.squares, flags.accumulate
+    max_norm, count = scalars.max_norm, scalars.count
+    losses, rows_out, clip_c = row_out.losses, row_out.rows, row_out.clip_c
+    L, R = net.layout.shape[0], X.shape[0]
+    chunk = Chunk(X, bufs.acts, bufs.dphi, bufs.deltas, bufs.sqa, chunk_offsets(net.layout, R))
     n_tiles = (R + tile - 1) // tile
     P = sums.shape[1]
     store_transposed(net)
@@ -444,7 +464,7 @@ def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, 
         if plan[s, SLOT] < 0:
             in_phase_2 += 1
             continue
-        part, out = partial[plan[s, SLOT], :n_tiles], sums[s]  # a last, shorter chunk has fewer tiles
+        part, out = (partial[plan[s, SLOT], :n_tiles], sums[s])  # a last, shorter chunk has fewer tiles
         for c in prange((P + 4095) // 4096):
             sum_partials(part, c * 4096, min(P, c * 4096 + 4096), out, accumulate)
     # phase 2: rows [q0, q1) of each layer's sums, one GEMM over the chunk per task
@@ -561,46 +581,39 @@ def pairwise_sum(a, n):
 
 
 @njit(cache=CACHE)
-def batch_backprop(check, net, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks, chunk):
-    # The whole batch, chunk by chunk, in one compiled call (no Python between the chunks):
-    # check = (on, lo, hi): with on, bad_input's code first (nonzero: nothing runs); net = (layout, θ, w_t);
-    # data = (X (B, n_0), labels (B,) or (0,), targets (B, n_L) or (0, n_L)); flags = (backward, per_row,
-    # squares); scalars = (C, B) in θ's dtype; bufs as fused_backprop's for `chunk` rows; row_out as its,
-    # for B rows -> 0, after fused_backprop ran on each chunk of `chunk` rows in order (its accumulate flag
-    # set after the first, its count B on the last only), and the sum of the B losses (pairwise_sum);
-    # or a nonzero check code and 0
-    X, labels, targets = data
-    losses = row_out[0]
-    on, lo, hi = check
-    if on:
-        code = bad_input(net[1], X.reshape(-1), targets.reshape(-1), labels, targets.shape[1], lo, hi)
+def batch_backprop(
+    check, net, data, codes, flags, plan, scalars, bufs, scratch, row_out, sums, partial, tasks, chunk
+):
+    # The whole batch of B samples, chunk by chunk, in one compiled call (no Python between the chunks):
+    # check (Check): with on, bad_input's code first (nonzero: nothing runs); data (Data) and row_out (RowOut)
+    # for B rows; scalars = (C, B); bufs (Buffers) for `chunk` rows, scratch (Buffers) their elements per
+    # sample; flags.accumulate unused -> 0, after fused_backprop ran on each chunk of `chunk` rows in order
+    # (accumulate set after the first, count B on the last only), and the sum of the B losses
+    # (pairwise_sum); or a nonzero check code and 0
+    X, labels, targets = data.X, data.labels, data.targets
+    losses = row_out.losses
+    if check.on:
+        code = bad_input(net.theta, X.reshape(-1), targets.reshape(-1), labels, targets.shape[1], check.lo,
+                         check.hi)  # fmt: skip
         if code != 0:
             return code, losses.dtype.type(0)
-    backward, per_row, squares = flags
-    c_max, batch = scalars
-    acts, dphi, deltas, sqa = bufs
-    _, layer_sq, norms, clip_c, rows = row_out
-    layout = net[0]
-    hidden = width = inputs = 0
-    for l in range(layout.shape[0]):
-        inputs += layout[l, 0]
-        width += layout[l, 1]
-        if l < layout.shape[0] - 1:
-            hidden += layout[l, 1]
+    acts, dphi, deltas, sqa = bufs.acts, bufs.dphi, bufs.deltas, bufs.sqa
+    c_max, batch = scalars.max_norm, scalars.count
+    layer_sq, norms, clip_c, rows = row_out.layer_sq, row_out.norms, row_out.clip_c, row_out.rows
     B = X.shape[0]
     ce = labels.shape[0] > 0
     for c0 in range(0, B, chunk):
         c1 = min(B, c0 + chunk)
         R = c1 - c0
-        chunk_bufs = (acts[: R * hidden], dphi[: R * hidden], deltas[: R * width],
-                      sqa[: R * inputs] if squares else sqa[:0])  # fmt: skip
-        chunk_rows_out = (losses[c0:c1], layer_sq[c0:c1], norms[c0:c1], clip_c[c0:c1],
-                          rows[c0:c1] if rows.shape[0] > 0 else rows)  # fmt: skip
-        chunk_data = (X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
-        chunk_flags = (backward, per_row, squares, c0 > 0)
+        chunk_bufs = Buffers(acts[: R * scratch.acts], dphi[: R * scratch.dphi], deltas[: R * scratch.deltas],
+                             sqa[: R * scratch.sqa] if flags.squares else sqa[:0])  # fmt: skip
+        chunk_rows_out = RowOut(losses[c0:c1], layer_sq[c0:c1], norms[c0:c1], clip_c[c0:c1],
+                                rows[c0:c1] if rows.shape[0] > 0 else rows)  # fmt: skip
+        chunk_data = Data(X[c0:c1], labels[c0:c1] if ce else labels, targets if ce else targets[c0:c1])
+        chunk_flags = Flags(flags.backward, flags.per_row, flags.squares, c0 > 0)
         count = batch if c1 == B else batch - batch  # the last chunk divides the means
-        fused_backprop(net, chunk_data, codes, chunk_flags, plan, (c_max, count), chunk_bufs, chunk_rows_out,
-                       sums, partial, tasks)  # fmt: skip
+        fused_backprop(net, chunk_data, codes, chunk_flags, plan, Scalars(c_max, count), chunk_bufs,
+                       chunk_rows_out, sums, partial, tasks)  # fmt: skip
     return 0, pairwise_sum(losses, B)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from .. import quantities
 from ..mlp import MLP
 from . import config
+from .kernels import Buffers
 
 
 class Workspace:
@@ -44,19 +45,19 @@ class Workspace:
             self._busy.release()
 
     def buffers(self, sizes: tuple[int, ...], rows: int, dtype: np.dtype, want_sq: bool):
-        """Flat buffers (acts, dphi, deltas, sqa) for at least ``rows`` samples, the task list and w_t.
+        """The flat :class:`~fastgrad.cpu.kernels.Buffers` (acts, dphi, deltas, sqa) for at least ``rows``
+        samples (sqa empty unless ``want_sq``), the task list and w_t.
 
         Buffers made for more rows (or with sqa) serve smaller requests as they are: the kernels read
         only the leading part of each, so a step whose batch size varies allocates once."""
         sizes, dtype = tuple(sizes), np.dtype(dtype)
         key = self._key
         if key is None or key[0] != sizes or key[2] != dtype or key[1] < rows or (want_sq and not key[3]):
-            hidden = sum(sizes[1:-1])
+            per_row = scratch_per_row(sizes)
+            if not want_sq:
+                per_row = per_row._replace(sqa=0)
             self._bufs = (
-                np.empty(rows * hidden, dtype),
-                np.empty(rows * hidden, dtype),
-                np.empty(rows * sum(sizes[1:]), dtype),
-                np.empty(rows * sum(sizes[:-1]) if want_sq else 0, dtype),
+                Buffers(*(np.empty(rows * n, dtype) for n in per_row)),
                 _tasks(sizes),
                 np.empty(sum(a * b for a, b in itertools.pairwise(sizes)) + sum(sizes[1:]), dtype),
             )
@@ -86,10 +87,19 @@ def tile_rows(batch_size: int) -> int:
     return tile
 
 
+def scratch_per_row(sizes: tuple[int, ...]) -> Buffers:
+    """Elements per sample of each scratch buffer, for a network of layer widths ``sizes`` (n_0..n_L):
+    acts and dphi hold A_l and φ'(z_l) of the hidden layers (n_1 + ... + n_{L-1}), deltas Δ_l of every
+    layer (n_1 + ... + n_L), sqa A_l ⊙ A_l of every layer's input (n_0 + ... + n_{L-1}). The one rule
+    the workspace's size, the chunk's length and the kernels' views of a chunk all follow."""
+    hidden = sum(sizes[1:-1])
+    return Buffers(acts=hidden, dphi=hidden, deltas=sum(sizes[1:]), sqa=sum(sizes[:-1]))
+
+
 def _rows_that_fit(sizes: tuple[int, ...], dtype) -> int:
-    """Samples whose scratch (A_l, φ'(z_l), Δ_l and A_l ⊙ A_l) fits in ``WORKSPACE_BYTES``."""
-    per_row = np.dtype(dtype).itemsize * (2 * sum(sizes[1:-1]) + sum(sizes[1:]) + sum(sizes[:-1]))
-    return config.WORKSPACE_BYTES // per_row
+    """Samples whose scratch (every buffer of :func:`scratch_per_row`, sqa included) fits in
+    ``WORKSPACE_BYTES``."""
+    return config.WORKSPACE_BYTES // (np.dtype(dtype).itemsize * sum(scratch_per_row(sizes)))
 
 
 def chunk_rows(sizes: tuple[int, ...], dtype, tile: int | None = None) -> int:
