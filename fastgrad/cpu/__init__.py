@@ -11,14 +11,14 @@ names. The driver works in two phases over a chunk of samples (whole tiles that 
    tile goes forward through the whole network (:func:`dense_forward` per hidden layer,
    :func:`output_forward` for the loss and Δ_L) and back (:func:`dense_backward`), keeping its
    activations A_l and deltas Δ_l in the workspace; the per-row reducers run on the tile while it is hot
-   (:func:`tile_norms`: Goodfellow's layer terms and the clip factors; :func:`tile_write_rows`:
+   (:func:`norms_from_deltas`: Goodfellow's layer terms and the clip factors; :func:`write_rows`:
    per-sample rows straight into the flat layout), and so do the tile's sums
-   (:func:`tile_sums`: per layer Mᵀ S with M = Δ, Δ⊙Δ or c⊙Δ and S = A or A⊙A, DESIGN §3:
+   (:func:`layer_sums`: per layer Mᵀ S with M = Δ, Δ⊙Δ or c⊙Δ and S = A or A⊙A, DESIGN §3:
    one backward pass, never two), while tiles × P fits in ``PARTIALS_BYTES``; the tiles'
    sums are then added in tile order (:func:`sum_partials`).
 2. For a sum whose per-tile sums do not fit: ``prange`` over fixed blocks of ``BLOCK``
    rows of every layer's weights, one GEMM over the whole chunk per block
-   (:func:`gemm_block`), with the same operands (:func:`reducer_operand`, :func:`outer_sum`).
+   (:func:`gemm_block`), with the same operands (:func:`sum_operand`, :func:`outer_sum`).
 
 The per-row math (clip factor, layer norm term, variance) is ``quantities``' shared
 ``register_jitable`` code. Each kernel opens with a one-line shape comment; helpers are

@@ -1,7 +1,10 @@
 """The numba backend's compiled kernels: the per-tile steps, the two-phase driver
 :func:`fused_backprop` and the whole-batch call :func:`batch_backprop` (see :mod:`fastgrad.cpu`).
 
-Each kernel opens with a one-line shape comment.
+Each kernel opens with a one-line shape comment. A step has the name it has on the CUDA paths
+(the vocabulary table of docs/architecture.md): ``dense_forward``, ``output_forward``,
+``dense_backward``, ``norms_from_deltas``, ``write_rows``, ``layer_sums`` (with ``sum_operand``
+and ``sum_source``), ``sum_partials``.
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ def layer_input_squared(net, chunk, l, r0, r1):
 
 
 @njit(cache=CACHE)
-def layer_source(net, chunk, source, l, r0, r1):
+def sum_source(net, chunk, source, l, r0, r1):
     # rows [r0, r1) of the source S (m, n_{l-1}) of a sum: A_{l-1} (INPUT) or A_{l-1} ⊙ A_{l-1}
     if source == INPUT:
         return layer_input(net, chunk, l, r0, r1)
@@ -275,7 +278,7 @@ def sum_squares(v):
 
 
 @njit(cache=CACHE, error_model="numpy")
-def tile_norms(net, chunk, r0, r1, max_norm, row_out):
+def norms_from_deltas(net, chunk, r0, r1, max_norm, row_out):
     # rows [r0, r1) of A_{l-1}, Δ_l -> layer_sq[i, l-1] = ‖∇_{W_l,b_l} ℓ_i‖² (R, L; float64),
     # norms[i] = ‖∇ℓ_i‖ (R,), and when max_norm > 0 the clip factors clip_c[i] = min(1, C/‖∇ℓ_i‖) (R,);
     # row_out as the driver's
@@ -297,7 +300,7 @@ def tile_norms(net, chunk, r0, r1, max_norm, row_out):
 
 
 @njit(cache=CACHE, error_model="numpy")
-def tile_write_rows(net, chunk, r0, r1, rows_out):
+def write_rows(net, chunk, r0, r1, rows_out):
     # rows [r0, r1) of A_{l-1}, Δ_l -> rows_out[i] (P,) = ∇ℓ_i in θ's layout:
     # per layer δ_{l,i} a_{l-1,i}ᵀ, then δ_{l,i}
     layout, X, acts, deltas, offsets = net.layout, chunk.X, chunk.acts, chunk.deltas, chunk.offsets
@@ -321,7 +324,7 @@ def tile_write_rows(net, chunk, r0, r1, rows_out):
 
 
 @njit(cache=CACHE, error_model="numpy")
-def reducer_operand(operand, d, q0, c, blk):
+def sum_operand(operand, d, q0, c, blk):
     # Δ_l (m, n_l), clip factors c (m,) -> columns [q0, q0 + nr) of the operand M = Δ_l, Δ_l ⊙ Δ_l or
     # c ⊙ Δ_l, written into blk (m, nr), or Δ_l itself when that is all of it. Rows are read through
     # a view d[i, q0:q0 + nr]: indexing d[i, q0 + r] kept Numba's negative-index check on q0 + r and
@@ -355,7 +358,7 @@ def outer_sum(M, S, w_out, b_out):
 
 
 @njit(cache=CACHE, error_model="numpy")
-def tile_sums(plan, net, chunk, r0, r1, clip_c, partial, t, sums, accumulate):
+def layer_sums(plan, net, chunk, r0, r1, clip_c, partial, t, sums, accumulate):
     # rows [r0, r1) (tile t) -> partial[slot, t] (P,): per layer Mᵀ S and Σ_i M_i, for the planned sums
     # that have a slot; tile 0 writes sums[s] (P,) itself unless the chunk's sums are added to earlier ones
     # (sum_partials then starts at tile 1: the same bits as copying tile 0's, one pass over P fewer)
@@ -368,8 +371,8 @@ def tile_sums(plan, net, chunk, r0, r1, clip_c, partial, t, sums, accumulate):
             slot, operand = plan[s, SLOT], plan[s, OPERAND]
             if slot < 0:
                 continue
-            M = reducer_operand(operand, d, FIRST, clip_c[r0:r1], d if operand == DELTA else np.empty_like(d))
-            S = layer_source(net, chunk, plan[s, SOURCE], l, r0, r1)
+            M = sum_operand(operand, d, FIRST, clip_c[r0:r1], d if operand == DELTA else np.empty_like(d))
+            S = sum_source(net, chunk, plan[s, SOURCE], l, r0, r1)
             p = sums[s] if t == 0 and not accumulate else partial[slot, t]
             outer_sum(M, S, p[w0:b0].reshape((n_out, n_in)), p[b0 : b0 + n_out])
 
@@ -377,7 +380,7 @@ def tile_sums(plan, net, chunk, r0, r1, clip_c, partial, t, sums, accumulate):
 @njit(cache=CACHE, error_model="numpy")
 def sum_partials(part, k0, k1, out, accumulate):
     # part (n_tiles, P) -> out[k0:k1] = Σ_t part[t, k0:k1] in tile order; when accumulate, added to out,
-    # else out holds tile 0's sum already (tile_sums wrote it there)
+    # else out holds tile 0's sum already (layer_sums wrote it there)
     if accumulate:
         for k in range(k0, k1):
             out[k] += part[0, k]
@@ -401,8 +404,8 @@ def gemm_block(plan, net, chunk, task, clip_c, sums, accumulate):
     for s in range(plan.shape[0]):
         if plan[s, SLOT] >= 0:
             continue
-        M = reducer_operand(plan[s, OPERAND], d, q0, clip_c, blk)
-        S = layer_source(net, chunk, plan[s, SOURCE], l, FIRST, R)
+        M = sum_operand(plan[s, OPERAND], d, q0, clip_c, blk)
+        S = sum_source(net, chunk, plan[s, SOURCE], l, FIRST, R)
         out = sums[s]
         w_part = out[w0 + q0 * n_in : w0 + q1 * n_in]
         if accumulate:
@@ -453,11 +456,11 @@ def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, 
             d_out, d_in = layer_delta(net, chunk, l, r0, r1), layer_delta(net, chunk, l - 1, r0, r1)
             dense_backward(net, l, d_out, layer_output(net, chunk, l - 1, r0, r1)[1], d_in)
         if per_row:
-            tile_norms(net, chunk, r0, r1, max_norm, row_out)
+            norms_from_deltas(net, chunk, r0, r1, max_norm, row_out)
         if rows_out.shape[0] > 0:
-            tile_write_rows(net, chunk, r0, r1, rows_out)
-        if partial.shape[0] > 0:  # the clip factors of the tile's rows are known: tile_norms ran
-            tile_sums(plan, net, chunk, r0, r1, clip_c, partial, np.int64(t), sums, accumulate)
+            write_rows(net, chunk, r0, r1, rows_out)
+        if partial.shape[0] > 0:  # the clip factors of the tile's rows are known: norms_from_deltas ran
+            layer_sums(plan, net, chunk, r0, r1, clip_c, partial, np.int64(t), sums, accumulate)
     # the tiles' sums added in tile order, over fixed chunks of parameters
     in_phase_2 = 0
     for s in range(plan.shape[0]):
