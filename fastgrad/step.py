@@ -183,11 +183,11 @@ class Step:
         self._labels = net.loss_code == CROSS_ENTROPY
         self._theta_shape = (P,)
         self._domain = (0.0, 1.0) if net.loss_code == BINARY_CROSS_ENTROPY else (-np.inf, np.inf)
+        self._check = (True, *self._domain)  # the numba call's check: on, the targets' domain
         self._results = None
         if self.backend == "numba":
             from . import cpu
 
-            self._check = cpu.kernels.Check(True, *self._domain)  # the values' check, the targets' domain
             self._cpu = cpu
             self._ws = cpu.Workspace()
             if max_batch_size is not None:

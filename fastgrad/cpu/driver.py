@@ -18,7 +18,6 @@ from . import config
 from .config import CACHE
 from .kernels import (
     Buffers,
-    Check,
     Codes,
     Data,
     Flags,
@@ -97,7 +96,7 @@ class _CompileNotice(numba.core.event.Listener):
 compile_notice = _CompileNotice()
 numba.core.event.register("numba:compile", compile_notice)
 
-NO_CHECK = Check(False, 0.0, 0.0)
+NO_CHECK = (False, 0.0, 0.0)
 """``check`` of :meth:`PreparedCall.launch` for arrays checked already."""
 
 
@@ -189,7 +188,8 @@ class PreparedCall:
         self.partial = ws.partials(n_slots, n_tiles, P, dt) if n_slots else np.empty((0, 0, 0), dt)
         self.ce = net.loss_code == CROSS_ENTROPY
         self.layout = _layout(net)
-        self.codes = Codes(net.activation_code, net.loss_code, tile)
+        # the packs of batch_backprop, as plain tuples in the fields' order of kernels.Codes, Flags, ...
+        self.codes = (net.activation_code, net.loss_code, tile)
         self.c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
         r = self.results = results
         self.sums = r.sums
@@ -198,29 +198,29 @@ class PreparedCall:
         self.layer_norms = r.layer_norms[:B] if per_row else None
         self.G = (r.G if r.G.shape[0] == B else r.G[:B]) if want_rows else None
         self.chunk = chunk
-        self.flags = Flags(backward, per_row, squares, False)
-        self.scalars = Scalars(self.c_max, dt.type(B))
-        self.bufs = bufs if squares else bufs._replace(sqa=bufs.sqa[:0])
-        self.scratch = scratch_per_row(net.sizes)
+        self.flags = (backward, per_row, squares, False)
+        self.scalars = (self.c_max, dt.type(B))
+        self.bufs = (bufs.acts, bufs.dphi, bufs.deltas, bufs.sqa if squares else bufs.sqa[:0])
+        self.scratch = tuple(scratch_per_row(net.sizes))
         rows = np.asarray(r.G[:B]) if want_rows else np.empty((0, 0), dt)
-        self.row_out = RowOut(r.losses[:B], r.layer_sq[:B], r.norms[:B], r.clip_c[:B], rows)
+        self.row_out = (r.losses[:B], r.layer_sq[:B], r.norms[:B], r.clip_c[:B], rows)
 
     def __call__(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> dict:
         self.launch(theta, X, labels, targets)
         return self.finish()
 
     def launch(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray,
-               check: Check = NO_CHECK) -> int:  # fmt: skip
+               check: tuple = NO_CHECK) -> int:  # fmt: skip
         """Run the kernels over every chunk, leaving the sums and per-row results in ``results``.
 
-        ``check`` = ``Check(True, lo, hi)`` first checks the arrays in the same compiled call
-        (:func:`bad_input`, targets in [lo, hi]) and returns its nonzero code without running anything;
-        else 0."""
+        ``check`` = (True, lo, hi) (a :class:`~fastgrad.cpu.kernels.Check`'s fields) first checks the arrays
+        in the same compiled call (:func:`bad_input`, targets in [lo, hi]) and returns its nonzero code
+        without running anything; else 0."""
         # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
         before = _set_chunksize(1)
         try:
             code, self.loss_sum = batch_backprop(
-                check, Net(self.layout, theta, self.w_t), Data(X, labels, targets), self.codes, self.flags,
+                check, (self.layout, theta, self.w_t), (X, labels, targets), self.codes, self.flags,
                 self.plan, self.scalars, self.bufs, self.scratch, self.row_out, self.sums, self.partial,
                 self.tasks, self.chunk,
             )  # fmt: skip

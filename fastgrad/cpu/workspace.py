@@ -3,6 +3,7 @@ that cut a batch into chunks and tiles (they read the tunables of :mod:`.config`
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from contextlib import contextmanager
@@ -53,7 +54,7 @@ class Workspace:
         sizes, dtype = tuple(sizes), np.dtype(dtype)
         key = self._key
         if key is None or key[0] != sizes or key[2] != dtype or key[1] < rows or (want_sq and not key[3]):
-            per_row = scratch_per_row(sizes)
+            per_row = scratch_per_row(tuple(sizes))
             if not want_sq:
                 per_row = per_row._replace(sqa=0)
             self._bufs = (
@@ -87,6 +88,7 @@ def tile_rows(batch_size: int) -> int:
     return tile
 
 
+@functools.cache  # per network shape: a call's set-up reads it twice
 def scratch_per_row(sizes: tuple[int, ...]) -> Buffers:
     """Elements per sample of each scratch buffer, for a network of layer widths ``sizes`` (n_0..n_L):
     acts and dphi hold A_l and φ'(z_l) of the hidden layers (n_1 + ... + n_{L-1}), deltas Δ_l of every
@@ -99,7 +101,7 @@ def scratch_per_row(sizes: tuple[int, ...]) -> Buffers:
 def _rows_that_fit(sizes: tuple[int, ...], dtype) -> int:
     """Samples whose scratch (every buffer of :func:`scratch_per_row`, sqa included) fits in
     ``WORKSPACE_BYTES``."""
-    return config.WORKSPACE_BYTES // (np.dtype(dtype).itemsize * sum(scratch_per_row(sizes)))
+    return config.WORKSPACE_BYTES // (np.dtype(dtype).itemsize * sum(scratch_per_row(tuple(sizes))))
 
 
 def chunk_rows(sizes: tuple[int, ...], dtype, tile: int | None = None) -> int:
