@@ -114,7 +114,7 @@ def peak_in_subprocess(name: str, config: str) -> dict:
 def materialise_table(rows: int = 256, reps: int = 20) -> None:
     """Per layer shape: time of one rows × rows block, factorised vs materialised, float32, 1 BLAS thread."""
     from fastgrad import attribution
-    from fastgrad.cpu import single_threaded_blas
+    from fastgrad._threading import single_threaded_blas
 
     rng = np.random.default_rng(0)
     print(f"{rows} × {rows} block, float32, BLAS on 1 thread, best of two medians of {reps} calls")

@@ -7,7 +7,7 @@
 ``dump`` runs every backend on every activation × loss, float32 and float64, through the
 public API (every quantity at once, grad alone, variance with norms, the clipped gradient with
 and without noise) and, for the numba backend, on its default, phase-2, chunked and no-Wᵀ
-paths (by setting ``fastgrad.cpu``'s tunables); per-sample matrices are stored as digests.
+paths (by setting ``fastgrad.cpu.config``'s tunables); per-sample matrices are stored as digests.
 ``cuda`` runs the CUDA backend instead, both paths, at tiny sizes: set NUMBA_ENABLE_CUDASIM=1
 without a GPU (about 3.5 minutes here; the CPU dump about 1.5). Used for issue 9's
 restructuring (2026-11-28): CPU 4784 arrays identical; CUDA 601 of 810 identical, the rest
@@ -93,6 +93,7 @@ def record_cpu_paths(store, key, problem_args, cpu_mod, defaults):
 
 def cpu(store):
     cpu_mod = importlib.import_module("fastgrad.cpu")
+    cpu_mod = getattr(cpu_mod, "config", cpu_mod)  # the tunables: fastgrad.cpu.config since the package
     defaults = {k: getattr(cpu_mod, k) for k in ("PARTIALS_BYTES", "WORKSPACE_BYTES", "SMALL_LAYER")}
     for dtype in (np.float32, np.float64):
         dt = np.dtype(dtype)

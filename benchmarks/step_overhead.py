@@ -5,8 +5,9 @@ against the kernel alone, with a per-phase timeline of each; prints Markdown.
 
 Four measurements take turns call by call, so each sees the same load (medians over ``--reps``):
 
-- **kernel**: the compiled driver ``cpu.fused_backprop`` called with a prepared call's arguments,
-  inside the single-threaded-BLAS hold (what no host code around it can avoid);
+- **kernel**: the compiled call ``cpu.batch_backprop`` (``fused_backprop`` on the batch's one chunk, and
+  the losses' sum) with a prepared call's arguments, inside the single-threaded-BLAS hold (what no host
+  code around it can avoid);
 - **unprepared**: ``fastgrad.backprop(net, θ, X, y, ("loss", "grad"), "numba")``;
 - **prepared**: ``step(θ, X, y)`` of ``fastgrad.Step(net, compute=("loss", "grad"), backend="numba")``;
 - the two **timelines**: the same work as each public call, re-enacted here from the internals it calls,
@@ -37,34 +38,36 @@ ns = time.perf_counter_ns
 
 
 def kernel_args(step, theta, X, y):
-    """A prepared call of ``step`` and the arguments its compiled driver hands ``fused_backprop`` for the
-    batch's one chunk."""
+    """A prepared call of ``step`` and the arguments it hands its compiled call ``batch_backprop`` (the
+    packs as plain tuples), for a batch of one chunk."""
     inp = step._inputs(theta, X, y)
     call = step._prepared_call(inp.batch_size)
     assert call.chunk == inp.batch_size, "one chunk expected at this size"
-    backward, per_row, squares = call.flags
     return (
+        cpu.NO_CHECK,
         (call.layout, inp.theta, call.w_t),
         (inp.X, inp.labels, inp.targets),
         call.codes,
-        (backward, per_row, squares, False),
+        call.flags,
         call.plan,
         call.scalars,
         call.bufs,
+        call.scratch,
         call.row_out,
         call.sums,
         call.partial,
         call.tasks,
+        call.chunk,
     )
 
 
 def kernel_only(args) -> int:
     with cpu.kernel_blas:
-        before = cpu._set_chunksize(1)
+        before = cpu.driver._set_chunksize(1)
         t0 = ns()
-        cpu.fused_backprop(*args)
+        cpu.batch_backprop(*args)
         t1 = ns()
-        cpu._set_chunksize(before)
+        cpu.driver._set_chunksize(before)
         return t1 - t0
 
 

@@ -11,7 +11,7 @@ edit or upgrade of those recompiles every kernel, once.
 Where the cache lives: the first writable one of
 
 1. ``$NUMBA_CACHE_DIR/<fastgrad's folder>_<hash of its path>/`` when ``NUMBA_CACHE_DIR`` is set;
-2. ``fastgrad/__pycache__/`` next to the modules (Numba's usual place);
+2. ``fastgrad/cpu/__pycache__/`` next to the kernels' module (Numba's usual place);
 3. Numba's user-wide cache folder (``~/.cache/numba/...`` on Linux, ``$XDG_CACHE_HOME``).
 
 This is done by three cache locators, Numba's own with the key as the source stamp, which
@@ -31,6 +31,8 @@ import warnings
 from numba.core import caching, config
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+KERNELS_FILE = os.path.join(PACKAGE_DIR, "cpu", "kernels.py")
+"""The module of the numba backend's kernels: their cache folder is found from its path."""
 SKIPPED = ("tools",)
 """Sub-packages left out of the key: no kernel imports them (the applications)."""
 
@@ -99,9 +101,9 @@ def _probe():  # stands for a kernel: the locators read only its first line numb
 
 
 def cache_dir(py_file: str | None = None) -> str | None:
-    """The folder where the kernels of ``py_file`` (default: ``cpu.py``) are cached, or
+    """The folder where the kernels of ``py_file`` (default: :data:`KERNELS_FILE`) are cached, or
     ``None`` when no candidate is writable."""
-    py_file = py_file or os.path.join(PACKAGE_DIR, "cpu.py")
+    py_file = py_file or KERNELS_FILE
     for cls in LOCATORS:
         locator = cls.from_function(_probe, py_file)
         if locator is not None:
@@ -131,7 +133,7 @@ def configure() -> bool:
     install()
     if cache_dir() is not None:
         return True
-    tried = ", ".join(_candidates(os.path.join(PACKAGE_DIR, "cpu.py")))
+    tried = ", ".join(_candidates(KERNELS_FILE))
     warnings.warn(
         f"fastgrad: no writable folder for Numba's disk cache (tried {tried}); the numba backend "
         "compiles its kernels in every new process (tens of seconds). Set NUMBA_CACHE_DIR to a "

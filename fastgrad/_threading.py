@@ -21,14 +21,27 @@ small call stays fast on a machine shared with other busy processes (docs/benchm
 
 Where TBB is missing and the layer is GNU OpenMP, :func:`check_fork_safe` makes the numba
 backend raise a clear ``RuntimeError`` in such a child instead of letting it abort.
+
+BLAS threads: the numba backend's GEMMs are Numba's ``np.dot`` (SciPy's OpenBLAS) called inside
+``prange``, so BLAS is held to one thread for the duration of a call (:data:`kernel_blas`), and the
+threads come from Numba alone. OpenBLAS partitions a multi-threaded GEMM differently, with other
+bits, so the hold must work from every Python thread: pip's OpenBLAS (pthreads) is set through its
+own ``openblas_set_num_threads``, because threadpoolctl 3.8 ignores a limit set by any thread but
+the first one that set one (:class:`_BLASThreads`); other BLAS libraries go through threadpoolctl.
+The kernels hold only the libraries Numba's GEMMs can call (SciPy's LP64 interface, not NumPy's
+ILP64 OpenBLAS); :data:`single_threaded_blas` holds every one (NumPy's GEMMs on threads). The hold
+is process-wide: BLAS calls of other Python threads run on one thread while a fastgrad call is
+inside the kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib
+import itertools
 import os
 import sys
+import threading
 
 import numba
 
@@ -139,3 +152,114 @@ def describe() -> str:
     running = _launched_layer() or "not started"
     tbb = _tbb_path or "absent"
     return f"numba threading layer: {numba.config.THREADING_LAYER} (running: {running}); tbb: {tbb}"
+
+
+# ------------------------------------------------------------------ BLAS threads
+
+
+class _BLASThreads:
+    """Get and set one BLAS library's thread count, process-wide, from any Python thread.
+
+    OpenBLAS built with pthreads (NumPy's and SciPy's wheels) has one process-wide count, but
+    threadpoolctl (3.8) lets only the first Python thread that set it change it and silently
+    ignores the others: a call from a second thread then ran its GEMMs with OpenBLAS's threads,
+    which partition a GEMM differently, and got other bits (73k of 164k gradient entries on a
+    [32, 700, 200, 5] net). So for that library the count is set through OpenBLAS's own
+    ``openblas_set_num_threads``; other libraries go through threadpoolctl."""
+
+    def __init__(self, lib):
+        self._lib = lib
+        self._get = self._set = None
+        self.ilp64 = False
+        """An OpenBLAS with 64-bit integers (symbols suffixed ``64_``, as NumPy's wheels ship)."""
+        if lib.internal_api == "openblas" and lib.threading_layer != "openmp":
+            dynlib = ctypes.CDLL(lib.filepath)
+            for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
+                get = getattr(dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+                set_ = getattr(dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    self._get, self._set = get, set_
+                    self.ilp64 = "64" in suffix
+                    break
+
+    def get(self) -> int:
+        return int(self._get()) if self._get is not None else self._lib.get_num_threads()
+
+    def set(self, n: int) -> None:
+        if self._set is not None:
+            self._set(int(n))
+        else:
+            self._lib.set_num_threads(n)
+
+
+class _BLASHolds:
+    """The process's BLAS libraries and, per library, how many calls hold it at one thread: a library's
+    setting is saved when its first hold begins and restored when its last one ends, under one lock, so
+    nested and concurrent holds (two Python threads) restore the user's setting exactly once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.inside: dict = {}
+        self.saved: dict = {}
+        self._controllers = None
+
+    def libraries(self) -> list[_BLASThreads]:
+        if self._controllers is None:
+            import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls)
+            from threadpoolctl import ThreadpoolController
+
+            libs = ThreadpoolController().select(user_api="blas").lib_controllers
+            self._controllers = [_BLASThreads(lib) for lib in libs]
+        return self._controllers
+
+
+_blas_holds = _BLASHolds()
+
+
+class _SingleThreadedBLAS:
+    """Holds BLAS libraries to one thread while a call is inside a kernel: every loaded one, or with
+    ``kernels_only`` those Numba's GEMMs can call. ``with single_threaded_blas:`` (or ``...()``).
+
+    Numba's ``np.dot`` calls SciPy's LP64 interface (``int *`` dimensions), never an ILP64 library such
+    as NumPy's own OpenBLAS (symbols suffixed ``64_``), so the kernels' hold leaves that one alone:
+    holding it as well cost two ctypes calls more a call (3 µs on [784, 128, 10] B = 64, 2026-12-04).
+    NumPy's GEMMs run on threads (:mod:`fastgrad.attribution`) need the hold of every library.
+    A library already at one thread is left alone."""
+
+    def __init__(self, kernels_only: bool = False):
+        self._kernels_only = kernels_only
+        self._libs = None
+
+    def _blas(self) -> list[_BLASThreads]:
+        if self._libs is None:
+            libs = _blas_holds.libraries()
+            self._libs = [lib for lib in libs if not lib.ilp64] if self._kernels_only else libs
+        return self._libs
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        holds = _blas_holds
+        with holds.lock:
+            for lib in self._blas():
+                k = holds.inside.get(lib, 0)
+                if k == 0:
+                    n = holds.saved[lib] = lib.get()
+                    if n != 1:
+                        lib.set(1)
+                holds.inside[lib] = k + 1
+        return self
+
+    def __exit__(self, *exc):
+        holds = _blas_holds
+        with holds.lock:
+            for lib in self._blas():
+                k = holds.inside[lib] = holds.inside[lib] - 1
+                if k == 0 and holds.saved[lib] != 1:
+                    lib.set(holds.saved[lib])
+
+
+single_threaded_blas = _SingleThreadedBLAS()
+kernel_blas = _SingleThreadedBLAS(kernels_only=True)
+"""The hold around the Numba kernels: the BLAS libraries their GEMMs call."""

@@ -151,7 +151,7 @@ def _run_tasks(fn, tasks, parallel: bool) -> None:
         return
     import numba
 
-    from .cpu import single_threaded_blas
+    from ._threading import single_threaded_blas
 
     with single_threaded_blas(), ThreadPoolExecutor(max(1, numba.get_num_threads())) as pool:
         for _ in pool.map(fn, tasks):  # re-raises a task's exception

@@ -16,6 +16,7 @@ from problems import make_problem, make_targets
 
 import fastgrad
 from fastgrad import attribution, cpu, reference
+from fastgrad.cpu import config
 
 BACKENDS = ("numpy", "numba")
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -156,7 +157,7 @@ def test_ntk_matches_torch_func_jacobians(activation, dtype):
 def test_numba_factors_over_several_chunks_match_the_reference(dtype, monkeypatch):
     net, theta, X, y = make_problem([5, 40, 30, 3], "tanh", "mse", B=300, dtype=dtype, seed=2)
     inp = fastgrad._validation.check_inputs(net, theta, X, y)
-    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 64 * 8 * (2 * 70 + 73 + 75))  # chunks of 64 rows
+    monkeypatch.setattr(config, "WORKSPACE_BYTES", 64 * 8 * (2 * 70 + 73 + 75))  # chunks of 64 rows
     assert cpu._chunking(net.sizes, inp.dtype, 300)[0] < 300
     deltas, inputs = cpu.layer_factors(net, inp)
     want_deltas, want_inputs = reference.layer_factors(net, inp)

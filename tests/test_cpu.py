@@ -18,6 +18,7 @@ from problems import make_problem
 
 import fastgrad
 from fastgrad import cpu, quantities, reference
+from fastgrad.cpu import config
 from fastgrad._validation import check_inputs
 from fastgrad.activations import ACTIVATIONS
 from fastgrad.losses import LOSSES
@@ -70,9 +71,9 @@ def test_every_quantity_matches_naive_for_every_activation_and_loss(activation, 
         ([1, 1, 1], 5),  # width-1 layers everywhere
         ([6, 1, 5, 2], 7),  # a width-1 bottleneck
         ([4, 2], 3),  # no hidden layer
-        ([13, 37, 11, 9, 5], cpu.TILE + 3),  # odd sizes, a partial last tile
-        ([7, cpu.BLOCK + 22, 3], 2 * cpu.TILE),  # whole tiles; a layer split into phase-2 blocks
-        ([13, 37, 11, 9, 5], 3 * cpu.SMALL_TILE + 5),  # a small batch: smaller tiles, a partial last one
+        ([13, 37, 11, 9, 5], config.TILE + 3),  # odd sizes, a partial last tile
+        ([7, config.BLOCK + 22, 3], 2 * config.TILE),  # whole tiles; a layer split into phase-2 blocks
+        ([13, 37, 11, 9, 5], 3 * config.SMALL_TILE + 5),  # a small batch: smaller tiles, a partial last one
     ],
 )
 def test_shapes_single_sample_width_one_odd_sizes_partial_tile(sizes, B, dtype):
@@ -83,8 +84,8 @@ def test_shapes_single_sample_width_one_odd_sizes_partial_tile(sizes, B, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_batches_longer_than_a_chunk_are_accumulated(monkeypatch, dtype):
     # chunking is a host-side loop; a tiny scratch budget and tile exercise it without a big batch
-    monkeypatch.setattr(cpu, "TILE", 4)
-    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(config, "TILE", 4)
+    monkeypatch.setattr(config, "WORKSPACE_BYTES", 1)
     assert cpu.chunk_rows((4, 6, 3), np.float64) == 4
     check_against_naive([4, 6, 3], "sigmoid", "binary_cross_entropy", B=21, dtype=dtype)
 
@@ -94,7 +95,7 @@ def test_a_tight_workspace_halves_the_tile_and_chunks_the_batch(monkeypatch, dty
     # 70 samples' scratch fit: tiles of 32, chunks of 64 (two tiles), a 300-sample batch in five chunks
     sizes = [13, 37, 11, 9, 5]
     per_row = np.dtype(dtype).itemsize * (2 * (37 + 11 + 9) + (37 + 11 + 9 + 5) + (13 + 37 + 11 + 9))
-    monkeypatch.setattr(cpu, "WORKSPACE_BYTES", 70 * per_row)
+    monkeypatch.setattr(config, "WORKSPACE_BYTES", 70 * per_row)
     assert cpu._chunking(tuple(sizes), dtype, 300) == (64, 32)
     check_against_naive(sizes, "tanh", "cross_entropy", B=300, dtype=dtype)
 
@@ -102,28 +103,28 @@ def test_a_tight_workspace_halves_the_tile_and_chunks_the_batch(monkeypatch, dty
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_mean_gradient_by_phase_two_gemms_matches_too(monkeypatch, dtype):
     # small problems sum the gradient per tile; big ones (tiles × P over PARTIALS_BYTES) by GEMM blocks
-    monkeypatch.setattr(cpu, "PARTIALS_BYTES", 0)
-    check_against_naive([13, 37, 11, 9, 5], "tanh", "cross_entropy", B=cpu.TILE + 3, dtype=dtype)
-    check_against_naive([7, cpu.BLOCK + 22, 3], "gelu", "mse", B=9, dtype=dtype)
+    monkeypatch.setattr(config, "PARTIALS_BYTES", 0)
+    check_against_naive([13, 37, 11, 9, 5], "tanh", "cross_entropy", B=config.TILE + 3, dtype=dtype)
+    check_against_naive([7, config.BLOCK + 22, 3], "gelu", "mse", B=9, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_grad_and_sq_per_tile_with_clipped_sum_by_gemm_blocks(monkeypatch, dtype):
     # a budget for two kinds of per-tile sums: grad and sq_mean per tile, the clipped sum in phase 2
-    sizes, B = [13, 37, 11, 9, 5], cpu.TILE + 3
+    sizes, B = [13, 37, 11, 9, 5], config.TILE + 3
     num_params = fastgrad.MLP(sizes).num_params
-    monkeypatch.setattr(cpu, "PARTIALS_BYTES", 2 * 2 * num_params * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(config, "PARTIALS_BYTES", 2 * 2 * num_params * np.dtype(dtype).itemsize)
     check_against_naive(sizes, "softplus", "cross_entropy", B=B, dtype=dtype)
 
 
-@pytest.mark.parametrize("partials_bytes", [cpu.PARTIALS_BYTES, 0])
+@pytest.mark.parametrize("partials_bytes", [config.PARTIALS_BYTES, 0])
 def test_a_new_sum_in_the_registry_is_made_without_a_kernel_edit(monkeypatch, partials_bytes):
     # the kernel reads operand and source kinds from the plan the host builds from quantities.SUMS,
     # never quantity names: a squared sum that is not divided by B comes out as B × sq_mean
-    monkeypatch.setattr(cpu, "PARTIALS_BYTES", partials_bytes)
+    monkeypatch.setattr(config, "PARTIALS_BYTES", partials_bytes)
     extra = quantities.Sum("sq_sum", quantities.DELTA_SQUARED, quantities.INPUT_SQUARED, False, "Σ (∇ℓ_i)²")
     monkeypatch.setattr(quantities, "SUMS", (*quantities.SUMS, extra))
-    net, theta, X, y = make_problem([13, 37, 11, 9, 5], "tanh", "cross_entropy", B=cpu.TILE + 3)
+    net, theta, X, y = make_problem([13, 37, 11, 9, 5], "tanh", "cross_entropy", B=config.TILE + 3)
     got = cpu.run(net, check_inputs(net, theta, X, y), frozenset({"loss", "sq_mean", "sq_sum"}), None, None)
     np.testing.assert_allclose(got["sq_sum"], got["sq_mean"] * X.shape[0], rtol=1e-12, atol=1e-15)
     assert "grad" not in got
@@ -143,7 +144,7 @@ def test_variance_kernel_is_the_registry_formula(dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_forward_with_w_read_transposed_matches_too(monkeypatch, dtype):
     # small layers are forwarded with a stored Wᵀ; big ones read W transposed: force the latter
-    monkeypatch.setattr(cpu, "SMALL_LAYER", 0)
+    monkeypatch.setattr(config, "SMALL_LAYER", 0)
     check_against_naive([5, 7, 6, 3], "relu", "cross_entropy", B=9, dtype=dtype)
 
 
@@ -276,20 +277,20 @@ def test_very_wide_networks_keep_to_the_workspace_budget_in_chunks_of_two_tiles(
     sizes = (20_000, 20_000, 10)  # 400 kB of scratch per float32 sample: 83 samples fit in 32 MiB
     chunk, tile = cpu._chunking(sizes, np.float32, 4096)
     per_row = 4 * (2 * 20_000 + 20_010 + 40_000)
-    assert (chunk, tile) == (64, 32) and chunk * per_row <= cpu.WORKSPACE_BYTES
+    assert (chunk, tile) == (64, 32) and chunk * per_row <= config.WORKSPACE_BYTES
 
 
 def test_small_batches_are_cut_into_smaller_tiles_by_batch_size_alone():
     batches = (1, 63, 64, 127, 128, 255, 256, 511, 512, 10_000)
     assert [cpu.tile_rows(B) for B in batches] == [32, 32, 32, 32, 64, 64, 128, 128, 256, 256]
-    assert cpu.TILE % cpu.SMALL_TILE == 0  # a chunk of whole TILE tiles is whole tiles of any size
+    assert config.TILE % config.SMALL_TILE == 0  # a chunk of whole TILE tiles is whole tiles of any size
 
 
-@pytest.mark.parametrize("partials_bytes", [cpu.PARTIALS_BYTES, 0])
+@pytest.mark.parametrize("partials_bytes", [config.PARTIALS_BYTES, 0])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("batch", [5 * cpu.TILE + 7, 3 * cpu.SMALL_TILE + 5])  # tiles of TILE; of SMALL_TILE
+@pytest.mark.parametrize("batch", [5 * config.TILE + 7, 3 * config.SMALL_TILE + 5])  # TILE; SMALL_TILE
 def test_bit_identical_across_calls_and_thread_counts(dtype, partials_bytes, batch, monkeypatch):
-    monkeypatch.setattr(cpu, "PARTIALS_BYTES", partials_bytes)
+    monkeypatch.setattr(config, "PARTIALS_BYTES", partials_bytes)
     # enough samples for several tiles and weight rows for several phase-2 blocks
     net, theta, X, y = make_problem([20, 70, 33, 4], "tanh", "cross_entropy", B=batch, dtype=dtype)
     first = _all_quantities(net, theta, X, y)
@@ -350,7 +351,7 @@ def _blas_threads() -> dict:
 def test_kernel_blas_hold_sets_only_the_lp64_libraries_numba_calls():
     from threadpoolctl import threadpool_limits
 
-    from fastgrad.cpu import _blas_holds, kernel_blas, single_threaded_blas
+    from fastgrad._threading import _blas_holds, kernel_blas, single_threaded_blas
 
     libs = _blas_holds.libraries()
     ilp64 = {lib._lib.filepath for lib in libs if lib.ilp64}

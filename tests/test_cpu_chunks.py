@@ -11,13 +11,14 @@ import pytest
 
 import fastgrad
 from fastgrad import cpu
+from fastgrad.cpu import config
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sums_over_a_batch_longer_than_a_chunk_match_the_reference(dtype):
     net = fastgrad.MLP([5, 7, 3], activation="tanh", loss="cross_entropy")
     chunk = cpu.chunk_rows(net.sizes, dtype)
-    B = 2 * chunk - cpu.TILE - 5  # two chunks: the second has fewer tiles than the first (asserted below)
+    B = 2 * chunk - config.TILE - 5  # two chunks: the second has fewer tiles than the first (asserted below)
     rng = np.random.default_rng(0)
     theta = net.init(seed=0, dtype=dtype)
     X = rng.standard_normal((B, 5)).astype(dtype)

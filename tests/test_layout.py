@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fastgrad"
 COMMAND = {"__main__.py"}  # python -m fastgrad: the command, an application
 CORE = [p for p in PACKAGE.rglob("*.py") if "tools" not in p.parts and p.name not in COMMAND]
-BACKENDS = [PACKAGE / "cpu.py", *sorted((PACKAGE / "cuda").glob("*.py"))]
+BACKENDS = [*sorted((PACKAGE / "cpu").glob("*.py")), *sorted((PACKAGE / "cuda").glob("*.py"))]
 TOOLS = sorted((PACKAGE / "tools").glob("*.py"))
 
 
