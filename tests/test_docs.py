@@ -18,7 +18,6 @@ DESIGN = ROOT / "docs" / "design.md"
 SECTION = "\u00a7"  # the section sign, spelled out so this file does not cite anything itself
 
 
-
 def repo_files() -> list[Path]:
     """The repository's text files: the package, tests, benchmarks, docs and the top-level files."""
     files = [ROOT / name for name in ("README.md", "pyproject.toml", "asv.conf.json", ".ci/run")]
