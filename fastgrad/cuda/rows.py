@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..losses import output_delta_row
 from ..quantities import add_square, clip_factor, layer_norm, scaled_norm, variance_from_moments
 from .config import ROW_THREADS, SUM_X, SUM_Y, WRITE_THREADS, cdiv, cuda, kernel, mat, nbt, vec
@@ -128,6 +130,20 @@ def variance_kernel(F):
     return variance
 
 
+@kernel(lambda F: (mat(F), vec(F), vec(nbt.float64)))
+def row_dot_kernel(F):
+    def row_dot(M, v, out):
+        # M (B, P), v (P,) -> out (B,): M_i · v, one thread per row, summed in float64 in order
+        i = cuda.grid(1)
+        if i < M.shape[0]:
+            s = 0.0
+            for k in range(M.shape[1]):
+                s += float(M[i, k]) * float(v[k])
+            out[i] = s
+
+    return row_dot
+
+
 @kernel(lambda F: (vec(F), vec(F), F, F, vec(F)))
 def noised_mean_kernel(F):
     def noised_mean(total, noise, sigma_c, inv_b, out):
@@ -223,12 +239,19 @@ def outer_into(*, delta, inputs, out, layer) -> None:
     )
 
 
-def variance(*, sq_mean, grad):
-    """The population variance (P,) from the second moment and the mean gradient, on the device."""
+def variance_into(grad, sq_mean, out) -> None:
+    """The population variance (P,) into ``out`` from the mean gradient and the second moment, on the
+    device: the registry's ``made_in_pass`` of the CUDA backend for it (needs (grad, sq_mean), then out)."""
     P = grad.shape[0]
-    var = cuda.device_array(P, dtype=grad.dtype)
-    variance_kernel.launch(grad.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, sq_mean, grad, var)
-    return var
+    variance_kernel.launch(grad.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, sq_mean, grad, out)
+
+
+def row_dot(M, v):
+    """M_i · v of each row (B,) float64, M (B, P) and v (P,) on the device."""
+    B = M.shape[0]
+    out = cuda.device_array(B, dtype=np.float64)
+    row_dot_kernel.launch(M.dtype, cdiv(B, ROW_THREADS), ROW_THREADS, M, v, out)
+    return out
 
 
 def noised_mean(*, total, noise, noise_std: float, batch: int):
