@@ -29,6 +29,7 @@ only, so that it works element-wise on arrays as well as on scalars).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable, Iterable
@@ -417,10 +418,10 @@ def finish(want: Iterable[str], raw: dict, batch_size: int, xp: HostArrays = HOS
     return out
 
 
-def made_in_pass(backend: str, need: Iterable[str]) -> tuple[tuple[Derived, Callable], ...]:
+@functools.lru_cache(maxsize=256)
+def made_in_pass(backend: str, need: frozenset[str]) -> tuple[tuple[Derived, Callable], ...]:
     """The derived quantities of ``need`` that ``backend`` makes in a sweep of its own (registry
-    order), each with the function that makes it (see :class:`Derived`)."""
-    need = frozenset(need)
+    order), each with the function that makes it (see :class:`Derived`); cached per request."""
     out = []
     for q in REGISTRY.values():
         if isinstance(q, Derived) and q.name in need:
