@@ -35,7 +35,7 @@ import numpy as np
 from .. import _validation
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
-from ..quantities import SUMS, check_clip_norms, dp_noise, made_in_pass, needs_norms, sums_to_make
+from ..quantities import HOST, SUMS, check_clip_norms, dp_noise, made_in_pass, needs_norms, sums_to_make
 from . import config, fused, gemm, rows
 from .config import (
     FUSED_MAX_WIDTH,
@@ -449,15 +449,21 @@ def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path:
 
 
 class DeviceArrays:
-    """The array module of device results (numba-cuda arrays), with :class:`fastgrad.quantities.HostArrays`'
-    names, for the registry's ``finish`` of a derived quantity. ``map`` runs the element-wise NumPy
-    function on host copies of the device arrays (a derived quantity that must stay on the GPU
-    declares a kernel in the registry's ``made_in_pass`` instead); ``row_dot`` is a kernel."""
+    """The array module of device results (numba-cuda arrays) for the registry's ``finish`` of a
+    derived quantity: :class:`fastgrad.quantities.HostArrays`' operations, on the device where this
+    class has its own (``zeros_like``, ``to_host``, ``row_dot``: a kernel); any other (``map``, or one
+    a new quantity adds to ``HostArrays``) runs on host copies of the device arrays and returns a
+    device array, so a derived quantity needs no code here to work. One that must stay on the GPU
+    gets a kernel here, or declares one in the registry's ``made_in_pass``."""
 
-    @staticmethod
-    def map(f, *args):
-        host = [a.copy_to_host() if is_device_array(a) else a for a in args]
-        return cuda.to_device(np.ascontiguousarray(f(*host)))
+    def __getattr__(self, name: str):
+        host_op = getattr(HOST, name)
+
+        def on_host_copies(*args):
+            out = host_op(*(a.copy_to_host() if is_device_array(a) else a for a in args))
+            return cuda.to_device(np.ascontiguousarray(out)) if isinstance(out, np.ndarray) else out
+
+        return on_host_copies
 
     @staticmethod
     def zeros_like(a):

@@ -16,7 +16,7 @@ import fastgrad
 from fastgrad import cuda as fc
 from fastgrad import reference
 from fastgrad._validation import check_inputs
-from fastgrad.quantities import RAW, REGISTRY, finish, needed
+from fastgrad.quantities import HOST, RAW, REGISTRY, finish, needed
 
 cuda = fc.cuda
 SIM = fc.SIMULATOR
@@ -299,3 +299,16 @@ def test_derived_quantities_of_device_results_are_finished_by_the_registry(dtype
     np.testing.assert_allclose(cos, want.grad_cosine, rtol=0, atol=tol)
     one = backprop_on_device(net, theta_d, cuda.to_device(X[:1]), cuda.to_device(y[:1]), ("variance",))
     assert not one["variance"].copy_to_host().any()
+
+
+def test_device_arrays_have_the_host_operations():
+    # its own (row_dot: a kernel, summed in float64 as the host's einsum) and, for the rest, the host's
+    # operation on host copies, returned on the device
+    rng = np.random.default_rng(3)
+    M, v = rng.standard_normal((5, 7)), rng.standard_normal(7)
+    got = fc.ARRAYS.row_dot(cuda.to_device(M), cuda.to_device(v))
+    assert fc.is_device_array(got)
+    np.testing.assert_allclose(got.copy_to_host(), HOST.row_dot(M, v), rtol=1e-15)
+    neg = fc.ARRAYS.map(np.negative, cuda.to_device(v))
+    assert fc.is_device_array(neg)
+    np.testing.assert_array_equal(neg.copy_to_host(), -v)
