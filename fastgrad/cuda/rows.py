@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ..losses import output_delta_row
 from ..quantities import add_square, clip_factor, layer_norm, scaled_norm, variance_from_moments
 from .config import ROW_THREADS, SUM_X, SUM_Y, WRITE_THREADS, cdiv, cuda, kernel, mat, nbt, vec
@@ -130,16 +128,25 @@ def variance_kernel(F):
     return variance
 
 
-@kernel(lambda F: (mat(F), vec(F), vec(nbt.float64)))
+@kernel(lambda F: (mat(F), vec(F), vec(F)))
 def row_dot_kernel(F):
+    zero = F(0.0)
+
     def row_dot(M, v, out):
-        # M (B, P), v (P,) -> out (B,): M_i · v, one thread per row, summed in float64 in order
+        # M (B, P), v (P,) -> out (B,): M_i · v, one thread per row, in order, in F with Neumaier's
+        # compensation (float32 kernels keep to float32; the error does not grow with P)
         i = cuda.grid(1)
         if i < M.shape[0]:
-            s = 0.0
+            s, c = zero, zero
             for k in range(M.shape[1]):
-                s += float(M[i, k]) * float(v[k])
-            out[i] = s
+                x = M[i, k] * v[k]
+                t = s + x
+                if abs(s) >= abs(x):
+                    c += (s - t) + x
+                else:
+                    c += (x - t) + s
+                s = t
+            out[i] = s + c
 
     return row_dot
 
@@ -247,9 +254,9 @@ def variance_into(grad, sq_mean, out) -> None:
 
 
 def row_dot(M, v):
-    """M_i · v of each row (B,) float64, M (B, P) and v (P,) on the device."""
+    """M_i · v of each row (B,), M (B, P) and v (P,) on the device, in their dtype (compensated)."""
     B = M.shape[0]
-    out = cuda.device_array(B, dtype=np.float64)
+    out = cuda.device_array(B, dtype=M.dtype)
     row_dot_kernel.launch(M.dtype, cdiv(B, ROW_THREADS), ROW_THREADS, M, v, out)
     return out
 

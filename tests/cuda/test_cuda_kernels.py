@@ -302,13 +302,15 @@ def test_derived_quantities_of_device_results_are_finished_by_the_registry(dtype
 
 
 def test_device_arrays_have_the_host_operations():
-    # its own (row_dot: a kernel, summed in float64 as the host's einsum) and, for the rest, the host's
-    # operation on host copies, returned on the device
+    # its own (row_dot: a compensated kernel in θ's dtype) and, for the rest, the host's operation on
+    # host copies, returned on the device
     rng = np.random.default_rng(3)
-    M, v = rng.standard_normal((5, 7)), rng.standard_normal(7)
-    got = fc.ARRAYS.row_dot(cuda.to_device(M), cuda.to_device(v))
-    assert fc.is_device_array(got)
-    np.testing.assert_allclose(got.copy_to_host(), HOST.row_dot(M, v), rtol=1e-15)
+    M, v = rng.standard_normal((5, 300)), rng.standard_normal(300)
+    for dt, tol in ((np.float32, 2e-7), (np.float64, 1e-15)):
+        got = fc.ARRAYS.row_dot(cuda.to_device(M.astype(dt)), cuda.to_device(v.astype(dt)))
+        assert fc.is_device_array(got) and got.dtype == dt
+        want = HOST.row_dot(M.astype(dt), v.astype(dt))  # float64 sums of the same products
+        np.testing.assert_allclose(got.copy_to_host(), want, rtol=0, atol=tol * (np.abs(M) @ np.abs(v)).max())
     neg = fc.ARRAYS.map(np.negative, cuda.to_device(v))
     assert fc.is_device_array(neg)
     np.testing.assert_array_equal(neg.copy_to_host(), -v)
