@@ -192,3 +192,20 @@ def test_cosine_is_clamped_and_zero_at_a_zero_norm():
     norm = np.array([1.0, 1.0, 0.0, 2.0], dtype=np.float32)
     np.testing.assert_array_equal(quantities.cosine(dot, norm, 2.0), np.array([1, -1, 0, 0.25], np.float32))
     assert quantities.cosine(dot, norm, 2.0).dtype == np.float32
+
+
+def test_made_in_pass_gives_a_backend_the_sweeps_its_registry_entries_declare():
+    from fastgrad import cpu
+
+    ((q, make),) = quantities.made_in_pass("numba", frozenset({"loss", "grad", "sq_mean", "variance"}))
+    assert q is REGISTRY["variance"] and make is cpu.variance_into
+    assert quantities.made_in_pass("numba", frozenset({"grad", "noise_scale"})) == ()
+    assert quantities.made_in_pass("numpy", frozenset({"variance"})) == ()
+    for entry in REGISTRY.values():
+        for backend, path in getattr(entry, "made_in_pass", ()):
+            assert backend in fastgrad.api.BACKENDS and ":" in path, entry.name
+    # the convention f(*needs, out), on the numba backend's sweep
+    g, sq = np.array([1.0, 2.0, 0.5]), np.array([2.0, 4.0, 0.2])
+    out = np.empty(3)
+    make(*(dict(grad=g, sq_mean=sq)[n] for n in q.needs), out)
+    np.testing.assert_array_equal(out, quantities.variance_from_moments(sq, g))
