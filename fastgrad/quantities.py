@@ -400,7 +400,7 @@ def needed(want: Iterable[str], clipping: bool = False) -> frozenset[str]:
         q = REGISTRY[name]
         if isinstance(q, Derived):
             need.update(q.needs)
-            need.add(name)  # a backend may make it in its own pass (see Derived.finish)
+            need.add(name)  # a backend may make it in its own sweep (see Derived.made_in_pass)
         else:
             need.add(name)
     if clipping:
