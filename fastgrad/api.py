@@ -29,7 +29,7 @@ from ._validation import (
 )
 from .mlp import MLP
 from .privacy import check_seed
-from .quantities import QUANTITIES, REGISTRY, check_clip_norms, dp_noise, finish, needed, noised_mean
+from .quantities import HOST, QUANTITIES, REGISTRY, check_clip_norms, dp_noise, finish, needed, noised_mean
 
 
 def _result_doc() -> str:
@@ -228,8 +228,8 @@ def backprop(
         (B, n_L) for ``mse``, ``binary_cross_entropy`` (in [0, 1]) and ``linear``
         ((B,) is accepted when n_L = 1).
     compute : sequence of str
-        Any of ``loss``, ``grad``, ``per_sample``, ``norms``, ``layer_norms``,
-        ``sq_mean``, ``variance``, ``noise_scale``.
+        Any of :data:`fastgrad.QUANTITIES` (each one's shape and meaning: the fields of
+        :class:`BackpropResult`).
     backend : str
         ``"auto"`` (the default: ``"cuda"`` for GPU arrays, else ``"numba"`` where Numba is
         installed, else ``"numpy"``; see :data:`HOST_PREFERENCE`), ``"naive"`` (the per-sample
@@ -264,16 +264,17 @@ def backprop(
     if out is not None and "per_sample" not in want:
         raise ValueError("out: given, but 'per_sample' is not in compute")
     if _on_device(backend, theta, X, y, out):  # validated on the GPU, results stay there
-        raw = _backend_module(backend).backprop_device(net, theta, X, y, needed(want), out)
-        batch_size = X.shape[0]
+        module = _backend_module(backend)
+        raw = module.backprop_device(net, theta, X, y, needed(want), out)
+        batch_size, xp = X.shape[0], module.ARRAYS
     else:
         inp = check_inputs(net, theta, X, y)
         out = check_out(out, (inp.batch_size, net.num_params), inp.dtype, {"theta": theta, "X": X, "y": y})
-        if "per_sample" in want and out is None:
+        if "per_sample" in needed(want) and out is None:  # asked for, or read by a derived quantity
             check_per_sample_fits(inp.batch_size, net.num_params, inp.dtype)
         raw = run(net, inp, needed(want), None, out, **_workspace_kw(backend, workspace))
-        batch_size = inp.batch_size
-    values = finish(want - {"loss"}, raw, batch_size)
+        batch_size, xp = inp.batch_size, HOST
+    values = finish(want - {"loss"}, raw, batch_size, xp)
     return BackpropResult(loss=float(raw["loss"]), **values)
 
 

@@ -88,19 +88,28 @@ def _sum_of_squares(rows: np.ndarray) -> float:
     return float(np.sum(np.square(rows, dtype=np.float64)))
 
 
-def _noise_scale(raw: dict, row_sums: dict, n: int) -> float:
-    # quantities.noise_scale over the whole dataset, from the chunks' Σ‖∇ℓ_i‖² instead of the
-    # norms themselves (which may not fit in memory)
-    return quantities.noise_scale_from_sums(raw["grad"], row_sums["norms"], n)
-
-
 ROW_SUMS: dict[str, Callable[[np.ndarray], float]] = {"norms": _sum_of_squares}
-"""Per-sample map -> the sum over its rows that a derived quantity reads (float64)."""
+"""Per-sample map -> the sum over its rows that a derived quantity's ``from_sums`` reads (float64):
+the dataset's value from the chunks' sums, where the map itself may not fit in memory."""
 
-FROM_ROW_SUMS: dict[str, Callable[[dict, dict, int], object]] = {"noise_scale": _noise_scale}
-"""The derived quantities that read a per-sample map, finished from :data:`ROW_SUMS` instead:
-``f(raw, row_sums, N)``. Every other derived quantity is ``quantities.finish``'s, from sums.
-A new derived quantity that reads a per-sample map needs an entry here (a test checks)."""
+
+def _over_chunks(q) -> bool:
+    return not (isinstance(q, Derived) and q.from_sums is None and set(q.needs) & set(MAPS))
+
+
+QUANTITIES: tuple[str, ...] = tuple(n for n in quantities.QUANTITIES if _over_chunks(REGISTRY[n]))
+"""The names ``compute`` takes here: every one of :data:`fastgrad.QUANTITIES` but a derived quantity that
+reads a per-sample map and has no form from sums (``Derived.from_sums``), as each sample's row would be
+needed against the whole dataset's sums."""
+
+
+def _check_over_chunks(want: frozenset) -> None:
+    for name in want:
+        if name not in QUANTITIES:
+            raise ValueError(
+                f"compute: {name!r} is not available over chunks (it reads every sample's row against "
+                f"sums over the whole dataset); compute it per batch with fastgrad.backprop"
+            )
 
 
 # --------------------------------------------------------------- validation
@@ -283,8 +292,9 @@ def _finish(want: frozenset, total: dict, n: int, dtype: np.dtype) -> dict:
         if isinstance(q, Sum):
             raw[name] = ((value / n) if q.mean else value).astype(dtype)
     for name in want:
-        if name in FROM_ROW_SUMS:
-            raw[name] = FROM_ROW_SUMS[name](raw, row_sums, n)
+        q = REGISTRY[name]
+        if isinstance(q, Derived) and q.from_sums is not None:
+            raw[name] = q.from_sums(raw, row_sums, n)
     scalars = want - set(MAPS)
     out = quantities.finish(scalars - {"loss"}, raw, n)
     out["loss"] = float(raw["loss"])
@@ -371,6 +381,7 @@ def delayed_backprop(
     each chunk once. Arguments as for :func:`backprop`.
     """
     want = check_compute(compute)
+    _check_over_chunks(want)
     p = _check(net, theta, X, y, backend)
     maps = frozenset(want & set(MAPS))
     tasks = _chunk_tasks(p, _raw_need(want, False), maps)
@@ -404,7 +415,7 @@ def backprop(
         Labels (N,) or targets (N, n_L) as for :func:`fastgrad.backprop`; a Dask array must
         have X's row chunks, a NumPy one is split like X.
     compute : sequence of str
-        Any of :data:`fastgrad.QUANTITIES`.
+        Any of :data:`QUANTITIES` (all of :data:`fastgrad.QUANTITIES` that have a form over chunks).
     backend : str
         The backend each chunk runs on its worker (``"numba"`` by default).
     scheduler : str or distributed.Client, optional
@@ -423,10 +434,13 @@ def backprop(
     Raises
     ------
     TypeError, ValueError
-        For bad arguments or chunks, before any task runs; from a task, the check that
-        failed on one chunk (NaN, a label out of range) with that chunk's rows.
+        For bad arguments or chunks, before any task runs (a ``ValueError`` for a derived
+        quantity that reads each sample's row against the whole dataset's sums and so has no
+        form over chunks: its registry entry has no ``from_sums``); from a task, the check
+        that failed on one chunk (NaN, a label out of range) with that chunk's rows.
     """
     want = check_compute(compute)
+    _check_over_chunks(want)
     p = _check(net, theta, X, y, backend)
     maps = frozenset(want & set(MAPS))
     if want - maps:  # the sums: one pass that makes no per-sample rows it need not keep
@@ -772,8 +786,8 @@ def compare_shortcut(
 
 
 __all__ = [
-    "FROM_ROW_SUMS",
     "MAPS",
+    "QUANTITIES",
     "ROW_SUMS",
     "NpyRows",
     "backprop",

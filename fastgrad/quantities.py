@@ -10,8 +10,10 @@ a_{l-1,i} (rows of A_{l-1}, B × n_{l-1}). Each *raw* quantity is one of:
 - a **per-sample map** (:class:`PerSample`): one row per sample (the loss, the
   norms from Goodfellow's per-row terms, the per-sample gradient rows).
 
-A *derived* quantity (:class:`Derived`) is a function of raw ones, finished on the
-host by :func:`finish`, so no backend can disagree about it.
+A *derived* quantity (:class:`Derived`) is a function of raw ones, finished by
+:func:`finish` with the array module of the raw results (:data:`HOST` for NumPy arrays, the
+CUDA backend's ``ARRAYS`` for device arrays), so no backend can disagree about it. A backend
+that makes one in its own compiled pass says so here (``Derived.made_in_pass``), not in its code.
 
 Backends read only the operand and source kinds (:data:`DELTA`, :data:`DELTA_SQUARED`,
 :data:`CLIPPED_DELTA`; :data:`INPUT`, :data:`INPUT_SQUARED`), never quantity names
@@ -27,6 +29,8 @@ only, so that it works element-wise on arrays as well as on scalars).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -221,42 +225,98 @@ class PerSample:
     public: bool = True
 
 
+class HostArrays:
+    """The array module of host results, as a :class:`Derived` quantity's ``finish`` uses it (:data:`HOST`).
+
+    A finish reaches its arrays only through these few operations, so that the same definition
+    serves device arrays with the device's module (``fastgrad.cuda.ARRAYS``, the same names).
+    """
+
+    @staticmethod
+    def map(f: Callable, *args):
+        """``f(*args)``: f is element-wise, written with NumPy operations (scalars pass through)."""
+        return f(*args)
+
+    @staticmethod
+    def zeros_like(a: np.ndarray) -> np.ndarray:
+        return np.zeros_like(a)
+
+    @staticmethod
+    def to_host(a) -> np.ndarray:
+        """``a`` as a NumPy array (the array itself on the host)."""
+        return np.asarray(a)
+
+    @staticmethod
+    def row_dot(M: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """M_i · v of each row (B,), M (B, P), v (P,), summed in float64 (no BLAS: thread-count-free bits)."""
+        return np.einsum("ij,j->i", M, v, dtype=np.float64)
+
+
+HOST = HostArrays()
+"""The array module of NumPy results: what :func:`finish` uses unless told otherwise."""
+
+
 @dataclass(frozen=True)
 class Derived:
-    """A quantity computed from raw ones by ``finish(raw, batch_size)`` on the host (raw: name -> array)."""
+    """A quantity computed from raw ones by ``finish(raw, batch_size, xp)`` (raw: name -> array; xp:
+    the raw arrays' module, :class:`HostArrays` or the device's). ``raw`` may already hold the
+    quantity itself (made by a backend's pass, or the naive reference's own definition): finish
+    then takes it.
+
+    ``made_in_pass``: (backend, "module:function") pairs for the backends that make the quantity
+    in a compiled sweep of their own; the function fills ``out`` (the shape of ``needs[0]``) from
+    the needs, ``f(*[raw[n] for n in needs], out)``, and the backend calls it for every entry
+    :func:`made_in_pass` gives it, never by name.
+    """
 
     name: str
     needs: tuple[str, ...]
-    finish: Callable[[dict, int], object]
+    finish: Callable[[dict, int, HostArrays], object]
     shape: str
     doc: str
     public: bool = True
+    made_in_pass: tuple[tuple[str, str], ...] = ()
+    from_sums: Callable[[dict, dict, int], object] | None = None
+    """Its value over a dataset split into row chunks (``fastgrad.dask``) from sums alone,
+    ``f(raw, squares, n)``: raw the dataset's raw sums, squares[m] = Σ_i ‖m_i‖² (float64) of each
+    per-sample map m among its needs. None: from ``finish``, which a quantity that reads a
+    per-sample map cannot be over chunks."""
 
 
-def _variance(raw: dict, batch_size: int) -> np.ndarray:
-    if "variance" in raw:  # a backend that made it from the moments in its own compiled pass
+def _variance(raw: dict, batch_size: int, xp: HostArrays) -> np.ndarray:
+    if "variance" in raw:  # made from the moments in a backend's own compiled sweep
         var = raw["variance"]
     else:
-        var = variance_from_moments(raw["sq_mean"], raw["grad"])
+        var = xp.map(variance_from_moments, raw["sq_mean"], raw["grad"])
     if batch_size == 1:  # one sample has no variance; sq_mean − grad² would be a rounding error (1.5e-8 seen)
-        var = _zeros_like(var)
+        var = xp.zeros_like(var)
     return var
 
 
-def _zeros_like(a):
-    """Zeros of ``a``'s shape and dtype, on the host for a host array, on the GPU for a device array."""
-    zeros = np.zeros(a.shape, dtype=a.dtype)
-    if isinstance(a, np.ndarray):
-        return zeros
-    from numba import cuda  # a device array of the CUDA backend
-
-    return cuda.to_device(zeros)
-
-
-def _noise_scale(raw: dict, batch_size: int) -> float:
+def _noise_scale(raw: dict, batch_size: int, xp: HostArrays) -> float:
     if "noise_scale" in raw:
         return float(raw["noise_scale"])
-    return noise_scale(raw["grad"], raw["norms"])
+    return noise_scale(xp.to_host(raw["grad"]), xp.to_host(raw["norms"]))  # P + B numbers
+
+
+def _noise_scale_from_sums(raw: dict, squares: dict, n: int) -> float:
+    return noise_scale_from_sums(raw["grad"], squares["norms"], n)
+
+
+def cosine(dot: np.ndarray, norm: np.ndarray, other_norm: float) -> np.ndarray:
+    """dot / (norm · other_norm) in float64, clamped to [−1, 1] (the norms and the dot come from different
+    sums), 0 where the product of the norms is 0; in ``norm``'s dtype."""
+    den = norm.astype(np.float64) * np.float64(other_norm)
+    c = np.divide(dot, den, out=np.zeros(den.shape), where=den > 0)
+    return np.clip(c, -1.0, 1.0).astype(norm.dtype)
+
+
+def _grad_cosine(raw: dict, batch_size: int, xp: HostArrays) -> np.ndarray:
+    if "grad_cosine" in raw:
+        return raw["grad_cosine"]
+    g = raw["grad"]
+    g_norm = math.sqrt(float(np.sum(np.square(xp.to_host(g), dtype=np.float64))))
+    return xp.map(cosine, xp.row_dot(raw["per_sample"], g), raw["norms"], g_norm)
 
 
 REGISTRY: dict[str, Sum | PerSample | Derived] = {
@@ -274,6 +334,10 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
             _variance,
             "(P,)",
             "sq_mean − grad², the population variance (clamped at 0 against rounding; exactly 0 for B = 1).",
+            made_in_pass=(
+                ("numba", "fastgrad.cpu:variance_into"),
+                ("cuda", "fastgrad.cuda.rows:variance_into"),
+            ),
         ),
         Derived(
             "noise_scale",
@@ -281,6 +345,14 @@ REGISTRY: dict[str, Sum | PerSample | Derived] = {
             _noise_scale,
             "scalar",
             "Simple gradient noise scale B_simple = tr(Σ) / ‖grad‖² (≥ 0; 0 for B = 1; inf when grad = 0).",
+            from_sums=_noise_scale_from_sums,
+        ),
+        Derived(
+            "grad_cosine",
+            ("per_sample", "grad", "norms"),
+            _grad_cosine,
+            "(B,)",
+            "∇ℓ_i · grad / (‖∇ℓ_i‖ ‖grad‖): each sample's cosine with the mean gradient (0 at a zero norm).",
         ),
         Sum(
             "clipped_sum",
@@ -328,7 +400,7 @@ def needed(want: Iterable[str], clipping: bool = False) -> frozenset[str]:
         q = REGISTRY[name]
         if isinstance(q, Derived):
             need.update(q.needs)
-            need.add(name)  # a backend may make it in its own pass (see Derived.finish)
+            need.add(name)  # a backend may make it in its own sweep (see Derived.made_in_pass)
         else:
             need.add(name)
     if clipping:
@@ -336,20 +408,35 @@ def needed(want: Iterable[str], clipping: bool = False) -> frozenset[str]:
     return frozenset(need)
 
 
-def finish(want: Iterable[str], raw: dict, batch_size: int) -> dict:
+def finish(want: Iterable[str], raw: dict, batch_size: int, xp: HostArrays = HOST) -> dict:
     """The values of ``want`` from a backend's ``raw`` results for a batch of ``batch_size``
-    samples: raw ones as they are, derived ones by their ``finish``."""
+    samples: raw ones as they are, derived ones by their ``finish`` with ``raw``'s array module ``xp``."""
     out = {}
     for name in want:
         q = REGISTRY[name]
-        out[name] = q.finish(raw, batch_size) if isinstance(q, Derived) else raw[name]
+        out[name] = q.finish(raw, batch_size, xp) if isinstance(q, Derived) else raw[name]
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def made_in_pass(backend: str, need: frozenset[str]) -> tuple[tuple[Derived, Callable], ...]:
+    """The derived quantities of ``need`` that ``backend`` makes in a sweep of its own (registry
+    order), each with the function that makes it (see :class:`Derived`); cached per request."""
+    out = []
+    for q in REGISTRY.values():
+        if isinstance(q, Derived) and q.name in need:
+            for name, path in q.made_in_pass:
+                if name == backend:
+                    module, func = path.split(":")
+                    out.append((q, getattr(importlib.import_module(module), func)))
+    return tuple(out)
 
 
 __all__ = [
     "CLIPPED_DELTA",
     "DELTA",
     "DELTA_SQUARED",
+    "HOST",
     "INPUT",
     "INPUT_SQUARED",
     "OPERANDS",
@@ -360,15 +447,18 @@ __all__ = [
     "SOURCES",
     "SUMS",
     "Derived",
+    "HostArrays",
     "PerSample",
     "Sum",
     "add_square",
     "check_clip_norms",
     "clip_factor",
+    "cosine",
     "dp_noise",
     "finish",
     "layer_norm",
     "layer_norm_sq",
+    "made_in_pass",
     "needed",
     "needs_norms",
     "noise_scale",

@@ -13,6 +13,9 @@ independently of the scalar code the compiled targets share, on purpose.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import numpy as np
 
 from ._validation import Inputs, check_inputs
@@ -152,13 +155,6 @@ def clip_factors(norms: np.ndarray, max_norm: float) -> np.ndarray:
     return c
 
 
-def _naive_noise_scale(res: dict) -> float:
-    # B_simple = tr(Σ) / ‖G‖², with tr(Σ) the sum of the per-parameter variances
-    grad_sq = float((res["grad"].astype(np.float64) ** 2).sum())
-    trace = float(res["variance"].sum(dtype=np.float64))
-    return trace / grad_sq if grad_sq > 0 else np.inf
-
-
 def _sum_squares(M: np.ndarray) -> np.ndarray:
     """Σ_k M[i, k]² of each row (B,), accumulated in float64."""
     return np.einsum("ij,ij->i", M, M, dtype=np.float64)
@@ -182,26 +178,53 @@ def row_blocks(batch: int, num_params: int, dtype) -> list[tuple[int, int]]:
     return [(r0, min(batch, r0 + rows)) for r0 in range(0, batch, rows)]
 
 
+def _naive_noise_scale(res: dict) -> float:
+    # B_simple = tr(Σ) / ‖G‖², with tr(Σ) the sum of the per-parameter variances
+    grad_sq = float((res["grad"].astype(np.float64) ** 2).sum())
+    trace = float(res["variance"].sum(dtype=np.float64))
+    return trace / grad_sq if grad_sq > 0 else np.inf
+
+
+def _naive_cosine(Gb: np.ndarray, res: dict) -> np.ndarray:
+    # cos_i = g_i · ḡ / (‖g_i‖ ‖ḡ‖) of each row, in float64 from the rows themselves; 0 where a norm is 0
+    G, g = Gb.astype(np.float64), res["grad"].astype(np.float64)
+    dots = np.einsum("ij,j->i", G, g)
+    den = np.sqrt(np.einsum("ij,ij->i", G, G)) * np.sqrt(g @ g)
+    cos = np.zeros(G.shape[0])
+    np.divide(dots, den, out=cos, where=den > 0)
+    return cos.astype(Gb.dtype)
+
+
+class Naive(NamedTuple):
+    """The naive definition of one quantity: its kind, the function and the quantities it reads."""
+
+    kind: str
+    f: Callable
+    reads: tuple[str, ...] = ()
+
+
 # The definition of every quantity of the registry (fastgrad.quantities) from the stacked per-sample
 # gradients G (B, P). G is made in blocks of rows Gb = G[r0:r1] (row_blocks), so each definition
-# reads one block: a per-row quantity is its rows of the block ("row"); a sum over samples adds the
-# blocks' sums in order, divided by B for a mean ("sum", "mean"; c: the block's clip factors); the
-# variance, which needs the mean first, is a second pass ("centred"); the noise scale is a function
-# of the others ("result"). name -> (kind, f)
+# reads one block: a per-row quantity is its rows of the block ("row": f(net, Gb)); a sum over
+# samples adds the blocks' sums in order, divided by B for a mean ("sum", "mean": f(Gb, c); c: the
+# block's clip factors). What needs a result of the whole batch first (the mean gradient) is a
+# second pass over the blocks: a sum divided by B ("centred": f(Gb, res)), or rows ("rows after":
+# f(Gb, res)); a function of the results alone is "result" (f(res)). name -> Naive
 NAIVE = {
-    "per_sample": ("row", lambda net, Gb: Gb),
-    "norms": ("row", lambda net, Gb: row_norms(Gb)),
-    "layer_norms": (
+    "per_sample": Naive("row", lambda net, Gb: Gb),
+    "norms": Naive("row", lambda net, Gb: row_norms(Gb)),
+    "layer_norms": Naive(
         "row",
         lambda net, Gb: np.stack([row_norms(Gb[:, s.w_start : s.end]) for s in net.layers], 1),
     ),
-    "grad": ("mean", lambda Gb, c: Gb.sum(axis=0)),
-    "sq_mean": ("mean", lambda Gb, c: (Gb * Gb).sum(axis=0)),
-    "clipped_sum": ("sum", lambda Gb, c: (c[:, None] * Gb).sum(axis=0)),
-    "variance": ("centred", lambda Gb, grad: ((Gb - grad) ** 2).sum(axis=0)),
-    "noise_scale": ("result", _naive_noise_scale),
+    "grad": Naive("mean", lambda Gb, c: Gb.sum(axis=0)),
+    "sq_mean": Naive("mean", lambda Gb, c: (Gb * Gb).sum(axis=0)),
+    "clipped_sum": Naive("sum", lambda Gb, c: (c[:, None] * Gb).sum(axis=0), ("norms",)),
+    "variance": Naive("centred", lambda Gb, res: ((Gb - res["grad"]) ** 2).sum(axis=0), ("grad",)),
+    "noise_scale": Naive("result", _naive_noise_scale, ("grad", "variance")),
+    "grad_cosine": Naive("rows after", _naive_cosine, ("grad",)),
 }
-_NAIVE_NEEDS = {"variance": ("grad",), "noise_scale": ("grad", "variance"), "clipped_sum": ("norms",)}
+SECOND_PASS = ("centred", "rows after")
 
 
 def _sample_rows(net: MLP, inp: Inputs, r0: int, r1: int, Gb: np.ndarray, losses: np.ndarray) -> None:
@@ -219,25 +242,27 @@ def run_naive(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | Non
     ``per_sample``; otherwise each block of rows is dropped once read."""
     B, P, dt = inp.batch_size, net.num_params, inp.dtype
     todo = set(need) | ({"clipped_sum"} if max_norm is not None else set())
-    for name in ("noise_scale", "variance", "clipped_sum"):  # what each reads, last first
-        if name in todo:
-            todo.update(_NAIVE_NEEDS[name])
     todo &= set(NAIVE)
+    while True:  # and what each reads
+        more = {r for name in todo for r in NAIVE[name].reads} - todo
+        if not more:
+            break
+        todo |= more
     keep = "per_sample" in todo
     blocks = row_blocks(B, P, dt)
     G = (out if out is not None else np.empty((B, P), dtype=dt)) if keep else None
     scratch = None if keep else np.empty((blocks[0][1] - blocks[0][0], P), dtype=dt)
     losses = np.empty(B, dtype=dt)
-    parts: dict[str, list] = {name: [] for name in todo if NAIVE[name][0] == "row"}
+    parts: dict[str, list] = {name: [] for name in todo if NAIVE[name].kind == "row"}
     sums: dict[str, np.ndarray] = {}
     for r0, r1 in blocks:
         Gb = G[r0:r1] if keep else scratch[: r1 - r0]
         _sample_rows(net, inp, r0, r1, Gb, losses)
         for name in parts:
-            parts[name].append(NAIVE[name][1](net, Gb))
+            parts[name].append(NAIVE[name].f(net, Gb))
         c = clip_factors(parts["norms"][-1], max_norm) if max_norm is not None else None
         for name in todo:
-            kind, definition = NAIVE[name]
+            kind, definition, _ = NAIVE[name]
             if kind in ("sum", "mean"):
                 total = definition(Gb, c)
                 sums[name] = total if name not in sums else sums[name] + total
@@ -245,21 +270,29 @@ def run_naive(net: MLP, inp: Inputs, need: frozenset[str], max_norm: float | Non
     for name in parts:
         res[name] = G if name == "per_sample" else np.concatenate(parts[name])
     for name, total in sums.items():
-        res[name] = total / dt.type(B) if NAIVE[name][0] == "mean" else total
-    if "variance" in todo:  # ((G - grad)²).mean(axis=0), reading G again (made again if not kept)
-        total = None
-        for r0, r1 in reversed(blocks):  # the last block first: without G, it is still in scratch
+        res[name] = total / dt.type(B) if NAIVE[name].kind == "mean" else total
+    later = [name for name in NAIVE if name in todo and NAIVE[name].kind in SECOND_PASS]
+    if later:  # G read again (made again if not kept), the last block first: without G, it is in scratch
+        totals: dict[str, np.ndarray] = {}
+        rows: dict[str, list] = {name: [] for name in later if NAIVE[name].kind == "rows after"}
+        for r0, r1 in reversed(blocks):
             if keep:
                 Gb = G[r0:r1]
             else:
                 Gb = scratch[: r1 - r0]
                 if (r0, r1) != blocks[-1]:
                     _sample_rows(net, inp, r0, r1, Gb, losses)
-            part = NAIVE["variance"][1](Gb, res["grad"])
-            total = part if total is None else total + part
-        res["variance"] = total / dt.type(B)
-    if "noise_scale" in todo:
-        res["noise_scale"] = NAIVE["noise_scale"][1](res)
+            for name in later:
+                part = NAIVE[name].f(Gb, res)
+                if NAIVE[name].kind == "rows after":
+                    rows[name].append(part)
+                else:
+                    totals[name] = part if name not in totals else totals[name] + part
+        for name in later:
+            res[name] = np.concatenate(rows[name][::-1]) if name in rows else totals[name] / dt.type(B)
+    for name in NAIVE:
+        if name in todo and NAIVE[name].kind == "result":
+            res[name] = NAIVE[name].f(res)
     return res
 
 

@@ -27,7 +27,7 @@ from problems import overflowing_problem, two_worker_client  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 128  # rows per chunk: N = 600 gives chunks 128, 128, 128, 128, 88
 N = 600
-EVERYTHING = tuple(QUANTITIES)
+EVERYTHING = fdask.QUANTITIES
 
 
 def problem(dtype=np.float64, loss="cross_entropy", seed=0):
@@ -74,14 +74,21 @@ def client():
 # ------------------------------------------------------------ the registry
 
 
-def test_every_derived_quantity_that_reads_a_per_sample_map_is_finished_from_row_sums():
+def test_a_derived_quantity_that_reads_a_per_sample_map_is_finished_from_row_sums_or_refused():
+    refused = []
     for name, q in REGISTRY.items():
         if isinstance(q, Derived) and any(
             isinstance(REGISTRY[n], PerSample) and n != "loss" for n in q.needs
         ):
-            assert name in fdask.FROM_ROW_SUMS, name
-            assert all(n in fdask.ROW_SUMS for n in q.needs if n in fdask.MAPS), name
+            if q.from_sums is None:
+                refused.append(name)
+                with pytest.raises(ValueError, match=f"compute: '{name}' is not available over chunks"):
+                    fdask.backprop(None, None, None, None, compute=(name,))
+            else:
+                assert all(n in fdask.ROW_SUMS for n in q.needs if n in fdask.MAPS), name
     assert set(fdask.MAPS) == {"per_sample", "norms", "layer_norms"}
+    assert refused == ["grad_cosine"]  # a cosine with the dataset's mean needs that mean first
+    assert fdask.QUANTITIES == tuple(n for n in QUANTITIES if n not in refused)
 
 
 # -------------------------------------------------- agreement with the core

@@ -153,3 +153,59 @@ def test_derived_quantities_are_finished_by_the_registry_functions(backend):
     r = fastgrad.backprop(net, theta, X, y, ("grad", "sq_mean", "norms", "variance", "noise_scale"), backend)
     np.testing.assert_allclose(r.variance, quantities.variance_from_moments(r.sq_mean, r.grad), atol=1e-15)
     assert r.noise_scale == pytest.approx(quantities.noise_scale(r.grad, r.norms), rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+@pytest.mark.parametrize("backend", ["naive", "numpy", "numba"])
+def test_grad_cosine_matches_the_naive_definition(backend, dtype, tol):
+    # the naive loop's float64 value (its own definition, from the rows) on every host backend
+    net = fastgrad.MLP([4, 7, 5, 3], activation="gelu", loss="cross_entropy")
+    rng = np.random.default_rng(7)
+    theta = net.init(seed=7, dtype=np.float64)
+    X, y = rng.standard_normal((23, 4)), rng.integers(0, 3, 23)
+    want = fastgrad.backprop(net, theta, X, y, ("grad_cosine", "per_sample", "grad"), backend="naive")
+    G, g = want.per_sample, want.grad
+    by_hand = G @ g / (np.linalg.norm(G, axis=1) * np.linalg.norm(g))
+    np.testing.assert_allclose(want.grad_cosine, by_hand, rtol=0, atol=1e-14)
+    assert np.ptp(by_hand) > 0.5  # samples that disagree: a swapped or constant result would fail
+    got = fastgrad.backprop(net, theta.astype(dtype), X.astype(dtype), y, ("grad_cosine",), backend=backend)
+    assert got.grad_cosine.dtype == dtype and got.grad_cosine.shape == (23,)
+    assert got.per_sample is None  # read from the pass, not returned
+    np.testing.assert_allclose(got.grad_cosine, want.grad_cosine, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["naive", "numpy", "numba"])
+def test_grad_cosine_of_one_sample_is_one_and_of_a_zero_gradient_is_zero(backend):
+    net = fastgrad.MLP([3, 4, 2], activation="tanh", loss="mse")
+    theta = net.init(seed=1, dtype=np.float64)
+    X, y = np.ones((1, 3)), np.ones((1, 2))
+    assert fastgrad.backprop(net, theta, X, y, ("grad_cosine",), backend).grad_cosine[0] == pytest.approx(
+        1, abs=1e-15
+    )
+    zero = np.zeros_like(theta)  # every gradient 0 (outputs 0 = targets): no direction, cosine 0
+    r = fastgrad.backprop(net, zero, np.ones((3, 3)), np.zeros((3, 2)), ("grad_cosine",), backend)
+    np.testing.assert_array_equal(r.grad_cosine, np.zeros(3))
+
+
+def test_cosine_is_clamped_and_zero_at_a_zero_norm():
+    dot = np.array([2.0, -3.0, 0.0, 1.0])
+    norm = np.array([1.0, 1.0, 0.0, 2.0], dtype=np.float32)
+    np.testing.assert_array_equal(quantities.cosine(dot, norm, 2.0), np.array([1, -1, 0, 0.25], np.float32))
+    assert quantities.cosine(dot, norm, 2.0).dtype == np.float32
+
+
+def test_made_in_pass_gives_a_backend_the_sweeps_its_registry_entries_declare():
+    from fastgrad import cpu
+
+    ((q, make),) = quantities.made_in_pass("numba", frozenset({"loss", "grad", "sq_mean", "variance"}))
+    assert q is REGISTRY["variance"] and make is cpu.variance_into
+    assert quantities.made_in_pass("numba", frozenset({"grad", "noise_scale"})) == ()
+    assert quantities.made_in_pass("numpy", frozenset({"variance"})) == ()
+    for entry in REGISTRY.values():
+        for backend, path in getattr(entry, "made_in_pass", ()):
+            assert backend in fastgrad.api.BACKENDS and ":" in path, entry.name
+    # the convention f(*needs, out), on the numba backend's sweep
+    g, sq = np.array([1.0, 2.0, 0.5]), np.array([2.0, 4.0, 0.2])
+    out = np.empty(3)
+    make(*(dict(grad=g, sq_mean=sq)[n] for n in q.needs), out)
+    np.testing.assert_array_equal(out, quantities.variance_from_moments(sq, g))

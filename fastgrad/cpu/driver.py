@@ -13,7 +13,7 @@ from .. import _cache, _threading, quantities
 from .._threading import kernel_blas
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
-from ..quantities import CLIPPED_DELTA, DELTA, DELTA_SQUARED, INPUT, INPUT_SQUARED
+from ..quantities import INPUT_SQUARED
 from . import config
 from .config import CACHE
 from .kernels import (
@@ -26,7 +26,6 @@ from .kernels import (
     Scalars,
     batch_backprop,
     fused_backprop,
-    variance_into,
 )
 from .workspace import Results, Workspace, _chunking, _thread_workspace, scratch_per_row
 
@@ -134,7 +133,7 @@ def _plan(sums: list, n_tiles: int, num_params: int, itemsize: int) -> tuple[np.
     plan = np.empty((len(sums), 4), np.int64)
     n_slots = 0
     for s, q in enumerate(sums):
-        if q.operand not in (DELTA, DELTA_SQUARED, CLIPPED_DELTA) or q.source not in (INPUT, INPUT_SQUARED):
+        if q.operand not in range(len(quantities.OPERANDS)) or q.source not in range(len(quantities.SOURCES)):
             raise NotImplementedError(f"backend 'numba': no kernel for the operand or source of {q.name!r}")
         slot = -1
         if (n_slots + 1) * n_tiles * num_params * itemsize <= config.PARTIALS_BYTES:
@@ -229,18 +228,20 @@ class PreparedCall:
         return code
 
     def finish(self) -> dict:
-        """The raw quantities from the kernels' outputs: the loss and the sums' means, the variance
-        from the moments, the layer norms from their squares."""
+        """The raw quantities from the kernels' outputs: the loss and the sums' means, the derived
+        quantities the registry says this backend makes in its own sweep, the layer norms from their
+        squares."""
         dt, need = self.dtype, self.need
         # the bits of losses.mean(dtype=dt): NumPy's pairwise sum in θ's dtype (made by the compiled call),
         # divided by B in float64 (NumPy divides by the count as an intp) and rounded to θ's dtype
         res = {"loss": dt.type(float(self.loss_sum) / self.batch_size)}
         for s, q in enumerate(self.made):
             res[q.name] = self.sums[s]
-        if "variance" in need and "grad" in res and "sq_mean" in res:
-            res["variance"] = self.results.variance
-            with numba.parallel_chunksize(1):
-                variance_into(res["grad"], res["sq_mean"], res["variance"])
+        for q, make in quantities.made_in_pass("numba", need):  # the registry's: f(*needs, out)
+            if all(n in res for n in q.needs):
+                with numba.parallel_chunksize(1):
+                    make(*(res[n] for n in q.needs), self.results.derived[q.name])
+                res[q.name] = self.results.derived[q.name]
         if self.per_row:
             res["norms"] = self.norms
             np.sqrt(self.layer_sq, out=self.layer_sq)  # float64, then rounded once to θ's dtype

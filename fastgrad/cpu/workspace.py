@@ -169,7 +169,7 @@ class Results:
         self.clip_c = np.empty(rows, dt)
         per_row = quantities.needs_norms(need, clip)
         self.layer_norms = np.empty((rows, net.num_layers), dt) if per_row else None
-        self.variance = np.empty(P, dt) if "variance" in need else None
+        self.derived = {q.name: np.empty(P, dt) for q, _ in quantities.made_in_pass("numba", need)}
         self.G = None
         if "per_sample" in need:
             self.G = out if out is not None else np.empty((rows, P), dt)

@@ -15,7 +15,8 @@ kernels section and then the launchers that call them (as llm.c's ``llmc/*.cuh``
   into θ's layout, split over the batch only when a layer has too few output tiles).
 - :mod:`.rows`: per-row kernels (output deltas, Goodfellow's norm terms, the clip
   factors, the fixed-order sum of partial rows, the per-sample outer-product write,
-  variance, the noised mean, the input value checks).
+  the derived quantities' kernels that the registry declares, the noised mean, the input
+  value checks).
 
 This module is the host side: the driver of both paths and the public entry points.
 Reductions are deterministic: every block writes its own partial row and a second
@@ -34,7 +35,7 @@ import numpy as np
 from .. import _validation
 from ..losses import REGISTRY as LOSS_REGISTRY
 from ..mlp import MLP
-from ..quantities import SUMS, check_clip_norms, dp_noise, needs_norms, noise_scale, sums_to_make
+from ..quantities import HOST, SUMS, check_clip_norms, dp_noise, made_in_pass, needs_norms, sums_to_make
 from . import config, fused, gemm, rows
 from .config import (
     FUSED_MAX_WIDTH,
@@ -430,8 +431,9 @@ def check_device_inputs(net: MLP, theta, X, y, values: bool = True) -> _Device:
 
 
 def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path: str = "auto") -> dict:
-    """Raw quantities for device inputs, as device arrays (plus ``variance`` and ``noise_scale`` when
-    ``need`` names them, with their parts: :func:`fastgrad.quantities.needed`)."""
+    """Raw quantities for device inputs, as device arrays, plus the derived quantities of ``need`` that
+    the registry says this backend makes (:func:`fastgrad.quantities.made_in_pass`); the rest are
+    finished from them with :data:`ARRAYS`."""
     d = check_device_inputs(net, theta, X, y, values=False)
     if out is not None:
         out = _as_device("out", out)
@@ -441,14 +443,44 @@ def backprop_device(net: MLP, theta, X, y, need: frozenset[str], out=None, path:
                 f"got {tuple(out.shape)} and {out.dtype}"
             )
     raw = _run_device(net, d, need, None, out, path)
-    # only when asked (quantities.needed puts a derived name in need): the noise scale copies P + B
-    # numbers to the host and waits for the GPU, which a grad + norms call must not pay for
-    if "variance" in need:
-        raw["variance"] = rows.variance(sq_mean=raw["sq_mean"], grad=raw["grad"])
-    if "noise_scale" in need:
-        # the one definition, on host copies (P + B numbers)
-        raw["noise_scale"] = noise_scale(raw["grad"].copy_to_host(), raw["norms"].copy_to_host())
+    for q, make in made_in_pass("cuda", need):  # only when asked: quantities.needed puts their names in need
+        raw[q.name] = cuda.device_array_like(raw[q.needs[0]])
+        make(*(raw[n] for n in q.needs), raw[q.name])
     return raw
+
+
+class DeviceArrays:
+    """The array module of device results (numba-cuda arrays) for the registry's ``finish`` of a
+    derived quantity: :class:`fastgrad.quantities.HostArrays`' operations, on the device where this
+    class has its own (``zeros_like``, ``to_host``, ``row_dot``: a kernel); any other (``map``, or one
+    a new quantity adds to ``HostArrays``) runs on host copies of the device arrays and returns a
+    device array, so a derived quantity needs no code here to work. One that must stay on the GPU
+    gets a kernel here, or declares one in the registry's ``made_in_pass``."""
+
+    def __getattr__(self, name: str):
+        host_op = getattr(HOST, name)
+
+        def on_host_copies(*args):
+            out = host_op(*(a.copy_to_host() if is_device_array(a) else a for a in args))
+            return cuda.to_device(np.ascontiguousarray(out)) if isinstance(out, np.ndarray) else out
+
+        return on_host_copies
+
+    @staticmethod
+    def zeros_like(a):
+        return cuda.to_device(np.zeros(a.shape, dtype=a.dtype))
+
+    @staticmethod
+    def to_host(a) -> np.ndarray:
+        return a.copy_to_host() if is_device_array(a) else np.asarray(a)
+
+    @staticmethod
+    def row_dot(M, v):
+        return rows.row_dot(M, v)
+
+
+ARRAYS = DeviceArrays()
+"""The array module :func:`fastgrad.backprop` finishes derived quantities of device results with."""
 
 
 def clipped_grad_device(
@@ -469,11 +501,13 @@ def clipped_grad_device(
 
 
 __all__ = [
+    "ARRAYS",
     "FUSED_MAX_WIDTH",
     "KERNELS",
     "ROW_THREADS",
     "SHARED_BYTES",
     "SIMULATOR",
+    "DeviceArrays",
     "backprop_device",
     "check_available",
     "check_device_inputs",

@@ -129,6 +129,29 @@ def variance_kernel(F):
     return variance
 
 
+@kernel(lambda F: (mat(F), vec(F), vec(F)))
+def row_dot_kernel(F):
+    zero = F(0.0)
+
+    def row_dot(M, v, out):
+        # M (B, P), v (P,) -> out (B,): M_i · v, one thread per row, in order, in F with Neumaier's
+        # compensation (float32 kernels keep to float32; the error does not grow with P)
+        i = cuda.grid(1)
+        if i < M.shape[0]:
+            s, c = zero, zero
+            for k in range(M.shape[1]):
+                x = M[i, k] * v[k]
+                t = s + x
+                if abs(s) >= abs(x):
+                    c += (s - t) + x
+                else:
+                    c += (x - t) + s
+                s = t
+            out[i] = s + c
+
+    return row_dot
+
+
 @kernel(lambda F: (vec(F), vec(F), F, F, vec(F)))
 def noised_mean_kernel(F):
     def noised_mean(total, noise, sigma_c, inv_b, out):
@@ -224,12 +247,19 @@ def outer_into(*, delta, inputs, out, layer) -> None:
     )
 
 
-def variance(*, sq_mean, grad):
-    """The population variance (P,) from the second moment and the mean gradient, on the device."""
+def variance_into(grad, sq_mean, out) -> None:
+    """The population variance (P,) into ``out`` from the mean gradient and the second moment, on the
+    device: the registry's ``made_in_pass`` of the CUDA backend for it (needs (grad, sq_mean), then out)."""
     P = grad.shape[0]
-    var = cuda.device_array(P, dtype=grad.dtype)
-    variance_kernel.launch(grad.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, sq_mean, grad, var)
-    return var
+    variance_kernel.launch(grad.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, sq_mean, grad, out)
+
+
+def row_dot(M, v):
+    """M_i · v of each row (B,), M (B, P) and v (P,) on the device, in their dtype (compensated)."""
+    B = M.shape[0]
+    out = cuda.device_array(B, dtype=M.dtype)
+    row_dot_kernel.launch(M.dtype, cdiv(B, ROW_THREADS), ROW_THREADS, M, v, out)
+    return out
 
 
 def noised_mean(*, total, noise, noise_std: float, batch: int):

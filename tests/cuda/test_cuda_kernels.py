@@ -16,7 +16,7 @@ import fastgrad
 from fastgrad import cuda as fc
 from fastgrad import reference
 from fastgrad._validation import check_inputs
-from fastgrad.quantities import RAW, REGISTRY, needed
+from fastgrad.quantities import HOST, RAW, REGISTRY, finish, needed
 from fastgrad.tools.validate import quick_combos
 
 cuda = fc.cuda
@@ -141,19 +141,19 @@ def device_problem(dtype=np.float64, loss="cross_entropy"):
 
 def backprop_on_device(net, theta_d, X_d, y_d, compute):
     """fastgrad.backprop on device arrays (the simulator's arrays lack the interface api.py checks)."""
-    if SIM:
+    if SIM:  # as fastgrad.backprop does for device results: the registry finishes them with fc.ARRAYS
         raw = fc.backprop_device(net, theta_d, X_d, y_d, needed(compute))
-        return {name: raw[name] for name in compute}
+        return finish(compute, raw, X_d.shape[0], fc.ARRAYS)
     res = fastgrad.backprop(net, theta_d, X_d, y_d, compute=compute, backend="cuda")
     return {name: getattr(res, name) for name in compute}
 
 
 def test_device_arrays_stay_on_the_device_and_match():
     net, theta, X, y, theta_d, X_d, y_d = device_problem()
-    compute = ("grad", "per_sample", "norms", "variance", "noise_scale")
+    compute = ("grad", "per_sample", "norms", "variance", "noise_scale", "grad_cosine")
     got = backprop_on_device(net, theta_d, X_d, y_d, compute)
-    want = fastgrad.backprop(net, theta, X, y, compute=compute)
-    for name in ("grad", "per_sample", "norms", "variance"):
+    want = fastgrad.backprop(net, theta, X, y, compute=compute, backend="naive")
+    for name in ("grad", "per_sample", "norms", "variance", "grad_cosine"):
         assert fc.is_device_array(got[name]), f"{name} came back as {type(got[name]).__name__}"
         assert rel_err(got[name].copy_to_host(), getattr(want, name)) < 1e-12, name
     assert abs(got["noise_scale"] - want.noise_scale) < 1e-9 * abs(want.noise_scale)
@@ -286,3 +286,32 @@ def test_a_nan_norm_is_never_left_unclipped_on_the_device(path):
         )
     raw = run_cuda(net, theta, X, y, path, need=frozenset({"loss", "norms"}), max_norm=1.0)
     assert np.isfinite(raw["norms"][0]) and not np.isfinite(raw["norms"][1])
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-6), (np.float64, 1e-13)])
+def test_derived_quantities_of_device_results_are_finished_by_the_registry(dtype, tol):
+    # grad_cosine from a row-dot kernel on the device, variance from the kernel the registry declares,
+    # and one sample's variance exactly 0 (the registry's rule, on device arrays)
+    net, theta, X, y, theta_d, X_d, y_d = device_problem(dtype)
+    got = backprop_on_device(net, theta_d, X_d, y_d, ("grad_cosine", "variance"))
+    want = fastgrad.backprop(net, theta, X, y, compute=("grad_cosine", "variance"), backend="naive")
+    cos = got["grad_cosine"].copy_to_host()
+    assert cos.dtype == dtype and cos.shape == (X.shape[0],)
+    np.testing.assert_allclose(cos, want.grad_cosine, rtol=0, atol=tol)
+    one = backprop_on_device(net, theta_d, cuda.to_device(X[:1]), cuda.to_device(y[:1]), ("variance",))
+    assert not one["variance"].copy_to_host().any()
+
+
+def test_device_arrays_have_the_host_operations():
+    # its own (row_dot: a compensated kernel in θ's dtype) and, for the rest, the host's operation on
+    # host copies, returned on the device
+    rng = np.random.default_rng(3)
+    M, v = rng.standard_normal((5, 300)), rng.standard_normal(300)
+    for dt, tol in ((np.float32, 2e-7), (np.float64, 1e-15)):
+        got = fc.ARRAYS.row_dot(cuda.to_device(M.astype(dt)), cuda.to_device(v.astype(dt)))
+        assert fc.is_device_array(got) and got.dtype == dt
+        want = HOST.row_dot(M.astype(dt), v.astype(dt))  # float64 sums of the same products
+        np.testing.assert_allclose(got.copy_to_host(), want, rtol=0, atol=tol * (np.abs(M) @ np.abs(v)).max())
+    neg = fc.ARRAYS.map(np.negative, cuda.to_device(v))
+    assert fc.is_device_array(neg)
+    np.testing.assert_array_equal(neg.copy_to_host(), -v)
