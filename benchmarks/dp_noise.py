@@ -1,17 +1,19 @@
-"""The cost of DP-SGD's noise against the fused kernel, with NumPy's generators; prints Markdown.
+"""The cost of DP-SGD's noise against the fused kernel; prints Markdown.
 
     NUMBA_NUM_THREADS=2 python benchmarks/dp_noise.py [--sizes 784,128,10] [--batch 64] [--reps 100]
 
 Taking turns call by call (medians over ``--reps``), on P parameters of ``--sizes``, float32:
 
-- **kernel**: a prepared clipped step's kernel, ``fastgrad.Step(net, max_norm=1)`` without noise,
-  minus nothing (the whole call: its host overhead is small, ``benchmarks/step_overhead.py``);
-- **dp_noise**: ``fastgrad.quantities.dp_noise`` as ``clipped_grad`` draws it (PCG64, float64, cast);
-- **PCG64 float32**: ``default_rng(seed).standard_normal(P, dtype=np.float32)``;
-- **Philox blocks, 1 / 2 threads**: ``Generator(Philox(key, counter=(0, 0, b, 0)))`` per block of
-  16384 values, serially and on a 2-thread pool (deterministic for any thread count);
-- **Philox raw bits, 2 threads**: ``Philox.random_raw`` for the same blocks' 32 bits per value, the
-  floor of any transform on NumPy's Philox.
+- **kernel**: a prepared clipped step, ``fastgrad.Step(net, max_norm=1)`` without noise (the whole
+  call: its host overhead is small, ``benchmarks/step_overhead.py``);
+- **DP step, σ = 1**: the same step with ``noise_multiplier=1``: the kernel plus
+  :func:`fastgrad.privacy.dp_step`'s fused pass (noise drawn, scaled, added, divided);
+- **draw ξ**: ``fastgrad.noise.standard_normal`` into a buffer (Philox4x32-10 + ziggurat), on all
+  threads and on one;
+- **fused pass**: ``privacy.dp_step`` on a clipped sum into a buffer (what the step adds), and the
+  same call with σ = 0 (the division alone);
+- **PCG64 float32**: NumPy's ``default_rng(seed).standard_normal(P, dtype=np.float32)``, the fastest
+  NumPy draw (what ``dp_noise`` drew before, as float64 then cast, cost a little more).
 
 A script, not a test: it asserts nothing.
 """
@@ -24,15 +26,12 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 
 import fastgrad
-from fastgrad.quantities import dp_noise
-
-BLOCK = 16384
+from fastgrad import noise, privacy
 
 
 def main(argv=None) -> None:
@@ -49,45 +48,50 @@ def main(argv=None) -> None:
     X = rng.standard_normal((a.batch, sizes[0])).astype(np.float32)
     y = rng.integers(0, sizes[-1], a.batch)
     step = fastgrad.Step(net, np.float32, backend="numba", max_norm=1.0)
-    key = np.random.SeedSequence(5).generate_state(2, np.uint64)
+    dp = fastgrad.Step(net, np.float32, backend="numba", max_norm=1.0, noise_multiplier=1.0, seed=5)
+    words = noise.seed_words(5)
     out = np.empty(P, np.float32)
-    n_blocks = -(-P // BLOCK)
-    pool = ThreadPoolExecutor(2)
+    total = rng.standard_normal(P).astype(np.float32)
+    norms = np.ones(a.batch, np.float32)
+    threads = numba.get_num_threads()
 
-    def block(b):
-        g = np.random.Generator(np.random.Philox(key=key, counter=np.array([0, 0, b, 0], np.uint64)))
-        g.standard_normal(dtype=np.float32, out=out[b * BLOCK : (b + 1) * BLOCK])
-
-    def raw(b):
-        np.random.Philox(key=key, counter=np.array([0, 0, b, 0], np.uint64)).random_raw(BLOCK // 2)
+    def one_thread():
+        numba.set_num_threads(1)
+        noise.standard_normal(P, np.float32, words, out=out)
+        numba.set_num_threads(threads)
 
     work = {
         "kernel (clipped step, no noise)": lambda: step(theta, X, y),
-        "dp_noise (PCG64 float64, cast)": lambda: dp_noise(P, 5, np.float32),
-        "PCG64 float32": lambda: np.random.default_rng(5).standard_normal(P, dtype=np.float32),
-        "Philox blocks, 1 thread": lambda: [block(b) for b in range(n_blocks)],
-        "Philox blocks, 2 threads": lambda: list(pool.map(block, range(n_blocks))),
-        "Philox raw bits, 2 threads": lambda: list(pool.map(raw, range(n_blocks))),
+        "DP step, σ = 1 (kernel + fused noise pass)": lambda: dp(theta, X, y),
+        f"draw ξ, {threads} threads": lambda: noise.standard_normal(P, np.float32, words, out=out),
+        "draw ξ, 1 thread": one_thread,
+        "fused dp_step pass (draw, scale, add, divide)": lambda: privacy.dp_step(
+            total, norms, 1.0, 1.0, a.batch, 5, out=out
+        ),
+        "dp_step with σ = 0 (divide only)": lambda: privacy.dp_step(total, norms, 1.0, 0.0, a.batch, out=out),
+        "PCG64 float32 (NumPy)": lambda: np.random.default_rng(5).standard_normal(P, dtype=np.float32),
     }
     times = {k: [] for k in work}
     for _ in range(5):
         for f in work.values():
             f()
+    load0 = os.getloadavg()
     for _ in range(a.reps):
         for k, f in work.items():
             t0 = time.perf_counter_ns()
             f()
             times[k].append(time.perf_counter_ns() - t0)
+    load1 = os.getloadavg()
     med = {k: float(np.median(v)) / 1e3 for k, v in times.items()}
     kernel = med["kernel (clipped step, no noise)"]
-    load = os.getloadavg()
     print(f"# DP noise against the kernel, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n")
     print(f"{sizes} B = {a.batch} (P = {P}), float32; numpy {np.__version__}, numba {numba.__version__}, "
-          f"Python {platform.python_version()}, {numba.get_num_threads()} threads; load {load[0]:.2f} "
-          f"{load[1]:.2f}; medians of {a.reps} interleaved calls\n")  # fmt: skip
-    print("| draw | median µs | ÷ kernel |\n|---|---|---|")
+          f"Python {platform.python_version()}, {threads} threads; load {load0[0]:.2f} → {load1[0]:.2f}; "
+          f"medians of {a.reps} interleaved calls\n")  # fmt: skip
+    print("| call | median µs | ÷ kernel | ns per value per thread |\n|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v:.0f} | {v / kernel:.2f} |")
+        per = v * 1e3 / P * (1 if "1 thread" in k else threads)
+        print(f"| {k} | {v:.0f} | {v / kernel:.2f} | {per:.2f} |")
 
 
 if __name__ == "__main__":

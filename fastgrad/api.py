@@ -28,8 +28,8 @@ from ._validation import (
     check_positive,
 )
 from .mlp import MLP
-from .privacy import check_seed
-from .quantities import HOST, QUANTITIES, REGISTRY, check_clip_norms, dp_noise, finish, needed, noised_mean
+from .privacy import check_seed, dp_step
+from .quantities import HOST, QUANTITIES, REGISTRY, finish, needed
 
 
 def _result_doc() -> str:
@@ -363,8 +363,8 @@ def clipped_grad(
     noise_multiplier : float
         σ ≥ 0. With σ = 0 no noise is drawn.
     seed : int, sequence of int, numpy SeedSequence or Generator, or None
-        Seed of the Gaussian noise (``numpy.random.default_rng``); the same seed gives the
-        same noise on every backend. ``None`` draws fresh noise. Checked before any work.
+        Seed of the Gaussian noise (:func:`fastgrad.privacy.standard_normal`); the same seed
+        gives the same noise on every backend. ``None`` draws fresh noise. Checked before any work.
     expected_batch_size : float, optional
         The denominator D. By default the actual batch size B; with Poisson sampling
         (:func:`fastgrad.privacy.poisson_batches`) pass q·N, as Opacus's DPOptimizer does.
@@ -372,7 +372,7 @@ def clipped_grad(
         Draw ξ from the operating system's CSPRNG, with Opacus's ``secure_mode`` defence
         against floating-point attacks (:func:`fastgrad.privacy.standard_normal`); ``seed``
         must then be ``None``. 4× the random bits of one draw, all from the kernel: 16–51× the
-        time of the default noise where measured (docs/dp.md).
+        time of NumPy's PCG64 draw where measured, which is ~3× the default draw's (docs/dp.md).
     return_stats : bool
         Return a :class:`ClippedGrad` (the step, the per-sample norms, the fraction clipped,
         the noise's standard deviation) rather than the step alone.
@@ -415,11 +415,11 @@ def clipped_grad(
     raw = run(
         net, inp, needed(("norms",), clipping=True), max_norm, None, **_workspace_kw(backend, workspace)
     )
-    check_clip_norms(raw["norms"])  # a NaN or Inf norm would leave its sample unclipped
     noise_std = noise_multiplier * max_norm
-    noise = dp_noise(net.num_params, seed, inp.dtype, secure_noise) if noise_std > 0 else None
     denominator = inp.batch_size if denominator is None else denominator
-    grad = noised_mean(raw["clipped_sum"], noise_std, noise, denominator)
+    grad = dp_step(
+        raw["clipped_sum"], raw["norms"], max_norm, noise_multiplier, denominator, seed, secure=secure_noise
+    )
     if not return_stats:
         return grad
     norms = raw["norms"]

@@ -62,7 +62,7 @@ require("dask.array", "dask", "fastgrad.dask")
 import dask  # noqa: E402  (after the check that names the extra)
 import dask.array as da  # noqa: E402
 
-from . import attribution, quantities, reference, shortcut  # noqa: E402
+from . import attribution, privacy, quantities, reference, shortcut  # noqa: E402
 from ._validation import (  # noqa: E402
     check_compute,
     check_inputs,
@@ -218,7 +218,7 @@ def run_chunk(net: MLP, theta, X, y, r0: int, need: frozenset, max_norm, backend
     raw = run_backend(backend, net, inp, need, max_norm)
     if max_norm is not None:  # as fastgrad.clipped_grad: a NaN or Inf norm would go unclipped
         try:
-            quantities.check_clip_norms(raw["norms"])  # every backend returns the norms it clipped with
+            privacy.check_clip_norms(raw["norms"])  # every backend returns the norms it clipped with
         except FloatingPointError as exc:
             raise FloatingPointError(f"rows {r0}:{r0 + B} (a chunk of X, y): {exc}") from None
     sums = {"loss": float(np.float64(raw["loss"]) * B)}  # the backends' loss is the mean
@@ -471,9 +471,9 @@ def clipped_grad(
     """DP-SGD's clipped (and optionally noised) mean gradient over a whole dataset.
 
     (1/N) [Σ_i min(1, C/‖∇ℓ_i‖) ∇ℓ_i + σ C ξ]: the clipped sum is a sum over samples, so
-    chunks add exactly; the noise ξ is drawn once, on the client, by
-    :func:`fastgrad.quantities.dp_noise` (the same noise as :func:`fastgrad.clipped_grad`
-    for the same seed).
+    chunks add exactly (in float64); it is rounded to θ's dtype and finished on the client by
+    :func:`fastgrad.privacy.dp_step`, as :func:`fastgrad.clipped_grad` finishes its own sum
+    (the same noise for the same seed, the same roundings).
 
     Parameters
     ----------
@@ -491,12 +491,9 @@ def clipped_grad(
     p = _check(net, theta, X, y, backend, max_norm)
     tasks = _chunk_tasks(p, _raw_need(frozenset(), True), frozenset())
     (total,) = dask.compute(tree_sum([t[0] for t in tasks]), scheduler=scheduler)
-    noise_std = noise_multiplier * max_norm
-    noise = None
-    if noise_std > 0:
-        noise = quantities.dp_noise(net.num_params, seed, p.theta.dtype).astype(np.float64)
-    mean = quantities.noised_mean(total["clipped_sum"], noise_std, noise, p.num_samples)
-    return mean.astype(p.theta.dtype)
+    clipped_sum = total["clipped_sum"].astype(p.theta.dtype)
+    no_norms = np.zeros(0)  # each chunk's norms were refused where they were made (_chunk_sums)
+    return privacy.dp_step(clipped_sum, no_norms, max_norm, noise_multiplier, p.num_samples, seed)
 
 
 # ------------------------------------------------- per-sample inner products

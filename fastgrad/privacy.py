@@ -8,12 +8,16 @@
   (:func:`dp_event`), add-or-remove-one neighbours, as Opacus does.
 - **Poisson sampling** (:func:`poisson_batches`): each step takes each sample independently
   with probability q, the sampling that the accountants' analysis assumes.
-- **Noise** (:func:`standard_normal`): the ξ ~ N(0, I) of DP-SGD, either from NumPy's
-  ``default_rng(seed)`` (reproducible, fast, not secure) or, with ``secure=True``, from the
-  operating system's CSPRNG (``os.urandom``) with Opacus's ``secure_mode`` defence against
-  floating-point attacks. See docs/dp.md for what that does and does not protect.
+- **Noise** (:func:`standard_normal`): the ξ ~ N(0, I) of DP-SGD, either from fastgrad's
+  counter-based generator (:mod:`fastgrad.noise`: Philox4x32-10 and a ziggurat, compiled and
+  parallel; reproducible, fast, not secure) or, with ``secure=True``, from the operating
+  system's CSPRNG (``os.urandom``) with Opacus's ``secure_mode`` defence against floating-point
+  attacks. See docs/dp.md for what that does and does not protect.
+- **The step** (:func:`dp_step`): the one place where the clipped sum, the noise and the
+  denominator make DP-SGD's step, on the host and on the device, after refusing a sample whose
+  gradient norm is NaN or Inf (:func:`check_clip_norms`).
 
-Only the accounting needs the extra; the rest is NumPy and the standard library.
+Only the accounting needs the extra; the rest is NumPy, Numba and the standard library.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from . import noise as _noise
 from .extras import MissingExtraError, require
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
@@ -344,24 +349,154 @@ def _secure_gaussian(n: int) -> np.ndarray:
 def standard_normal(n: int, dtype=np.float64, seed=None, *, secure: bool = False) -> np.ndarray:
     """ξ ~ N(0, I_n), DP-SGD's noise, in ``dtype``.
 
-    ``secure=False``: ``numpy.random.default_rng(seed).standard_normal(n)`` (PCG64: fast and
-    reproducible, but its state can be recovered from its output, so it is not secure).
+    ``secure=False``: fastgrad's counter-based generator (:mod:`fastgrad.noise`: Philox4x32-10
+    keyed by ``SeedSequence(seed)``, a 256-layer ziggurat; float32 values from 32 random bits,
+    float64 from 64), compiled and drawn on Numba's threads with the same bits on any thread
+    count. Fast and reproducible, but not secure: its key can be recovered from its output.
 
     ``secure=True``: every random bit comes from ``os.urandom`` (the kernel's CSPRNG, as
     Opacus's ``secure_mode`` uses ``torchcsprng``'s ``/dev/urandom`` generator), and each
     sample is the sum of :data:`SECURE_DRAWS` Box–Muller Gaussians divided by 2 (Opacus's
     defence against floating-point attacks). ``seed`` must be ``None``. It needs 4 × 8 random
-    bytes per sample from the kernel: 16–51× the time of the default draw where measured
-    (docs/dp.md).
+    bytes per sample from the kernel: many times the time of the default draw (docs/dp.md).
+
+    Parameters
+    ----------
+    n : int
+        Number of values, ≥ 0.
+    dtype : float32 or float64
+        Other float dtypes get float64 values, converted.
+    seed
+        As for :func:`check_seed`.
+    secure : bool
+
+    Returns
+    -------
+    ndarray (n,) of ``dtype``
     """
     n = _check_count("n", n, 0)
-    rng = _generator(seed, secure)
+    check_seed(seed, secure)
+    dt = np.dtype(dtype)
     if not secure:
-        return rng.standard_normal(n).astype(dtype)
+        draw = dt if dt in (np.float32, np.float64) else np.dtype(np.float64)
+        return _noise.standard_normal(n, draw, _noise.seed_words(seed)).astype(dt, copy=False)
     total = np.zeros(n)
     for _ in range(SECURE_DRAWS):
         total += _secure_gaussian(n)
-    return (total / math.sqrt(SECURE_DRAWS)).astype(dtype)
+    return (total / math.sqrt(SECURE_DRAWS)).astype(dt)
+
+
+# ------------------------------------------------------------------- the step
+
+
+def check_clip_norms(norms: np.ndarray) -> None:
+    """Raise ``FloatingPointError`` naming the first sample whose gradient norm is NaN or Inf.
+
+    Such a sample's clip factor C / max(‖∇ℓ_i‖, C) is NaN or 0, not a bound, so DP-SGD's
+    guarantee would not hold. Norms are summed in float64, so this happens only where the
+    gradient itself is not finite or its norm exceeds θ's dtype. :func:`dp_step` calls it.
+    """
+    bad = np.flatnonzero(~np.isfinite(norms))
+    if bad.size:
+        i = int(bad[0])
+        raise FloatingPointError(
+            f"clipped_grad: the gradient norm of sample {i} is {norms[i]} ({bad.size} of {norms.shape[0]} "
+            f"samples), so it cannot be clipped to max_norm; its forward or backward pass overflowed "
+            f"{norms.dtype} (scale the inputs, or use float64)"
+        )
+
+
+def _on_device(a) -> bool:
+    return hasattr(a, "copy_to_host")  # a Numba CUDA device array
+
+
+def dp_step(
+    clipped_sum,
+    norms,
+    max_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    seed=None,
+    *,
+    secure: bool = False,
+    out: np.ndarray | None = None,
+):
+    """DP-SGD's step (1/D) [Σ_i c_i ∇ℓ_i + σ C ξ] from the clipped sum: the one place it is formed.
+
+    Every DP path calls it (:func:`fastgrad.clipped_grad` on every backend, host and device
+    arrays; :class:`fastgrad.Step`; :func:`fastgrad.dask.clipped_grad`; the training tool), so
+    they refuse the same samples, draw the same noise for a seed and round the same way:
+    ``(clipped_sum + dt(σC) · ξ) / dt(D)`` in the clipped sum's dtype dt, one rounding per
+    operation (no fused multiply-add), with ξ = :func:`standard_normal` ``(P, dt, seed)``.
+
+    Parameters
+    ----------
+    clipped_sum : ndarray (P,) of float32/float64, or a CUDA device array
+        Σ_i c_i ∇ℓ_i, c_i = min(1, C / ‖∇ℓ_i‖).
+    norms : ndarray (B,), or a CUDA device array
+        The per-sample gradient norms the clip factors came from: a NaN or Inf one raises
+        ``FloatingPointError`` before anything is drawn (:func:`check_clip_norms`).
+    max_norm, noise_multiplier : float
+        C and σ (checked by the caller); σ C = 0 draws no noise.
+    denominator : float
+        D > 0: the batch size, or the expected batch size of Poisson sampling.
+    seed, secure
+        As for :func:`standard_normal`.
+    out : ndarray (P,) of the clipped sum's dtype, optional (host)
+        Receives the step; may be ``clipped_sum``.
+
+    Returns
+    -------
+    ndarray (P,) (a device array for device inputs)
+
+    Notes
+    -----
+    On host arrays with a seeded draw the noise is generated, scaled, added and divided in one
+    compiled parallel pass over P (:func:`fastgrad.noise.noised_mean`), with the bits of the
+    expression above and no array of noise. On device arrays ξ is drawn on the host (the same
+    bits) and the device kernel forms the same expression with the same roundings.
+    """
+    check_seed(seed, secure)
+    if not (isinstance(denominator, numbers.Real) and 0 < denominator < math.inf):
+        raise ValueError(f"denominator: expected a positive finite number, got {denominator!r}")
+    noise_std = noise_multiplier * max_norm
+    if _on_device(clipped_sum):
+        check_clip_norms(norms.copy_to_host())  # B numbers
+        from .cuda import rows
+
+        dt = np.dtype(clipped_sum.dtype)
+        P = clipped_sum.shape[0]
+        xi = standard_normal(P, dt, seed, secure=secure) if noise_std > 0 else np.zeros(P, dt)
+        return rows.noised_mean(
+            total=clipped_sum, noise=rows.cuda.to_device(xi), noise_std=noise_std, denominator=denominator
+        )
+    if not (
+        isinstance(clipped_sum, np.ndarray)
+        and clipped_sum.ndim == 1
+        and clipped_sum.dtype in (np.float32, np.float64)
+        and clipped_sum.flags.c_contiguous
+    ):
+        raise TypeError("clipped_sum: expected a C-contiguous float32 or float64 vector (P,)")
+    dt = clipped_sum.dtype
+    if out is None:
+        out = np.empty_like(clipped_sum)
+    elif not (
+        isinstance(out, np.ndarray)
+        and out.shape == clipped_sum.shape
+        and out.dtype == dt
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
+        raise ValueError(f"out: expected a writeable C-contiguous {dt} vector of shape {clipped_sum.shape}")
+    check_clip_norms(norms)
+    if noise_std == 0:
+        return np.divide(clipped_sum, dt.type(denominator), out=out)
+    if secure:
+        xi = standard_normal(clipped_sum.shape[0], dt, seed, secure=True)
+        np.multiply(xi, dt.type(noise_std), out=xi)
+        np.add(clipped_sum, xi, out=out)
+        return np.divide(out, dt.type(denominator), out=out)
+    return _noise.noised_mean(clipped_sum, noise_std, denominator, _noise.seed_words(seed), out)
 
 
 __all__ = [
@@ -369,8 +504,10 @@ __all__ = [
     "SECURE_DRAWS",
     "accounting_available",
     "calibrate_noise_multiplier",
+    "check_clip_norms",
     "check_seed",
     "dp_event",
+    "dp_step",
     "epsilon",
     "poisson_batches",
     "secure_uniform",

@@ -141,61 +141,6 @@ def noise_scale_from_sums(grad: np.ndarray, sum_sq_norms: float, batch_size: int
     return trace / grad_sq if grad_sq > 0 else float("inf")
 
 
-def check_clip_norms(norms: np.ndarray) -> None:
-    """Raise ``FloatingPointError`` naming the first sample whose gradient norm is NaN or Inf.
-
-    Every clipped gradient passes here (``fastgrad.clipped_grad``, host and device): such a
-    sample's clip factor C / max(‖∇ℓ_i‖, C) is NaN or 0, not a bound, so DP-SGD's guarantee would
-    not hold (a float32 sum of squares overflows above ~1.8e19 and would let a sample through unclipped).
-    Norms are summed in float64, so this happens only where the gradient itself is not finite or
-    its norm exceeds θ's dtype.
-    """
-    bad = np.flatnonzero(~np.isfinite(norms))
-    if bad.size:
-        i = int(bad[0])
-        raise FloatingPointError(
-            f"clipped_grad: the gradient norm of sample {i} is {norms[i]} ({bad.size} of {norms.shape[0]} "
-            f"samples), so it cannot be clipped to max_norm; its forward or backward pass overflowed "
-            f"{norms.dtype} (scale the inputs, or use float64)"
-        )
-
-
-def dp_noise(num_params: int, seed, dtype, secure: bool = False, out: np.ndarray | None = None) -> np.ndarray:
-    """ξ ~ N(0, I) of DP-SGD, drawn on the host by ``numpy.random.default_rng(seed)``,
-    so every backend adds the same noise for the same seed; with ``secure``, from the OS
-    CSPRNG instead (:func:`fastgrad.privacy.standard_normal`; ``seed`` must be ``None``).
-    ``out`` (num_params,) of ``dtype``, when given, receives the noise."""
-    from .privacy import standard_normal
-
-    noise = standard_normal(num_params, dtype, seed, secure=secure)
-    if out is None:
-        return noise
-    out[...] = noise
-    return out
-
-
-def noised_mean(
-    clipped_sum: np.ndarray, noise_std: float, noise, denominator: float, out: np.ndarray | None = None
-) -> np.ndarray:
-    """DP-SGD's step (1/D) [Σ_i c_i ∇ℓ_i + σ C ξ] from the clipped sum; ``noise_std`` = σ C and
-    the denominator D is the batch size B, or the expected batch size of Poisson sampling.
-
-    With ``noise_std`` = 0 no noise is added (``noise`` may then be ``None``). ``out`` (P,), when
-    given, receives the step (it may be ``noise``); the bits are those of the call without it.
-    """
-    dt = clipped_sum.dtype
-    if out is None:
-        total = clipped_sum
-        if noise_std > 0:
-            total = total + dt.type(noise_std) * noise
-        return total / dt.type(denominator)
-    if noise_std > 0:
-        np.multiply(noise, dt.type(noise_std), out=out)
-        np.add(clipped_sum, out, out=out)
-        return np.divide(out, dt.type(denominator), out=out)
-    return np.divide(clipped_sum, dt.type(denominator), out=out)
-
-
 # ------------------------------------------------------------- the registry
 
 
@@ -451,10 +396,8 @@ __all__ = [
     "PerSample",
     "Sum",
     "add_square",
-    "check_clip_norms",
     "clip_factor",
     "cosine",
-    "dp_noise",
     "finish",
     "layer_norm",
     "layer_norm_sq",
@@ -463,7 +406,6 @@ __all__ = [
     "needs_norms",
     "noise_scale",
     "noise_scale_from_sums",
-    "noised_mean",
     "scaled_norm",
     "sums_to_make",
     "variance_from_moments",

@@ -31,8 +31,8 @@ from ._validation import (
 from .api import BackpropResult, ClippedGrad, _backend, resolve_backend
 from .losses import REGISTRY as LOSS_REGISTRY
 from .mlp import FLOAT_DTYPES, MLP
-from .privacy import check_seed
-from .quantities import check_clip_norms, dp_noise, finish, needed, noised_mean, sums_to_make
+from .privacy import check_seed, dp_step
+from .quantities import finish, needed, sums_to_make
 
 HOST_BACKENDS: tuple[str, ...] = ("naive", "numpy", "numba")
 """Backends a :class:`Step` runs on (host arrays)."""
@@ -177,7 +177,6 @@ class Step:
         P = net.num_params
         self._no_labels = np.zeros(0, np.int64)
         self._no_targets = np.zeros((0, net.n_out), dt)
-        self._noise = np.empty(P, dt) if clip and self.noise_multiplier > 0 else None
         # the gradient's buffer, the same array for the step's life (grad_buffer); on numba without
         # clipping it is the kernels' own output row, so nothing is copied
         self._grad = np.empty(P, dt) if clip or "grad" in want else None
@@ -374,15 +373,12 @@ class Step:
 
     def _clipped(self, raw: dict, B: int, copy: bool) -> ClippedGrad:
         norms = raw["norms"]
-        check_clip_norms(norms)
         C = self.max_norm
         noise_std = self.noise_multiplier * C
-        noise = None
-        if noise_std > 0:
-            noise = dp_noise(self.net.num_params, self.seed_sequence.spawn(1)[0], self.dtype, out=self._noise)
-        self.calls += 1
+        seed = self.seed_sequence.spawn(1)[0] if noise_std > 0 else None  # call k's
         denominator = B if self.expected_batch_size is None else self.expected_batch_size
-        grad = noised_mean(raw["clipped_sum"], noise_std, noise, denominator, out=self._grad)
+        grad = dp_step(raw["clipped_sum"], norms, C, self.noise_multiplier, denominator, seed, out=self._grad)
+        self.calls += 1
         clipped = int(np.count_nonzero(norms > self.dtype.type(C)))
         if copy:
             grad, norms = grad.copy(), norms.copy()

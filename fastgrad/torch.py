@@ -379,11 +379,15 @@ class DPGradStep(GradStep):
         X, y = self._host("X", X), self._host("y", y)
         self.steps += 1
         if len(X) == 0:  # Poisson sampling took no one: the step is the noise alone
-            noise_std = self.noise_multiplier * self.max_norm
-            xi = privacy.standard_normal(
-                self.net.num_params, self._grad_np.dtype, seed=self._empty_seed.spawn(1)[0]
+            privacy.dp_step(
+                np.zeros_like(self._grad_np),
+                self._empty_norms,
+                self.max_norm,
+                self.noise_multiplier,
+                self.expected_batch_size,
+                self._empty_seed.spawn(1)[0],
+                out=self._grad_np,
             )
-            np.multiply(xi, noise_std / self.expected_batch_size, out=self._grad_np)
             return StepStats(math.nan, self._empty_norms, 0.0, 0)
         res = self._step(self._theta_np, X, y)  # res.grad is p.grad's buffer
         inv = self._inv_scale

@@ -56,6 +56,27 @@ def test_every_kernel_compiles_to_ptx_for_sm90(dtype, monkeypatch):
 
 @needs_numba_cuda
 @not_simulated
+@pytest.mark.parametrize("dtype, suffix", [("float32", "f32"), ("float64", "f64")])
+def test_the_dp_step_kernel_multiplies_without_fusing_into_an_fma(dtype, suffix, monkeypatch):
+    # the host rounds σC·ξ, then the sum, then the quotient (privacy.dp_step); NVVM contracts a
+    # plain a * b + c into one FMA, which would round once where the host rounds twice
+    from numba import cuda, types
+
+    if not gpu_present():
+
+        class Hopper:
+            compute_capability = (9, 0)
+
+        monkeypatch.setattr("numba.cuda.dispatcher.get_current_device", lambda: Hopper())
+    F = getattr(types, dtype)
+    kern = fc.KERNELS["noised_mean_kernel"]
+    ptx, _ = cuda.compile_ptx(kern.build(F), kern.signature(F), cc=(9, 0))
+    assert f"mul.rn.{suffix}" in ptx and f"div.rn.{suffix}" in ptx
+    assert "fma" not in ptx
+
+
+@needs_numba_cuda
+@not_simulated
 def test_cuda_backend_without_gpu_is_a_clear_runtime_error(monkeypatch):
     monkeypatch.setattr(fc.cuda, "is_available", lambda: False)
     monkeypatch.setattr(fc, "_GPU_OK", False)  # forget an earlier success

@@ -12,7 +12,7 @@ from problems import make_problem
 from scipy import stats
 
 import fastgrad
-from fastgrad import api, privacy
+from fastgrad import api, noise, privacy
 from fastgrad._validation import check_inputs
 from fastgrad.extras import MissingExtraError
 
@@ -178,11 +178,20 @@ def test_secure_noise_is_standard_normal_unseeded_and_fresh():
         privacy.standard_normal(5, seed=0, secure=True)
 
 
-def test_default_noise_is_numpys_default_rng():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_default_noise_is_the_counter_based_generator_keyed_by_the_seed_sequence(dtype):
+    words = tuple(int(w) for w in np.random.SeedSequence((3, 1, 4)).generate_state(3, np.uint32))
     np.testing.assert_array_equal(
-        privacy.standard_normal(50, np.float32, seed=(3, 1, 4)),
-        np.random.default_rng((3, 1, 4)).standard_normal(50).astype(np.float32),
+        privacy.standard_normal(50, dtype, seed=(3, 1, 4)), noise.standard_normal_reference(50, dtype, words)
     )
+    ss = np.random.SeedSequence(9, spawn_key=(2,))  # a SeedSequence is used as it is
+    np.testing.assert_array_equal(
+        privacy.standard_normal(7, dtype, ss), privacy.standard_normal(7, dtype, ss)
+    )
+    g1, g2 = np.random.default_rng(4), np.random.default_rng(4)  # a Generator advances
+    first = privacy.standard_normal(7, dtype, g1)
+    np.testing.assert_array_equal(first, privacy.standard_normal(7, dtype, g2))
+    assert not np.array_equal(first, privacy.standard_normal(7, dtype, g1))
 
 
 # ------------------------------------------------------------- clipped_grad
@@ -194,14 +203,13 @@ def problem():
 
 
 def _old_formula(net, theta, X, y, C, sigma, seed, backend):
-    """clipped_grad as it was before its DP options: (clipped sum + σC ξ) / B, ξ from default_rng."""
+    """clipped_grad's step spelt out: (clipped sum + dt(σC) ξ) / dt(B), each operation in θ's dtype,
+    ξ = privacy.standard_normal(P, dt, seed)."""
     inp = check_inputs(net, theta, X, y)
     dt = inp.dtype
     total = api.run_backend(backend, net, inp, frozenset({"loss"}), C)["clipped_sum"]
     if sigma > 0:
-        total = total + dt.type(sigma * C) * np.random.default_rng(seed).standard_normal(
-            net.num_params
-        ).astype(dt)
+        total = total + dt.type(sigma * C) * privacy.standard_normal(net.num_params, dt, seed)
     return total / dt.type(inp.batch_size)
 
 

@@ -35,7 +35,8 @@ import numpy as np
 from .. import _validation
 from ..losses import REGISTRY as LOSS_REGISTRY
 from ..mlp import MLP
-from ..quantities import HOST, SUMS, check_clip_norms, dp_noise, made_in_pass, needs_norms, sums_to_make
+from ..privacy import dp_step
+from ..quantities import HOST, SUMS, made_in_pass, needs_norms, sums_to_make
 from . import config, fused, gemm, rows
 from .config import (
     FUSED_MAX_WIDTH,
@@ -489,15 +490,7 @@ def clipped_grad_device(
     """DP-SGD's clipped, noised mean gradient for device inputs, as a device array (P,)."""
     d = check_device_inputs(net, theta, X, y, values=False)
     raw = _run_device(net, d, frozenset({"loss"}), max_norm, None, path)
-    check_clip_norms(raw["norms"].copy_to_host())  # B numbers: a NaN or Inf norm must not go unclipped
-    P = net.num_params
-    xi = dp_noise(P, seed, d.dtype) if noise_multiplier > 0 else np.zeros(P, dtype=d.dtype)
-    return rows.noised_mean(
-        total=raw["clipped_sum"],
-        noise=cuda.to_device(xi),
-        noise_std=noise_multiplier * max_norm,
-        batch=d.batch_size,
-    )
+    return dp_step(raw["clipped_sum"], raw["norms"], max_norm, noise_multiplier, d.batch_size, seed)
 
 
 __all__ = [

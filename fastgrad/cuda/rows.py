@@ -14,7 +14,24 @@ import math
 
 from ..losses import output_delta_row
 from ..quantities import add_square, clip_factor, layer_norm, scaled_norm, variance_from_moments
-from .config import ROW_THREADS, SUM_X, SUM_Y, WRITE_THREADS, cdiv, cuda, kernel, mat, nbt, vec
+from .config import ROW_THREADS, SIMULATOR, SUM_X, SUM_Y, WRITE_THREADS, cdiv, cuda, kernel, mat, nbt, vec
+
+
+def exact_multiply(F):
+    """a·b rounded once, for float type F, never contracted with a following add: NVVM fuses
+    ``a * b + c`` into one FMA by default (``-fma=1``), which the host's NumPy never does; libdevice's
+    ``__nv_fmul_rn`` / ``__nv_dmul_rn`` are products it may not fuse. The simulator runs NumPy
+    scalars, which round each operation."""
+    if SIMULATOR:
+        return _product
+    from numba.cuda import libdevice
+
+    return libdevice.fmul_rn if F == nbt.float32 else libdevice.dmul_rn
+
+
+def _product(a, b):
+    return a * b
+
 
 # ------------------------------------------------------------------- kernels
 
@@ -154,11 +171,14 @@ def row_dot_kernel(F):
 
 @kernel(lambda F: (vec(F), vec(F), F, F, vec(F)))
 def noised_mean_kernel(F):
-    def noised_mean(total, noise, sigma_c, inv_b, out):
-        # (P,) each: out = (total + σ C ξ) / B
+    mul = exact_multiply(F)
+
+    def noised_mean(total, noise, sigma_c, denominator, out):
+        # (P,) each: out = (total + σC·ξ) / D, rounded as the host rounds (privacy.dp_step): a product
+        # that NVVM cannot contract into a fused multiply-add, then an IEEE add and division
         p = cuda.grid(1)
         if p < out.shape[0]:
-            out[p] = (total[p] + sigma_c * noise[p]) * inv_b
+            out[p] = (total[p] + mul(sigma_c, noise[p])) / denominator
 
     return noised_mean
 
@@ -262,13 +282,14 @@ def row_dot(M, v):
     return out
 
 
-def noised_mean(*, total, noise, noise_std: float, batch: int):
-    """DP-SGD's (clipped sum + σ C ξ) / B (P,), on the device; ``noise_std`` = σ C."""
+def noised_mean(*, total, noise, noise_std: float, denominator: float):
+    """DP-SGD's (clipped sum + σC·ξ) / D (P,), on the device, with the host's roundings
+    (:func:`fastgrad.privacy.dp_step`, which calls it); ``noise_std`` = σC."""
     P = total.shape[0]
     F = total.dtype.type
     out = cuda.device_array(P, dtype=total.dtype)
     noised_mean_kernel.launch(
-        total.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, total, noise, F(noise_std), F(1.0 / batch), out
+        total.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, total, noise, F(noise_std), F(denominator), out
     )
     return out
 

@@ -21,7 +21,6 @@ from .datasets import Dataset
 from .plotting import plot_path, pyplot
 from ..losses import CROSS_ENTROPY
 from ..mlp import MLP
-from ..quantities import dp_noise, noised_mean
 from ..shortcut import METHODS, compare_shortcut, shortcut_grad
 
 TRAIN_METHODS: tuple[str, ...] = ("true", *METHODS, "dp_sgd")
@@ -272,10 +271,12 @@ class _SGD:
         """DP-SGD's step on a Poisson batch: clipped sum plus noise, over the expected batch size."""
         dp = self.dp
         if len(X) == 0:  # Poisson sampling may draw no one: the step is the noise alone
+            no_norms = np.zeros(0, theta.dtype)
+            grad = privacy.dp_step(
+                np.zeros_like(theta), no_norms, dp.max_norm, dp.noise_multiplier, self.batch_size, noise_seed
+            )
             noise_std = dp.noise_multiplier * dp.max_norm
-            xi = dp_noise(self.net.num_params, noise_seed, theta.dtype) if noise_std > 0 else None
-            grad = noised_mean(np.zeros_like(theta), noise_std, xi, self.batch_size)
-            return ClippedGrad(grad, np.zeros(0, theta.dtype), 0.0, noise_std, float(self.batch_size))
+            return ClippedGrad(grad, no_norms, 0.0, noise_std, float(self.batch_size))
         return clipped_grad(
             self.net,
             theta,

@@ -8,6 +8,7 @@ from problems import make_problem
 
 import fastgrad
 from fastgrad import cuda as fc
+from fastgrad import privacy
 
 cuda = fc.cuda
 
@@ -34,3 +35,21 @@ def test_device_arrays_refuse_the_options_they_do_not_have(kwargs):
     args = (cuda.to_device(theta), cuda.to_device(X), cuda.to_device(y.astype(np.int64)))
     with pytest.raises(NotImplementedError, match="GPU arrays"):
         fastgrad.clipped_grad(net, *args, 0.4, 0.5, backend="cuda", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_device_step_has_the_host_steps_bits(dtype):
+    rng = np.random.default_rng(3)
+    P, B = 64, 7
+    total = (rng.standard_normal(P) * 3).astype(dtype)
+    norms = rng.uniform(0, 2, B).astype(dtype)
+    C, sigma = 0.7, 1.3
+    host = privacy.dp_step(total, norms, C, sigma, B, seed=8)
+    device = privacy.dp_step(cuda.to_device(total), cuda.to_device(norms), C, sigma, B, seed=8)
+    np.testing.assert_array_equal(device.copy_to_host(), host)
+    dt = np.dtype(dtype)  # the product with 1/B that the device used to form rounds differently
+    old = (total + dt.type(sigma * C) * privacy.standard_normal(P, dtype, 8)) * dt.type(1 / B)
+    assert not np.array_equal(old, host)
+    norms[3] = np.nan
+    with pytest.raises(FloatingPointError, match="sample 3"):
+        privacy.dp_step(cuda.to_device(total), cuda.to_device(norms), C, sigma, B, seed=8)
