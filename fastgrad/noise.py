@@ -190,8 +190,13 @@ _INV_R = 1.0 / ZIGGURAT_R
 _U53 = 2.0**-53
 _MANTISSA52 = np.uint64((1 << 52) - 1)
 _BYTE = np.uint64(0xFF)
-_SIGN32 = np.array([1.0, -1.0], np.float32)  # bit 8 of a draw: its sign
-_SIGN64 = np.array([1.0, -1.0])
+# the fast path's tables indexed by a draw's low 9 bits (bit 8 the sign, bits 0-7 the layer): ±w_j
+# and k_j, so the sign costs no load, multiply or branch (an exact negation, the same bits)
+_WS32 = np.concatenate([_W32, -_W32])
+_KS32 = np.concatenate([_K32, _K32])
+_WS64 = np.concatenate([_W64, -_W64])
+_KS64 = np.concatenate([_K64, _K64])
+_LOW9 = np.uint64(0x1FF)
 _ZERO = np.uint64(0)
 _ONE = np.uint64(1)
 _SHIFT8 = np.uint64(8)
@@ -244,7 +249,7 @@ def _slow_value(i, bits, wide, w0, w1, w2, w3, k0, k1, c3):
 
 @register_jitable
 def _finish_slow(xi, bits, slow, n_slow, start, wide, k0, k1, c3):
-    # xi (BLOCK,): a task's values from ``start`` on; redo those at t = slow[:n_slow] (rounded to xi's dtype)
+    # xi (≥ count,): a task's values from ``start`` on; redo those at t = slow[:n_slow] (in xi's dtype)
     first = np.empty((4, n_slow), np.uint64)
     for s in range(n_slow):  # their first own blocks, branch-free (vectorised)
         i = np.uint64(start + slow[s])
@@ -258,14 +263,11 @@ def _finish_slow(xi, bits, slow, n_slow, start, wide, k0, k1, c3):
 
 
 @register_jitable
-def _store(out, total, std, denominator, fused, xi, start, count):
-    # out[start : start + count] <- xi, or (total + std·xi) / denominator in out's dtype (vectorised)
-    if fused:
-        for t in range(count):
-            out[start + t] = (total[start + t] + std * xi[t]) / denominator
-    else:
-        for t in range(count):
-            out[start + t] = xi[t]
+def _noised_into(out, total, std, denominator, xi, start, count):
+    # out[start : start + count] <- (total[...] + std·xi[:count]) / denominator, in out's dtype
+    # (vectorised; xi is a task's own buffer, so ``out`` may be ``total``)
+    for t in range(count):
+        out[start + t] = (total[start + t] + std * xi[t]) / denominator
 
 
 # --------------------------------------------------------- NumPy reference
@@ -376,21 +378,22 @@ def _draw32(out, total, std, denominator, k0, k1, c3, fused):
     for task in prange((n + BLOCK - 1) // BLOCK):
         start = task * BLOCK
         count = min(BLOCK, n - start)
+        # a task's values: straight into out, or a buffer when they are noise for a fused step
+        xi = np.empty(BLOCK, out.dtype) if fused else out[start : start + count]
         bits = np.empty(BLOCK, np.uint64)
         _raw_bits(bits, np.uint64(start // 4), count, False, k0, k1, c3)
         slow = np.empty(BLOCK, np.int32)
-        xi = np.empty(BLOCK, out.dtype)
         n_slow = 0
         for t in range(count):  # branch-free: the slow values are listed, then redone
             b = bits[t]
-            j = b & _BYTE
+            k = b & _LOW9
             u = b >> _SHIFT9
-            # the sign as a product with ±1: exact, and no branch to mispredict half the time
-            xi[t] = np.float32(np.int32(u)) * _W32[j] * _SIGN32[(b >> _SHIFT8) & _ONE]
+            xi[t] = np.float32(np.int32(u)) * _WS32[k]
             slow[n_slow] = t
-            n_slow += u >= _K32[j]
+            n_slow += u >= _KS32[k]
         _finish_slow(xi, bits, slow, n_slow, start, False, k0, k1, c3)
-        _store(out, total, std, denominator, fused, xi, start, count)
+        if fused:
+            _noised_into(out, total, std, denominator, xi, start, count)
 
 
 @njit(parallel=True, nogil=True, cache=CACHE)
@@ -400,20 +403,22 @@ def _draw64(out, total, std, denominator, k0, k1, c3, fused):
     for task in prange((n + BLOCK - 1) // BLOCK):
         start = task * BLOCK
         count = min(BLOCK, n - start)
+        # a task's values: straight into out, or a buffer when they are noise for a fused step
+        xi = np.empty(BLOCK, out.dtype) if fused else out[start : start + count]
         bits = np.empty(BLOCK, np.uint64)
         _raw_bits(bits, np.uint64(start // 2), count, True, k0, k1, c3)
         slow = np.empty(BLOCK, np.int32)
-        xi = np.empty(BLOCK, out.dtype)
         n_slow = 0
         for t in range(count):
             b = bits[t]
-            j = b & _BYTE
+            k = b & _LOW9
             u = (b >> _SHIFT9) & _MANTISSA52
-            xi[t] = float(np.int64(u)) * _W64[j] * _SIGN64[(b >> _SHIFT8) & _ONE]
+            xi[t] = float(np.int64(u)) * _WS64[k]
             slow[n_slow] = t
-            n_slow += u >= _K64[j]
+            n_slow += u >= _KS64[k]
         _finish_slow(xi, bits, slow, n_slow, start, True, k0, k1, c3)
-        _store(out, total, std, denominator, fused, xi, start, count)
+        if fused:
+            _noised_into(out, total, std, denominator, xi, start, count)
 
 
 def _words(words) -> tuple[np.uint64, np.uint64, np.uint64]:
