@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import _problems, backprop, compile_time, floors  # noqa: E402
+from benchmarks import _problems, _timing, backprop, compile_time, floors  # noqa: E402
 
+ROOT_PATH = Path(ROOT)
 TINY = ((6, 5, 4, 3), 16)
 
 
@@ -102,3 +104,86 @@ def test_asv_first_call_seconds_runs_in_a_fresh_interpreter(tmp_path):
     assert 0 < seconds < 60
     with pytest.raises(RuntimeError, match="first calls on 'fortran' failed"):
         compile_time.first_call_seconds("fortran", str(tmp_path))
+
+
+# ------------------------------------------------- benchmarks/_timing.py
+
+
+class FakeClock:
+    """A clock that each call of a fake method advances by that method's cost; logs the calls."""
+
+    def __init__(self):
+        self.now, self.log = 0, []
+
+    def __call__(self):
+        return self.now
+
+    def method(self, name, costs):
+        costs = iter(costs)
+
+        def call():
+            self.log.append(name)
+            self.now += next(costs)
+
+        return call
+
+
+def test_timed_rounds_takes_turns_two_untimed_calls_then_one_timed(monkeypatch):
+    monkeypatch.setattr(_timing.time, "sleep", lambda s: None)
+    clock = FakeClock()
+    # a: 2 warm-up, then per turn 2 untimed + 1 timed; the timed calls cost 1, 2, 3 s
+    a = clock.method("a", [9, 9, *(9, 9, 1), *(9, 9, 2), *(9, 9, 3)])
+    b = clock.method("b", [9, 9, *(9, 9, 4), *(9, 9, 4), *(9, 9, 1)])
+    res = _timing.timed_rounds({"a": a, "b": b}, rounds=1, reps=3, clock=clock)
+    assert clock.log == ["a", "a", "b", "b"] + (["a"] * 3 + ["b"] * 3) * 3
+    med, best, calls = res["a"]
+    assert (med, best) == (2000.0, 1000.0) and list(calls) == [1000.0, 2000.0, 3000.0]
+    # the median of the paired ratios (1/4, 2/4, 3/1), not the ratio of the medians (2/4)
+    assert _timing.median_ratio(res["a"][2], res["b"][2]) == 0.5
+    assert _timing.median_ratio([1, 2, 30], [4, 4, 1]) == 0.5
+    assert _timing.median([1, 2, 30]) / _timing.median([4, 4, 1]) == 0.5
+    assert _timing.median_ratio([3, 1, 8], [1, 1, 1]) == 3.0
+
+
+def test_paired_ratios_refuse_unpaired_samples():
+    with pytest.raises(ValueError, match="3 and 2"):
+        _timing.paired_ratios([1, 2, 3], [1, 2])
+
+
+def test_turns_keeps_each_samplers_own_sample_in_order():
+    log = []
+    samplers = {"x": lambda: log.append("x") or len(log), "y": lambda: log.append("y") or [len(log)]}
+    out = _timing.turns(samplers, 3)
+    assert log == ["x", "y"] * 3
+    assert out == {"x": [1, 3, 5], "y": [[2], [4], [6]]}
+
+
+def test_timer_settles_then_times_a_block_per_call():
+    clock = FakeClock()
+    f = clock.method("f", [100, 1, 2, 3, 4])  # one untimed call, then a block of 4
+    assert _timing.timer(f, clock=clock, settle=1, calls=4)() == 2.5
+    assert _timing.timer(clock.method("g", [7]), clock=clock)() == 7  # one call: the bare difference
+
+
+def test_warm_up_order_and_best_of_and_block_steps():
+    clock = FakeClock()
+    a, b = clock.method("a", [0] * 4), clock.method("b", [0] * 4)
+    _timing.warm_up([a, b], rounds=2)
+    _timing.warm_up([a, b], each=2)
+    assert clock.log == ["a", "b", "a", "b", "a", "a", "b", "b"]
+    assert _timing.best_of(clock.method("c", [5, 2, 9]), 3, clock=clock) == 2
+    # 3 warm-up calls, then one of 0.01 s: a block of 0.05 s is 5 calls, within 1 ... most
+    assert _timing.block_steps(clock.method("d", [1, 1, 1, 0.01]), 0.05, clock=clock) == 5
+    assert _timing.block_steps(clock.method("e", [1, 1, 1, 0.0]), 0.05, most=200, clock=clock) == 200
+    assert _timing.block_steps(clock.method("f", [1, 1, 1, 1.0]), 0.05, clock=clock) == 1
+
+
+def test_timing_is_a_helper_asv_does_not_take_for_a_benchmark():
+    prefixes = ("time_", "timeraw_", "mem_", "peakmem_", "track_")
+    assert not [n for n in dir(_timing) if n.startswith(prefixes)]
+
+
+def test_no_benchmark_script_puts_a_folder_on_sys_path():
+    for path in (ROOT_PATH / "benchmarks").glob("*.py"):
+        text = path.read_text()
+        assert "sys.path.insert" not in text and "sys.path.append" not in text, path.name
