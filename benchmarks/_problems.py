@@ -27,7 +27,7 @@ CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {
 
 A FROZEN COPY of ``fastgrad.tools.configs.CONFIGS`` (asv runs this suite against old
 commits that lack ``fastgrad.tools``). It must stay equal to it, or the history breaks:
-tests/test_configs.py checks the two match, and that ``problem`` below builds the
+tests/tools/test_configs.py checks the two match, and that ``problem`` below builds the
 same arrays as ``fastgrad.tools.configs.problem``."""
 
 SMALL_BATCH_CONFIGS: dict[str, tuple[tuple[int, ...], int]] = {

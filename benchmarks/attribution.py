@@ -13,7 +13,7 @@ docs/design.md §6's configurations (float32, tanh, cross-entropy), every side o
 - **torch.func gram**: ``vmap(grad(loss))`` per-sample gradients, then Σ_l G_l G_lᵀ layer by
   layer (no concatenated (B, P) copy: the cheaper way for torch).
 
-Times: the methods take turns call by call (``cpu_targets.timed_rounds``), medians.
+Times: the methods take turns call by call (``_timing.timed_rounds``), medians.
 Peak memory: each method in a fresh subprocess, after a warm-up call on 2 samples of the
 problem (imports, compiling, first-call caches; a warm-up on the whole batch would leave its
 buffers resident, and the timed call would reuse them), the peak resident set of one call on
@@ -26,19 +26,21 @@ it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_targets import THREADS, timed_rounds
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/attribution.py): its folder is on sys.path
+    import _timing
+
+THREADS = 2
 
 METHODS = ("grad", "gram", "dot", "torch.func gram")
 
@@ -98,9 +100,7 @@ def peak_of_call(name: str, config: str) -> dict:
     before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as c:
         c.write("5")  # resets VmHWM to the current RSS
-    t0 = time.perf_counter()
-    f()
-    wall = time.perf_counter() - t0
+    wall = _timing.timer(f)()
     return {"peak_mib": (_rss_kib("VmHWM") - before) / 1024, "wall_s": wall}
 
 
@@ -139,13 +139,8 @@ def materialise_table(rows: int = 256, reps: int = 20) -> None:
             A1, A2 = (rng.standard_normal((rows, n_in)).astype(np.float32) for _ in range(2))
             t = {}
             for mat in (False, True, False, True):
-                attribution._layer_block(D1, A1, D2, A2, False, mat)
-                ts = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    attribution._layer_block(D1, A1, D2, A2, False, mat)
-                    ts.append(time.perf_counter() - t0)
-                t.setdefault(mat, []).append(np.median(ts) * 1e6)
+                call = functools.partial(attribution._layer_block, D1, A1, D2, A2, False, mat)
+                t.setdefault(mat, []).append(_timing.median(_timing.consecutive(call, reps, warmup=1)) * 1e6)
             f, m = min(t[False]), min(t[True])
             print(f"| {n_out} × {n_in} | {n_out * (n_in + 1)} | {f:.0f} | {m:.0f} | {m / f:.2f} |")
 
@@ -169,26 +164,26 @@ def main() -> int:
 
     import fastgrad
 
-    now = datetime.datetime.now(datetime.UTC)
-    print(f"{now:%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}")
+    print(f"{_timing.utc_now()}, {_timing.machine()}")
     print(f"fastgrad {fastgrad.__version__}, numpy {np.__version__}, numba {numba.__version__}, ", end="")
     print(f"torch {torch.__version__}")
-    print(f"load before: {os.getloadavg()}")
+    print(f"load before: {_timing.load()}")
     print()
     print("| config | method | median ms | / grad | peak MiB of one call |")
     print("|---|---|---|---|---|")
     for config in args.configs.split(","):
-        times = timed_rounds({m: method(m, config) for m in METHODS}, args.rounds, args.reps)
+        times = _timing.timed_rounds({m: method(m, config) for m in METHODS}, args.rounds, args.reps)
         grad_calls = times["grad"][2]
         for m in METHODS:
             med, _, calls = times[m]
-            ratio = float(np.median(calls / grad_calls))
+            ratio = _timing.median_ratio(calls, grad_calls)
             peak = peak_in_subprocess(m, config)["peak_mib"]
             print(f"| {config} | {m} | {med:.1f} | {ratio:.2f} | {peak:.1f} |")
         tf_calls, gram_calls = times["torch.func gram"][2], times["gram"][2]
-        print(f"| {config} | torch.func gram / gram | | {float(np.median(tf_calls / gram_calls)):.1f}× | |")
+        tf_ratio = _timing.median_ratio(tf_calls, gram_calls)
+        print(f"| {config} | torch.func gram / gram | | {tf_ratio:.1f}× | |")
     print()
-    print(f"load after: {os.getloadavg()}")
+    print(f"load after: {_timing.load()}")
     return 0
 
 

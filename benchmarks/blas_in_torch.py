@@ -24,18 +24,16 @@ import numpy as np
 
 import fastgrad
 
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/blas_in_torch.py): its folder is on sys.path
+    import _timing
+
 SIZES, B = [784, 128, 10], 64
 
 
 def median_us(f, reps) -> float:
-    for _ in range(5):
-        f()
-    t = []
-    for _ in range(reps):
-        t0 = time.perf_counter_ns()
-        f()
-        t.append(time.perf_counter_ns() - t0)
-    return float(np.median(t)) / 1e3
+    return float(np.median(_timing.consecutive(f, reps, warmup=5, clock=time.perf_counter_ns))) / 1e3
 
 
 def main(argv=None) -> None:
@@ -64,17 +62,14 @@ def main(argv=None) -> None:
 
     mixed = {}
     for b, f in calls.items():
-        t_f, t_t = [], []
-        for _ in range(a.reps + 5):
-            t0 = time.perf_counter_ns()
-            torch_step()
-            t1 = time.perf_counter_ns()
-            f()
-            t2 = time.perf_counter_ns()
-            t_t.append(t1 - t0)
-            t_f.append(t2 - t1)
-        mixed[b] = (float(np.median(t_f[5:])) / 1e3, float(np.median(t_t[5:])) / 1e3)
-    load = os.getloadavg()
+        turn = {  # torch's step, then fastgrad's, as in a training loop; 5 rounds of warm-up
+            "torch": _timing.timer(torch_step, clock=time.perf_counter_ns),
+            "fastgrad": _timing.timer(f, clock=time.perf_counter_ns),
+        }
+        _timing.warm_up(turn.values(), rounds=5)
+        t = _timing.turns(turn, a.reps)
+        mixed[b] = (float(np.median(t["fastgrad"])) / 1e3, float(np.median(t["torch"])) / 1e3)
+    load = _timing.load()
     env = {
         k: os.environ[k]
         for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")

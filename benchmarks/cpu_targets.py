@@ -28,7 +28,6 @@ This is a script, not a test: nothing here asserts; it reports.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import resource
@@ -39,29 +38,14 @@ import time
 
 import numpy as np
 
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/cpu_targets.py): its folder is on sys.path
+    import _timing
+
 THREADS = 2
 CLOCK = time.perf_counter
 # fastgrad (and so Numba) is imported inside the functions: the child processes time its import
-
-
-def timed_rounds(methods: dict, rounds: int, reps: int) -> dict:
-    """{name: (median ms, best ms, per-call ms)}: after a warm-up of each, the methods take
-    turns, ``rounds * reps`` times, each turn two untimed calls (so no method pays for the
-    caches the previous one evicted) and one timed call; call i of every method sees the
-    same load on a shared machine, so ratios can be taken pair by pair."""
-    for f in methods.values():
-        f()
-        f()
-    times = {name: [] for name in methods}
-    for _ in range(rounds * reps):
-        for name, f in methods.items():
-            time.sleep(0.01)  # lets the previous library's worker threads go idle
-            f()  # untimed, twice: refills the caches (and pages) the previous method took;
-            f()  # with one, the method after torch.func's vmap still ran 10 % slow
-            t0 = CLOCK()
-            f()
-            times[name].append(1e3 * (CLOCK() - t0))
-    return {name: (float(np.median(t)), float(np.min(t)), np.array(t)) for name, t in times.items()}
 
 
 def torch_methods(sizes, B, X, y, theta, net, vmap: bool):
@@ -103,7 +87,7 @@ def table_row(name: str, res: dict, flop_floor: float) -> tuple[str, ...]:
         if num not in res or den not in res:
             return "–"
         a, b = res[num], res[den]
-        return f"{np.median(a[2] / b[2]):.2f} ({a[1] / b[1]:.2f})"
+        return f"{_timing.median_ratio(a[2], b[2]):.2f} ({a[1] / b[1]:.2f})"
 
     g, ps = res["grad"], res["per_sample"]
     return (
@@ -121,12 +105,8 @@ def sgemm_rate() -> float:
     from fastgrad.tools import configs
 
     call, flops = configs.sgemm_timer(1024)
-    best = np.inf
     with threadpool_limits(THREADS, user_api="blas"):
-        for _ in range(12):
-            t0 = time.perf_counter()
-            call()
-            best = min(best, time.perf_counter() - t0)
+        best = _timing.best_of(call, 12)
     return flops / best / 1e9
 
 
@@ -154,7 +134,7 @@ def gemm_rates(m: int, k: int, n: int) -> str:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(THREADS, user_api="blas"):
-        res = timed_rounds(methods, 3, 10)
+        res = _timing.timed_rounds(methods, 3, 10, clock=CLOCK)
     flop = 2 * m * k * n / 1e9
     return ", ".join(f"{name} {flop / (best / 1e3):.0f}" for name, (med, best, _) in res.items())
 
@@ -188,7 +168,7 @@ def measure_config(name, rounds, reps, vmap):
     }
     peer, torch_version = torch_methods(sizes, B, X, y, theta, net, vmap)
     methods.update(peer)
-    res = timed_rounds(methods, rounds, reps if B * P < 3e8 else max(3, reps // 3))
+    res = _timing.timed_rounds(methods, rounds, reps if B * P < 3e8 else max(3, reps // 3), clock=CLOCK)
     return res, B, P, torch_version
 
 
@@ -299,7 +279,7 @@ def main():
     from fastgrad.tools import configs
 
     numba.set_num_threads(THREADS)
-    print(f"# fastgrad numba backend, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"# fastgrad numba backend, {_timing.utc_now()}")
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; load average at start {os.getloadavg()}")
     print(f"threads: {THREADS} (Numba and PyTorch); clock: {args.clock}")
     print(f"env OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} "

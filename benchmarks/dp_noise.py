@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import sys
 import time
@@ -32,6 +31,11 @@ import numpy as np
 
 import fastgrad
 from fastgrad import noise, privacy
+
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/dp_noise.py): its folder is on sys.path
+    import _timing
 
 
 def main(argv=None) -> None:
@@ -71,17 +75,10 @@ def main(argv=None) -> None:
         "dp_step with σ = 0 (divide only)": lambda: privacy.dp_step(total, norms, 1.0, 0.0, a.batch, out=out),
         "PCG64 float32 (NumPy)": lambda: np.random.default_rng(5).standard_normal(P, dtype=np.float32),
     }
-    times = {k: [] for k in work}
-    for _ in range(5):
-        for f in work.values():
-            f()
-    load0 = os.getloadavg()
-    for _ in range(a.reps):
-        for k, f in work.items():
-            t0 = time.perf_counter_ns()
-            f()
-            times[k].append(time.perf_counter_ns() - t0)
-    load1 = os.getloadavg()
+    _timing.warm_up(work.values(), rounds=5)
+    load0 = _timing.load()
+    times = _timing.turns({k: _timing.timer(f, clock=time.perf_counter_ns) for k, f in work.items()}, a.reps)
+    load1 = _timing.load()
     med = {k: float(np.median(v)) / 1e3 for k, v in times.items()}
     kernel = med["kernel (clipped step, no noise)"]
     print(f"# DP noise against the kernel, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n")

@@ -15,7 +15,7 @@ One step, on docs/design.md §6's configurations (float32, tanh, cross-entropy),
   ``PrivacyEngine`` would use, is not installed), so this times the draws, not a CSPRNG;
 - **torch backward**: a plain forward + backward of the mean loss, the yardstick of docs/design.md §6.
 
-The methods take turns call by call (``cpu_targets.timed_rounds``: two untimed calls, then a
+The methods take turns call by call (``_timing.timed_rounds``: two untimed calls, then a
 timed one), so each sees the same load; ratios are medians of paired per-call ratios (and,
 in brackets, the ratio of the best calls). A script, not a test: it asserts nothing.
 """
@@ -23,15 +23,19 @@ in brackets, the ratio of the best calls). A script, not a test: it asserts noth
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import os
 import platform
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_targets import THREADS, timed_rounds
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/dp_step.py): its folder is on sys.path
+    import _timing
+
+THREADS = 2
 
 SIGMA, C, LR = 1.0, 1.0, 0.1
 
@@ -88,18 +92,12 @@ def methods_for(name: str, backend: str) -> dict:
 
 def noise_costs(P: int, reps: int = 20) -> tuple[float, float]:
     """Median ms of P standard normals: NumPy's default_rng, and fastgrad's secure draw."""
-    import time
-
     from fastgrad import privacy
 
     out = []
     for secure in (False, True):
-        t = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            privacy.standard_normal(P, np.float32, None, secure=secure)
-            t.append(1e3 * (time.perf_counter() - t0))
-        out.append(float(np.median(t)))
+        draw = functools.partial(privacy.standard_normal, P, np.float32, None, secure=secure)
+        out.append(1e3 * _timing.median(_timing.consecutive(draw, reps)))
     return out[0], out[1]
 
 
@@ -108,7 +106,7 @@ def _ms(r) -> str:
 
 
 def _ratio(res: dict, a: str, b: str) -> str:
-    return f"{np.median(res[a][2] / res[b][2]):.1f}× ({res[a][1] / res[b][1]:.1f}×)"
+    return f"{_timing.median_ratio(res[a][2], res[b][2]):.1f}× ({res[a][1] / res[b][1]:.1f}×)"
 
 
 def main(argv=None) -> int:
@@ -128,19 +126,19 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(THREADS)
     numba.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
-    load = os.getloadavg()
+    load = _timing.load()
     versions = f"torch {torch.__version__}, numba {numba.__version__}, numpy {np.__version__}"
     print(f"# one DP-SGD step: fastgrad {fastgrad.__version__} (backend {args.backend}) vs Opacus "
           f"{opacus.__version__}, {versions}")  # fmt: skip
-    print(f"# {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
-          f"{THREADS} threads each, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    print(f"# {platform.node()} ({_timing.machine()}, {os.cpu_count()} cores), "
+          f"{THREADS} threads each, {_timing.utc_now()}, "
           f"load average {load[0]:.1f}, {args.rounds}×{args.reps} timed calls per method")  # fmt: skip
     print()
     print("| config | fastgrad step | fastgrad, secure noise | Opacus step | Opacus secure_mode | "
           "torch backward | Opacus ÷ fastgrad | fastgrad ÷ torch backward |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for name in args.configs.split(","):
-        res = timed_rounds(methods_for(name, args.backend), args.rounds, args.reps)
+        res = _timing.timed_rounds(methods_for(name, args.backend), args.rounds, args.reps)
         sizes, B = configs.config(name)
         times = " | ".join(
             _ms(res[m]) for m in ("fastgrad", "fastgrad secure", "Opacus", "Opacus secure_mode")
@@ -153,7 +151,7 @@ def main(argv=None) -> int:
         P = configs.num_params(configs.config(name)[0])
         fast, secure = noise_costs(P)
         print(f"- {name}: P = {P}: {fast:.2f} ms vs {secure:.2f} ms ({secure / fast:.1f}×)")
-    print(f"# load average after: {os.getloadavg()[0]:.1f}")
+    print(f"# load average after: {_timing.load()[0]:.1f}")
     return 0
 
 

@@ -13,11 +13,10 @@ the one of ``fastgrad.tools.configs``.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 from ._problems import CONFIGS, backend_names, mean_grad_flops, per_sample_bytes, require
 from .backprop import make_call
+from ._timing import best_of, median, timer, turns
 
 ROUNDS = 7
 """Interleaved rounds: floor timer, then the quantity; medians of each."""
@@ -64,17 +63,9 @@ class RatioToFloor:
         self.floor_call()
 
     def track_ratio_to_floor(self, config, backend, quantity):
-        floor_times, times = [], []
-        for _ in range(ROUNDS):
-            best = float("inf")
-            for _ in range(FLOOR_CALLS):
-                t0 = time.perf_counter()
-                self.floor_call()
-                best = min(best, time.perf_counter() - t0)
-            floor_times.append(best)
-            t0 = time.perf_counter()
-            self.call()
-            times.append(time.perf_counter() - t0)
-        rate = self.floor_work / statistics.median(floor_times)
+        rounds = turns(
+            {"floor": lambda: best_of(self.floor_call, FLOOR_CALLS), "call": timer(self.call)}, ROUNDS
+        )
+        rate = self.floor_work / median(rounds["floor"])
         work = mean_grad_flops(config) if FLOOR_OF[quantity] == "flops" else per_sample_bytes(config)
-        return statistics.median(times) / (work / rate)
+        return median(rounds["call"]) / (work / rate)

@@ -103,7 +103,7 @@ if [ "$SMOKE" = 1 ]; then
     TESTS="tests/cuda/test_launches.py"
     VALIDATE="--quick"
 else
-    TESTS="tests/test_cuda.py tests/test_cuda_validate.py tests/cuda"
+    TESTS="tests/test_cuda.py tests/tools/test_validate.py tests/cuda"
     VALIDATE=""
 fi
 run_tests() {

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
-from datetime import datetime, timezone
 
 import numpy as np
+
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/ntk_peers.py): its folder is on sys.path
+    import _timing
 
 CONFIG_SIZES = {
     "narrow-B256": ("narrow-B256", None),
@@ -68,8 +69,8 @@ def main() -> None:
     from fastgrad.tools.configs import config
 
     print(
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, load {os.getloadavg()}; fastgrad {fastgrad.__version__}, "
+        f"{_timing.utc_now()}, {_timing.machine()}, "
+        f"{os.cpu_count()} cores, load {_timing.load()}; fastgrad {fastgrad.__version__}, "
         f"numpy {np.__version__}, "
         f"jax {jax.__version__}, neural-tangents {getattr(nt, '__version__', '?')}, "
         f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS')}"
@@ -111,14 +112,10 @@ def main() -> None:
             if a.shape != b.shape:
                 raise SystemExit(f"{name}: shapes differ, fastgrad {a.shape}, neural-tangents {b.shape}")
             err = float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
-            t_ours, t_peer = [], []
-            for _ in range(args.reps):
-                for fn, times in ((ours, t_ours), (peer, t_peer)):
-                    time.sleep(0.1)
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-            ms_ours, ms_peer = 1e3 * statistics.median(t_ours), 1e3 * statistics.median(t_peer)
+            t = _timing.turns(
+                {"ours": _timing.timer(ours, pause=0.1), "peer": _timing.timer(peer, pause=0.1)}, args.reps
+            )
+            ms_ours, ms_peer = 1e3 * _timing.median(t["ours"]), 1e3 * _timing.median(t["peer"])
             rows.append((name, "trace (B, B)" if trace else "full (B, B, K, K)", ms_ours, ms_peer, err))
             print(f"  {rows[-1]}", flush=True)
     print()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import os
 import platform
 import sys
 import time
@@ -33,6 +32,11 @@ import numpy as np
 import fastgrad
 from fastgrad import api, cpu
 from fastgrad.quantities import finish, needed
+
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/step_overhead.py): its folder is on sys.path
+    import _timing
 
 ns = time.perf_counter_ns
 
@@ -136,12 +140,6 @@ def timeline_prepared(step, theta, X, y) -> list[int]:
     return [b - a for a, b in itertools.pairwise(t)]
 
 
-def timed(f) -> int:
-    t0 = ns()
-    f()
-    return ns() - t0
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="784,128,10")
@@ -158,23 +156,20 @@ def main(argv=None) -> None:
     y = rng.integers(0, sizes[-1], a.batch)
     step = fastgrad.Step(net, dt, compute=("loss", "grad"), backend="numba")
     args = kernel_args(step, theta, X, y)
-    samples = {k: [] for k in ("kernel", "unprepared", "prepared", "tl_u", "tl_p")}
     work = {
         "kernel": lambda: kernel_only(args),
-        "unprepared": lambda: timed(lambda: fastgrad.backprop(net, theta, X, y, ("loss", "grad"), "numba")),
-        "prepared": lambda: timed(lambda: step(theta, X, y)),
+        "unprepared": _timing.timer(
+            lambda: fastgrad.backprop(net, theta, X, y, ("loss", "grad"), "numba"), clock=ns
+        ),
+        "prepared": _timing.timer(lambda: step(theta, X, y), clock=ns),
         "tl_u": lambda: timeline_unprepared(net, theta, X, y),
         "tl_p": lambda: timeline_prepared(step, theta, X, y),
     }
-    for _ in range(20):  # warm-up: compile, caches, thread pool
-        for f in work.values():
-            f()
-    for _ in range(a.reps):
-        for k, f in work.items():
-            samples[k].append(f())
+    _timing.warm_up(work.values(), rounds=20)  # compile, caches, thread pool
+    samples = _timing.turns(work, a.reps)  # each returns its own sample: ns, or a timeline's phases
     med = {k: np.median(np.array(v), axis=0) / 1e3 for k, v in samples.items()}
     k = med["kernel"]
-    load = os.getloadavg()
+    load = _timing.load()
     print(f"# host overhead of a numba call, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n")
     print(f"{sizes} B = {a.batch}, {dt}, tanh, cross_entropy; numba {numba.__version__}, "
           f"numpy {np.__version__}, Python {platform.python_version()}, {numba.get_num_threads()} threads, "

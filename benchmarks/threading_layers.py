@@ -23,7 +23,6 @@ The load average before and after is printed: on a machine shared with other wor
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -31,6 +30,11 @@ import statistics
 import subprocess
 import sys
 import time
+
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/threading_layers.py): its folder is on sys.path
+    import _timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = {
@@ -53,12 +57,7 @@ def _problem(name: str):
 
 
 def _median_ms(call, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * _timing.median(_timing.consecutive(call, n))
 
 
 def child_speed(reps: int) -> dict:
@@ -91,9 +90,8 @@ def child_latency(calls: int) -> dict:
 def _in_child(layer: str, job: str, n: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")}
     env.update(LAYERS[layer], PYTHONPATH=ROOT)
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); import threading_layers as t, numba; "
+    code = (  # PYTHONPATH=ROOT: the package benchmarks is importable
+        "import json; import benchmarks.threading_layers as t, numba; "
         f"r = t.child_{job}({n}); r['running'] = numba.threading_layer(); print(json.dumps(r))"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -111,9 +109,9 @@ def main(argv=None) -> int:
     import numba
     import numpy
 
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
+    print(f"{_timing.utc_now()}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, numba {numba.__version__}, "
-          f"numpy {numpy.__version__}; load average before: {os.getloadavg()}")  # fmt: skip
+          f"numpy {numpy.__version__}; load average before: {_timing.load()}")  # fmt: skip
     speed = {layer: [] for layer in layers}
     latency = {layer: [] for layer in layers}
     for _ in range(args.rounds):
@@ -121,7 +119,7 @@ def main(argv=None) -> int:
             speed[layer].append(_in_child(layer, "speed", args.reps))
         for layer in layers:
             latency[layer].append(_in_child(layer, "latency", args.calls))
-    print(f"load average after: {os.getloadavg()}\n")
+    print(f"load average after: {_timing.load()}\n")
 
     print("Speed: median ms per call of the mean gradient (median over rounds), and the ratio to tbb\n")
     print("| config | " + " | ".join(layers) + " | " + " | ".join(f"{x} / tbb" for x in layers[1:]) + " |")

@@ -28,7 +28,6 @@ the per-round paired ratios. A script, not a test: it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import sys
@@ -36,6 +35,11 @@ import time
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 import numpy as np
+
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/training_step.py): its folder is on sys.path
+    import _timing
 
 THREADS = 2
 CONFIGS = "mnist128-B64,narrow-B32,narrow-B256,mnist,wide"
@@ -128,27 +132,17 @@ def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
 def timed_blocks(methods: dict, blocks: int, seconds: float) -> dict:
     """{name: per-step ms of each block}: after a warm-up that also sizes each method's block to
     about ``seconds``, the methods take turns, one block each per round."""
-    steps = {}
-    for name, f in methods.items():
-        for _ in range(3):
-            f()
-        t0 = CLOCK()
-        f()
-        steps[name] = max(1, min(200, round(seconds / max(CLOCK() - t0, 1e-6))))
-    times = {name: [] for name in methods}
-    for _ in range(blocks):
-        for name, f in methods.items():
-            n = steps[name]
-            f()  # refills the caches the previous method took (untimed)
-            t0 = CLOCK()
-            for _ in range(n):
-                f()
-            times[name].append(1e3 * (CLOCK() - t0) / n)
-    return {name: np.array(t) for name, t in times.items()}
+    steps = {
+        name: _timing.block_steps(f, seconds, warmup=3, most=200, clock=CLOCK) for name, f in methods.items()
+    }
+    samplers = {  # one untimed call first: refills the caches the previous method took
+        name: _timing.timer(f, clock=CLOCK, settle=1, calls=steps[name]) for name, f in methods.items()
+    }
+    return {name: 1e3 * np.array(t) for name, t in _timing.turns(samplers, blocks).items()}
 
 
 def ratio(res: dict, a: str, b: str) -> float:
-    return float(np.median(res[a] / res[b]))
+    return _timing.median_ratio(res[a], res[b])
 
 
 def main(argv=None) -> int:
@@ -180,10 +174,10 @@ def main(argv=None) -> int:
     }
     print(f"# training step: fastgrad.torch vs torch; {versions}")
     print(
-        f"# {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+        f"# {platform.node()} ({_timing.machine()}, {os.cpu_count()} cores), "
         f"torch threads {args.torch_threads}, numba threads {numba.get_num_threads()}, env {env or '{}'}, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"load average {os.getloadavg()[0]:.2f}, "
+        f"{_timing.utc_now()}, "
+        f"load average {_timing.load()[0]:.2f}, "
         f"{args.blocks} blocks of ~{args.seconds * 1e3:.0f} ms per method"
     )
     print()
@@ -212,7 +206,7 @@ def main(argv=None) -> int:
             row += f" {ms['Opacus']:.2f} | {ratio(res, 'Opacus', 'fastgrad DP'):.1f} |"
         print(row, flush=True)
     print()
-    print(f"# load average after: {os.getloadavg()[0]:.2f}")
+    print(f"# load average after: {_timing.load()[0]:.2f}")
     return 0
 
 

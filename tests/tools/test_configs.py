@@ -2,8 +2,8 @@
 by every timing harness: ``fastgrad bench``, benchmarks/cpu_targets.py, benchmarks/gpu_check.py
 and, through a frozen copy that must stay equal, the asv suite.
 
-The timing harnesses themselves are tested in tests/test_benchmarks_tools.py; none of
-these tests times anything.
+The timing harnesses themselves are tested in tests/tools/test_bench.py and
+tests/test_benchmarks_suite.py; none of these tests times anything.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from fastgrad.tools import configs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

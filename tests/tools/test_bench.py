@@ -1,14 +1,12 @@
-"""The benchmark tooling itself, on tiny problems: the peer comparison (fastgrad.tools.bench)
-and the asv suite (benchmarks/). The configurations and floors they share are tested in
-tests/test_configs.py. Nothing here times anything that is asserted on; these tests
-check that the tools run, compute what they claim, and refuse bad input."""
+"""fastgrad.tools.bench, the peer comparison, on tiny problems. The configurations and floors
+it shares with the asv suite are tested in tests/tools/test_configs.py, the asv suite in
+tests/test_benchmarks_suite.py. Nothing here times anything that is asserted on; these tests
+check that the tool runs, computes what it claims, and refuses bad input."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,25 +14,16 @@ import pytest
 import fastgrad
 from fastgrad.tools import bench, configs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from benchmarks import _problems, backprop, compile_time, floors  # noqa: E402
-
 TINY = ((6, 5, 4, 3), 16)
 
 
 @pytest.fixture
 def tiny(monkeypatch):
-    """A tiny configuration in both the peer comparison and the asv suite, and small floor timers."""
+    """A tiny configuration in the peer comparison, and small floor timers."""
     monkeypatch.setitem(configs.CONFIGS, "tiny", TINY)
-    monkeypatch.setitem(_problems.CONFIGS, "tiny", TINY)
     monkeypatch.setattr(bench, "SGEMM_SIZE", 64)
     monkeypatch.setattr(bench, "FILL_SHAPE", (8, 16, 16))
-    floors.floor_timer.cache_clear()
-    yield "tiny"
-    floors.floor_timer.cache_clear()
+    return "tiny"
 
 
 # ------------------------------------------------------ fastgrad.tools.bench
@@ -142,70 +131,3 @@ def test_main_rejects_an_unknown_configuration(capsys):
         bench.main(["--configs", "huge", "--json", "-"])
     assert exc.value.code == 2
     assert "configs: unknown name 'huge'" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------- the asv suite
-
-
-def test_asv_suite_lists_every_available_backend_but_naive():
-    names = _problems.backend_names()
-    assert set(fastgrad.available_backends()) - {"naive"} <= set(names)
-    assert "naive" not in names and names[:3] == ["numpy", "numba", "cuda"]
-    assert backprop.Grad.params == ([*configs.CONFIGS, *configs.SMALL_BATCH_CONFIGS], names)
-
-
-ASV_CLASSES = [
-    backprop.Grad,
-    backprop.PerSample,
-    backprop.GradNorms,
-    backprop.Clipped,
-    backprop.GradVariance,
-    backprop.CompareShortcut,
-]
-
-
-@pytest.mark.parametrize("cls", ASV_CLASSES, ids=lambda c: c.__name__)
-def test_asv_benchmarks_run_and_compute_their_quantity(tiny, cls):
-    bm = cls()
-    bm.setup(tiny, "numpy")
-    methods = [m for m in dir(bm) if m.startswith(("time_", "peakmem_"))]
-    assert len(methods) == 2
-    for m in methods:
-        getattr(bm, m)(tiny, "numpy")
-    net, theta, X, y = _problems.problem(tiny)
-    got = bm.call()
-    if cls is backprop.PerSample:
-        want = fastgrad.backprop(net, theta, X, y, ("per_sample",), backend="numpy").per_sample
-        np.testing.assert_allclose(got.per_sample, want, rtol=1e-6, atol=1e-7)
-    elif cls is backprop.Clipped:
-        want = fastgrad.clipped_grad(net, theta, X, y, max_norm=1.0, backend="numpy")
-        np.testing.assert_allclose(got, want, rtol=1e-6)
-    elif cls is backprop.CompareShortcut:
-        assert isinstance(got, fastgrad.ShortcutReport)
-    else:
-        np.testing.assert_allclose(
-            got.grad, fastgrad.backprop(net, theta, X, y, backend="numpy").grad, rtol=1e-6
-        )
-
-
-@pytest.mark.parametrize(
-    "backend", [b for b in _problems.KNOWN_BACKENDS if b not in fastgrad.available_backends()]
-)
-def test_asv_setup_skips_a_backend_that_cannot_run(tiny, backend):
-    with pytest.raises(NotImplementedError, match=backend):
-        backprop.Grad().setup(tiny, backend)
-
-
-@pytest.mark.parametrize("quantity", list(floors.FLOOR_OF))
-def test_asv_ratio_to_floor_is_a_positive_ratio(tiny, quantity):
-    bm = floors.RatioToFloor()
-    bm.setup(tiny, "numpy", quantity)
-    ratio = bm.track_ratio_to_floor(tiny, "numpy", quantity)
-    assert math.isfinite(ratio) and ratio > 0
-
-
-def test_asv_first_call_seconds_runs_in_a_fresh_interpreter(tmp_path):
-    seconds = compile_time.first_call_seconds("numpy", str(tmp_path))
-    assert 0 < seconds < 60
-    with pytest.raises(RuntimeError, match="first calls on 'fortran' failed"):
-        compile_time.first_call_seconds("fortran", str(tmp_path))

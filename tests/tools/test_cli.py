@@ -21,7 +21,7 @@ import fastgrad
 from fastgrad.tools import cli
 from fastgrad.tools.datasets import make_spirals
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # run fastgrad's main with some modules made unimportable: sys.modules[name] = None
 BLOCKING = (
     "import sys\n"

@@ -25,7 +25,7 @@ from fastgrad.tools.influence import (
     random_ranking,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--hidden", "16", "--epochs", "6", "--backend", "numpy", "--no-progress"]
 
 
