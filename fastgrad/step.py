@@ -272,7 +272,7 @@ class Step:
 
     def _bad_values(self, inp: Inputs) -> int:
         """NumPy's check of what the numba backend's call checks in its compiled pass: 0, or the code of
-        :func:`fastgrad.cpu.bad_input` (1 θ, 2 X, 3 targets, 4 labels)."""
+        :func:`fastgrad.cpu.check_values` (1 θ, 2 X, 3 targets, 4 labels)."""
         lo, hi = self._domain
         if not _all_finite(inp.theta):
             return 1
@@ -286,7 +286,7 @@ class Step:
         return 0
 
     def _refuse(self, code: int, inp: Inputs) -> None:
-        """Raise the error for a nonzero :meth:`_bad_values` / ``bad_input`` code, naming the argument."""
+        """Raise the error for a nonzero :meth:`_bad_values` / ``check_values`` code, naming the argument."""
         if code == 1:
             raise ValueError("theta: contains NaN or Inf")
         if code == 2:
@@ -296,7 +296,7 @@ class Step:
                 raise ValueError("y: contains NaN or Inf")
             raise ValueError(self._loss.domain_error())
         check_y(self.net, inp.labels, inp.labels.shape[0], self.dtype)  # raises, naming the range
-        raise AssertionError(f"bad_input code {code}")  # pragma: no cover
+        raise AssertionError(f"check_values code {code}")  # pragma: no cover
 
     def __call__(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, copy: bool = False):
         """One step on a batch.

@@ -131,7 +131,7 @@ def test_a_new_sum_in_the_registry_is_made_without_a_kernel_edit(monkeypatch, pa
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_variance_kernel_is_the_registry_formula(dtype):
+def test_variance_into_is_the_registry_formula(dtype):
     rng = np.random.default_rng(0)
     grad = rng.standard_normal(70_000).astype(dtype)
     sq_mean = (grad * grad + rng.uniform(-1e-3, 1.0, grad.shape)).astype(dtype)  # some below grad²

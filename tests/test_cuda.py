@@ -41,7 +41,7 @@ def test_every_kernel_compiles_to_ptx_for_sm90(dtype, monkeypatch):
 
         monkeypatch.setattr("numba.cuda.dispatcher.get_current_device", lambda: Hopper())
     F = getattr(types, dtype)
-    assert {"tiled_gemm_kernel", "fused_narrow_kernel", "sum_rows_kernel"} <= set(fc.KERNELS)
+    assert {"tiled_gemm_kernel", "fused_narrow_kernel", "sum_partials_kernel"} <= set(fc.KERNELS)
     f64_kernels = []
     for name, kern in fc.KERNELS.items():  # each kernel's signature is registered beside it
         ptx, _ = cuda.compile_ptx(kern.build(F), kern.signature(F), cc=(9, 0))

@@ -103,3 +103,37 @@ def test_every_link_into_a_page_lands_on_a_heading(page):
         dest = page if not target else (page.parent / target).resolve()
         assert dest.is_file(), f"{rel(page)} links to {target}, which does not exist"
         assert anchor in anchors(dest), f"{rel(page)} links to {target}#{anchor}: no such heading"
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+VOCABULARY_MODULES = {  # a column of the vocabulary table, and the module a bare name in it lives in
+    2: "fastgrad/cpu/kernels.py",
+    3: "fastgrad/cuda/fused.py",
+    4: None,  # the tiled column names each one's module: gemm.x, rows.x
+}
+
+
+def defined_functions(path: Path) -> set[str]:
+    """Every function defined in ``path``, nested ones included (the CUDA kernels' bodies)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+
+
+def test_the_vocabulary_table_names_functions_that_exist():
+    """docs/architecture.md, "One vocabulary across the backends": every name in the CPU, fused and
+    tiled columns is a function of that module (``gemm.x`` / ``rows.x`` of cuda/gemm.py, cuda/rows.py),
+    and the step's own name is the CPU kernel's."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    section = text.split("## One vocabulary across the backends", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 10 and "to rename" not in section
+    for cells in rows:
+        step = cells[0].strip("| `")
+        assert step in defined_functions(ROOT / VOCABULARY_MODULES[2]), step
+        for col, default in VOCABULARY_MODULES.items():
+            for module, name in re.findall(r"`(?:(gemm|rows)\.)?(\w+)`", cells[col]):
+                assert module or default, f"{step}: {name} in the tiled column names no module"
+                path = ROOT / "fastgrad" / "cuda" / f"{module}.py" if module else ROOT / default
+                assert name in defined_functions(path), f"{step}: {name} is not a function of {rel(path)}"

@@ -81,7 +81,14 @@ from .driver import (
     layer_factors,
     run,
 )
-from .kernels import bad_input, batch_backprop, fused_backprop, pairwise_sum, tanh_vectorizable, variance_into
+from .kernels import (
+    batch_backprop,
+    check_values,
+    fused_backprop,
+    pairwise_sum,
+    tanh_vectorizable,
+    variance_into,
+)
 from .workspace import Results, Workspace, _chunking, _thread_workspace, chunk_rows, tile_rows
 
 __all__ = [
@@ -96,11 +103,11 @@ __all__ = [
     "_thread_workspace",
     "_threading",
     "_writeable",
-    "bad_input",
     "batch_backprop",
     "cache_description",
     "check_available",
     "check_kernels_current",
+    "check_values",
     "chunk_rows",
     "compile_all",
     "compile_notice",

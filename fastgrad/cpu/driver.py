@@ -213,7 +213,7 @@ class PreparedCall:
         """Run the kernels over every chunk, leaving the sums and per-row results in ``results``.
 
         ``check`` = (True, lo, hi) (a :class:`~fastgrad.cpu.kernels.Check`'s fields) first checks the arrays
-        in the same compiled call (:func:`bad_input`, targets in [lo, hi]) and returns its nonzero code
+        in the same compiled call (:func:`check_values`, targets in [lo, hi]) and returns its nonzero code
         without running anything; else 0."""
         # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
         before = _set_chunksize(1)

@@ -504,7 +504,7 @@ def all_finite(v):
 
 
 @njit(cache=CACHE)
-def bad_input(theta, x, targets, labels, n_out, lo, hi):
+def check_values(theta, x, targets, labels, n_out, lo, hi):
     # θ (P,), X (B·n_0,), targets (B·n_L,) or (0,), labels (B,) or (0,); lo ≤ hi the targets' domain
     # -> 0 when θ and X are finite, the targets lie in [lo, hi] (and are finite) and the labels in
     # [0, n_out); else 1 (θ), 2 (X), 3 (targets) or 4 (labels): one call checks a prepared call's arrays
@@ -590,7 +590,7 @@ def pairwise_sum(a, n):
 def batch_backprop(check_t, net_t, data_t, codes_t, flags_t, plan, scalars_t, bufs_t, scratch_t, row_out_t,
                    sums, partial, tasks, chunk):  # fmt: skip
     # The whole batch of B samples, chunk by chunk, in one compiled call (no Python between the chunks);
-    # the packs come as plain tuples (…_t) and are named here: check (Check): with on, bad_input's code
+    # the packs come as plain tuples (…_t) and are named here: check (Check): with on, check_values' code
     # first (nonzero: nothing runs); data (Data) and row_out (RowOut) for B rows; scalars (Scalars) = (C, B);
     # bufs (Buffers) for `chunk` rows, scratch (Buffers) their elements per sample; flags.accumulate unused
     # -> 0, after fused_backprop ran on each chunk of `chunk` rows in order (accumulate set after the first,
@@ -601,8 +601,8 @@ def batch_backprop(check_t, net_t, data_t, codes_t, flags_t, plan, scalars_t, bu
     X, labels, targets = data.X, data.labels, data.targets
     losses = row_out.losses
     if check.on:
-        code = bad_input(net.theta, X.reshape(-1), targets.reshape(-1), labels, targets.shape[1], check.lo,
-                         check.hi)  # fmt: skip
+        code = check_values(net.theta, X.reshape(-1), targets.reshape(-1), labels, targets.shape[1], check.lo,
+                            check.hi)  # fmt: skip
         if code != 0:
             return code, losses.dtype.type(0)
     acts, dphi, deltas, sqa = bufs.acts, bufs.dphi, bufs.deltas, bufs.sqa

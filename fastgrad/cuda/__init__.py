@@ -10,13 +10,17 @@ kernels section and then the launchers that call them (as llm.c's ``llmc/*.cuh``
   in-block, since the block holds every layer of its samples), writes its per-sample
   gradient rows and norms, and checks the device inputs it reads. One launch per pass.
 - :mod:`.gemm` (wider networks): a register-blocked shared-memory GEMM with fused
-  epilogues behind ``dense_forward``, ``dense_backward_input`` and
-  ``dense_weight_grad`` (the sums over samples as GEMMs over the batch written straight
-  into θ's layout, split over the batch only when a layer has too few output tiles).
-- :mod:`.rows`: per-row kernels (output deltas, Goodfellow's norm terms, the clip
-  factors, the fixed-order sum of partial rows, the per-sample outer-product write,
-  the derived quantities' kernels that the registry declares, the noised mean, the input
+  epilogues behind ``dense_forward``, ``dense_backward`` and ``layer_sums`` (the sums
+  over samples as GEMMs over the batch written straight into θ's layout, split over the
+  batch only when a layer has too few output tiles).
+- :mod:`.rows`: per-row kernels (``output_forward``'s loss and output deltas,
+  ``norms_from_deltas``' Goodfellow terms and ``finish_norms``' norms and clip factors,
+  ``sum_partials``' fixed-order sum of partial rows, ``write_rows``' per-sample rows, the
+  derived quantities' kernels that the registry declares, the noised mean, the input
   value checks).
+
+Each step has the CPU kernels' name on both paths (docs/architecture.md, "One vocabulary
+across the backends").
 
 This module is the host side: the driver of both paths and the public entry points.
 Reductions are deterministic: every block writes its own partial row and a second
@@ -172,7 +176,7 @@ def _fused_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
         if off >= 0:
             res[q.name] = cuda.device_array(P, dtype=d.dtype)
             scale = F(1.0 / B) if q.mean else F(1.0)
-            rows.sum_rows(part=ws, offset=off, nrows=nblk, ncols=P, scale=scale, out=res[q.name])
+            rows.sum_partials(part=ws, offset=off, nrows=nblk, ncols=P, scale=scale, out=res[q.name])
     if needs_norms(need, max_norm is not None):
         res["norms"] = cuda.device_array(B, dtype=d.dtype)
         off_lsq = nblk + 4
@@ -215,7 +219,7 @@ def _tiled_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
             out = cuda.device_array(P, dtype=d.dtype)
             scale = F(1.0 / B) if q.mean else F(1.0)
             for l, s in enumerate(net.layers):
-                gemm.dense_weight_grad(
+                gemm.layer_sums(
                     batch=B,
                     delta=deltas[l][1],
                     inputs=acts[l][1],
@@ -229,7 +233,7 @@ def _tiled_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
             res[q.name] = out
     if "per_sample" in need:
         for l, s in enumerate(net.layers):
-            rows.outer_into(delta=deltas[l][0], inputs=acts[l][0], out=G, layer=s)
+            rows.write_rows(delta=deltas[l][0], inputs=acts[l][0], out=G, layer=s)
     if host_loss:  # per-sample losses summed here in a fixed order
         res["loss"] = losses.copy_to_host(pinned(B, d.dtype.str)).sum(dtype=d.dtype) / F(B)
     else:
@@ -299,7 +303,7 @@ def _tiled_backward(net: MLP, d: _Device, per_layer):
     deltas = [None] * L
     deltas[L - 1] = scratch_flat("delta_out", (B, net.n_out), d.dtype)
     losses = scratch("losses", (B,), d.dtype)
-    rows.output_deltas(
+    rows.output_forward(
         z_out=z_out,
         labels=d.labels,
         targets=d.targets,
@@ -308,13 +312,13 @@ def _tiled_backward(net: MLP, d: _Device, per_layer):
         losses=losses,
     )
     for l in range(L - 1, 0, -1):  # Δ_{l+1} -> Δ_l through layer l + 1, for l + 1 = L..2
-        gemm.dense_backward_input(
+        gemm.dense_backward(
             batch=B, delta=deltas[l][1], theta=d.theta, layer=net.layers[l], deriv=derivs[l - 1][1]
         )
         deltas[l - 1] = derivs[l - 1]
     if per_layer is not None:
         for l in range(L):
-            rows.layer_norms(delta=deltas[l][0], inputs=acts[l][0], per_layer=per_layer, col=l)
+            rows.norms_from_deltas(delta=deltas[l][0], inputs=acts[l][0], per_layer=per_layer, col=l)
     return losses, deltas, acts
 
 

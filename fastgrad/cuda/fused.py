@@ -6,12 +6,14 @@ of :mod:`fastgrad.quantities` (the clip factor is known in-block, since the bloc
 every layer of its samples), writes its per-sample gradient rows and Goodfellow's per-row
 terms, and checks the device inputs it reads. One launch per pass, as in tiny-cuda-nn
 (without tensor cores). The kernel is a sequence of device functions (inlined by NVVM:
-see ``config.device_function``), one per step. Layer indices are 1-based (docs/design.md §2).
+see ``config.device_function``), one per step, named as the CPU kernels' steps (docs/architecture.md,
+"One vocabulary across the backends"). Layer indices are 1-based (docs/design.md §2).
 """
 
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numpy as np
 
@@ -54,10 +56,19 @@ MAXL = FUSED_MAX_LAYERS + 1
 NSUMS = len(SUMS)
 SUM_OPERANDS = tuple(q.operand for q in SUMS)
 """Operand kind of each sum over samples, in the registry's order (the order of the partials)."""
-for _q in SUMS:  # sum_term forms (δ a)² for the squared operand: it must come with the squared source
+for _q in SUMS:  # sum_operand forms (δ a)² for the squared operand: it must come with the squared source
     assert (_q.operand == DELTA_SQUARED) == (_q.source == INPUT_SQUARED), _q
     assert _q.operand in (DELTA, DELTA_SQUARED, CLIPPED_DELTA) and _q.source in (INPUT, INPUT_SQUARED), _q
-DIMS = 7  # dims: activation, loss, B, T, P, offset of layer norms in ws, rows wanted; then the sums
+
+Dims = namedtuple("Dims", "activation loss batch tile num_params norms_at want_rows sum_offsets")
+"""The fused kernel's integers: activation and loss codes, B, the tile T, P, where the layer norms (B, L)
+start in ws, 1 when the per-sample rows are wanted, and ``sum_offsets`` (NSUMS,): where each sum's
+partials (nblk, P) start in ws, -1 when it is not wanted. The launch passes it as a plain tuple in the
+fields' order and the kernel names it on entry (as the CPU's packs: a plain tuple types faster)."""
+Limits = namedtuple("Limits", "max_norm lo hi")
+"""The fused kernel's floats: the clipping norm (0: no clipping) and the targets' domain [lo, hi]."""
+FLAG_THETA, FLAG_X, FLAG_Y, FLAG_RANGE = range(4)
+"""The input flags in ws (after the tile losses): non-finite θ, X, targets; labels or targets out of range."""
 
 
 # ------------------------------------------------------------ device functions
@@ -65,8 +76,8 @@ DIMS = 7  # dims: activation, loss, B, T, P, offset of layer norms in ws, rows w
 
 @device_function
 def stage_inputs(sh, X, theta, B, i0, T, ws, fl):
-    # X rows i0..i0+T-1 (B, n0) -> A_0 (T, n0 + 1) at sh[0] (zeros past B); flags ws[fl + 1] for
-    # non-finite X, ws[fl] for non-finite θ in this block's slice: the inputs are checked as they are read
+    # X rows i0..i0+T-1 (B, n0) -> A_0 (T, n0 + 1) at sh[0] (zeros past B); flags ws[fl + FLAG_X] for
+    # non-finite X, ws[fl + FLAG_THETA] for non-finite θ in this block's slice: the inputs are checked as read
     tid = cuda.threadIdx.x
     NT = cuda.blockDim.x
     n0 = X.shape[1]
@@ -76,7 +87,7 @@ def stage_inputs(sh, X, theta, B, i0, T, ws, fl):
         i = i0 + s
         v = X[i, j] if i < B else like(sh[0], 0.0)
         if not math.isfinite(v):
-            ws[fl + 1] = like(v, 1.0)
+            ws[fl + FLAG_X] = like(v, 1.0)
         sh[s * (n0 + 1) + j] = v
     P = theta.shape[0]
     nblk = cuda.gridDim.x
@@ -84,11 +95,11 @@ def stage_inputs(sh, X, theta, B, i0, T, ws, fl):
     lo = cuda.blockIdx.x * chunk
     for p in range(lo + tid, min(P, lo + chunk), NT):
         if not math.isfinite(theta[p]):
-            ws[fl] = like(sh[0], 1.0)
+            ws[fl + FLAG_THETA] = like(sh[0], 1.0)
 
 
 @device_function
-def forward_layer(sh, theta, ain, nin, nout, w, aout, dout, act, T, acc, rows):
+def dense_forward(sh, theta, ain, nin, nout, w, aout, dout, act, T, acc, rows):
     # A_{l-1} (T, nin + 1) at sh[ain] -> z = W_l a + b_l; A_l = φ(z) at sh[aout] and φ'(z) at sh[dout]
     # (it becomes Δ_l), or Z_L at sh[aout] when dout < 0. acc, rows (RS,): the thread's register block
     tid = cuda.threadIdx.x
@@ -120,9 +131,9 @@ def forward_layer(sh, theta, ain, nin, nout, w, aout, dout, act, T, acc, rows):
 
 
 @device_function
-def output_row(zrow, drow, labels, targets, loss, i, B, lo, hi, ws, fl):
-    # z_L (n_L,) of sample i -> δ_L (n_L,) into drow, returns ℓ_i (0 and δ = 0 past B); flags ws[fl + 2]
-    # for non-finite targets, ws[fl + 3] for labels or targets out of range
+def output_forward(zrow, drow, labels, targets, loss, i, B, lo, hi, ws, fl):
+    # z_L (n_L,) of sample i -> δ_L (n_L,) into drow, returns ℓ_i (0 and δ = 0 past B); flags
+    # ws[fl + FLAG_Y] for non-finite targets, ws[fl + FLAG_RANGE] for labels or targets out of range
     nL = zrow.shape[0]
     zero = like(zrow[0], 0.0)
     if i >= B:
@@ -133,20 +144,20 @@ def output_row(zrow, drow, labels, targets, loss, i, B, lo, hi, ws, fl):
     target = targets[i % targets.shape[0]]
     if loss == CROSS_ENTROPY:
         if label < 0 or label >= nL:
-            ws[fl + 3] = like(zero, 1.0)
+            ws[fl + FLAG_RANGE] = like(zero, 1.0)
             label = 0
     else:
         for k in range(nL):
             v = target[k]
             if not math.isfinite(v):
-                ws[fl + 2] = like(zero, 1.0)
+                ws[fl + FLAG_Y] = like(zero, 1.0)
             elif v < lo or v > hi:
-                ws[fl + 3] = like(zero, 1.0)
+                ws[fl + FLAG_RANGE] = like(zero, 1.0)
     return output_delta_row(loss, zrow, target, label, drow)
 
 
 @device_function
-def backward_layer(sh, theta, w, nin, nout, dl, dprev, T, acc, rows):
+def dense_backward(sh, theta, w, nin, nout, dl, dprev, T, acc, rows):
     # Δ_l (T, nout + 1) at sh[dl] -> Δ_{l-1} = (W_lᵀ δ_l) ⊙ φ'(z_{l-1}) over φ' at sh[dprev] (T, nin + 1)
     tid = cuda.threadIdx.x
     NT = cuda.blockDim.x
@@ -179,7 +190,7 @@ def row_norm(sh, start, n):
 
 
 @device_function
-def sample_norm(sh, sizes, aoff, doff, s, out, out_off):
+def norms_from_deltas(sh, sizes, aoff, doff, s, out, out_off):
     # sample s of the tile -> ‖∇ℓ_s‖; ‖∇_{W_l,b_l} ℓ_s‖ (Goodfellow) to out[out_off + l - 1] if out_off ≥ 0
     L = sizes.shape[0] - 1
     scale = like(sh[0], 0.0)
@@ -195,9 +206,10 @@ def sample_norm(sh, sizes, aoff, doff, s, out, out_off):
 
 
 @device_function
-def sum_term(operand, da, clip, s):
-    # one sample's term of a sum for operand kind M, from δ a: δ a, (δ a)² = δ² a² (M = Δ⊙Δ comes with
-    # S = A⊙A), or c_s δ a (clip (T,): the tile's clip factors)
+def sum_operand(operand, da, clip, s):
+    # one sample's term of a sum for operand kind M, from the product δ a (a from sum_source): δ a,
+    # (δ a)² = δ² a² (M = Δ⊙Δ comes with S = A⊙A, whose square is this one), or c_s δ a (clip (T,): the
+    # tile's clip factors)
     if operand == DELTA_SQUARED:
         return da * da
     if operand == CLIPPED_DELTA:
@@ -206,9 +218,17 @@ def sum_term(operand, da, clip, s):
 
 
 @device_function
-def reduce_layer(sh, ain, dl, nin, nout, T, clip, offs, ws, part, tot):
+def sum_source(sh, ain, nin, s, j):
+    # A_{l-1} (T, nin + 1) at sh[ain] -> a_s[j], or 1 for the bias (j < 0): the source of every sum, plain
+    # (the S = A⊙A source is squared with its operand in sum_operand, as (δ a)²)
+    return sh[ain + s * (nin + 1) + j] if j >= 0 else like(sh[ain], 1.0)
+
+
+@device_function
+def layer_sums(sh, ain, dl, nin, nout, T, clip, offs, ws, part, tot):
     # layer l of the tile, A_{l-1} (T, nin + 1) at sh[ain], Δ_l (T, nout + 1) at sh[dl] -> for each sum r with
-    # offs[r] ≥ 0, Σ_s term into ws[offs[r] + part + k], k over the layer's θ layout (W, then b); tot (NSUMS,)
+    # offs[r] ≥ 0, Σ_s sum_operand(δ_s sum_source) into ws[offs[r] + part + k], k over the layer's θ layout
+    # (W, then b); tot (NSUMS,)
     tid = cuda.threadIdx.x
     NT = cuda.blockDim.x
     nw = nout * nin
@@ -222,12 +242,10 @@ def reduce_layer(sh, ain, dl, nin, nout, T, clip, offs, ws, part, tot):
         for r in range(NSUMS):
             tot[r] = like(sh[dl], 0.0)
         for s in range(T):
-            d = sh[dl + s * (nout + 1) + o]
-            av = sh[ain + s * (nin + 1) + j] if j >= 0 else like(d, 1.0)
-            da = d * av
+            da = sh[dl + s * (nout + 1) + o] * sum_source(sh, ain, nin, s, j)
             for r in range(NSUMS):
                 if offs[r] >= 0:
-                    tot[r] += sum_term(SUM_OPERANDS[r], da, clip, s)
+                    tot[r] += sum_operand(SUM_OPERANDS[r], da, clip, s)
         for r in range(NSUMS):
             if offs[r] >= 0:
                 ws[offs[r] + part + k] = tot[r]
@@ -261,8 +279,8 @@ def write_rows(sh, ain, dl, nin, nout, ns, G, i0, w):
         vec(nbt.int64),
         mat(F),
         vec(nbt.int64),
-        ints(DIMS + NSUMS),
-        floats(F, 3),
+        nbt.Tuple((nbt.int64,) * (len(Dims._fields) - 1) + (ints(NSUMS),)),
+        floats(F, len(Limits._fields)),
         vec(F),
         mat(F),
     )
@@ -271,14 +289,15 @@ def fused_narrow_kernel(F):
     zero = F(0.0)
     one = F(1.0)
 
-    def fused_narrow(theta, X, labels, targets, layout, dims, limits, ws, G):
+    def fused_narrow(theta, X, labels, targets, layout, dims_t, limits_t, ws, G):
         # θ (P,), X (B, n0), labels (B,), targets (B, n_L) -> ws: tile losses (nblk) | input flags (4) |
-        # layer norms (B, L) | a partial (nblk, P) per requested sum at dims[DIMS + r] (-1: not wanted);
+        # layer norms (B, L) | a partial (nblk, P) per requested sum at dims.sum_offsets[r] (-1: not wanted);
         # G (B, P)
-        # layout: the L + 1 widths, then each layer's offset in θ; limits: max_norm (0: no clipping), lo, hi
-        act, loss, B, T, P, off_lsq, want_rows = dims[:DIMS]
-        offs = dims[DIMS:]
-        max_norm, lo, hi = limits
+        # layout: the L + 1 widths, then each layer's offset in θ; dims_t (Dims), limits_t (Limits)
+        dims, limits = Dims(*dims_t), Limits(*limits_t)
+        act, loss, B, T, P = dims.activation, dims.loss, dims.batch, dims.tile, dims.num_params
+        off_lsq, want_rows, offs = dims.norms_at, dims.want_rows, dims.sum_offsets
+        max_norm, lo, hi = limits.max_norm, limits.lo, limits.hi
         sh = cuda.shared.array(0, F)
         aoff = cuda.local.array((MAXL,), nbt.int64)
         doff = cuda.local.array((MAXL,), nbt.int64)
@@ -290,7 +309,7 @@ def fused_narrow_kernel(F):
         w_starts = layout[L + 1 :]
         tid = cuda.threadIdx.x
         blk = cuda.blockIdx.x
-        fl = cuda.gridDim.x  # flags in ws: non-finite θ, X, y; y out of range
+        fl = cuda.gridDim.x  # the input flags in ws: at fl + FLAG_THETA, ..., fl + FLAG_RANGE
         i0 = blk * T
         # shared layout, rows padded to n + 1 so a warp walking the samples hits distinct banks:
         # A_0..A_{L-1} (T, n_l + 1) | Δ_1..Δ_L (T, n_l + 1) | Z_L (T, n_L + 1) | clip c (T) | loss (T)
@@ -312,7 +331,7 @@ def fused_narrow_kernel(F):
             last = l == L
             aout = zoff if last else aoff[l]
             dout = -1 if last else doff[l]
-            forward_layer(
+            dense_forward(
                 sh, theta, aoff[l - 1], sizes[l - 1], sizes[l], w_starts[l - 1], aout, dout, act, T, acc, rows
             )
             cuda.syncthreads()
@@ -320,7 +339,7 @@ def fused_narrow_kernel(F):
         if tid < T:
             zrow = sh[zoff + tid * (nL + 1) : zoff + tid * (nL + 1) + nL]
             drow = sh[doff[L] + tid * (nL + 1) : doff[L] + tid * (nL + 1) + nL]
-            sh[loff + tid] = output_row(zrow, drow, labels, targets, loss, i0 + tid, B, lo, hi, ws, fl)
+            sh[loff + tid] = output_forward(zrow, drow, labels, targets, loss, i0 + tid, B, lo, hi, ws, fl)
         cuda.syncthreads()
         if tid == 0:
             t = zero
@@ -328,23 +347,23 @@ def fused_narrow_kernel(F):
                 t += sh[loff + s]
             ws[blk] = t
         for l in range(L, 1, -1):  # backward
-            backward_layer(
+            dense_backward(
                 sh, theta, w_starts[l - 1], sizes[l - 1], sizes[l], doff[l], doff[l - 1], T, acc, rows
             )
             cuda.syncthreads()
-        if tid < T:  # norms from the deltas (Goodfellow), then the clip factor
+        if tid < T:  # norms_from_deltas (Goodfellow's layer terms and the norm), then the clip factor
             i = i0 + tid
-            nrm = sample_norm(sh, sizes, aoff, doff, tid, ws, off_lsq + i * L if i < B else -1)
+            nrm = norms_from_deltas(sh, sizes, aoff, doff, tid, ws, off_lsq + i * L if i < B else -1)
             sh[coff + tid] = clip_factor(nrm, max_norm) if max_norm > zero else one
         cuda.syncthreads()
         clip = sh[coff : coff + T]
         any_sum = False
         for r in range(NSUMS):
             any_sum = any_sum or offs[r] >= 0
-        for l in range(1, L + 1):  # the reducers over the tile, then the per-sample rows
+        for l in range(1, L + 1):  # the tile's layer_sums, then the per-sample rows
             nin, nout, w = sizes[l - 1], sizes[l], w_starts[l - 1]
             if any_sum:
-                reduce_layer(sh, aoff[l - 1], doff[l], nin, nout, T, clip, offs, ws, blk * P + w, tot)
+                layer_sums(sh, aoff[l - 1], doff[l], nin, nout, T, clip, offs, ws, blk * P + w, tot)
             if want_rows:
                 write_rows(sh, aoff[l - 1], doff[l], nin, nout, min(T, B - i0), G, i0, w)
 
@@ -397,7 +416,17 @@ def fused_backprop(*, net: MLP, d, tile: int, ws, sum_offsets, per_sample: bool,
     B = d.batch_size
     nblk = cdiv(B, tile)
     lo, hi = target_range(net, d.dtype)
-    dims = (net.activation_code, net.loss_code, B, tile, net.num_params, nblk + 4, int(per_sample))
+    dims = Dims(
+        activation=net.activation_code,
+        loss=net.loss_code,
+        batch=B,
+        tile=tile,
+        num_params=net.num_params,
+        norms_at=nblk + 4,
+        want_rows=int(per_sample),
+        sum_offsets=tuple(sum_offsets),
+    )
+    limits = Limits(max_norm=F(max_norm if max_norm is not None else 0.0), lo=lo, hi=hi)
     fused_narrow_kernel.launch(
         d.dtype,
         nblk,
@@ -407,8 +436,8 @@ def fused_backprop(*, net: MLP, d, tile: int, ws, sum_offsets, per_sample: bool,
         d.labels,
         d.targets,
         layout(net.sizes),
-        dims + tuple(sum_offsets),
-        (F(max_norm if max_norm is not None else 0.0), lo, hi),
+        tuple(dims),
+        tuple(limits),
         ws,
         G,
         shared=shared_bytes(net, tile, d.dtype),

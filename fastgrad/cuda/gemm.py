@@ -3,7 +3,9 @@
 One register-blocked shared-memory kernel serves a layer's forward (bias + activation
 epilogue), the backward to its input (activation-derivative epilogue) and its weight
 gradients (a GEMM over the batch written straight into θ's layout, with the reducer's
-operand M = Δ, Δ⊙Δ or c⊙Δ and source S = A or A⊙A of :mod:`fastgrad.quantities`).
+operand M = Δ, Δ⊙Δ or c⊙Δ (``sum_operand``) and source S = A or A⊙A (``sum_source``) of
+:mod:`fastgrad.quantities`). Kernels and launchers are named as the CPU kernels' steps
+(docs/architecture.md, "One vocabulary across the backends").
 Layer indices are 1-based (docs/design.md §2): layer l has W_l (n_l, n_{l-1}) and b_l (n_l,).
 """
 
@@ -15,7 +17,7 @@ from ..quantities import CLIPPED_DELTA, DELTA, DELTA_SQUARED, INPUT, INPUT_SQUAR
 from . import config
 from .config import GEMM_BK, GEMM_REG, GEMM_THREADS, GEMM_TILE, cdiv, cuda, device_function, ints, kernel, vec
 from .memory import scratch
-from .rows import sum_rows
+from .rows import sum_partials
 
 # epilogues of tiled_gemm
 FWD_HIDDEN, FWD_OUTPUT, BWD_INPUT, WEIGHT_GRAD = range(4)
@@ -25,8 +27,9 @@ PLAIN = (DELTA, INPUT)  # operand and source kinds of the forward and backward p
 
 
 @device_function
-def operand_a(a, a_layout, operand, rowscale, m, k, M, k_end):
-    # opA(m, k) of the (M, K) operand a (strides in a_layout), 0 outside: a, a², or a · rowscale[k] by kind
+def sum_operand(a, a_layout, operand, rowscale, m, k, M, k_end):
+    # opA(m, k) of the (M, K) operand a (strides in a_layout), 0 outside: a, a², or a · rowscale[k] by operand
+    # kind: a sum's operand M = Δ, Δ⊙Δ or c⊙Δ (the plain kind for the forward and backward products)
     a_off, a_sm, a_sk = a_layout
     v = like(rowscale[0], 0.0)
     if m < M and k < k_end:
@@ -39,8 +42,9 @@ def operand_a(a, a_layout, operand, rowscale, m, k, M, k_end):
 
 
 @device_function
-def operand_b(b, b_layout, source, k, n, N, k_end):
-    # opB(k, n) of the (K, n_real) operand b, then a column of ones up to N (the bias), 0 outside: b or b²
+def sum_source(b, b_layout, source, k, n, N, k_end):
+    # opB(k, n) of the (K, n_real) operand b, then a column of ones up to N (the bias), 0 outside: b or b² by
+    # source kind: a sum's source S = A or A⊙A (the plain kind for the forward and backward products)
     b_off, b_sk, b_sn, n_real = b_layout
     v = like(b[0], 0.0)
     if k < k_end:
@@ -107,14 +111,14 @@ def tiled_gemm_kernel(F):
                 else:
                     mm = e % TT
                     kk = e // TT
-                As[kk, mm] = operand_a(a, a_layout, operand, rowscale, m0 + mm, kt + kk, M, k_end)
+                As[kk, mm] = sum_operand(a, a_layout, operand, rowscale, m0 + mm, kt + kk, M, k_end)
                 if b_layout[2] == 1:
                     nn = e % TT
                     kk = e // TT
                 else:
                     kk = e % BK
                     nn = e // BK
-                Bs[kk, nn] = operand_b(b, b_layout, source, kt + kk, n0 + nn, N, k_end)
+                Bs[kk, nn] = sum_source(b, b_layout, source, kt + kk, n0 + nn, N, k_end)
             cuda.syncthreads()
             for kk in range(BK):
                 for r in range(RB):
@@ -155,7 +159,7 @@ def dense_forward(*, batch: int, inputs, theta, layer, act: int, out, deriv=None
     )  # fmt: skip
 
 
-def dense_backward_input(*, batch: int, delta, theta, layer, deriv) -> None:
+def dense_backward(*, batch: int, delta, theta, layer, deriv) -> None:
     """Layer l's backward to its input: Δ_{l-1} = (Δ_l W_l) ⊙ φ'(Z_{l-1}), written over φ'.
 
     delta: Δ_l (B·n_l,); deriv: φ'(Z_{l-1}) (B·n_{l-1},) in, Δ_{l-1} out.
@@ -173,15 +177,14 @@ def dense_backward_input(*, batch: int, delta, theta, layer, deriv) -> None:
     )  # fmt: skip
 
 
-def dense_weight_grad(*, batch: int, delta, inputs, layer, operand: int, source: int, rowscale, scale,
-                      out) -> None:  # fmt: skip
+def layer_sums(*, batch: int, delta, inputs, layer, operand: int, source: int, rowscale, scale, out) -> None:
     """Layer l's block of a sum over samples: out[w_start:end] = scale · (Mᵀ S, then Σ_i M_i).
 
     delta: Δ_l (B·n_l,); inputs: A_{l-1} (B·n_{l-1},); operand M of Δ_l and source S of A_{l-1}
     as in :mod:`fastgrad.quantities`; rowscale: the clip factors c (B,) of M = c⊙Δ.
 
     Enough output tiles: one GEMM writes θ's layout directly. Too few (a narrow layer, a big
-    batch): the batch is split into K chunks, each block writes a partial, and sum_rows adds
+    batch): the batch is split into K chunks, each block writes a partial, and sum_partials adds
     them in a fixed order. A launch costs more than a small GEMM, so splitting is the exception.
     """
     dt = out.dtype
@@ -208,4 +211,6 @@ def dense_weight_grad(*, batch: int, delta, inputs, layer, operand: int, source:
         part, dummy, part_scale,
     )  # fmt: skip
     if nsplit > 1:
-        sum_rows(part=part, offset=0, nrows=nsplit, ncols=seg, scale=scale, out=out, out_offset=layer.w_start)
+        sum_partials(
+            part=part, offset=0, nrows=nsplit, ncols=seg, scale=scale, out=out, out_offset=layer.w_start
+        )

@@ -5,7 +5,10 @@ The per-row maths is the registry's (:mod:`fastgrad.quantities`): the ``clip_fac
 Goodfellow's layer term is taken as norms (``layer_norm``) with scaled sums of squares
 (``add_square``), as float32 squares over- and underflow and float32 kernels keep to float32.
 Layer indices in comments are 1-based (docs/design.md §2): layer l maps A_{l-1} (B, n_{l-1}) to Δ_l,
-A_l (B, n_l).
+A_l (B, n_l). The kernels are named as the CPU kernels' steps (docs/architecture.md, "One vocabulary
+across the backends"); the norms step is two kernels, as the layers' terms come one layer a launch:
+``norms_from_deltas`` (layer l's terms) and ``finish_norms`` (the norms and clip factors, also the
+fused path's).
 """
 
 from __future__ import annotations
@@ -37,23 +40,24 @@ def _product(a, b):
 
 
 @kernel(lambda F: (mat(F), vec(nbt.int64), mat(F), nbt.int64, nbt.int64, mat(F), vec(F)))
-def output_deltas_kernel(F):
-    def output_deltas(z_out, labels, targets, loss, B, deltas, losses):
-        # z_out, deltas (B, n_L); losses (B,): Δ_L = ∂ℓ_i/∂z_L and ℓ_i, one thread per sample
+def output_forward_kernel(F):
+    def output_forward(z_out, labels, targets, loss, B, deltas, losses):
+        # z_out = Z_L (from gemm.dense_forward), deltas (B, n_L); losses (B,): Δ_L = ∂ℓ_i/∂z_L and ℓ_i,
+        # one thread per sample
         i = cuda.grid(1)
         if i < B:
             losses[i] = output_delta_row(
                 loss, z_out[i], targets[i % targets.shape[0]], labels[i % labels.shape[0]], deltas[i]
             )
 
-    return output_deltas
+    return output_forward
 
 
 @kernel(lambda F: (mat(F), mat(F), mat(F), nbt.int64))
-def layer_norms_kernel(F):
+def norms_from_deltas_kernel(F):
     zero = F(0.0)
 
-    def layer_norms(D, A, per_layer, col):
+    def norms_from_deltas(D, A, per_layer, col):
         # D = Δ_l (B, n_l), A = A_{l-1} (B, n_{l-1}) -> per_layer[:, col = l - 1] (B,): ‖∇_{W_l,b_l} ℓ_i‖
         i = cuda.grid(1)
         if i < D.shape[0]:
@@ -66,7 +70,7 @@ def layer_norms_kernel(F):
                 scale, ssq = add_square(scale, ssq, A[i, j])
             per_layer[i, col] = layer_norm(dn, scaled_norm(scale, ssq))
 
-    return layer_norms
+    return norms_from_deltas
 
 
 @kernel(lambda F: (mat(F), vec(F), nbt.int64, mat(F), F, vec(F)))
@@ -92,10 +96,10 @@ def finish_norms_kernel(F):
 
 
 @kernel(lambda F: (vec(F), nbt.int64, nbt.int64, nbt.int64, F, vec(F), nbt.int64))
-def sum_rows_kernel(F):
+def sum_partials_kernel(F):
     zero = F(0.0)
 
-    def sum_rows(part, part_off, nrows, ncols, scale, out, out_off):
+    def sum_partials(part, part_off, nrows, ncols, scale, out, out_off):
         # part[part_off:] (nrows, ncols) -> out[out_off + c] = scale * Σ_r part[r, c], in a fixed order
         sh = cuda.shared.array((SUM_Y, SUM_X), F)
         tx = cuda.threadIdx.x
@@ -113,12 +117,12 @@ def sum_rows_kernel(F):
                 t += sh[y, tx]
             out[out_off + c] = t * scale
 
-    return sum_rows
+    return sum_partials
 
 
 @kernel(lambda F: (mat(F), mat(F), mat(F), nbt.int64))
-def outer_into_kernel(F):
-    def outer_into(D, A, G, w_start):
+def write_rows_kernel(F):
+    def write_rows(D, A, G, w_start):
         # D = Δ_l (B, n_l), A = A_{l-1} (B, n_{l-1}), G (B, P): layer l's block of row i is
         # D[i, o] A[i, j] at w_start + o·n_{l-1} + j, then the bias part D[i, o]
         n_out = D.shape[1]
@@ -132,18 +136,18 @@ def outer_into_kernel(F):
                 else:
                     G[i, w_start + k] = D[i, k - nw]
 
-    return outer_into
+    return write_rows
 
 
 @kernel(lambda F: (vec(F), vec(F), vec(F)))
-def variance_kernel(F):
-    def variance(sq_mean, grad, var):
+def variance_into_kernel(F):
+    def variance_into(sq_mean, grad, var):
         # (P,) each: var = max(sq_mean - grad², 0)
         p = cuda.grid(1)
         if p < var.shape[0]:
             var[p] = variance_from_moments(sq_mean[p], grad[p])
 
-    return variance
+    return variance_into
 
 
 @kernel(lambda F: (mat(F), vec(F), vec(F)))
@@ -211,19 +215,19 @@ def check_values_kernel(F):
 # ----------------------------------------------------------------- launchers
 
 
-def output_deltas(*, z_out, labels, targets, loss: int, deltas, losses) -> None:
+def output_forward(*, z_out, labels, targets, loss: int, deltas, losses) -> None:
     """Δ_L (B, n_L) into ``deltas`` and the per-sample losses (B,) into ``losses``, from Z_L."""
     B = z_out.shape[0]
-    output_deltas_kernel.launch(
+    output_forward_kernel.launch(
         z_out.dtype, cdiv(B, ROW_THREADS), ROW_THREADS, z_out, labels, targets, loss, B, deltas, losses
     )
 
 
-def layer_norms(*, delta, inputs, per_layer, col: int) -> None:
+def norms_from_deltas(*, delta, inputs, per_layer, col: int) -> None:
     """Column ``col`` of per_layer (B, L): Goodfellow's ‖Δ_{l,i}‖ √(‖A_{l-1,i}‖² + 1), layer l = col + 1."""
     B = delta.shape[0]
     grid = cdiv(B, ROW_THREADS)
-    layer_norms_kernel.launch(delta.dtype, grid, ROW_THREADS, delta, inputs, per_layer, col)
+    norms_from_deltas_kernel.launch(delta.dtype, grid, ROW_THREADS, delta, inputs, per_layer, col)
 
 
 def finish_norms(*, per_layer, norms, layer_norms=None, max_norm=None, clip=None) -> None:
@@ -245,18 +249,18 @@ def finish_norms(*, per_layer, norms, layer_norms=None, max_norm=None, clip=None
     )
 
 
-def sum_rows(*, part, offset: int, nrows: int, ncols: int, scale, out, out_offset: int = 0) -> None:
+def sum_partials(*, part, offset: int, nrows: int, ncols: int, scale, out, out_offset: int = 0) -> None:
     """out[out_offset:out_offset + ncols] = scale · the column sums of part[offset:] (nrows, ncols)."""
-    sum_rows_kernel.launch(
+    sum_partials_kernel.launch(
         part.dtype, (cdiv(ncols, SUM_X),), (SUM_X, SUM_Y), part, offset, nrows, ncols, scale, out, out_offset
     )
 
 
-def outer_into(*, delta, inputs, out, layer) -> None:
+def write_rows(*, delta, inputs, out, layer) -> None:
     """Layer l's block of the per-sample rows out (B, P): Δ_l,i A_{l-1,i}ᵀ then Δ_l,i, in θ's layout."""
     B = delta.shape[0]
     seg = layer.end - layer.w_start
-    outer_into_kernel.launch(
+    write_rows_kernel.launch(
         delta.dtype,
         (cdiv(seg, WRITE_THREADS), min(B, 65535)),
         WRITE_THREADS,
@@ -271,7 +275,7 @@ def variance_into(grad, sq_mean, out) -> None:
     """The population variance (P,) into ``out`` from the mean gradient and the second moment, on the
     device: the registry's ``made_in_pass`` of the CUDA backend for it (needs (grad, sq_mean), then out)."""
     P = grad.shape[0]
-    variance_kernel.launch(grad.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, sq_mean, grad, out)
+    variance_into_kernel.launch(grad.dtype, cdiv(P, ROW_THREADS), ROW_THREADS, sq_mean, grad, out)
 
 
 def row_dot(M, v):

@@ -14,7 +14,7 @@ from fastgrad import MLP
 from fastgrad import cuda as fc
 from fastgrad._validation import check_inputs
 from fastgrad.cuda import config
-from fastgrad.cuda.rows import sum_rows_kernel
+from fastgrad.cuda.rows import sum_partials_kernel
 
 
 class _Recorder:
@@ -33,21 +33,21 @@ def test_direct_launch_hands_the_overload_normalised_dimensions(monkeypatch):
     rec = _Recorder()
     monkeypatch.setattr(config, "DIRECT_LAUNCH", True)
     monkeypatch.setattr(config, "SIMULATOR", False)
-    monkeypatch.setattr(sum_rows_kernel, "resolved", lambda dtype: rec)
-    monkeypatch.setattr(sum_rows_kernel, "_direct", {})
+    monkeypatch.setattr(sum_partials_kernel, "resolved", lambda dtype: rec)
+    monkeypatch.setattr(sum_partials_kernel, "_direct", {})
     # the compiled overload takes the default stream as numba-cuda's stream object, not an int 0
     # (an int raised TypeError on a real GPU); the simulator has no such object, so a stand-in here
     monkeypatch.setattr(config, "_default_stream", lambda: "default stream")
     config.LAUNCHES.clear()
     args = ("part", 0, 3, 4, np.float32(0.5), "out", 0)
-    sum_rows_kernel.launch(np.dtype(np.float32), (5,), (32, 8), *args, shared=96)
-    sum_rows_kernel.launch(np.dtype(np.float32), 7, 64, *args)
+    sum_partials_kernel.launch(np.dtype(np.float32), (5,), (32, 8), *args, shared=96)
+    sum_partials_kernel.launch(np.dtype(np.float32), 7, 64, *args)
     assert rec.calls == [
         (args, (5, 1, 1), (32, 8, 1), "default stream", 96),
         (args, (7, 1, 1), (64, 1, 1), "default stream", 0),
     ]
-    assert config.LAUNCHES["sum_rows_kernel"] == 2  # still counted
-    assert list(sum_rows_kernel._direct) == [np.dtype(np.float32)]  # resolved once per dtype
+    assert config.LAUNCHES["sum_partials_kernel"] == 2  # still counted
+    assert list(sum_partials_kernel._direct) == [np.dtype(np.float32)]  # resolved once per dtype
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
