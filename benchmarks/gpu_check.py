@@ -34,10 +34,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from fastgrad.tools.configs import CONFIGS as DESIGN_CONFIGS
+from fastgrad.tools.configs import CONFIGS as BASE_CONFIGS
 from fastgrad.tools.configs import problem
 
-CONFIGS = {**DESIGN_CONFIGS, "narrow-B65536": (DESIGN_CONFIGS["narrow"][0], 65536)}
+CONFIGS = {**BASE_CONFIGS, "narrow-B65536": (BASE_CONFIGS["narrow"][0], 65536)}
 """docs/design.md §6's configurations (the one source, ``fastgrad.tools.configs``) and a large-batch
 narrow case."""
 

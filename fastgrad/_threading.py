@@ -222,7 +222,7 @@ class _SingleThreadedBLAS:
 
     Numba's ``np.dot`` calls SciPy's LP64 interface (``int *`` dimensions), never an ILP64 library such
     as NumPy's own OpenBLAS (symbols suffixed ``64_``), so the kernels' hold leaves that one alone:
-    holding it as well cost two ctypes calls more a call (3 µs on [784, 128, 10] B = 64, 2026-12-04).
+    holding it as well would cost two more ctypes calls a call (docs/benchmarks.md, host overhead).
     NumPy's GEMMs run on threads (:mod:`fastgrad.attribution`) need the hold of every library.
     A library already at one thread is left alone."""
 

@@ -56,9 +56,8 @@ instead of the factorised form (two GEMMs of inner sizes n_l and n_{l-1} and two
 passes over the block). For a whole Gram the factorised form always wins: both forms produce
 the B × B' block, and only the materialised one multiplies over n_l n_{l-1} instead of
 n_l + n_{l-1} (the choice pays off for the diagonal alone, the norms, which the registry has).
-Measured (``benchmarks/attribution.py --materialise``, 256 × 256 block, float32, one BLAS
-thread, 2026-12-04): materialised/factorised took 1.07 at 2 × 3 (8 entries), 1.63 at 4 × 4,
-2.8 at 8 × 8, 9.8 at 16 × 16, 52 at 32 × 32, 29 at 10 × 256; so no layer is materialised."""
+The materialised form was slower at every layer size measured, from 2 × 3 up (``benchmarks/attribution.py
+--materialise``; docs/benchmarks.md has the figures), so no layer is materialised."""
 
 _FACTORS = {"numpy": "fastgrad.reference", "numba": "fastgrad.cpu", "cuda": "fastgrad.cuda"}
 """The module of each backend that makes the factors (``layer_factors``, ``forward_factors``)."""

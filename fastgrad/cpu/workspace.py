@@ -79,9 +79,8 @@ def tile_rows(batch_size: int) -> int:
     """Samples per tile for a batch of ``batch_size``: ``TILE``, halved while the batch would have fewer
     than two tiles, down to ``SMALL_TILE``. A batch of one tile ran on one thread; the tile depends on the
     batch size alone, never on the thread count, so results stay bit-identical across thread counts.
-    Measured (2 threads, float32, paired A/B against one tile of 128, 2026-11-28): [784, 128, 10]
-    B = 64 in tiles of 32 took 0.91× the time, B = 128 in tiles of 64 0.77×; [64, 64, 64, 10] B = 128
-    in tiles of 64 0.93×, B ≤ 64 the same (tiles of 16 were slower everywhere)."""
+    Smaller tiles for small batches were faster on 2 threads, down to 32 (docs/benchmarks.md, "The CPU
+    tunables and the measurements that chose them")."""
     tile = config.TILE
     while tile > config.SMALL_TILE and batch_size < 2 * tile:
         tile //= 2
