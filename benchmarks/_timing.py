@@ -11,6 +11,7 @@ and ratios can be taken pair by pair (``paired_ratios``). The pieces:
 - ``turns(samplers, rounds)``: the samplers take turns; ``{name: [sample per round]}``;
 - ``warm_up``, ``consecutive``, ``best_of``, ``block_steps``: the rest of the scripts' loops;
 - ``median``, ``paired_ratios``, ``median_ratio``: the statistics they report;
+- ``synced(sync)``: a clock that waits for a GPU's queue first (``gpu_check.py``);
 - ``timed_rounds``: the paired-call method of ``cpu_targets.py``, ``dp_step.py`` and
   ``attribution.py``;
 - ``utc_now``, ``machine``, ``load``: pieces of the header lines the scripts print.
@@ -52,6 +53,17 @@ def timer(
         return t if calls == 1 else t / calls
 
     return sample
+
+
+def synced(sync: Callable[[], object], clock: Clock = time.perf_counter) -> Clock:
+    """A clock that first waits for ``sync()`` (a GPU's queue): a timing with it brackets the work the
+    timed call queued, as ``sync(); t0; f(); sync(); t1`` does."""
+
+    def now():
+        sync()
+        return clock()
+
+    return now
 
 
 def turns(samplers: dict[str, Callable], rounds: int) -> dict[str, list]:

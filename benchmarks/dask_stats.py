@@ -30,9 +30,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/dask_stats.py): its folder is on sys.path
+    import _timing
 
 SIZES = (64, 64, 64, 10)
 """docs/design.md §6's narrow configuration."""
@@ -191,12 +195,6 @@ class DatasetNoiseScale:
 # -------------------------------------------------------------------- script
 
 
-def _timed(call) -> float:
-    t0 = time.perf_counter()
-    call()
-    return time.perf_counter() - t0
-
-
 def _load() -> str:
     return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -219,7 +217,7 @@ def measure_runners(log2: int, chunk_rows: int, rounds: int, workers=(1, 2)) -> 
         print(f"load before: {_load()}")
         for r in range(rounds):
             for name in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
-                times[name].append(_timed(calls[name]))
+                times[name].append(_timing.timer(calls[name])())
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
         print(f"load after:  {_load()}")
         rows = 2**log2
@@ -254,7 +252,7 @@ def measure_chunks(log2: int, chunk_sizes: list[int]) -> None:
         try:
             base = warm_up(client, net, theta)[0]
             call = dask_call(client, net, theta, log2, rows)
-            t = statistics.median(_timed(call) for _ in range(3))
+            t = _timing.median(_timing.consecutive(call, 3))
             peak = worker_peak_rss_mb(client)[0]
             mb = rows * SIZES[0] * 4 / 2**20
             print(

@@ -23,12 +23,11 @@ on both sides). The table is printed last; ``--json`` writes every number.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
@@ -37,23 +36,19 @@ import numpy as np
 from fastgrad.tools.configs import CONFIGS as BASE_CONFIGS
 from fastgrad.tools.configs import problem
 
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/gpu_check.py): its folder is on sys.path
+    import _timing
+
 CONFIGS = {**BASE_CONFIGS, "narrow-B65536": (BASE_CONFIGS["narrow"][0], 65536)}
 """docs/design.md §6's configurations (the one source, ``fastgrad.tools.configs``) and a large-batch
 narrow case."""
 
 
 def median_ms(fn, sync, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    """Median ms of ``reps`` calls of ``fn``, each bracketed by ``sync()`` (the GPU's whole work)."""
+    return 1e3 * _timing.median(_timing.consecutive(fn, reps, warmup=warmup, clock=_timing.synced(sync)))
 
 
 _SLEEP = None
@@ -363,10 +358,8 @@ def profile_call(name, sizes, B, cuda, fastgrad, fc, sync, sleep, reps) -> dict:
         sleep[1, 1](50000)  # about 50 ms of GPU time, while the host queues the calls
         start, stop = cuda.event(), cuda.event()
         start.record()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            fc._run_device(net, d, need, None, host_loss=False)
-        host = (time.perf_counter() - t0) / 10
+        queue = functools.partial(fc._run_device, net, d, need, None, host_loss=False)
+        host = _timing.timer(queue, calls=10)()
         stop.record()
         stop.synchronize()
         key = f"{name}_{'+'.join(sorted(need))}"
@@ -423,17 +416,22 @@ def _ab_one(cuda, fc, sync, net, inputs, q, G_d, reps) -> dict:
     row["bit_identical"] = bool(np.array_equal(got[False][0], got[True][0]) and got[False][1] == got[True][1])
     if not row["bit_identical"]:
         raise RuntimeError("results differ between the two launchers")
-    times = {False: [], True: []}
-    for i in range(2 * reps):
-        for flag in (False, True) if i % 2 else (True, False):
+    timed = _timing.timer(call, clock=_timing.synced(sync))
+
+    def launcher(flag):
+        def sample():
             fc.config.DIRECT_LAUNCH = flag
-            sync()
-            t0 = time.perf_counter()
-            call()
-            sync()
-            times[flag].append(time.perf_counter() - t0)
-    row["call_us_dispatcher"] = 1e6 * statistics.median(times[False])
-    row["call_us_direct"] = 1e6 * statistics.median(times[True])
+            return timed()
+
+        return sample
+
+    times = {False: [], True: []}
+    for i in range(2 * reps):  # the two launchers take turns, the first of each pair alternating
+        order = (False, True) if i % 2 else (True, False)
+        for flag, samples in _timing.turns({flag: launcher(flag) for flag in order}, 1).items():
+            times[flag] += samples
+    row["call_us_dispatcher"] = 1e6 * _timing.median(times[False])
+    row["call_us_direct"] = 1e6 * _timing.median(times[True])
     for flag, key in ((False, "host_us_dispatcher"), (True, "host_us_direct")):
         fc.config.DIRECT_LAUNCH = flag
         row[key] = host_us(kernels, cuda, sync)
@@ -448,10 +446,7 @@ def host_us(fn, cuda, sync, calls: int = 10) -> float:
     sleep[1, 1](1)  # compiled before the timing
     sync()
     sleep[1, 1](20000)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t = (time.perf_counter() - t0) / calls
+    t = _timing.timer(fn, calls=calls)()
     sync()
     return 1e6 * t
 

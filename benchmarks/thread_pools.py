@@ -29,6 +29,11 @@ import time
 
 import numpy as np
 
+try:
+    from . import _timing
+except ImportError:  # run as a script (python benchmarks/thread_pools.py): its folder is on sys.path
+    import _timing
+
 VARIANTS = {
     "default": ({}, 2),
     "OMP_WAIT_POLICY=passive": ({"OMP_WAIT_POLICY": "passive"}, 2),
@@ -70,19 +75,15 @@ def measure_config(cname: str, steps: int) -> dict:
     def kernel():
         step(Xt, yt)
 
+    def wall_user_sys():  # a clock of three readings: wall, user CPU and system CPU seconds
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return np.array([time.perf_counter(), r.ru_utime, r.ru_stime])
+
     res = {}
     for name, f in (("torch", torch_step), ("fastgrad", fastgrad_step), ("kernel", kernel)):
-        for _ in range(5):
-            f()
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        for _ in range(steps):
-            f()
-        t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        res[name] = {
-            "ms": 1e3 * (t1 - t0) / steps,
-            "user": 1e3 * (r1.ru_utime - r0.ru_utime) / steps,
-            "sys": 1e3 * (r1.ru_stime - r0.ru_stime) / steps,
-        }
+        _timing.warm_up([f], each=5)
+        wall, user, sys_ = 1e3 * _timing.timer(f, clock=wall_user_sys, calls=steps)()
+        res[name] = {"ms": wall, "user": user, "sys": sys_}
     return res
 
 
