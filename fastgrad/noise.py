@@ -371,44 +371,12 @@ def _raw_bits(bits, first, count, wide, k0, k1, c3):
             bits[4 * q + 3] = w3
 
 
-@njit(parallel=True, nogil=True, cache=CACHE)
-def _draw32(out, total, std, denominator, k0, k1, c3, fused):
-    # out (n,) float32 <- ξ, or (total + std·ξ) / denominator with total (n,), each operation in float32
-    n = out.shape[0]
-    for task in prange((n + BLOCK - 1) // BLOCK):
-        start = task * BLOCK
-        count = min(BLOCK, n - start)
-        # a task's values: straight into out, or a buffer when they are noise for a fused step
-        xi = np.empty(BLOCK, out.dtype) if fused else out[start : start + count]
-        bits = np.empty(BLOCK, np.uint64)
-        _raw_bits(bits, np.uint64(start // 4), count, False, k0, k1, c3)
-        slow = np.empty(BLOCK, np.int32)
-        n_slow = 0
-        for t in range(count):  # branch-free: the slow values are listed, then redone
-            b = bits[t]
-            k = b & _LOW9
-            u = b >> _SHIFT9
-            xi[t] = np.float32(np.int32(u)) * _WS32[k]
-            slow[n_slow] = t
-            n_slow += u >= _KS32[k]
-        _finish_slow(xi, bits, slow, n_slow, start, False, k0, k1, c3)
-        if fused:
-            _noised_into(out, total, std, denominator, xi, start, count)
-
-
-@njit(parallel=True, nogil=True, cache=CACHE)
-def _draw64(out, total, std, denominator, k0, k1, c3, fused):
-    # out (n,) float64 <- ξ, or (total + std·ξ) / denominator with total (n,)
-    n = out.shape[0]
-    for task in prange((n + BLOCK - 1) // BLOCK):
-        start = task * BLOCK
-        count = min(BLOCK, n - start)
-        # a task's values: straight into out, or a buffer when they are noise for a fused step
-        xi = np.empty(BLOCK, out.dtype) if fused else out[start : start + count]
-        bits = np.empty(BLOCK, np.uint64)
-        _raw_bits(bits, np.uint64(start // 2), count, True, k0, k1, c3)
-        slow = np.empty(BLOCK, np.int32)
-        n_slow = 0
+@register_jitable
+def _fast_path(bits, xi, slow, count, wide):
+    # xi[:count] <- the fast path's value of every draw in bits (sign included); slow[:n_slow] <- the
+    # positions whose draw fails the fast test, listed branch-free (they are redone after); -> n_slow
+    n_slow = 0
+    if wide:
         for t in range(count):
             b = bits[t]
             k = b & _LOW9
@@ -416,7 +384,33 @@ def _draw64(out, total, std, denominator, k0, k1, c3, fused):
             xi[t] = float(np.int64(u)) * _WS64[k]
             slow[n_slow] = t
             n_slow += u >= _KS64[k]
-        _finish_slow(xi, bits, slow, n_slow, start, True, k0, k1, c3)
+    else:
+        for t in range(count):
+            b = bits[t]
+            k = b & _LOW9
+            u = b >> _SHIFT9
+            xi[t] = np.float32(np.int32(u)) * _WS32[k]
+            slow[n_slow] = t
+            n_slow += u >= _KS32[k]
+    return n_slow
+
+
+@njit(parallel=True, nogil=True, cache=CACHE)
+def _draw(out, total, std, denominator, k0, k1, c3, fused, wide):
+    # out (n,) <- ξ, or (total + std·ξ) / denominator with total (n,), each operation in out's dtype;
+    # wide: out is float64 (two words a value), else float32 (one)
+    n = out.shape[0]
+    per_block = 2 if wide else 4
+    for task in prange((n + BLOCK - 1) // BLOCK):
+        start = task * BLOCK
+        count = min(BLOCK, n - start)
+        # a task's values: straight into out, or a buffer when they are noise for a fused step
+        xi = np.empty(BLOCK, out.dtype) if fused else out[start : start + count]
+        bits = np.empty(BLOCK, np.uint64)
+        _raw_bits(bits, np.uint64(start // per_block), count, wide, k0, k1, c3)
+        slow = np.empty(BLOCK, np.int32)
+        n_slow = _fast_path(bits, xi, slow, count, wide)
+        _finish_slow(xi, bits, slow, n_slow, start, wide, k0, k1, c3)
         if fused:
             _noised_into(out, total, std, denominator, xi, start, count)
 
@@ -433,7 +427,7 @@ def standard_normal(n: int, dtype, words: tuple[int, int, int], out: np.ndarray 
     if out is None:
         out = np.empty(n, dt)
     _threading.check_fork_safe()
-    (_draw64 if dt == np.float64 else _draw32)(out, out[:0], dt.type(0), dt.type(1), *_words(words), False)
+    _draw(out, out[:0], dt.type(0), dt.type(1), *_words(words), False, dt == np.float64)
     return out
 
 
@@ -445,7 +439,5 @@ def noised_mean(
     ξ = :func:`standard_normal`, each operation rounded to the dtype. ``out`` may be ``total``."""
     dt = total.dtype
     _threading.check_fork_safe()
-    (_draw64 if dt == np.float64 else _draw32)(
-        out, total, dt.type(noise_std), dt.type(denominator), *_words(words), True
-    )
+    _draw(out, total, dt.type(noise_std), dt.type(denominator), *_words(words), True, dt == np.float64)
     return out
