@@ -196,7 +196,7 @@ class DatasetNoiseScale:
 
 
 def _load() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return ", ".join(f"{v:.2f}" for v in _timing.load())
 
 
 def measure_runners(log2: int, chunk_rows: int, rounds: int, workers=(1, 2)) -> None:

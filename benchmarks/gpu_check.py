@@ -417,19 +417,11 @@ def _ab_one(cuda, fc, sync, net, inputs, q, G_d, reps) -> dict:
     if not row["bit_identical"]:
         raise RuntimeError("results differ between the two launchers")
     timed = _timing.timer(call, clock=_timing.synced(sync))
-
-    def launcher(flag):
-        def sample():
-            fc.config.DIRECT_LAUNCH = flag
-            return timed()
-
-        return sample
-
     times = {False: [], True: []}
     for i in range(2 * reps):  # the two launchers take turns, the first of each pair alternating
-        order = (False, True) if i % 2 else (True, False)
-        for flag, samples in _timing.turns({flag: launcher(flag) for flag in order}, 1).items():
-            times[flag] += samples
+        for flag in (False, True) if i % 2 else (True, False):
+            fc.config.DIRECT_LAUNCH = flag
+            times[flag].append(timed())
     row["call_us_dispatcher"] = 1e6 * _timing.median(times[False])
     row["call_us_direct"] = 1e6 * _timing.median(times[True])
     for flag, key in ((False, "host_us_dispatcher"), (True, "host_us_direct")):
