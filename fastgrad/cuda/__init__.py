@@ -43,8 +43,12 @@ from ..privacy import dp_step
 from ..quantities import HOST, SUMS, made_in_pass, needs_norms, sums_to_make
 from . import config, fused, gemm, rows
 from .config import (
+    FLAG_THETA,
+    FLAG_X,
+    FLAG_Y,
     FUSED_MAX_WIDTH,
     KERNELS,
+    N_FLAGS,
     ROW_THREADS,
     SHARED_BYTES,
     SIMULATOR,
@@ -99,7 +103,7 @@ class _Device:
 
 def _raise_input_error(flags, net: MLP) -> None:
     """Turn the device checks' flags (non-finite θ, X, y; y out of range) into the host checks' errors."""
-    for name, bad in (("theta", flags[0]), ("X", flags[1]), ("y", flags[2])):
+    for name, bad in (("theta", flags[FLAG_THETA]), ("X", flags[FLAG_X]), ("y", flags[FLAG_Y])):
         if bad:
             raise ValueError(f"{name}: contains NaN or Inf")
     loss = LOSS_REGISTRY[net.loss]
@@ -157,10 +161,9 @@ def _fused_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
     want = _wanted_sums(need, max_norm is not None)
     nblk = cdiv(B, tile)
     size, offs = fused.workspace_size(nblk, B, net, want)
-    zero_flags = np.zeros(4, dtype=d.dtype)
-    ws = scratch(
-        "fused_ws", (size,), d.dtype, on_create=lambda buf: buf[nblk : nblk + 4].copy_to_device(zero_flags)
-    )
+    zero_flags = np.zeros(N_FLAGS, dtype=d.dtype)
+    flags = slice(nblk, nblk + N_FLAGS)  # the input flags, after the tile losses
+    ws = scratch("fused_ws", (size,), d.dtype, on_create=lambda buf: buf[flags].copy_to_device(zero_flags))
     fused.fused_backprop(
         net=net,
         d=d,
@@ -179,7 +182,7 @@ def _fused_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
             rows.sum_partials(part=ws, offset=off, nrows=nblk, ncols=P, scale=scale, out=res[q.name])
     if needs_norms(need, max_norm is not None):
         res["norms"] = cuda.device_array(B, dtype=d.dtype)
-        off_lsq = nblk + 4
+        off_lsq = nblk + N_FLAGS
         rows.finish_norms(
             per_layer=ws[off_lsq : off_lsq + B * L].reshape(B, L), norms=res["norms"], layer_norms=layer_norms
         )
@@ -187,10 +190,10 @@ def _fused_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
         res["loss_partials"] = ws[:nblk]
         return res
     # the tile losses and the input flags in one small copy; the losses summed here in a fixed order
-    head = ws[: nblk + 4].copy_to_host(pinned(nblk + 4, d.dtype.str))
-    if head[nblk:].any():
-        ws[nblk : nblk + 4].copy_to_device(np.zeros(4, dtype=d.dtype))
-        _raise_input_error(head[nblk:], net)
+    head = ws[: nblk + N_FLAGS].copy_to_host(pinned(nblk + N_FLAGS, d.dtype.str))
+    if head[flags].any():
+        ws[flags].copy_to_device(zero_flags)
+        _raise_input_error(head[flags], net)
     res["loss"] = head[:nblk].sum(dtype=d.dtype) / F(B)
     return res
 
@@ -243,7 +246,7 @@ def _tiled_path(net: MLP, d: _Device, need, max_norm, G, layer_norms, tile: int,
 
 def _check_values(net: MLP, d: _Device) -> None:
     """The value checks of device inputs for the tiled path: one kernel, one flag copy."""
-    flags = scratch("flags", (4,), np.int32, zero=True)  # stays zero unless a check fails
+    flags = scratch("flags", (N_FLAGS,), np.int32, zero=True)  # stays zero unless a check fails
     lo, hi = target_range(net, d.dtype)
     rows.check_values(
         theta=d.theta,
@@ -257,7 +260,7 @@ def _check_values(net: MLP, d: _Device) -> None:
     )
     f = flags.copy_to_host()
     if f.any():
-        flags.copy_to_device(np.zeros(4, dtype=np.int32))
+        flags.copy_to_device(np.zeros(N_FLAGS, dtype=np.int32))
         _raise_input_error(f, net)
     d.values_checked = True
 

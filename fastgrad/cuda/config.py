@@ -62,6 +62,10 @@ GEMM_TILE = GEMM_THREADS * GEMM_REG
 FUSED_MAX_WIDTH = 128  # the fused path is used when every width is at most this
 FUSED_SAMPLES_PER_THREAD = 4  # register blocking of the fused kernel's products
 FUSED_MAX_LAYERS = 16
+FLAG_THETA, FLAG_X, FLAG_Y, FLAG_RANGE = range(4)
+N_FLAGS = 4
+"""The device input checks' flags, in this order in every flags array (the fused workspace's, after the
+tile losses, and the tiled path's): non-finite θ, X, targets; labels or targets out of range."""
 SHARED_BYTES = 48 * 1024  # dynamic shared memory available without an opt-in
 DIRECT_LAUNCH = False
 """Launch each kernel through its overload for the declared signature, resolved once per dtype,

@@ -36,9 +36,14 @@ from ..quantities import (
 )
 from . import config
 from .config import (
+    FLAG_RANGE,
+    FLAG_THETA,
+    FLAG_X,
+    FLAG_Y,
     FUSED_MAX_LAYERS,
     FUSED_SAMPLES_PER_THREAD,
     FUSED_THREADS,
+    N_FLAGS,
     cdiv,
     cuda,
     device_function,
@@ -67,8 +72,6 @@ partials (nblk, P) start in ws, -1 when it is not wanted. The launch passes it a
 fields' order and the kernel names it on entry (as the CPU's packs: a plain tuple types faster)."""
 Limits = namedtuple("Limits", "max_norm lo hi")
 """The fused kernel's floats: the clipping norm (0: no clipping) and the targets' domain [lo, hi]."""
-FLAG_THETA, FLAG_X, FLAG_Y, FLAG_RANGE = range(4)
-"""The input flags in ws (after the tile losses): non-finite θ, X, targets; labels or targets out of range."""
 
 
 # ------------------------------------------------------------ device functions
@@ -398,7 +401,7 @@ def workspace_size(nblk: int, batch: int, net: MLP, want: tuple[bool, ...]) -> t
 
     Returns its length and each sum's offset (-1 for a sum not wanted).
     """
-    end = nblk + 4 + batch * net.num_layers
+    end = nblk + N_FLAGS + batch * net.num_layers
     offs = []
     for wanted in want:
         offs.append(end if wanted else -1)
@@ -422,7 +425,7 @@ def fused_backprop(*, net: MLP, d, tile: int, ws, sum_offsets, per_sample: bool,
         batch=B,
         tile=tile,
         num_params=net.num_params,
-        norms_at=nblk + 4,
+        norms_at=nblk + N_FLAGS,
         want_rows=int(per_sample),
         sum_offsets=tuple(sum_offsets),
     )

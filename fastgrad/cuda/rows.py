@@ -17,7 +17,23 @@ import math
 
 from ..losses import output_delta_row
 from ..quantities import add_square, clip_factor, layer_norm, scaled_norm, variance_from_moments
-from .config import ROW_THREADS, SIMULATOR, SUM_X, SUM_Y, WRITE_THREADS, cdiv, cuda, kernel, mat, nbt, vec
+from .config import (
+    FLAG_RANGE,
+    FLAG_THETA,
+    FLAG_X,
+    FLAG_Y,
+    ROW_THREADS,
+    SIMULATOR,
+    SUM_X,
+    SUM_Y,
+    WRITE_THREADS,
+    cdiv,
+    cuda,
+    kernel,
+    mat,
+    nbt,
+    vec,
+)
 
 
 def exact_multiply(F):
@@ -190,24 +206,24 @@ def noised_mean_kernel(F):
 @kernel(lambda F: (vec(F), vec(F), vec(F), vec(nbt.int64), F, F, nbt.int64, vec(nbt.int32)))
 def check_values_kernel(F):
     def check_values(theta, X, targets, labels, lo, hi, n_classes, flags):
-        # θ (P,), X (B·n0,), targets (B·n_L,), labels (B,) -> flags (4,): non-finite θ, X, y; y out of range
+        # θ (P,), X (B·n0,), targets (B·n_L,), labels (B,) -> flags (N_FLAGS,), config's order
         start = cuda.grid(1)
         stride = cuda.gridsize(1)
         for k in range(start, theta.shape[0], stride):
             if not math.isfinite(theta[k]):
-                flags[0] = 1
+                flags[FLAG_THETA] = 1
         for k in range(start, X.shape[0], stride):
             if not math.isfinite(X[k]):
-                flags[1] = 1
+                flags[FLAG_X] = 1
         for k in range(start, targets.shape[0], stride):
             v = targets[k]
             if not math.isfinite(v):
-                flags[2] = 1
+                flags[FLAG_Y] = 1
             elif v < lo or v > hi:
-                flags[3] = 1
+                flags[FLAG_RANGE] = 1
         for k in range(start, labels.shape[0], stride):
             if labels[k] < 0 or labels[k] >= n_classes:
-                flags[3] = 1
+                flags[FLAG_RANGE] = 1
 
     return check_values
 
@@ -299,7 +315,7 @@ def noised_mean(*, total, noise, noise_std: float, denominator: float):
 
 
 def check_values(*, theta, X, targets, labels, lo, hi, n_classes: int, flags) -> None:
-    """Set flags (4,) int32 for non-finite θ, X, y and for y out of range (they stay 0 otherwise)."""
+    """Set flags (N_FLAGS,) int32 for non-finite θ, X, y and for y out of range (they stay 0 otherwise)."""
     n = max(theta.size, X.size, targets.size, labels.size)
     check_values_kernel.launch(
         theta.dtype,
