@@ -265,9 +265,10 @@ def _finish_slow(xi, bits, slow, n_slow, start, wide, k0, k1, c3):
 @register_jitable
 def _noised_into(out, total, std, denominator, xi, start, count):
     # out[start : start + count] <- (total[...] + std·xi[:count]) / denominator, in out's dtype
-    # (vectorised; xi is a task's own buffer, so ``out`` may be ``total``)
+    # (xi is a task's own buffer, so ``out`` may be ``total``); over views from 0, so that it vectorizes
+    dst, src = out[start : start + count], total[start : start + count]
     for t in range(count):
-        out[start + t] = (total[start + t] + std * xi[t]) / denominator
+        dst[t] = (src[t] + std * xi[t]) / denominator
 
 
 # --------------------------------------------------------- NumPy reference

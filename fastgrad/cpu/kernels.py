@@ -383,13 +383,14 @@ def layer_sums(plan, net, chunk, r0, r1, clip_c, partial, t, sums, accumulate):
 @njit(cache=CACHE, error_model="numpy")
 def sum_partials(part, k0, k1, out, accumulate):
     # part (n_tiles, P) -> out[k0:k1] = Σ_t part[t, k0:k1] in tile order; when accumulate, added to out,
-    # else out holds tile 0's sum already (layer_sums wrote it there)
-    if accumulate:
-        for k in range(k0, k1):
-            out[k] += part[0, k]
-    for u in range(1, part.shape[0]):
-        for k in range(k0, k1):
-            out[k] += part[u, k]
+    # else out holds tile 0's sum already (layer_sums wrote it there). The loops run over views from 0:
+    # indexing out[k] for k in range(k0, k1) kept Numba's negative-index check and did not vectorize
+    # (7.7x slower, docs/benchmarks.md "Loops over views")
+    dst = out[k0:k1]
+    for u in range(0 if accumulate else 1, part.shape[0]):
+        src = part[u, k0:k1]
+        for k in range(dst.shape[0]):
+            dst[k] += src[k]
 
 
 @njit(cache=CACHE, error_model="numpy")
@@ -487,8 +488,8 @@ def divide_means(plan, sums, k0, k1, count):
     # sums (n_sums, P) -> sums[s, k0:k1] /= count for the plan's means
     for s in range(plan.shape[0]):
         if plan[s, MEAN]:
-            out = sums[s]
-            for k in range(k0, k1):
+            out = sums[s, k0:k1]  # a view from 0, so the loop vectorizes (as sum_partials')
+            for k in range(out.shape[0]):
                 out[k] /= count
 
 
@@ -631,5 +632,7 @@ def variance_into(grad, sq_mean, var):
     # (NumPy's took three, with temporaries)
     n = grad.shape[0]
     for c in prange((n + 65535) // 65536):
-        for k in range(c * 65536, min(n, (c + 1) * 65536)):
-            var[k] = variance_from_moments(sq_mean[k], grad[k])
+        k0, k1 = c * 65536, min(n, (c + 1) * 65536)
+        v, s, g = var[k0:k1], sq_mean[k0:k1], grad[k0:k1]  # views from 0, so the loop vectorizes
+        for k in range(v.shape[0]):
+            v[k] = variance_from_moments(s[k], g[k])
