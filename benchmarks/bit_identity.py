@@ -74,6 +74,7 @@ CPU_PATHS = {
     "phase2": {"PARTIALS_BYTES": 0},
     "chunked": {"WORKSPACE_BYTES": 1},
     "noWT": {"SMALL_LAYER": 0},
+    "productT": {"SMALL_LAYER": 0, "TRANSPOSED_ROWS": 1024},
     "chunked_phase2": {"WORKSPACE_BYTES": 1, "PARTIALS_BYTES": 0},
 }
 """The numba backend's paths, reached by its tunables (read at call time)."""
@@ -94,7 +95,10 @@ def record_cpu_paths(store, key, problem_args, cpu_mod, defaults):
 def cpu(store):
     cpu_mod = importlib.import_module("fastgrad.cpu")
     cpu_mod = getattr(cpu_mod, "config", cpu_mod)  # the tunables: fastgrad.cpu.config since the package
-    defaults = {k: getattr(cpu_mod, k) for k in ("PARTIALS_BYTES", "WORKSPACE_BYTES", "SMALL_LAYER")}
+    defaults = {
+        k: getattr(cpu_mod, k, None)  # TRANSPOSED_ROWS: None in trees before it (set, and unread, there)
+        for k in ("PARTIALS_BYTES", "WORKSPACE_BYTES", "SMALL_LAYER", "TRANSPOSED_ROWS")
+    }
     for dtype in (np.float32, np.float64):
         dt = np.dtype(dtype)
         for act, loss in itertools.product(ACTS, LOSSES):

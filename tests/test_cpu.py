@@ -141,10 +141,16 @@ def test_variance_into_is_the_registry_formula(dtype):
     assert var.min() == 0
 
 
+@pytest.mark.parametrize("transposed_rows", [0, config.TRANSPOSED_ROWS])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_forward_with_w_read_transposed_matches_too(monkeypatch, dtype):
-    # small layers are forwarded with a stored Wᵀ; big ones read W transposed: force the latter
+def test_forward_of_big_layers_matches_too(monkeypatch, dtype, transposed_rows):
+    # small layers are forwarded with a stored Wᵀ; big ones (all, here) read W transposed on tiles of
+    # more than TRANSPOSED_ROWS rows (all, with 0), else as the transposed product (W Aᵀ)ᵀ
     monkeypatch.setattr(config, "SMALL_LAYER", 0)
+    monkeypatch.setattr(config, "TRANSPOSED_ROWS", transposed_rows)
+    want = cpu.driver.READ_WT if transposed_rows == 0 else cpu.driver.PRODUCT_T
+    net = fastgrad.MLP([5, 7, 6, 3], activation="relu", loss="cross_entropy")
+    assert set(cpu.driver._layout(net, cpu.tile_rows(9))[:, 4]) == {want}
     check_against_naive([5, 7, 6, 3], "relu", "cross_entropy", B=9, dtype=dtype)
 
 

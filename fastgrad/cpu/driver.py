@@ -20,6 +20,9 @@ from .kernels import (
     Buffers,
     Codes,
     Data,
+    PRODUCT_T,
+    READ_WT,
+    STORED_WT,
     Flags,
     Net,
     RowOut,
@@ -115,12 +118,19 @@ def _writeable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def _layout(net: MLP) -> np.ndarray:
-    """The kernels' ``layout`` (L, 5): per layer n_{l-1}, n_l, W_l's and b_l's start in θ, and whether
-    it is forwarded with a stored W_lᵀ (read at call time: ``SMALL_LAYER``)."""
-    rows = [
-        (s.n_in, s.n_out, s.w_start, s.b_start, s.n_in * s.n_out <= config.SMALL_LAYER) for s in net.layers
-    ]
+def _forward_how(n_in: int, n_out: int, tile: int) -> int:
+    """How the kernels run a layer's forward GEMM on tiles of ``tile`` rows (``kernels.FORWARD``): with a
+    stored W_lᵀ up to ``SMALL_LAYER`` weights, else as the transposed product on tiles of at most
+    ``TRANSPOSED_ROWS`` rows, else with W_l read transposed (the tunables read at call time)."""
+    if n_in * n_out <= config.SMALL_LAYER:
+        return STORED_WT
+    return PRODUCT_T if tile <= config.TRANSPOSED_ROWS else READ_WT
+
+
+def _layout(net: MLP, tile: int) -> np.ndarray:
+    """The kernels' ``layout`` (L, 5) for tiles of ``tile`` rows: per layer n_{l-1}, n_l, W_l's and b_l's
+    start in θ, and how it is forwarded (:func:`_forward_how`)."""
+    rows = [(s.n_in, s.n_out, s.w_start, s.b_start, _forward_how(s.n_in, s.n_out, tile)) for s in net.layers]
     return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
@@ -186,7 +196,7 @@ class PreparedCall:
         self.plan, n_slots = _plan(made, n_tiles, P, dt.itemsize)
         self.partial = ws.partials(n_slots, n_tiles, P, dt) if n_slots else np.empty((0, 0, 0), dt)
         self.ce = net.loss_code == CROSS_ENTROPY
-        self.layout = _layout(net)
+        self.layout = _layout(net, tile)
         # the packs of batch_backprop, as plain tuples in the fields' order of kernels.Codes, Flags, ...
         self.codes = (net.activation_code, net.loss_code, tile)
         self.c_max = dt.type(max_norm if clip else -1.0)  # the clip factor's C, in θ's dtype
@@ -287,7 +297,7 @@ def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
         chunk, tile = _chunking(sizes, dt, B)
         chunk = min(B, chunk)
         (acts, dphi, deltas, sqa), tasks, w_t = ws.buffers(sizes, chunk, dt, False)
-        net_pack = Net(_layout(net), theta, w_t)
+        net_pack = Net(_layout(net, tile), theta, w_t)
         codes = Codes(net.activation_code, net.loss_code, tile)
         plan, sums, partial = (
             np.empty((0, 4), np.int64),

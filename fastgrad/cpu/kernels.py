@@ -110,9 +110,13 @@ Chunk = namedtuple("Chunk", "X acts dphi deltas sqa offsets")
 Check = namedtuple("Check", "on lo hi")
 """The values' check of :func:`batch_backprop`: whether to run it, and the targets' domain [lo, hi]."""
 
-N_IN, N_OUT, W_AT, B_AT, STORED_WT = range(5)
-"""Columns of ``layout``, row l-1 for layer l: n_{l-1}, n_l, where W_l and b_l start in θ, and
-1 when the layer is forwarded with a stored W_lᵀ (at most ``SMALL_LAYER`` weights)."""
+N_IN, N_OUT, W_AT, B_AT, FORWARD = range(5)
+"""Columns of ``layout``, row l-1 for layer l: n_{l-1}, n_l, where W_l and b_l start in θ, and how the
+layer's forward GEMM runs (:data:`READ_WT`, :data:`STORED_WT` or :data:`PRODUCT_T`)."""
+READ_WT, STORED_WT, PRODUCT_T = range(3)
+"""The forward GEMMs A_{l-1} W_lᵀ: with W_l read transposed; with a stored copy of W_lᵀ (layers of at most
+``SMALL_LAYER`` weights); or as the transposed product (W_l A_{l-1}ᵀ)ᵀ (bigger layers on tiles of at most
+``TRANSPOSED_ROWS`` rows)."""
 A_AT, D_AT, S_AT = range(3)
 """Columns of a chunk's ``offsets``, row l: where the (R, n_l) block of A_l (and of φ'(z_l)) starts
 in acts (and dphi), l = 1..L-1; of Δ_l in deltas, l = 1..L; of A_l ⊙ A_l in sqa, l = 0..L-1."""
@@ -194,7 +198,7 @@ def store_transposed(net):
     # w_t (P,) gets W_lᵀ (n_{l-1}, n_l) at W_l's place, for every layer forwarded with it
     layout = net.layout
     for l in range(1, layout.shape[0] + 1):
-        if layout[l - 1, STORED_WT]:
+        if layout[l - 1, FORWARD] == STORED_WT:
             W, WT, _ = layer_params(net, l)
             for k in range(WT.shape[0]):
                 for o in range(WT.shape[1]):
@@ -203,11 +207,21 @@ def store_transposed(net):
 
 @njit(cache=CACHE, error_model="numpy")
 def forward_gemm(net, l, a_in, out):
-    # A_{l-1} (m, n_{l-1}) -> out (m, n_l) = A_{l-1} W_lᵀ
-    # small GEMMs ran 1.8x faster here with Wᵀ stored than with W read transposed (128x64x64)
+    # A_{l-1} (m, n_{l-1}) -> out (m, n_l) = A_{l-1} W_lᵀ, as the layout's FORWARD column says: small GEMMs
+    # ran 1.8x faster with Wᵀ stored than with W read transposed (128x64x64); for a big layer on a tile of
+    # m ≤ 64 rows, W A_{l-1}ᵀ (n_l, m) then transposed took 0.6-0.8x the time of A_{l-1} Wᵀ (OpenBLAS
+    # packs the small operand A_{l-1} rather than all of W; docs/benchmarks.md, the CPU tunables)
     W, WT, _ = layer_params(net, l)
-    if net.layout[l - 1, STORED_WT]:
+    how = net.layout[l - 1, FORWARD]
+    if how == STORED_WT:
         np.dot(a_in, WT, out)
+    elif how == PRODUCT_T:
+        out_t = np.empty((out.shape[1], out.shape[0]), out.dtype)
+        np.dot(W, a_in.T, out_t)
+        for i in range(out.shape[0]):
+            row = out[i]
+            for k in range(row.shape[0]):
+                row[k] = out_t[k, i]
     else:
         np.dot(a_in, W.T, out)
 
