@@ -197,6 +197,8 @@ _KS32 = np.concatenate([_K32, _K32])
 _WS64 = np.concatenate([_W64, -_W64])
 _KS64 = np.concatenate([_K64, _K64])
 _LOW9 = np.uint64(0x1FF)
+_LOW9_32 = np.uint32(0x1FF)
+_SHIFT9_32 = np.uint32(9)
 _ZERO = np.uint64(0)
 _ONE = np.uint64(1)
 _SHIFT8 = np.uint64(8)
@@ -256,7 +258,7 @@ def _finish_slow(xi, bits, slow, n_slow, start, wide, k0, k1, c3):
         first[0, s], first[1, s], first[2, s], first[3, s] = philox_block(i, i >> _SHIFT32, _ONE, c3, k0, k1)
     for s in range(n_slow):
         t = slow[s]
-        b = bits[t]
+        b = np.uint64(bits[t])
         w0, w1, w2, w3 = first[0, s], first[1, s], first[2, s], first[3, s]
         x = _slow_value(np.uint64(start + t), b, wide, w0, w1, w2, w3, k0, k1, c3)
         xi[t] = -x if (b >> _SHIFT8) & _ONE else x
@@ -348,13 +350,15 @@ def _slow_value_reference(i: int, bits: int, wide: bool, k0: int, k1: int, c3: i
 CACHE = _cache.configure()
 
 BLOCK = 4096
-"""Values per parallel task (a multiple of 4): a task's raw words fit in L1 (32 KiB), and P = 101,770
-(the [784, 128, 10] network) makes 25 tasks for 2 threads. Any multiple of 4 gives the same bits."""
+"""Values per parallel task (a multiple of 8: the fast test's flags are read eight at a time): a task's
+raw words fit in L1 (32 KiB), and P = 101,770 (the [784, 128, 10] network) makes 25 tasks for 2
+threads. Any multiple of 8 gives the same bits."""
 
 
 @register_jitable
 def _raw_bits(bits, first, count, wide, k0, k1, c3):
-    # bits (≥ count,) uint64 <- the main-stream bits of values first·(2 or 4) ... + count, branch-free
+    # bits (≥ count,) <- the main-stream bits of values first·(2 or 4) ... + count, branch-free: uint64
+    # (wide), or one uint32 word a value
     # (LLVM vectorises these loops: four Philox blocks per AVX2 register)
     if wide:
         for q in range((count + 1) // 2):
@@ -373,27 +377,48 @@ def _raw_bits(bits, first, count, wide, k0, k1, c3):
 
 
 @register_jitable
-def _fast_path(bits, xi, slow, count, wide):
-    # xi[:count] <- the fast path's value of every draw in bits (sign included); slow[:n_slow] <- the
-    # positions whose draw fails the fast test, listed branch-free (they are redone after); -> n_slow
-    n_slow = 0
+def _fast_path(bits, xi, flag, count, wide):
+    # xi[:count] <- the fast path's value of every draw in bits (sign included); flag[:count] <- 1 where
+    # the draw fails the fast test (redone after), else 0. No store depends on an earlier iteration,
+    # so LLVM vectorises the loop (the tables' loads as gathers where the target has them)
     if wide:
         for t in range(count):
             b = bits[t]
             k = b & _LOW9
             u = (b >> _SHIFT9) & _MANTISSA52
             xi[t] = float(np.int64(u)) * _WS64[k]
-            slow[n_slow] = t
-            n_slow += u >= _KS64[k]
-    else:
+            flag[t] = u >= _KS64[k]
+    else:  # bits: one 32-bit word a value
         for t in range(count):
             b = bits[t]
-            k = b & _LOW9
-            u = b >> _SHIFT9
+            k = b & _LOW9_32
+            u = b >> _SHIFT9_32
             xi[t] = np.float32(np.int32(u)) * _WS32[k]
-            slow[n_slow] = t
-            n_slow += u >= _KS32[k]
-    return n_slow
+            flag[t] = u >= _KS32[k]
+
+
+@register_jitable
+def _flagged(flag, slow, count):
+    # slow[:n] <- the positions t < count with flag[t] set, in order; -> n. flag (BLOCK,) uint8 is read
+    # eight at a time: about 1.5 % of draws are flagged, so most words are 0 and skipped
+    words = flag.view(np.uint64)
+    n = 0
+    for j in range((count + 7) // 8):
+        if words[j] != _ZERO:
+            for t in range(8 * j, min(8 * j + 8, count)):
+                if flag[t]:
+                    slow[n] = t
+                    n += 1
+    return n
+
+
+@register_jitable
+def _task_values(bits, xi, flag, slow, start, count, wide, k0, k1, c3):
+    # xi[:count] <- the task's values start ... start + count - 1 (ξ, in xi's dtype)
+    per_block = 2 if wide else 4
+    _raw_bits(bits, np.uint64(start // per_block), count, wide, k0, k1, c3)
+    _fast_path(bits, xi, flag, count, wide)
+    _finish_slow(xi, bits, slow, _flagged(flag, slow, count), start, wide, k0, k1, c3)
 
 
 @njit(parallel=True, nogil=True, cache=CACHE)
@@ -401,17 +426,18 @@ def _draw(out, total, std, denominator, k0, k1, c3, fused, wide):
     # out (n,) <- ξ, or (total + std·ξ) / denominator with total (n,), each operation in out's dtype;
     # wide: out is float64 (two words a value), else float32 (one)
     n = out.shape[0]
-    per_block = 2 if wide else 4
     for task in prange((n + BLOCK - 1) // BLOCK):
         start = task * BLOCK
         count = min(BLOCK, n - start)
         # a task's values: straight into out, or a buffer when they are noise for a fused step
         xi = np.empty(BLOCK, out.dtype) if fused else out[start : start + count]
         bits = np.empty(BLOCK, np.uint64)
-        _raw_bits(bits, np.uint64(start // per_block), count, wide, k0, k1, c3)
+        flag = np.empty(BLOCK, np.uint8)
         slow = np.empty(BLOCK, np.int32)
-        n_slow = _fast_path(bits, xi, slow, count, wide)
-        _finish_slow(xi, bits, slow, n_slow, start, wide, k0, k1, c3)
+        if wide:  # two words a value
+            _task_values(bits, xi, flag, slow, start, count, True, k0, k1, c3)
+        else:  # one word a value, in the first half of the same buffer
+            _task_values(bits.view(np.uint32), xi, flag, slow, start, count, False, k0, k1, c3)
         if fused:
             _noised_into(out, total, std, denominator, xi, start, count)
 
