@@ -271,9 +271,9 @@ def _all_quantities(net, theta, X, y):
 
 def test_chunks_are_balanced_whole_tiles_within_the_workspace():
     sizes = (1024, 1024, 1024, 10)
-    most = cpu.chunk_rows(sizes, np.float32)
-    for B in (1, 255, 256, most, most + 1, 2 * most + 7, 10 * most - 3):
+    for B in (1, 255, 256, 768, 769, 1543, 7677):  # 768 samples of 256 tiles fit
         chunk, tile = cpu._chunking(sizes, np.float32, B)
+        most = cpu.chunk_rows(sizes, np.float32, tile)
         n_chunks = -(-B // chunk)
         assert chunk % tile == 0 and chunk <= max(most, tile) and n_chunks == -(-B // most)
         assert B - (n_chunks - 1) * chunk > chunk - n_chunks * tile  # the last chunk is not much shorter
@@ -286,10 +286,16 @@ def test_very_wide_networks_keep_to_the_workspace_budget_in_chunks_of_two_tiles(
     assert (chunk, tile) == (64, 32) and chunk * per_row <= config.WORKSPACE_BYTES
 
 
-def test_small_batches_are_cut_into_smaller_tiles_by_batch_size_alone():
-    batches = (1, 63, 64, 127, 128, 255, 256, 511, 512, 10_000)
-    assert [cpu.tile_rows(B) for B in batches] == [32, 32, 32, 32, 64, 64, 128, 128, 256, 256]
-    assert config.TILE % config.SMALL_TILE == 0  # a chunk of whole TILE tiles is whole tiles of any size
+def test_batches_are_cut_into_an_even_number_of_near_equal_tiles_by_batch_size_alone():
+    batches = (1, 63, 64, 72, 100, 127, 128, 255, 256, 511, 512, 600, 768, 1024, 10_000)
+    tiles = [cpu.tile_rows(B) for B in batches]
+    assert tiles == [32, 32, 32, 36, 50, 64, 64, 128, 128, 256, 256, 300, 192, 256, 250]
+    for B, tile in zip(batches, tiles):
+        n_tiles = -(-B // tile)
+        assert tile >= config.SMALL_TILE
+        if B >= 2 * config.SMALL_TILE:  # an even count of tiles that differ by at most one sample per tile
+            assert n_tiles % 2 == 0 and n_tiles * tile - B < n_tiles
+            assert config.TILE / 2 <= tile <= 3 * config.TILE / 2 or n_tiles == 2
 
 
 @pytest.mark.parametrize("partials_bytes", [config.PARTIALS_BYTES, 0])

@@ -7,7 +7,8 @@ source kind, partial-sum slot) per sum, and the kernels know those kinds, never 
 names. The driver works in two phases over a chunk of samples (whole tiles that fit in
 ``WORKSPACE_BYTES``; a long batch in chunks as equal as whole tiles allow):
 
-1. ``prange`` over tiles of ``config.TILE`` samples (fewer for small batches: :func:`tile_rows`): each
+1. ``prange`` over tiles of about ``config.TILE`` samples (an even number of near-equal tiles, at
+   least two: :func:`tile_rows`): each
    tile goes forward through the whole network (:func:`dense_forward` per hidden layer,
    :func:`output_forward` for the loss and Δ_L) and back (:func:`dense_backward`), keeping its
    activations A_l and deltas Δ_l in the workspace; the per-row reducers run on the tile while it is hot

@@ -15,13 +15,15 @@ CACHE = _cache.configure()
 False with ``FASTGRAD_NUMBA_CACHE=0``, or (with one warning) when no cache folder is writable."""
 
 TILE = 256
-"""Samples per forward/backward tile (phase 1) of batches of at least 2 × ``TILE`` (smaller batches:
-:func:`tile_rows`). On 2 threads (paired A/B, float32 and float64) tiles of 256 take 0.88-0.95× the
-time of tiles of 128 on nine shapes from [256]×3 to wide: bigger GEMMs and fewer per-tile sums; the
-chunks are balanced over the tiles (:func:`_chunking`). The measurements are in docs/benchmarks.md
-("The CPU tunables and the measurements that chose them")."""
+"""About the samples per forward/backward tile (phase 1): a batch is cut into an even number of
+near-equal tiles of about this many samples (:func:`tile_rows`). On 2 threads (paired A/B, float32
+and float64) tiles of 256 took 0.88-0.95× the time of tiles of 128 on nine shapes from [256]×3 to
+wide: bigger GEMMs and fewer per-tile sums; the chunks are balanced over the tiles
+(:func:`_chunking`). The measurements are in docs/benchmarks.md ("The CPU tunables and the
+measurements that chose them")."""
 SMALL_TILE = 32
-"""The smallest tile: smaller batches are cut into halved tiles (see :func:`tile_rows`) down to this."""
+"""The smallest tile (:func:`tile_rows`): tiles of 16 were slower on every shape measured, so a batch
+of fewer than 64 samples is one tile of 32 and the rest."""
 BLOCK = 128
 """Weight-gradient rows per GEMM task (phase 2). Measured on mnist (1 thread): 32 rows took
 16 ms for the gradient, 128 rows 11.6 ms (small GEMMs repack the other operand every call)."""
