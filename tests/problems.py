@@ -30,15 +30,18 @@ def make_problem(sizes, activation="tanh", loss="cross_entropy", B=8, dtype=np.f
 
 
 def overflowing_problem(dtype=np.float32, finite_rows=1):
-    """(net, theta, X, y) whose last sample's forward pass is NaN: 2·x − 2·x with x near the dtype's max
-    gives inf − inf in the first layer's pre-activation; the ``finite_rows`` samples before it are finite."""
-    net = fastgrad.MLP([2, 1, 2], activation="tanh", loss="cross_entropy")
+    """(net, theta, X, y) whose last sample's forward pass is NaN: an identity hidden layer of two units
+    turns x near the dtype's max into +inf and -inf (2·x and -2·x, one product each), and the output
+    layer adds them: inf − inf. Each product overflows on its own, so the NaN does not depend on how a
+    BLAS kernel orders or fuses (FMA) the terms of a dot product; the ``finite_rows`` samples before it
+    are finite."""
+    net = fastgrad.MLP([1, 2, 2], activation="identity", loss="cross_entropy")
     theta = np.zeros(net.num_params, dtype)
     (W1, _), (W2, _) = net.unpack(theta)
-    W1[...] = [[2.0, -2.0]]
+    W1[...] = [[2.0], [-2.0]]
     W2[...] = 1.0
     big = np.finfo(dtype).max / 2 * 1.5
-    X = np.array([[1.0, 2.0]] * finite_rows + [[big, big]], dtype)
+    X = np.array([[1.0]] * finite_rows + [[big]], dtype)
     return net, theta, X, np.arange(finite_rows + 1) % 2
 
 

@@ -411,7 +411,7 @@ def test_stats_command_without_dask_names_the_extra(tmp_path):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy reports the overflow it is made to do
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_a_chunk_with_a_nan_or_inf_norm_is_never_left_unclipped(backend):
-    # as fastgrad.clipped_grad: 2·x − 2·x with x near float32's max makes the second
+    # as fastgrad.clipped_grad: inf − inf (problems.overflowing_problem) makes the fourth
     # sample's pass NaN; its chunk must raise, naming its rows, not add the sample unclipped
     net, theta, X, y = overflowing_problem(np.float32, finite_rows=3)
     Xd, yd = chunked(X, y, rows=2)

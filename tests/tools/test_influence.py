@@ -150,11 +150,12 @@ def test_the_scores_are_the_inner_products_they_claim(study):
         for th, eta in ckpts
     )
     assert np.linalg.norm(study.tracin[rows, :30] - ref) <= 1e-5 * np.linalg.norm(ref)
-    # self-influence at the final θ is the norms squared (on the study's backend, numpy: float32 norms
-    # of another backend differ in the last bits); the final θ is the last checkpoint
+    # self-influence at the final θ is the norms squared, to float32's rounding: the study's norms come
+    # from one pass over the whole training set, these from 40 rows, and a BLAS may round GEMMs of
+    # other sizes differently (OpenBLAS's AVX-512 kernels do: 2e-6 apart); the final θ is the last checkpoint
     assert np.array_equal(study.theta, ckpts[-1][0])
     norms = fastgrad.backprop(net, study.theta, X, y, ("norms",), backend="numpy").norms.astype(np.float64)
-    np.testing.assert_allclose(study.scores[RANKINGS[0]][rows], norms**2, rtol=1e-6)
+    np.testing.assert_allclose(study.scores[RANKINGS[0]][rows], norms**2, rtol=1e-5)
     harm = -np.minimum(study.tracin, 0).sum(axis=1, dtype=np.float64)
     np.testing.assert_array_equal(study.scores[RANKINGS[2]], harm)
 
