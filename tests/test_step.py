@@ -255,6 +255,25 @@ def test_batches_of_other_sizes_reuse_the_buffers_and_the_compiled_kernels():
     assert len(cpu.fused_backprop.signatures) == compiled
 
 
+def test_growing_batches_grow_the_buffers_a_quarter_at_a_time():
+    # Poisson batches set a new largest size now and then: the result buffers grow by a quarter at least,
+    # so the prepared calls are dropped a few times, not at every new largest batch; results unchanged
+    net, theta, X, y = make_problem([5, 8, 3], "tanh", "cross_entropy", B=200, dtype=np.float32)
+    step = fastgrad.Step(net, np.float32, max_norm=1.0, backend="numba")
+    grows = []
+    original = step._grow
+    step._grow = lambda rows: (grows.append(rows), original(rows))
+    for B in range(100, 201):
+        got = step(theta, X[:B], y[:B])
+        want = fastgrad.clipped_grad(net, theta, X[:B], y[:B], max_norm=1.0, backend="numba")
+        np.testing.assert_array_equal(got.grad, want)
+    assert grows == [100, 125, 156, 195, 243]
+    capped = fastgrad.Step(net, np.float32, max_batch_size=120, backend="numba")
+    for B in (100, 101, 120):
+        capped(theta, X[:B], y[:B])
+    assert capped._results.rows == 120  # never past max_batch_size (allocated once there)
+
+
 def test_the_callers_prange_chunk_size_is_restored():
     import numba
 
