@@ -221,10 +221,10 @@ class Step:
             if self._results is None or self._results.rows < batch:
                 # a quarter more rows than asked (not for per-sample rows, B × P each): batches that vary
                 # in size (Poisson) then grow the buffers, and drop the prepared calls, a few times, not
-                # at every new largest batch
+                # at every new largest batch. (With max_batch_size the buffers were made that size at
+                # construction and a larger batch is refused, so this never runs.)
                 rows = 0 if self._results is None or "per_sample" in self.need else self._results.rows
-                room = max(batch, rows * 5 // 4)
-                self._grow(room if self.max_batch_size is None else min(room, self.max_batch_size))
+                self._grow(max(batch, rows * 5 // 4))
             if len(self._prepared) >= MAX_PREPARED:
                 del self._prepared[next(iter(self._prepared))]
             call = self._prepared[batch] = self._cpu.PreparedCall(

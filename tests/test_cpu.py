@@ -271,7 +271,8 @@ def _all_quantities(net, theta, X, y):
 
 def test_chunks_are_balanced_whole_tiles_within_the_workspace():
     sizes = (1024, 1024, 1024, 10)
-    for B in (1, 255, 256, 768, 769, 1543, 7677):  # 768 samples of 256 tiles fit
+    fit = cpu.chunk_rows(sizes, np.float32)  # whole tiles of TILE whose scratch fits
+    for B in (1, 255, 256, fit, fit + 1, 2 * fit + 7, 10 * fit - 3):
         chunk, tile = cpu._chunking(sizes, np.float32, B)
         most = cpu.chunk_rows(sizes, np.float32, tile)
         n_chunks = -(-B // chunk)

@@ -83,7 +83,7 @@ def tile_rows(batch_size: int) -> int:
 
     Near-equal tiles, not ``TILE``-sized ones and a remainder: a tile's fixed costs (its partial sums of
     P numbers, its GEMMs' packing) are paid per tile, and on two threads a third, short tile costs more
-    than it saves, so batches that are not a power of two ran 0.83-0.98x the time of the earlier rule
+    than it saves, so batches that are not a power of two ran 0.83-1.00x the time of the earlier rule
     (halved powers of two; docs/benchmarks.md, "The CPU tunables and the measurements that chose them").
     Powers of two from 64 on get the tiles they had: B/2 up to 512, ``TILE`` above."""
     n_tiles = max(2, 2 * ((batch_size + config.TILE) // (2 * config.TILE)))
