@@ -408,4 +408,135 @@ class DPGradStep(GradStep):
         )
 
 
-__all__ = ["DPGradStep", "GradStep", "StepStats", "loss_scale"]
+class SGD(torch.optim.SGD):
+    """``torch.optim.SGD`` for a :class:`GradStep`'s model, its update one compiled pass over the flat θ.
+
+    >>> step = fastgrad.torch.GradStep(model, torch.nn.CrossEntropyLoss())
+    >>> opt = fastgrad.torch.SGD(step, lr=0.1, momentum=0.9)
+    >>> for X, y in loader:
+    ...     loss = step(X, y)
+    ...     opt.step()
+
+    The same optimizer as ``torch.optim.SGD(model.parameters(), ...)``, giving the same parameters
+    and momentum buffers bit for bit: it *is* one (a subclass), so learning-rate schedulers,
+    ``state_dict`` / ``load_state_dict`` (in either direction with ``torch.optim.SGD``), hooks and
+    ``zero_grad`` work as they do there. Its :meth:`step` runs the update of every parameter in
+    one pass over θ, the gradient and one flat momentum buffer, on Numba's threads
+    (:func:`fastgrad.cpu.update.sgd_update`), in place of torch's per-tensor passes on torch's
+    threads; the momentum buffers in :attr:`state` are views of the flat one.
+
+    It falls back to ``torch.optim.SGD.step`` (the same result, at torch's speed) when the fused
+    pass cannot run: a CUDA model, Numba missing, parameter groups other than the one it was made
+    with, a parameter no longer in the step's θ, or a ``p.grad`` that is not the step's view.
+
+    Parameters
+    ----------
+    step : GradStep or DPGradStep
+        Whose model's parameters to optimise (all of them, in one group).
+    lr, momentum, dampening, weight_decay, nesterov, maximize
+        As for ``torch.optim.SGD`` (checked by it).
+    """
+
+    def __init__(self, step: GradStep, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False):  # fmt: skip
+        if not isinstance(step, GradStep):
+            raise TypeError(
+                f"step: expected a fastgrad.torch.GradStep (or DPGradStep), got {type(step).__name__}; "
+                "for other parameters use torch.optim.SGD"
+            )
+        params = [p for p, _, _ in step._params]
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, maximize=maximize)  # fmt: skip
+        self._grad_step = step
+        self.fused_steps = 0
+        """Steps the compiled pass made (the others fell back to ``torch.optim.SGD.step``)."""
+        self._params = list(step._params)  # (parameter, its address in θ, its grad view)
+        self._update = None
+        if not step._cuda:
+            try:
+                from .cpu import update
+            except ImportError:  # no Numba: torch's update
+                update = None
+            self._update = update
+        dt = step._theta_np.dtype if not step._cuda else None
+        self._dtype = dt
+        self._flat_buf = None if dt is None else np.zeros(step.net.num_params, dt)
+        self._flat_buf_t = None if dt is None else torch.from_numpy(self._flat_buf)
+        self._buf_views = [  # each parameter's momentum buffer: a view of the flat one
+            None if dt is None else self._flat_buf_t[start:stop].view(p.shape)
+            for (p, _, _), (start, stop) in zip(self._params, self._spans(step))
+        ]
+        self._segments = np.array(self._spans(step), np.int64).reshape(-1, 2)
+        self._fresh = np.zeros(len(self._params), np.bool_)
+
+    @staticmethod
+    def _spans(step: GradStep) -> list[tuple[int, int]]:
+        """[start, stop) of each parameter in θ, in the step's order (weight, bias per layer)."""
+        return [
+            (s, e)
+            for spec in step.net.layers
+            for s, e in ((spec.w_start, spec.b_start), (spec.b_start, spec.end))
+        ]
+
+    def step(self, closure=None):
+        """One update of every parameter with a gradient, as ``torch.optim.SGD.step``; returns the
+        closure's loss (``None`` without a closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._fused_update():
+            super().step()
+        return loss
+
+    def _fused_update(self) -> bool:
+        """Run the compiled update if it can stand for torch's here; False (nothing done) if not."""
+        if self._update is None or len(self.param_groups) != 1:
+            return False
+        group = self.param_groups[0]
+        if len(group["params"]) != len(self._params) or group.get("differentiable") or group.get("fused"):
+            return False
+        momentum = group["momentum"]
+        fresh, segments = self._fresh, self._segments
+        active = []
+        for i, ((p, ptr, g), q) in enumerate(zip(self._params, group["params"])):
+            if q is not p or p.data_ptr() != ptr:
+                return False
+            if p.grad is None:
+                continue  # torch skips it
+            if p.grad is not g:
+                return False
+            if momentum != 0:
+                state = self.state[p]
+                mb = state.get("momentum_buffer")
+                fresh[i] = mb is None
+                if mb is not None and mb is not self._buf_views[i]:  # from load_state_dict: copied in
+                    with torch.no_grad():
+                        self._buf_views[i].copy_(mb)
+            active.append(i)
+        if not active:
+            return True
+        dt = self._dtype.type
+        self._update.check_fork_safe()
+        lr = group["lr"]
+        self._update.sgd_update(
+            self._grad_step._theta_np,
+            self._grad_step._grad_np,
+            self._flat_buf,
+            segments if len(active) == len(segments) else segments[active],
+            fresh if len(active) == len(fresh) else fresh[active],
+            dt(float(lr)),
+            dt(momentum),
+            dt(1.0 - group["dampening"]),  # torch: alpha = 1 - dampening
+            dt(float(group["weight_decay"])),
+            bool(group["nesterov"]),
+            bool(group["maximize"]),
+        )
+        if momentum != 0:
+            for i in active:
+                self.state[self._params[i][0]]["momentum_buffer"] = self._buf_views[i]
+        self.fused_steps += 1
+        return True
+
+
+__all__ = ["SGD", "DPGradStep", "GradStep", "StepStats", "loss_scale"]
