@@ -15,6 +15,9 @@ and Numba both on 2 threads), the same model and batch, each method a real train
   batch is B), gathered (``X[idx]``), ``DPGradStep`` (norms, clipping, noise σ = 1, ÷ E) and
   ``opt.step()``: everything DP-SGD needs, against torch's *non-private* step (also with torch
   on one thread);
+- **fastgrad SGD**: the same two fastgrad steps (plain and DP) with ``fastgrad.torch.SGD`` (the same
+  update, bit for bit, as one compiled pass over the flat θ on Numba's threads) in place of
+  ``torch.optim.SGD``, torch on one thread (it only gathers the DP batch);
 - **Opacus**: ``make_private``'s pieces (``GradSampleModule`` + ``DPOptimizer``, σ = 1) on the
   fixed batch: zero_grad, forward, loss, backward with per-sample hooks, ``opt.step()``.
 
@@ -44,6 +47,8 @@ except ImportError:  # run as a script (python benchmarks/training_step.py): its
 THREADS = 2
 CONFIGS = "mnist128-B64,narrow-B32,narrow-B256,mnist,wide"
 CLOCK = time.perf_counter
+AGAINST_TORCH = ("fastgrad", "fastgrad, torch 1 thread", "fastgrad DP", "fastgrad DP, torch 1 thread",
+                 "fastgrad, fastgrad SGD", "fastgrad DP, fastgrad SGD")  # fmt: skip
 
 
 def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
@@ -88,22 +93,36 @@ def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
         step(Xt, yt)
         opt.step()
 
-    dp_model = fastgrad.to_torch(net, theta)
-    dp_opt = sgd(dp_model)
-    dp = ft.DPGradStep(dp_model, loss_fn, num_samples=N, expected_batch_size=B, max_norm=1.0,
-                       noise_multiplier=1.0, seed=0)  # fmt: skip
-    batches = iter(())
+    fused_model = fastgrad.to_torch(net, theta)
+    fused_step = ft.GradStep(fused_model, loss_fn)
+    fused_opt = ft.SGD(fused_step, lr=0.01, momentum=0.9)
 
-    def dp_step(torch_threads=threads):
-        nonlocal batches
-        torch.set_num_threads(torch_threads)
-        idx = next(batches, None)
-        if idx is None:
-            batches = dp.batches(epochs=100)
-            idx = next(batches)
-        idx = torch.from_numpy(idx)
-        dp(X_all[idx], y_all[idx])
-        dp_opt.step()
+    def fastgrad_fused_sgd():  # the update too on Numba's threads: torch computes nothing
+        torch.set_num_threads(1)
+        fused_step(Xt, yt)
+        fused_opt.step()
+
+    def dp_method(fused: bool):
+        dp_model = fastgrad.to_torch(net, theta)
+        dp = ft.DPGradStep(dp_model, loss_fn, num_samples=N, expected_batch_size=B, max_norm=1.0,
+                           noise_multiplier=1.0, seed=0)  # fmt: skip
+        dp_opt = ft.SGD(dp, lr=0.01, momentum=0.9) if fused else sgd(dp_model)
+        batches = iter(())
+
+        def dp_step(torch_threads=threads):
+            nonlocal batches
+            torch.set_num_threads(torch_threads)
+            idx = next(batches, None)
+            if idx is None:
+                batches = dp.batches(epochs=100)
+                idx = next(batches)
+            idx = torch.from_numpy(idx)
+            dp(X_all[idx], y_all[idx])
+            dp_opt.step()
+
+        return dp_step
+
+    dp_step, dp_fused_sgd = dp_method(False), dp_method(True)
 
     methods = {
         "torch": torch_step,
@@ -111,6 +130,8 @@ def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
         "fastgrad, torch 1 thread": fastgrad_step_1,
         "fastgrad DP": dp_step,
         "fastgrad DP, torch 1 thread": lambda: dp_step(1),
+        "fastgrad, fastgrad SGD": fastgrad_fused_sgd,
+        "fastgrad DP, fastgrad SGD": lambda: dp_fused_sgd(1),  # torch only gathers the batch
     }
     if opacus_too:
         from opacus import GradSampleModule
@@ -183,9 +204,10 @@ def main(argv=None) -> int:
     print()
     head = (
         "| config | torch step | fastgrad step | ÷ torch | torch 1 thread: fastgrad step | ÷ torch "
-        "| DP step | DP ÷ torch | torch 1 thread: DP step | ÷ torch |"
+        "| DP step | DP ÷ torch | torch 1 thread: DP step | ÷ torch "
+        "| fastgrad SGD: fastgrad step | ÷ torch | fastgrad SGD: DP step | ÷ torch |"
     )
-    rule = "|---|---|---|---|---|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     if opacus_too:
         head += " Opacus step | Opacus ÷ DP |"
         rule += "---|---|"
@@ -195,13 +217,9 @@ def main(argv=None) -> int:
         sizes, B = configs.config(name)
         res = timed_blocks(methods_for(name, opacus_too, args.torch_threads), args.blocks, args.seconds)
         ms = {k: float(np.median(v)) for k, v in res.items()}
-        row = (
-            f"| {name} {list(sizes)} B={B} | {ms['torch']:.3f} | {ms['fastgrad']:.3f} | "
-            f"{ratio(res, 'fastgrad', 'torch'):.2f} | {ms['fastgrad, torch 1 thread']:.3f} | "
-            f"{ratio(res, 'fastgrad, torch 1 thread', 'torch'):.2f} | {ms['fastgrad DP']:.3f} | "
-            f"{ratio(res, 'fastgrad DP', 'torch'):.2f} | {ms['fastgrad DP, torch 1 thread']:.3f} | "
-            f"{ratio(res, 'fastgrad DP, torch 1 thread', 'torch'):.2f} |"
-        )
+        row = f"| {name} {list(sizes)} B={B} | {ms['torch']:.3f} |"
+        for method in AGAINST_TORCH:  # each fastgrad method: its ms and its paired ratio to torch's step
+            row += f" {ms[method]:.3f} | {ratio(res, method, 'torch'):.2f} |"
         if opacus_too:
             row += f" {ms['Opacus']:.2f} | {ratio(res, 'Opacus', 'fastgrad DP'):.1f} |"
         print(row, flush=True)
