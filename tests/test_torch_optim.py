@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,7 @@ torch = pytest.importorskip("torch")
 ft = pytest.importorskip("fastgrad.torch")
 pytest.importorskip("numba")
 nn = torch.nn
+ROOT = Path(__file__).resolve().parent.parent
 
 OPTIONS = [  # torch.optim.SGD's options, each path of the update
     dict(lr=0.1),
@@ -172,3 +177,31 @@ def test_dp_step_with_fastgrad_sgd_matches_torch_sgd():
         ref.step()
         opt.step()
     assert same(ma, mb) and opt.fused_steps == 3
+
+
+PLAIN_BUILD_CHECK = """
+import torch, fastgrad.torch as ft
+from tests.test_torch_optim import batch, same, same_buffers, twins
+assert not ft._torch_fuses_alpha_add(torch.zeros(1).numpy().dtype)
+for dtype in (torch.float32, torch.float64):
+    ma, sa, mb, sb = twins(dtype)
+    options = dict(lr=0.05, momentum=0.8, dampening=0.1, nesterov=False, weight_decay=1e-3)
+    ref, opt = torch.optim.SGD(ma.parameters(), **options), ft.SGD(sb, **options)
+    for k in range(3):
+        X, y = batch(dtype, k)
+        sa(X, y)
+        sb(X, y)
+        ref.step()
+        opt.step()
+    assert same(ma, mb) and same_buffers(ref, opt, ma, mb) and opt.fused_steps == 3, dtype
+print("ok")
+"""
+
+
+def test_the_bits_of_torch_sgd_in_torchs_plain_build():
+    """Torch's plain CPU kernels (ATEN_CPU_CAPABILITY=default) round alpha-adds twice, not once: the
+    probe sees it and the pass rounds the same way."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    command = [sys.executable, "-c", PLAIN_BUILD_CHECK]
+    out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -4,16 +4,18 @@
 update when every parameter of a :class:`fastgrad.torch.GradStep` lies in its flat θ and every
 gradient in its flat gradient. One pass over θ, the gradient and the momentum buffer, on Numba's
 threads, replaces torch's three or four passes on its own threads; each element's arithmetic is
-torch's, rounded as torch rounds it (its ``add(other, alpha=a)`` is a fused multiply-add on the
-CPU, ``x + a·y`` rounded once: :func:`fma`), so the parameters and buffers come out with the same
-bits (tests/test_torch_optim.py).
+torch's, rounded as torch rounds it, so the parameters and buffers come out with the same bits
+(tests/test_torch_optim.py). Torch's ``add(other, alpha=a)`` is a fused multiply-add (``x + a·y``
+rounded once, :func:`fma`) where its CPU kernels are vectorised (its AVX2 and AVX-512 builds, the
+default on x86 CPUs that have them) and a multiply then an add in its plain build
+(``ATEN_CPU_CAPABILITY=default``); the caller says which (``fused``).
 """
 
 from __future__ import annotations
 
 from numba import njit, prange
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
 from .._threading import check_fork_safe
 from .config import CACHE
@@ -38,12 +40,20 @@ def fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
+@register_jitable(inline="always")
+def add_scaled(x, alpha, y, fused):
+    # torch's y.add(x, alpha=alpha): alpha·x + y, rounded once (fused) or twice
+    return fma(x, alpha, y) if fused else x * alpha + y
+
+
 @njit(parallel=True, cache=CACHE)
-def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize):
+def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize,
+               fused):  # fmt: skip
     # theta, grad, buf (P,) one dtype; segments (S, 2) int64 [start, stop) of the parameters to update
     # (the tensors whose grad is set); fresh (S,) bool: the segment has no momentum buffer yet (torch then
     # starts it as a copy of the gradient); lr, momentum, keep = 1 − dampening, weight_decay: scalars of
-    # θ's dtype (torch casts its Python floats so); nesterov, maximize bool
+    # θ's dtype (torch casts its Python floats so); nesterov, maximize bool; fused: torch's alpha-adds
+    # are fused multiply-adds
     # -> theta and buf updated in place as torch.optim.SGD's step updates each tensor:
     #    g = ±grad (+ wd·θ); buf = g if fresh else momentum·buf + keep·g;
     #    g = g + momentum·buf if nesterov else buf (with momentum ≠ 0); θ = θ − lr·g
@@ -64,9 +74,11 @@ def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_dec
             for k in range(th.shape[0]):
                 p = th[k]
                 g = gr[k] * sign
-                g = fma(p, weight_decay, g) if decay else g  # grad.add(param, alpha=weight_decay)
+                # grad.add(param, alpha=weight_decay)
+                g = add_scaled(p, weight_decay, g, fused) if decay else g
                 # torch.clone(grad), or buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-                b = g if start_buf else fma(g, keep, bu[k] * momentum)
+                b = g if start_buf else add_scaled(g, keep, bu[k] * momentum, fused)
                 bu[k] = b
-                d = (fma(b, momentum, g) if nesterov else b) if heavy else g  # grad.add(buf, alpha=momentum)
-                th[k] = fma(d, step, p)  # param.add_(grad, alpha=-lr)
+                # grad.add(buf, alpha=momentum)
+                d = (add_scaled(b, momentum, g, fused) if nesterov else b) if heavy else g
+                th[k] = add_scaled(d, step, p, fused)  # param.add_(grad, alpha=-lr)
