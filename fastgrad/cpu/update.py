@@ -46,6 +46,25 @@ def add_scaled(x, alpha, y, fused):
     return fma(x, alpha, y) if fused else x * alpha + y
 
 
+@register_jitable(inline="always")
+def _update_run(th, gr, bu, start_buf, step, sign, momentum, keep, weight_decay, nesterov, fused):
+    # th, gr, bu (n,) views of θ, the gradient and the momentum buffer -> th, bu updated (sgd_update's
+    # element rule). Every element computes each candidate and keeps one (selects on loop-invariant
+    # flags, no branch) and bu is always written (with momentum 0 nothing reads it): LLVM vectorises it
+    decay, heavy = weight_decay != 0, momentum != 0
+    for k in range(th.shape[0]):
+        p = th[k]
+        g = gr[k] * sign
+        g = add_scaled(p, weight_decay, g, fused) if decay else g  # grad.add(param, alpha=weight_decay)
+        # torch.clone(grad), or buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        b = g if start_buf else add_scaled(g, keep, bu[k] * momentum, fused)
+        bu[k] = b
+        d = (
+            (add_scaled(b, momentum, g, fused) if nesterov else b) if heavy else g
+        )  # grad.add(buf, alpha=momentum)
+        th[k] = add_scaled(d, step, p, fused)  # param.add_(grad, alpha=-lr)
+
+
 @njit(parallel=True, cache=CACHE)
 def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize,
                fused):  # fmt: skip
@@ -57,11 +76,8 @@ def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_dec
     # -> theta and buf updated in place as torch.optim.SGD's step updates each tensor:
     #    g = ±grad (+ wd·θ); buf = g if fresh else momentum·buf + keep·g;
     #    g = g + momentum·buf if nesterov else buf (with momentum ≠ 0); θ = θ − lr·g
-    # Every element computes each candidate and keeps one (selects on loop-invariant flags, no branch)
-    # and buf is always written (with momentum 0 nothing reads it), so LLVM vectorises the loop.
     step = -lr
     sign = theta.dtype.type(-1 if maximize else 1)  # −x is x·(−1), exactly
-    decay, heavy = weight_decay != 0, momentum != 0
     P = theta.shape[0]
     for blk in prange((P + UPDATE_BLOCK - 1) // UPDATE_BLOCK):
         b0, b1 = blk * UPDATE_BLOCK, min(P, (blk + 1) * UPDATE_BLOCK)
@@ -69,16 +85,8 @@ def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_dec
             k0, k1 = max(b0, segments[s, 0]), min(b1, segments[s, 1])
             if k0 >= k1:
                 continue
-            start_buf = fresh[s]
             th, gr, bu = theta[k0:k1], grad[k0:k1], buf[k0:k1]  # views from 0, so the loop vectorizes
-            for k in range(th.shape[0]):
-                p = th[k]
-                g = gr[k] * sign
-                # grad.add(param, alpha=weight_decay)
-                g = add_scaled(p, weight_decay, g, fused) if decay else g
-                # torch.clone(grad), or buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-                b = g if start_buf else add_scaled(g, keep, bu[k] * momentum, fused)
-                bu[k] = b
-                # grad.add(buf, alpha=momentum)
-                d = (add_scaled(b, momentum, g, fused) if nesterov else b) if heavy else g
-                th[k] = add_scaled(d, step, p, fused)  # param.add_(grad, alpha=-lr)
+            if fused:  # a constant in each copy of the inlined loop: LLVM vectorises both
+                _update_run(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov, True)
+            else:
+                _update_run(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov, False)
