@@ -33,6 +33,7 @@ from .losses import REGISTRY as LOSS_REGISTRY
 from .step import Step
 
 torch = require("torch", "torch", "fastgrad.torch")
+from torch.autograd.graph import increment_version  # noqa: E402 (torch is an extra: required above)
 
 _TORCH_LOSSES = {  # fastgrad loss -> torch's mean-reduced loss module (the registry's, where it has one)
     q.name: getattr(torch.nn, q.torch) for q in LOSS_REGISTRY.values() if q.torch is not None
@@ -549,6 +550,8 @@ class SGD(torch.optim.SGD):
             bool(group["maximize"]),
             _torch_fuses_alpha_add(self._dtype),
         )
+        # what torch's in-place update does: autograd then refuses a graph that saved the old values
+        increment_version([self._params[i][0] for i in active])
         if momentum != 0:
             for i in active:
                 self.state[self._params[i][0]]["momentum_buffer"] = self._buf_views[i]

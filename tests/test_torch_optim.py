@@ -164,6 +164,19 @@ def test_closure_and_bad_arguments():
         ft.SGD(sa, lr=0.1, nesterov=True)
 
 
+def test_autograd_sees_the_update_as_in_place():
+    """As after torch's in-place update, a graph that saved the old parameters is refused."""
+    _, _, mb, sb = twins(torch.float32)
+    opt = ft.SGD(sb, lr=0.1)
+    X, y = batch(torch.float32, 0)
+    sb(X, y)
+    out = nn.CrossEntropyLoss()(mb(X), y)  # saves the second layer's weight
+    opt.step()
+    assert opt.fused_steps == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 def test_dp_step_with_fastgrad_sgd_matches_torch_sgd():
     dt = torch.float32
     ma, _, mb, _ = twins(dt)

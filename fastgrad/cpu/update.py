@@ -20,7 +20,7 @@ from numba.extending import intrinsic, register_jitable
 from .._threading import check_fork_safe
 from .config import CACHE
 
-__all__ = ["UPDATE_BLOCK", "check_fork_safe", "fma", "sgd_update"]
+__all__ = ["UPDATE_BLOCK", "check_fork_safe", "fma", "fused_add", "plain_add", "sgd_update"]
 
 UPDATE_BLOCK = 16384
 """Elements per parallel task of :func:`sgd_update`. The update is element-wise, so any split gives the
@@ -40,29 +40,44 @@ def fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
-@register_jitable(inline="always")
-def add_scaled(x, alpha, y, fused):
-    # torch's y.add(x, alpha=alpha): alpha·x + y, rounded once (fused) or twice
-    return fma(x, alpha, y) if fused else x * alpha + y
+@register_jitable
+def fused_add(x, alpha, y):
+    # torch's y.add(x, alpha=alpha) in its vectorised CPU kernels: alpha·x + y rounded once
+    return fma(x, alpha, y)
 
 
-@register_jitable(inline="always")
-def _update_run(th, gr, bu, start_buf, step, sign, momentum, keep, weight_decay, nesterov, fused):
-    # th, gr, bu (n,) views of θ, the gradient and the momentum buffer -> th, bu updated (sgd_update's
-    # element rule). Every element computes each candidate and keeps one (selects on loop-invariant
-    # flags, no branch) and bu is always written (with momentum 0 nothing reads it): LLVM vectorises it
-    decay, heavy = weight_decay != 0, momentum != 0
-    for k in range(th.shape[0]):
-        p = th[k]
-        g = gr[k] * sign
-        g = add_scaled(p, weight_decay, g, fused) if decay else g  # grad.add(param, alpha=weight_decay)
-        # torch.clone(grad), or buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-        b = g if start_buf else add_scaled(g, keep, bu[k] * momentum, fused)
-        bu[k] = b
-        d = (
-            (add_scaled(b, momentum, g, fused) if nesterov else b) if heavy else g
-        )  # grad.add(buf, alpha=momentum)
-        th[k] = add_scaled(d, step, p, fused)  # param.add_(grad, alpha=-lr)
+@register_jitable
+def plain_add(x, alpha, y):
+    # the same in torch's plain build: alpha·x rounded, then the sum
+    return x * alpha + y
+
+
+def _update_loop(add_scaled):
+    """The element loop of :func:`sgd_update` with torch's alpha-add ``add_scaled`` (one compiled loop
+    per rounding: a choice made inside the loop kept LLVM from vectorising it)."""
+
+    @register_jitable
+    def update_run(th, gr, bu, start_buf, step, sign, momentum, keep, weight_decay, nesterov):
+        # th, gr, bu (n,) views of θ, the gradient and the momentum buffer -> th, bu updated
+        # (sgd_update's element rule). Every element computes each candidate and keeps one (selects on
+        # loop-invariant flags, no branch) and bu is always written (with momentum 0 nothing reads it),
+        # so LLVM vectorises the loop
+        decay, heavy = weight_decay != 0, momentum != 0
+        for k in range(th.shape[0]):
+            p = th[k]
+            g = gr[k] * sign
+            g = add_scaled(p, weight_decay, g) if decay else g  # grad.add(param, alpha=weight_decay)
+            # torch.clone(grad), or buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            b = g if start_buf else add_scaled(g, keep, bu[k] * momentum)
+            bu[k] = b
+            # grad.add(buf, alpha=momentum)
+            d = (add_scaled(b, momentum, g) if nesterov else b) if heavy else g
+            th[k] = add_scaled(d, step, p)  # param.add_(grad, alpha=-lr)
+
+    return update_run
+
+
+_update_fused, _update_plain = _update_loop(fused_add), _update_loop(plain_add)
 
 
 @njit(parallel=True, cache=CACHE)
@@ -86,7 +101,7 @@ def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_dec
             if k0 >= k1:
                 continue
             th, gr, bu = theta[k0:k1], grad[k0:k1], buf[k0:k1]  # views from 0, so the loop vectorizes
-            if fused:  # a constant in each copy of the inlined loop: LLVM vectorises both
-                _update_run(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov, True)
+            if fused:
+                _update_fused(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov)
             else:
-                _update_run(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov, False)
+                _update_plain(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov)
