@@ -467,32 +467,29 @@ class SGD(torch.optim.SGD):
         self._grad_step = step
         self.fused_steps = 0
         """Steps the compiled pass made (the others fell back to ``torch.optim.SGD.step``)."""
-        self._params = list(step._params)  # (parameter, its address in θ, its grad view)
-        self._update = None
-        if not step._cuda:
-            try:
-                from .cpu import update
-            except ImportError:  # no Numba: torch's update
-                update = None
-            self._update = update
-        dt = step._theta_np.dtype if not step._cuda else None
-        self._dtype = dt
-        self._flat_buf = None if dt is None else np.zeros(step.net.num_params, dt)
-        self._flat_buf_t = None if dt is None else torch.from_numpy(self._flat_buf)
-        self._buf_views = [  # each parameter's momentum buffer: a view of the flat one
-            None if dt is None else self._flat_buf_t[start:stop].view(p.shape)
-            for (p, _, _), (start, stop) in zip(self._params, self._spans(step))
-        ]
-        self._segments = np.array(self._spans(step), np.int64).reshape(-1, 2)
-        self._fresh = np.zeros(len(self._params), np.bool_)
-
-    @staticmethod
-    def _spans(step: GradStep) -> list[tuple[int, int]]:
-        """[start, stop) of each parameter in θ, in the step's order (weight, bias per layer)."""
-        return [
-            (s, e)
+        self._params = step._params  # (parameter, its address in θ, its grad view)
+        spans = [
+            span
             for spec in step.net.layers
-            for s, e in ((spec.w_start, spec.b_start), (spec.b_start, spec.end))
+            for span in ((spec.w_start, spec.b_start), (spec.b_start, spec.end))
+        ]
+        self._segments = np.array(spans, np.int64)  # (2L, 2): each parameter's [start, stop) in θ
+        self._fresh = np.zeros(len(spans), np.bool_)
+        self._update = None  # the compiled pass; None: torch's update (a CUDA model, or no Numba)
+        if step._cuda:
+            return
+        try:
+            from .cpu import update
+        except ImportError:
+            return
+        self._update = update
+        dt = step._theta_np.dtype
+        self._fused_rounding = _torch_fuses_alpha_add(dt)
+        self._flat_buf = np.zeros(step.net.num_params, dt)
+        flat = torch.from_numpy(self._flat_buf)
+        # each parameter's momentum buffer: a view of the flat one
+        self._buf_views = [
+            flat[start:stop].view(p.shape) for (p, _, _), (start, stop) in zip(self._params, spans)
         ]
 
     def step(self, closure=None):
@@ -533,22 +530,20 @@ class SGD(torch.optim.SGD):
             active.append(i)
         if not active:
             return True
-        dt = self._dtype.type
-        self._update.check_fork_safe()
-        lr = group["lr"]
+        dt = self._flat_buf.dtype.type
         self._update.sgd_update(
             self._grad_step._theta_np,
             self._grad_step._grad_np,
             self._flat_buf,
             segments if len(active) == len(segments) else segments[active],
             fresh if len(active) == len(fresh) else fresh[active],
-            dt(float(lr)),
+            dt(float(group["lr"])),
             dt(momentum),
             dt(1.0 - group["dampening"]),  # torch: alpha = 1 - dampening
             dt(float(group["weight_decay"])),
             bool(group["nesterov"]),
             bool(group["maximize"]),
-            _torch_fuses_alpha_add(self._dtype),
+            self._fused_rounding,
         )
         # what torch's in-place update does: autograd then refuses a graph that saved the old values
         increment_version([self._params[i][0] for i in active])

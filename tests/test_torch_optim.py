@@ -45,6 +45,18 @@ def batch(dtype, k, sizes=(200, 90, 5), B=16):
     return torch.randn(B, sizes[0], generator=g, dtype=dtype), torch.randint(0, sizes[-1], (B,), generator=g)
 
 
+def side_by_side(step_a, step_b, opt_a, opt_b, dtype, ks, between=lambda: None, check=lambda k: None):
+    """For each k in ks: both steps on batch k, ``between()``, both optimizers' steps, ``check(k)``."""
+    for k in ks:
+        X, y = batch(dtype, k)
+        step_a(X, y)
+        step_b(X, y)
+        between()
+        opt_a.step()
+        opt_b.step()
+        check(k)
+
+
 def same(model_a, model_b) -> bool:
     return all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
 
@@ -103,13 +115,11 @@ def test_state_dict_moves_between_torch_sgd_and_fastgrad_sgd(direction):
         else torch.optim.SGD(mb.parameters(), **options)
     )
     second.load_state_dict(state)
-    for k in range(3, 6):
-        X, y = batch(dt, k)
-        sa(X, y)
-        sb(X, y)
-        first.step()
-        second.step()
+
+    def check(k):
         assert same(ma, mb) and same_buffers(first, second, ma, mb), f"step {k}"
+
+    side_by_side(sa, sb, first, second, dt, range(3, 6), check=check)
 
 
 def test_falls_back_to_torch_where_the_pass_cannot_stand_for_it():
@@ -117,14 +127,11 @@ def test_falls_back_to_torch_where_the_pass_cannot_stand_for_it():
     ma, sa, mb, sb = twins(dt)
     ref, opt = torch.optim.SGD(ma.parameters(), **options), ft.SGD(sb, **options)
 
-    def both(k, between=lambda: None):
-        X, y = batch(dt, k)
-        sa(X, y)
-        sb(X, y)
-        between()
-        ref.step()
-        opt.step()
+    def check(k):
         assert same(ma, mb) and same_buffers(ref, opt, ma, mb), f"step {k}"
+
+    def both(k, between=lambda: None):
+        side_by_side(sa, sb, ref, opt, dt, [k], between, check)
 
     both(0)
     assert opt.fused_steps == 1
@@ -183,29 +190,19 @@ def test_dp_step_with_fastgrad_sgd_matches_torch_sgd():
     kw = dict(num_samples=64, expected_batch_size=16, max_norm=1.0, noise_multiplier=1.0, seed=3)
     da, db = ft.DPGradStep(ma, "cross_entropy", **kw), ft.DPGradStep(mb, "cross_entropy", **kw)
     ref, opt = torch.optim.SGD(ma.parameters(), lr=0.1, momentum=0.9), ft.SGD(db, lr=0.1, momentum=0.9)
-    for k in range(3):
-        X, y = batch(dt, k)
-        da(X, y)
-        db(X, y)
-        ref.step()
-        opt.step()
+    side_by_side(da, db, ref, opt, dt, range(3))
     assert same(ma, mb) and opt.fused_steps == 3
 
 
 PLAIN_BUILD_CHECK = """
 import torch, fastgrad.torch as ft
-from tests.test_torch_optim import batch, same, same_buffers, twins
+from tests.test_torch_optim import same, same_buffers, side_by_side, twins
 assert not ft._torch_fuses_alpha_add(torch.zeros(1).numpy().dtype)
 for dtype in (torch.float32, torch.float64):
     ma, sa, mb, sb = twins(dtype)
     options = dict(lr=0.05, momentum=0.8, dampening=0.1, nesterov=False, weight_decay=1e-3)
     ref, opt = torch.optim.SGD(ma.parameters(), **options), ft.SGD(sb, **options)
-    for k in range(3):
-        X, y = batch(dtype, k)
-        sa(X, y)
-        sb(X, y)
-        ref.step()
-        opt.step()
+    side_by_side(sa, sb, ref, opt, dtype, range(3))
     assert same(ma, mb) and same_buffers(ref, opt, ma, mb) and opt.fused_steps == 3, dtype
 print("ok")
 """

@@ -17,13 +17,13 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, register_jitable
 
-from .._threading import check_fork_safe
+from .. import _threading
 from .config import CACHE
 
-__all__ = ["UPDATE_BLOCK", "check_fork_safe", "fma", "fused_add", "plain_add", "sgd_update"]
+__all__ = ["UPDATE_BLOCK", "fma", "fused_add", "plain_add", "sgd_update"]
 
 UPDATE_BLOCK = 16384
-"""Elements per parallel task of :func:`sgd_update`. The update is element-wise, so any split gives the
+"""Elements per parallel task of :func:`_sgd_pass`. The update is element-wise, so any split gives the
 same bits; 16,384 float32 (64 KiB a stream) keeps a task's three streams within L2 and makes 7 tasks of
 the [784, 128, 10] network's 101,770 parameters."""
 
@@ -53,13 +53,13 @@ def plain_add(x, alpha, y):
 
 
 def _update_loop(add_scaled):
-    """The element loop of :func:`sgd_update` with torch's alpha-add ``add_scaled`` (one compiled loop
+    """The element loop of :func:`_sgd_pass` with torch's alpha-add ``add_scaled`` (one compiled loop
     per rounding: a choice made inside the loop kept LLVM from vectorising it)."""
 
     @register_jitable
     def update_run(th, gr, bu, start_buf, step, sign, momentum, keep, weight_decay, nesterov):
         # th, gr, bu (n,) views of θ, the gradient and the momentum buffer -> th, bu updated
-        # (sgd_update's element rule). Every element computes each candidate and keeps one (selects on
+        # (_sgd_pass's element rule). Every element computes each candidate and keeps one (selects on
         # loop-invariant flags, no branch) and bu is always written (with momentum 0 nothing reads it),
         # so LLVM vectorises the loop
         decay, heavy = weight_decay != 0, momentum != 0
@@ -81,8 +81,8 @@ _update_fused, _update_plain = _update_loop(fused_add), _update_loop(plain_add)
 
 
 @njit(parallel=True, cache=CACHE)
-def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize,
-               fused):  # fmt: skip
+def _sgd_pass(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize,
+              fused):  # fmt: skip
     # theta, grad, buf (P,) one dtype; segments (S, 2) int64 [start, stop) of the parameters to update
     # (the tensors whose grad is set); fresh (S,) bool: the segment has no momentum buffer yet (torch then
     # starts it as a copy of the gradient); lr, momentum, keep = 1 − dampening, weight_decay: scalars of
@@ -105,3 +105,13 @@ def sgd_update(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_dec
                 _update_fused(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov)
             else:
                 _update_plain(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov)
+
+
+def sgd_update(
+    theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize, fused
+):
+    """``torch.optim.SGD``'s update of the parameters in ``segments`` of the flat ``theta``, in place, with
+    ``buf`` the flat momentum buffer: the arguments and rule of :func:`_sgd_pass`, after the fork check of
+    every compiled parallel call."""
+    _threading.check_fork_safe()
+    _sgd_pass(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize, fused)
