@@ -15,11 +15,13 @@ names. The driver works in two phases over a chunk of samples (whole tiles that 
    (:func:`norms_from_deltas`: Goodfellow's layer terms and the clip factors; :func:`write_rows`:
    per-sample rows straight into the flat layout), and so do the tile's sums
    (:func:`layer_sums`: per layer Mᵀ S with M = Δ, Δ⊙Δ or c⊙Δ and S = A or A⊙A, docs/design.md §3:
-   one backward pass, never two), while tiles × P fits in ``PARTIALS_BYTES``; the tiles'
-   sums are then added in tile order (:func:`sum_partials`).
+   one backward pass, never two), while tiles × P fits in ``PARTIALS_BYTES``.
 2. For a sum whose per-tile sums do not fit: ``prange`` over fixed blocks of ``BLOCK``
    rows of every layer's weights, one GEMM over the whole chunk per block
    (:func:`gemm_block`), with the same operands (:func:`sum_operand`, :func:`outer_sum`).
+3. One ``prange`` over blocks of ``FINISH_BLOCK`` parameters: the tiles' sums added in tile
+   order (:func:`sum_partials`) and, on a batch's last chunk, the means divided
+   (:func:`divide_means`), the block still in cache between the two.
 
 The per-row math (clip factor, layer norm term, variance) is ``quantities``' shared
 ``register_jitable`` code. Each kernel opens with a one-line shape comment; helpers are

@@ -124,6 +124,9 @@ OPERAND, SOURCE, SLOT, MEAN = range(4)
 """Columns of ``plan``: the operand kind M (quantities.DELTA, ...), the source kind S
 (quantities.INPUT, ...), the sum's row of per-tile partial sums (-1: made in phase 2), and 1 when the
 sum is a mean (divided by the batch size at the end of the last chunk)."""
+FINISH_BLOCK = 4096
+"""Parameters per task of a chunk's last pass (:func:`fused_backprop`): the partial sums added and the means
+divided block by block, while the block is in cache. Element-wise, so any split gives the same bits."""
 FIRST = np.int64(0)
 """Row or column 0 as an int64: a literal 0 argument would make Numba compile the callee once more
 per dtype (so would ``prange``'s index, unsigned inside the loop: it is passed as ``np.int64(t)``)."""
@@ -479,22 +482,23 @@ def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, 
             write_rows(net, chunk, r0, r1, rows_out)
         if partial.shape[0] > 0:  # the clip factors of the tile's rows are known: norms_from_deltas ran
             layer_sums(plan, net, chunk, r0, r1, clip_c, partial, np.int64(t), sums, accumulate)
-    # the tiles' sums added in tile order, over fixed chunks of parameters
-    in_phase_2 = 0
+    # phase 2: rows [q0, q1) of each layer's sums without a slot, one GEMM over the chunk per task
+    slotted = 0
     for s in range(plan.shape[0]):
-        if plan[s, SLOT] < 0:
-            in_phase_2 += 1
-            continue
-        part, out = (partial[plan[s, SLOT], :n_tiles], sums[s])  # a last, shorter chunk has fewer tiles
-        for c in prange((P + 4095) // 4096):
-            sum_partials(part, c * 4096, min(P, c * 4096 + 4096), out, accumulate)
-    # phase 2: rows [q0, q1) of each layer's sums, one GEMM over the chunk per task
-    if in_phase_2 > 0:
+        slotted += plan[s, SLOT] >= 0
+    if slotted < plan.shape[0]:
         for t in prange(tasks.shape[0]):
             gemm_block(plan, net, chunk, tasks[t], clip_c, sums, accumulate)
-    if count > 0:  # the means: each element divided once (the bits of NumPy's sums / B)
-        for c in prange((P + 4095) // 4096):
-            divide_means(plan, sums, c * 4096, min(P, c * 4096 + 4096), count)
+    # then one pass over fixed blocks of parameters: the tiles' sums added in tile order (the slotted sums),
+    # and on the last chunk the means divided (each element once: the bits of NumPy's sums / B)
+    if slotted > 0 or count > 0:
+        for c in prange((P + FINISH_BLOCK - 1) // FINISH_BLOCK):
+            k0, k1 = c * FINISH_BLOCK, min(P, c * FINISH_BLOCK + FINISH_BLOCK)
+            for s in range(plan.shape[0]):
+                if plan[s, SLOT] >= 0:  # a last, shorter chunk has fewer tiles
+                    sum_partials(partial[plan[s, SLOT], :n_tiles], k0, k1, sums[s], accumulate)
+            if count > 0:
+                divide_means(plan, sums, k0, k1, count)
 
 
 @njit(cache=CACHE, error_model="numpy")
