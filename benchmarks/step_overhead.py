@@ -62,6 +62,7 @@ def kernel_args(step, theta, X, y):
         call.partial,
         call.tasks,
         call.chunk,
+        call.no_update,
     )
 
 

@@ -187,6 +187,7 @@ class Step:
         self._domain = self._loss.domain
         self._check = (True, *self._domain)  # the numba call's check: on, the targets' domain
         self._results = None
+        self._grad_row = -1  # the gradient's row among the kernels' sums (numba, without clipping)
         if self.backend == "numba":
             from . import cpu
 
@@ -195,7 +196,8 @@ class Step:
             self._grow(max_batch_size or 1)
             if not clip and "grad" in want:
                 made = [q.name for q in sums_to_make(self.need, False)]
-                self._grad = self._results.sums[made.index("grad")]
+                self._grad_row = made.index("grad")
+                self._grad = self._results.sums[self._grad_row]
 
     @property
     def grad_buffer(self) -> np.ndarray | None:
@@ -338,13 +340,35 @@ class Step:
         finally:
             self._busy.release()
 
-    def _step(self, theta, X, y, copy: bool):
+    def _call_updating(self, theta: np.ndarray, X, y, update: tuple) -> BackpropResult:
+        """One call, as :meth:`__call__` (``copy=False``), whose kernels also update ``theta`` in place in
+        their last pass, right after each block of the gradient is made, as the
+        :class:`fastgrad.cpu.update.Update` pack ``update`` (a plain tuple) says; its ``modes[ROW]`` is
+        set here. The numba backend without ``max_norm``, ``grad`` computed, and ``theta`` a writeable
+        C-contiguous (P,) array of the step's dtype (the update lands in it). Bad input raises before
+        anything runs, θ unchanged. For :class:`fastgrad.torch.SGD`."""
+        if self._grad_row < 0:
+            raise RuntimeError("step: an update in the kernels needs the numba backend, grad and no max_norm")
+        if not (type(theta) is np.ndarray and theta.dtype is self.dtype and theta.shape == self._theta_shape
+                and theta.flags.c_contiguous and theta.flags.writeable):  # fmt: skip
+            raise ValueError(
+                f"theta: the update needs a writeable C-contiguous ({self.net.num_params},) ndarray of "
+                f"{self.dtype}"
+            )
+        update[3][self._cpu.update.ROW] = self._grad_row
+        self._claim()
+        try:
+            return self._step(theta, X, y, False, update)
+        finally:
+            self._busy.release()
+
+    def _step(self, theta, X, y, copy: bool, update: tuple | None = None):
         inp = self._inputs(theta, X, y)
         B = inp.batch_size
         if self.max_batch_size is not None and B > self.max_batch_size:
             raise ValueError(f"X: {B} samples, more than the step's max_batch_size = {self.max_batch_size}")
         if self.backend == "numba":
-            raw = self._run_numba(inp)
+            raw = self._run_numba(inp, update)
         else:
             code = self._bad_values(inp)
             if code:
@@ -363,15 +387,15 @@ class Step:
             return BackpropResult(loss=float(raw["loss"]), **values)
         return self._clipped(raw, B, copy)
 
-    def _run_numba(self, inp: Inputs) -> dict:
+    def _run_numba(self, inp: Inputs, update: tuple | None = None) -> dict:
         """The prepared call: the values' check and every chunk's kernels in one compiled call (the step's
-        lock, held by the caller, stands for the workspace's claim)."""
+        lock, held by the caller, stands for the workspace's claim), with θ's ``update`` when given."""
         cpu = self._cpu
         cpu._threading.check_fork_safe()
         call = self._prepared_call(inp.batch_size)
         w = cpu._writeable  # a read-only array would be another type to Numba: another compile
         with cpu.kernel_blas:
-            code = call.launch(w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets), self._check)
+            code = call.launch(w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets), self._check, update)
         if code:
             self._refuse(code, inp)
         return call.finish()

@@ -228,12 +228,43 @@ class GradStep:
             np.multiply(res.grad, self._inv_scale, out=res.grad)
         return res.loss * self._inv_scale
 
+    def closure(self, X, y) -> BatchClosure:
+        """A closure for ``optimizer.step(closure)``: calling it is ``self(X, y)`` (every ``p.grad``, the
+        loss returned), so it works with any ``torch.optim`` optimizer.
+
+        >>> loss = opt.step(step.closure(X, y))   # the same as: loss = step(X, y); opt.step()
+
+        With :class:`fastgrad.torch.SGD` over this step's model (CPU, numba backend, not DP) the
+        gradient and the update run in one compiled call: the kernels update θ and the momentum in
+        their last pass, block by block, while the gradient's block is still in the core's cache. The
+        parameters, momentum buffers, ``p.grad`` and loss are those of the two calls, bit for bit;
+        the optimizer's step hooks and learning-rate schedulers see an ordinary ``opt.step``.
+        """
+        return BatchClosure(self, X, y)
+
+    def _call_updating(self, X, y, update: tuple) -> float:
+        """``self(X, y)`` whose kernels also make the SGD ``update`` on θ (see :meth:`closure`)."""
+        res = self._step._call_updating(self._theta_np, self._host("X", X), self._host("y", y), update)
+        return res.loss * self._inv_scale
+
     def _call_cuda(self, X, y) -> float:
         X, y = torch.as_tensor(X, device=self.device), torch.as_tensor(y, device=self.device)
         res = backprop(self.net, self.theta, X, y, compute=("loss", "grad"), backend="cuda")
         with torch.no_grad():
             self.grad.copy_(torch.as_tensor(res.grad, device=self.device)).mul_(self._inv_scale)
         return res.loss * self._inv_scale
+
+
+@dataclass(frozen=True)
+class BatchClosure:
+    """``step.closure(X, y)`` (:meth:`GradStep.closure`): calling it returns ``step(X, y)``, the loss."""
+
+    step: GradStep
+    X: object
+    y: object
+
+    def __call__(self):
+        return self.step(self.X, self.y)
 
 
 class DPGradStep(GradStep):
@@ -473,8 +504,8 @@ class SGD(torch.optim.SGD):
             for spec in step.net.layers
             for span in ((spec.w_start, spec.b_start), (spec.b_start, spec.end))
         ]
-        self._segments = np.array(spans, np.int64)  # (2L, 2): each parameter's [start, stop) in θ
-        self._fresh = np.zeros(len(spans), np.bool_)
+        # each parameter's [start, stop) in θ and whether it has no momentum buffer yet (Update's segments)
+        self._segments = np.array([(a, b, 0) for a, b in spans], np.int64).reshape(-1, 3)
         self._update = None  # the compiled pass; None: torch's update (a CUDA model, or no Numba)
         if step._cuda:
             return
@@ -484,7 +515,9 @@ class SGD(torch.optim.SGD):
             return
         self._update = update
         dt = step._theta_np.dtype
-        self._fused_rounding = _torch_fuses_alpha_add(dt)
+        self._coef = np.ones(5, dt)  # Update's coef and modes, refilled at every step
+        self._modes = np.zeros(4, np.int64)
+        self._modes[update.FUSED] = _torch_fuses_alpha_add(dt)
         self._flat_buf = np.zeros(step.net.num_params, dt)
         flat = torch.from_numpy(self._flat_buf)
         # each parameter's momentum buffer: a view of the flat one
@@ -494,7 +527,13 @@ class SGD(torch.optim.SGD):
 
     def step(self, closure=None):
         """One update of every parameter with a gradient, as ``torch.optim.SGD.step``; returns the
-        closure's loss (``None`` without a closure)."""
+        closure's loss (``None`` without a closure). With ``closure = step.closure(X, y)`` of this
+        optimizer's :class:`GradStep`, the gradient and the update are one compiled call
+        (:meth:`GradStep.closure`)."""
+        if isinstance(closure, BatchClosure) and closure.step is self._grad_step:
+            loss = self._update_in_kernels(closure)
+            if loss is not None:
+                return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -503,55 +542,83 @@ class SGD(torch.optim.SGD):
             super().step()
         return loss
 
+    def _update_in_kernels(self, closure: BatchClosure) -> float | None:
+        """``closure()`` with the update made by its kernels; ``None`` (nothing done) where that cannot
+        stand for the closure and torch's step: a DP step, a backend other than numba, or what
+        :meth:`_update_pack` refuses."""
+        grad_step = self._grad_step
+        prepared = grad_step._step
+        if type(grad_step) is not GradStep or prepared is None or prepared.backend != "numba":
+            return None
+        grad_step._check_params()  # every p.grad the step's view, as the call leaves them
+        made = self._update_pack(grad_step._inv_scale)
+        if made is None:
+            return None
+        pack, active = made
+        loss = grad_step._call_updating(closure.X, closure.y, pack)
+        self._updated(active)
+        return loss
+
     def _fused_update(self) -> bool:
         """Run the compiled update if it can stand for torch's here; False (nothing done) if not."""
-        if self._update is None or len(self.param_groups) != 1:
+        made = self._update_pack(1.0)
+        if made is None:
             return False
+        pack, active = made
+        if active:
+            grad_step = self._grad_step
+            self._update.sgd_update(grad_step._theta_np, grad_step._grad_np, pack)
+            self._updated(active)
+        return True
+
+    def _update_pack(self, scale: float) -> tuple[tuple, list] | None:
+        """The :class:`fastgrad.cpu.update.Update` pack (a plain tuple) of torch's step for the parameters
+        with a gradient now, the gradient first multiplied by ``scale``, and their indices in ``_params``;
+        ``None`` when the compiled update cannot stand for torch's: no Numba or a CUDA model, parameter
+        groups other than the one it was made with, a parameter no longer in the step's θ, or a ``p.grad``
+        that is not the step's view. A momentum buffer given by ``load_state_dict`` is copied in."""
+        if self._update is None or len(self.param_groups) != 1:
+            return None
         group = self.param_groups[0]
         if len(group["params"]) != len(self._params) or group.get("differentiable") or group.get("fused"):
-            return False
+            return None
         momentum = group["momentum"]
-        fresh, segments = self._fresh, self._segments
+        u, segments = self._update, self._segments
         active = []
         for i, ((p, ptr, g), q) in enumerate(zip(self._params, group["params"])):
             if q is not p or p.data_ptr() != ptr:
-                return False
+                return None
             if p.grad is None:
                 continue  # torch skips it
             if p.grad is not g:
-                return False
+                return None
             if momentum != 0:
-                state = self.state[p]
-                mb = state.get("momentum_buffer")
-                fresh[i] = mb is None
+                mb = self.state[p].get("momentum_buffer")
+                segments[i, u.FRESH] = mb is None
                 if mb is not None and mb is not self._buf_views[i]:  # from load_state_dict: copied in
                     with torch.no_grad():
                         self._buf_views[i].copy_(mb)
             active.append(i)
-        if not active:
-            return True
-        dt = self._flat_buf.dtype.type
-        self._update.sgd_update(
-            self._grad_step._theta_np,
-            self._grad_step._grad_np,
-            self._flat_buf,
-            segments if len(active) == len(segments) else segments[active],
-            fresh if len(active) == len(fresh) else fresh[active],
-            dt(float(group["lr"])),
-            dt(momentum),
-            dt(1.0 - group["dampening"]),  # torch: alpha = 1 - dampening
-            dt(float(group["weight_decay"])),
-            bool(group["nesterov"]),
-            bool(group["maximize"]),
-            self._fused_rounding,
-        )
-        # what torch's in-place update does: autograd then refuses a graph that saved the old values
+        coef, modes = self._coef, self._modes
+        coef[u.LR] = float(group["lr"])  # torch casts its Python floats to θ's dtype so
+        coef[u.MOMENTUM] = momentum
+        coef[u.KEEP] = 1.0 - group["dampening"]  # torch: alpha = 1 - dampening
+        coef[u.WEIGHT_DECAY] = float(group["weight_decay"])
+        coef[u.SCALE] = scale
+        modes[u.NESTEROV] = bool(group["nesterov"])
+        modes[u.MAXIMIZE] = bool(group["maximize"])
+        if len(active) != len(segments):
+            segments = segments[active]
+        return (self._flat_buf, segments, coef, modes), active
+
+    def _updated(self, active: list) -> None:
+        """After a compiled update of the parameters ``active``: what torch's in-place update leaves."""
+        # autograd then refuses a graph that saved the old values
         increment_version([self._params[i][0] for i in active])
-        if momentum != 0:
+        if self.param_groups[0]["momentum"] != 0:
             for i in active:
                 self.state[self._params[i][0]]["momentum_buffer"] = self._buf_views[i]
         self.fused_steps += 1
-        return True
 
 
-__all__ = ["SGD", "DPGradStep", "GradStep", "StepStats", "loss_scale"]
+__all__ = ["SGD", "BatchClosure", "DPGradStep", "GradStep", "StepStats", "loss_scale"]

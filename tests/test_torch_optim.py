@@ -215,3 +215,122 @@ def test_the_bits_of_torch_sgd_in_torchs_plain_build():
     command = [sys.executable, "-c", PLAIN_BUILD_CHECK]
     out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# ------------------------------------------- opt.step(step.closure(X, y)): the update in the kernels
+
+
+def closure_twins(dtype, loss="cross_entropy", sizes=(200, 90, 5)):
+    """Two identical models with GradSteps for ``loss``; ``data(k)`` gives batch k (70 rows: two tiles)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2])).to(dtype)
+    a, b = model, copy.deepcopy(model)
+
+    def data(k):
+        g = torch.Generator().manual_seed(200 + k)
+        X = torch.randn(70, sizes[0], generator=g, dtype=dtype)
+        if loss == "cross_entropy":
+            return X, torch.randint(0, sizes[-1], (70,), generator=g)
+        if loss == "binary_cross_entropy":  # targets in [0, 1]
+            return X, torch.rand(70, sizes[-1], generator=g, dtype=dtype)
+        return X, torch.randn(70, sizes[-1], generator=g, dtype=dtype)
+
+    return a, ft.GradStep(a, loss), b, ft.GradStep(b, loss), data
+
+
+def run_closure_against_torch(dtype, options, loss="cross_entropy", steps=4):
+    """torch.optim.SGD after ``step(X, y)`` against ``opt.step(step.closure(X, y))``, with a scheduler and a
+    zero_grad(set_to_none) half-way: parameters, buffers, gradients and losses compared at every step."""
+    ma, sa, mb, sb, data = closure_twins(dtype, loss)
+    ref, opt = torch.optim.SGD(ma.parameters(), **options), ft.SGD(sb, **options)
+    sched_a, sched_b = (torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in (ref, opt))
+    for k in range(steps):
+        if k == steps // 2:
+            ref.zero_grad()
+            opt.zero_grad()
+        X, y = data(k)
+        loss_a = sa(X, y)
+        ref.step()
+        loss_b = opt.step(sb.closure(X, y))
+        sched_a.step()
+        sched_b.step()
+        assert loss_a == loss_b and same(ma, mb), f"step {k}"
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(ma.parameters(), mb.parameters())), f"step {k}"
+        if options.get("momentum"):
+            assert same_buffers(ref, opt, ma, mb), f"step {k}"
+    assert opt.fused_steps == steps
+    assert not same(ma, closure_twins(dtype, loss)[0])
+    return ma, mb, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_the_closure_updates_in_the_kernels_with_the_bits_of_torch_sgd(dtype, options):
+    run_closure_against_torch(dtype, options)
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy"])
+def test_the_closure_scales_the_gradient_before_the_update(loss):
+    """MSE and BCE: p.grad is fastgrad's gradient / s, made in the kernels' last pass too (s = K/2, K)."""
+    run_closure_against_torch(torch.float32, dict(lr=0.05, momentum=0.9, weight_decay=1e-3), loss)
+
+
+@pytest.mark.parametrize("how", ["chunks", "phase 2"])
+def test_the_closure_updates_after_the_last_chunk_and_after_phase_2(monkeypatch, how):
+    """A batch in three chunks (the update on the last only), or the gradient made by phase 2's GEMMs
+    (no per-tile sums): the same bits."""
+    from fastgrad.cpu import config
+
+    if how == "chunks":
+        monkeypatch.setattr(config, "WORKSPACE_BYTES", 16 * 1024)
+    else:
+        monkeypatch.setattr(config, "PARTIALS_BYTES", 0)
+    _, _, opt = run_closure_against_torch(torch.float64, dict(lr=0.1, momentum=0.9, nesterov=True))
+    call = opt._grad_step._step._prepared_call(70)
+    if how == "chunks":
+        assert call.chunk < 70 / 2
+    else:
+        assert call.partial.size == 0
+
+
+def test_the_closure_refuses_bad_input_before_the_update():
+    _, _, _, sb, data = closure_twins(torch.float32)
+    opt = ft.SGD(sb, lr=0.1, momentum=0.9)
+    opt.step(sb.closure(*data(0)))
+    theta, buf = sb.theta.clone(), torch.from_numpy(opt._flat_buf).clone()
+    X, y = data(1)
+    X[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="X: contains NaN or Inf"):
+        opt.step(sb.closure(X, y))
+    y[0] = 7
+    with pytest.raises(ValueError, match="y"):
+        opt.step(sb.closure(data(1)[0], y))
+    assert torch.equal(sb.theta, theta) and torch.equal(torch.from_numpy(opt._flat_buf), buf)
+    assert opt.fused_steps == 1
+
+
+def test_the_closure_runs_hooks_and_falls_back_where_it_must():
+    ma, sa, mb, sb, data = closure_twins(torch.float32)
+    options = dict(lr=0.1, momentum=0.9)
+    ref, opt = torch.optim.SGD(ma.parameters(), **options), ft.SGD(sb, **options)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    X, y = data(0)
+    assert sa.closure(X, y)() == sa(X, y)  # a plain closure: any optimizer may call it
+    ref.step()
+    opt.step(sb.closure(X, y))
+    assert calls == ["pre", "post"] and opt.fused_steps == 1 and same(ma, mb)
+    other = ft.GradStep(copy.deepcopy(ma), "cross_entropy")
+    X, y = data(1)
+    sa(X, y)
+    ref.step()
+    sb(X, y)
+    opt.step(other.closure(X, y))  # another step's closure: called as torch calls a closure, then the pass
+    assert same(ma, mb) and opt.fused_steps == 2
+    opt._update = None  # as without Numba: the closure, then torch's update
+    X, y = data(2)
+    sa(X, y)
+    ref.step()
+    opt.step(sb.closure(X, y))
+    assert same(ma, mb) and opt.fused_steps == 2

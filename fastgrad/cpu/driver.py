@@ -30,6 +30,7 @@ from .kernels import (
     batch_backprop,
     fused_backprop,
 )
+from .update import Update, no_update
 from .workspace import Results, Workspace, _chunking, _thread_workspace, scratch_per_row
 
 
@@ -213,25 +214,27 @@ class PreparedCall:
         self.scratch = tuple(scratch_per_row(net.sizes))
         rows = np.asarray(r.G[:B]) if want_rows else np.empty((0, 0), dt)
         self.row_out = (r.losses[:B], r.layer_sq[:B], r.norms[:B], r.clip_c[:B], rows)
+        self.no_update = no_update(dt)
 
     def __call__(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> dict:
         self.launch(theta, X, labels, targets)
         return self.finish()
 
     def launch(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray,
-               check: tuple = NO_CHECK) -> int:  # fmt: skip
+               check: tuple = NO_CHECK, update: tuple | None = None) -> int:  # fmt: skip
         """Run the kernels over every chunk, leaving the sums and per-row results in ``results``.
 
         ``check`` = (True, lo, hi) (a :class:`~fastgrad.cpu.kernels.Check`'s fields) first checks the arrays
         in the same compiled call (:func:`check_values`, targets in [lo, hi]) and returns its nonzero code
-        without running anything; else 0."""
+        without running anything; else 0. ``update``: an :class:`~fastgrad.cpu.update.Update` pack (a plain
+        tuple) made in the kernels' last pass, which leaves θ updated from the sums' row ``modes[ROW]``."""
         # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
         before = _set_chunksize(1)
         try:
             code, self.loss_sum = batch_backprop(
                 check, (self.layout, theta, self.w_t), (X, labels, targets), self.codes, self.flags,
                 self.plan, self.scalars, self.bufs, self.scratch, self.row_out, self.sums, self.partial,
-                self.tasks, self.chunk,
+                self.tasks, self.chunk, self.no_update if update is None else update,
             )  # fmt: skip
         finally:
             _set_chunksize(before)
@@ -327,6 +330,7 @@ def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
                     sums,
                     partial,
                     tasks,
+                    Update(*no_update(dt)),
                 )
                 # each layer's (R, n_l) block lies after the previous layers' in acts, dphi and deltas
                 at = 0

@@ -21,6 +21,7 @@ from ..activations import TANH, activate, activate_grad
 from ..losses import CROSS_ENTROPY, output_delta_row
 from ..quantities import DELTA, DELTA_SQUARED, INPUT, clip_factor, layer_norm_sq, variance_from_moments
 from .config import CACHE
+from .update import ROW, Update, update_block
 
 
 def _lambert_tanh_coefficients(levels: int = 13) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -443,10 +444,12 @@ def gemm_block(plan, net, chunk, task, clip_c, sums, accumulate):
 
 
 @njit(parallel=True, cache=CACHE, error_model="numpy")
-def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks):
+def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks, update):
     # one chunk of R samples: the packs Net, Data (R rows), Codes, Flags, Scalars, Buffers (for R rows),
     # RowOut (R rows) above; plan (n_sums, 4); sums (n_sums, P); partial (n_slots, n_tiles, P): per-tile
-    # sums of the plan's rows with a slot; tasks (T, 3): (l, q0, q1) of every phase-2 GEMM block
+    # sums of the plan's rows with a slot; tasks (T, 3): (l, q0, q1) of every phase-2 GEMM block;
+    # update (update.Update): on the last chunk, θ updated from the gradient sums[modes[ROW]] block by block
+    # in the last pass (an empty buf: no update)
     X, labels, targets = data.X, data.labels, data.targets
     act, loss, tile = codes.activation, codes.loss, codes.tile
     backward, per_row, squares, accumulate = flags.backward, flags.per_row, flags.squares, flags.accumulate
@@ -490,7 +493,9 @@ def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, 
         for t in prange(tasks.shape[0]):
             gemm_block(plan, net, chunk, tasks[t], clip_c, sums, accumulate)
     # then one pass over fixed blocks of parameters: the tiles' sums added in tile order (the slotted sums),
-    # and on the last chunk the means divided (each element once: the bits of NumPy's sums / B)
+    # and on the last chunk the means divided (each element once: the bits of NumPy's sums / B) and the
+    # update made, each block while it is in the core's cache
+    updating = update.buf.shape[0] > 0
     if slotted > 0 or count > 0:
         for c in prange((P + FINISH_BLOCK - 1) // FINISH_BLOCK):
             k0, k1 = c * FINISH_BLOCK, min(P, c * FINISH_BLOCK + FINISH_BLOCK)
@@ -499,6 +504,8 @@ def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, 
                     sum_partials(partial[plan[s, SLOT], :n_tiles], k0, k1, sums[s], accumulate)
             if count > 0:
                 divide_means(plan, sums, k0, k1, count)
+                if updating:
+                    update_block(update, sums[update.modes[ROW]], net.theta, k0, k1)
 
 
 @njit(cache=CACHE, error_model="numpy")
@@ -607,16 +614,18 @@ def pairwise_sum(a, n):
 
 @njit(cache=CACHE)
 def batch_backprop(check_t, net_t, data_t, codes_t, flags_t, plan, scalars_t, bufs_t, scratch_t, row_out_t,
-                   sums, partial, tasks, chunk):  # fmt: skip
+                   sums, partial, tasks, chunk, update_t):  # fmt: skip
     # The whole batch of B samples, chunk by chunk, in one compiled call (no Python between the chunks);
     # the packs come as plain tuples (…_t) and are named here: check (Check): with on, check_values' code
     # first (nonzero: nothing runs); data (Data) and row_out (RowOut) for B rows; scalars (Scalars) = (C, B);
-    # bufs (Buffers) for `chunk` rows, scratch (Buffers) their elements per sample; flags.accumulate unused
+    # bufs (Buffers) for `chunk` rows, scratch (Buffers) their elements per sample; flags.accumulate unused;
+    # update (update.Update), made on the last chunk (the one with a count)
     # -> 0, after fused_backprop ran on each chunk of `chunk` rows in order (accumulate set after the first,
-    # count B on the last only), and the sum of the B losses (pairwise_sum); or a nonzero check code and 0
+    # count B and the update on the last only), and the sum of the B losses (pairwise_sum); or a nonzero
+    # check code and 0 (nothing run, θ as it was)
     check, net, data, codes = Check(*check_t), Net(*net_t), Data(*data_t), Codes(*codes_t)
     flags, scalars, row_out = Flags(*flags_t), Scalars(*scalars_t), RowOut(*row_out_t)
-    bufs, scratch = Buffers(*bufs_t), Buffers(*scratch_t)
+    bufs, scratch, update = Buffers(*bufs_t), Buffers(*scratch_t), Update(*update_t)
     X, labels, targets = data.X, data.labels, data.targets
     losses = row_out.losses
     if check.on:
@@ -640,7 +649,7 @@ def batch_backprop(check_t, net_t, data_t, codes_t, flags_t, plan, scalars_t, bu
         chunk_flags = Flags(flags.backward, flags.per_row, flags.squares, c0 > 0)
         count = batch if c1 == B else batch - batch  # the last chunk divides the means
         fused_backprop(net, chunk_data, codes, chunk_flags, plan, Scalars(c_max, count), chunk_bufs,
-                       chunk_rows_out, sums, partial, tasks)  # fmt: skip
+                       chunk_rows_out, sums, partial, tasks, update)  # fmt: skip
     return 0, pairwise_sum(losses, B)
 
 

@@ -9,10 +9,18 @@ torch's, rounded as torch rounds it, so the parameters and buffers come out with
 rounded once, :func:`fma`) where its CPU kernels are vectorised (its AVX2 and AVX-512 builds, the
 default on x86 CPUs that have them) and a multiply then an add in its plain build
 (``ATEN_CPU_CAPABILITY=default``); the caller says which (``fused``).
+
+The update travels as one :class:`Update` pack, which :func:`fastgrad.cpu.kernels.fused_backprop` also
+takes: there it runs in the kernel's last pass over each block of parameters, right after the block's
+gradient is made, so that θ, the gradient and the momentum are updated while in the core's cache
+(``optimizer.step(step.closure(X, y))`` of :class:`fastgrad.torch.SGD`).
 """
 
 from __future__ import annotations
 
+from collections import namedtuple
+
+import numpy as np
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, register_jitable
@@ -20,12 +28,43 @@ from numba.extending import intrinsic, register_jitable
 from .. import _threading
 from .config import CACHE
 
-__all__ = ["UPDATE_BLOCK", "fma", "fused_add", "plain_add", "sgd_update"]
+__all__ = [
+    "UPDATE_BLOCK",
+    "Update",
+    "fma",
+    "fused_add",
+    "no_update",
+    "plain_add",
+    "sgd_update",
+    "update_block",
+]
 
 UPDATE_BLOCK = 16384
 """Elements per parallel task of :func:`_sgd_pass`. The update is element-wise, so any split gives the
 same bits; 16,384 float32 (64 KiB a stream) keeps a task's three streams within L2 and makes 7 tasks of
 the [784, 128, 10] network's 101,770 parameters."""
+
+Update = namedtuple("Update", "buf segments coef modes")
+"""An SGD update of the flat θ, torch's rule (:func:`_sgd_pass`): ``buf`` (P,) the flat momentum buffer in
+θ's dtype, or (0,) for no update at all; ``segments`` (S, 3) int64, per parameter tensor to update its
+[start, stop) in θ and 1 when it has no momentum buffer yet (torch then starts one as a copy of the
+gradient), else 0; ``coef`` (5,) in θ's dtype at :data:`LR`, :data:`MOMENTUM`, :data:`KEEP`
+(1 − dampening), :data:`WEIGHT_DECAY` and :data:`SCALE` (the gradient's factor first, 1 for none);
+``modes`` (4,) int64 at :data:`ROW` (which of the kernel's sums is the gradient), :data:`NESTEROV`,
+:data:`MAXIMIZE` and :data:`FUSED` (torch's alpha-adds are fused multiply-adds), 0 or 1. A compiled
+caller takes it as a plain tuple in this order (a namedtuple is slower to type at dispatch)."""
+LR, MOMENTUM, KEEP, WEIGHT_DECAY, SCALE = range(5)
+"""Entries of :class:`Update`'s ``coef``."""
+ROW, NESTEROV, MAXIMIZE, FUSED = range(4)
+"""Entries of :class:`Update`'s ``modes``."""
+START, STOP, FRESH = range(3)
+"""Columns of :class:`Update`'s ``segments``."""
+
+
+def no_update(dtype) -> tuple:
+    """The :class:`Update` pack (as a plain tuple) that updates nothing, for θ's ``dtype``."""
+    dt = np.dtype(dtype)
+    return (np.empty(0, dt), np.empty((0, 3), np.int64), np.ones(5, dt), np.zeros(4, np.int64))
 
 
 @intrinsic
@@ -80,38 +119,47 @@ def _update_loop(add_scaled):
 _update_fused, _update_plain = _update_loop(fused_add), _update_loop(plain_add)
 
 
+@register_jitable
+def update_block(update, grad, theta, b0, b1):
+    # update (Update), grad and theta (P,) -> elements [b0, b1) of theta and update.buf updated by the rule of
+    # _sgd_pass, on the segments that overlap the block; grad[b0:b1] first multiplied by coef[SCALE] unless 1
+    buf, segments, coef, modes = update.buf, update.segments, update.coef, update.modes
+    scale = coef[SCALE]
+    if scale != 1:
+        gs = grad[b0:b1]  # a view from 0, so the loop vectorizes
+        for k in range(gs.shape[0]):
+            gs[k] *= scale
+    step = -coef[LR]
+    momentum, keep, weight_decay = coef[MOMENTUM], coef[KEEP], coef[WEIGHT_DECAY]
+    nesterov = modes[NESTEROV] != 0
+    sign = theta.dtype.type(-1 if modes[MAXIMIZE] != 0 else 1)  # −x is x·(−1), exactly
+    for s in range(segments.shape[0]):
+        k0, k1 = max(b0, segments[s, START]), min(b1, segments[s, STOP])
+        if k0 >= k1:
+            continue
+        th, gr, bu = theta[k0:k1], grad[k0:k1], buf[k0:k1]  # views from 0, so the loop vectorizes
+        fresh = segments[s, FRESH] != 0
+        if modes[FUSED] != 0:
+            _update_fused(th, gr, bu, fresh, step, sign, momentum, keep, weight_decay, nesterov)
+        else:
+            _update_plain(th, gr, bu, fresh, step, sign, momentum, keep, weight_decay, nesterov)
+
+
 @njit(parallel=True, cache=CACHE)
-def _sgd_pass(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize,
-              fused):  # fmt: skip
-    # theta, grad, buf (P,) one dtype; segments (S, 2) int64 [start, stop) of the parameters to update
-    # (the tensors whose grad is set); fresh (S,) bool: the segment has no momentum buffer yet (torch then
-    # starts it as a copy of the gradient); lr, momentum, keep = 1 − dampening, weight_decay: scalars of
-    # θ's dtype (torch casts its Python floats so); nesterov, maximize bool; fused: torch's alpha-adds
-    # are fused multiply-adds
-    # -> theta and buf updated in place as torch.optim.SGD's step updates each tensor:
+def _sgd_pass(theta, grad, update_t):
+    # theta, grad (P,) one dtype; update_t: an Update pack as a plain tuple (its coef's SCALE 1)
+    # -> theta and update.buf updated in place as torch.optim.SGD's step updates each tensor:
     #    g = ±grad (+ wd·θ); buf = g if fresh else momentum·buf + keep·g;
     #    g = g + momentum·buf if nesterov else buf (with momentum ≠ 0); θ = θ − lr·g
-    step = -lr
-    sign = theta.dtype.type(-1 if maximize else 1)  # −x is x·(−1), exactly
+    update = Update(*update_t)
     P = theta.shape[0]
     for blk in prange((P + UPDATE_BLOCK - 1) // UPDATE_BLOCK):
-        b0, b1 = blk * UPDATE_BLOCK, min(P, (blk + 1) * UPDATE_BLOCK)
-        for s in range(segments.shape[0]):
-            k0, k1 = max(b0, segments[s, 0]), min(b1, segments[s, 1])
-            if k0 >= k1:
-                continue
-            th, gr, bu = theta[k0:k1], grad[k0:k1], buf[k0:k1]  # views from 0, so the loop vectorizes
-            if fused:
-                _update_fused(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov)
-            else:
-                _update_plain(th, gr, bu, fresh[s], step, sign, momentum, keep, weight_decay, nesterov)
+        update_block(update, grad, theta, blk * UPDATE_BLOCK, min(P, (blk + 1) * UPDATE_BLOCK))
 
 
-def sgd_update(
-    theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize, fused
-):
-    """``torch.optim.SGD``'s update of the parameters in ``segments`` of the flat ``theta``, in place, with
-    ``buf`` the flat momentum buffer: the arguments and rule of :func:`_sgd_pass`, after the fork check of
-    every compiled parallel call."""
+def sgd_update(theta: np.ndarray, grad: np.ndarray, update: tuple) -> None:
+    """``torch.optim.SGD``'s update of the flat ``theta`` (P,) from the flat ``grad`` (P,), in place, as the
+    :class:`Update` pack ``update`` (a plain tuple) says, after the fork check of every compiled parallel
+    call."""
     _threading.check_fork_safe()
-    _sgd_pass(theta, grad, buf, segments, fresh, lr, momentum, keep, weight_decay, nesterov, maximize, fused)
+    _sgd_pass(theta, grad, update)
