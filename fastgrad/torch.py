@@ -33,7 +33,8 @@ from .losses import REGISTRY as LOSS_REGISTRY
 from .step import Step
 
 torch = require("torch", "torch", "fastgrad.torch")
-from torch.autograd.graph import increment_version  # noqa: E402 (torch is an extra: required above)
+import torch.optim.optimizer as _torch_optimizer  # noqa: E402 (torch is an extra: required above)
+from torch.autograd.graph import increment_version  # noqa: E402
 
 _TORCH_LOSSES = {  # fastgrad loss -> torch's mean-reduced loss module (the registry's, where it has one)
     q.name: getattr(torch.nn, q.torch) for q in LOSS_REGISTRY.values() if q.torch is not None
@@ -454,6 +455,26 @@ def _torch_fuses_alpha_add(dtype: np.dtype) -> bool:
     return not np.array_equal(got, alpha * x + y)
 
 
+# where this torch keeps the global step hooks and says whether its profiler runs (None: not found, so
+# every step goes through torch's wrapper)
+_GLOBAL_STEP_HOOKS = tuple(
+    getattr(_torch_optimizer, name, None)
+    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+)
+_PROFILER_ENABLED = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
+
+
+def _step_hooks_or_profiler(opt) -> bool:
+    """Whether ``opt.step`` must go through torch's wrapper: a step hook (global or the optimizer's) or
+    a running profiler (any kind); also when this torch keeps them where we do not look."""
+    own = (getattr(opt, name, None) for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"))
+    return (
+        _PROFILER_ENABLED is None
+        or _PROFILER_ENABLED()
+        or any(hooks is None or len(hooks) > 0 for hooks in (*own, *_GLOBAL_STEP_HOOKS))
+    )
+
+
 class SGD(torch.optim.SGD):
     """``torch.optim.SGD`` for a :class:`GradStep`'s model, its update one compiled pass over the flat θ.
 
@@ -529,7 +550,19 @@ class SGD(torch.optim.SGD):
         """One update of every parameter with a gradient, as ``torch.optim.SGD.step``; returns the
         closure's loss (``None`` without a closure). With ``closure = step.closure(X, y)`` of this
         optimizer's :class:`GradStep`, the gradient and the update are one compiled call
-        (:meth:`GradStep.closure`)."""
+        (:meth:`GradStep.closure`).
+
+        The optimizer's step hooks (global and its own) and the profiler's record of the step run as
+        torch runs them (``Optimizer.profile_hook_step``), but only when there are hooks or a profiler:
+        torch's wrapper costs 20-40 µs a step without either (its ``record_function``), a tenth of a
+        whole step on small networks (docs/benchmarks.md)."""
+        if _step_hooks_or_profiler(self):
+            return _hooked_step(self, closure)
+        return self._step(closure)
+
+    step.hooked = True  # torch's Optimizer wraps a step without this mark in its profiler and hooks
+
+    def _step(self, closure=None):
         if isinstance(closure, BatchClosure) and closure.step is self._grad_step:
             loss = self._update_in_kernels(closure)
             if loss is not None:
@@ -620,5 +653,8 @@ class SGD(torch.optim.SGD):
                 self.state[self._params[i][0]]["momentum_buffer"] = self._buf_views[i]
         self.fused_steps += 1
 
+
+_hooked_step = torch.optim.Optimizer.profile_hook_step(SGD._step)
+"""``SGD._step`` in torch's wrapper: the pre-hooks, the step in a ``record_function``, the post-hooks."""
 
 __all__ = ["SGD", "BatchClosure", "DPGradStep", "GradStep", "StepStats", "loss_scale"]

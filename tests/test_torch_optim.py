@@ -334,3 +334,29 @@ def test_the_closure_runs_hooks_and_falls_back_where_it_must():
     ref.step()
     opt.step(sb.closure(X, y))
     assert same(ma, mb) and opt.fused_steps == 2
+
+
+def test_step_hooks_and_the_profiler_see_the_step_as_torch_shows_it():
+    """Without hooks or a profiler the step skips torch's wrapper (its cost); with either, it goes through
+    it: global and own hooks run once per step, and the profiler records ``Optimizer.step#SGD.step``."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _, _, _, sb, data = closure_twins(torch.float32)
+    opt = ft.SGD(sb, lr=0.1, momentum=0.9)
+    assert not ft._step_hooks_or_profiler(opt)
+    seen = []
+    handle = register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(type(o).__name__))
+    try:
+        assert ft._step_hooks_or_profiler(opt)
+        opt.step(sb.closure(*data(0)))
+        sb(*data(1))
+        opt.step()
+    finally:
+        handle.remove()
+    assert seen == ["SGD", "SGD"] and opt.fused_steps == 2
+    assert not ft._step_hooks_or_profiler(opt)
+    with torch.profiler.profile() as prof:
+        assert ft._step_hooks_or_profiler(opt)
+        opt.step(sb.closure(*data(2)))
+    assert "Optimizer.step#SGD.step" in {e.key for e in prof.key_averages()}
+    assert opt.fused_steps == 3
