@@ -194,7 +194,7 @@ class GradStep:
     def _host(self, name: str, a):
         """A CPU tensor's NumPy view (detached), or ``a`` as it is when not a tensor."""
         if isinstance(a, torch.Tensor):
-            if a.device.type != "cpu":
+            if not a.is_cpu:
                 raise TypeError(f"{name}: a {a.device.type} tensor, but the model is on the CPU")
             return a.detach().numpy() if a.requires_grad else a.numpy()
         return a
@@ -527,6 +527,7 @@ class SGD(torch.optim.SGD):
         ]
         # each parameter's [start, stop) in θ and whether it has no momentum buffer yet (Update's segments)
         self._segments = np.array([(a, b, 0) for a, b in spans], np.int64).reshape(-1, 3)
+        self._fresh = [False] * len(spans)  # their FRESH column, as Python bools
         self._update = None  # the compiled pass; None: torch's update (a CUDA model, or no Numba)
         if step._cuda:
             return
@@ -536,7 +537,8 @@ class SGD(torch.optim.SGD):
             return
         self._update = update
         dt = step._theta_np.dtype
-        self._coef = np.ones(5, dt)  # Update's coef and modes, refilled at every step
+        self._coef = np.ones(5, dt)  # Update's coef and modes, refilled when the group's options change
+        self._options = None
         self._modes = np.zeros(4, np.int64)
         self._modes[update.FUSED] = _torch_fuses_alpha_add(dt)
         self._flat_buf = np.zeros(step.net.num_params, dt)
@@ -627,22 +629,28 @@ class SGD(torch.optim.SGD):
                 return None
             if momentum != 0:
                 mb = self.state[p].get("momentum_buffer")
-                segments[i, u.FRESH] = mb is None
+                fresh = mb is None
+                if fresh != self._fresh[i]:  # segments' FRESH column, set only when it changes
+                    self._fresh[i] = segments[i, u.FRESH] = fresh
                 if mb is not None and mb is not self._buf_views[i]:  # from load_state_dict: copied in
                     with torch.no_grad():
                         self._buf_views[i].copy_(mb)
             active.append(i)
-        coef, modes = self._coef, self._modes
-        coef[u.LR] = float(group["lr"])  # torch casts its Python floats to θ's dtype so
-        coef[u.MOMENTUM] = momentum
-        coef[u.KEEP] = 1.0 - group["dampening"]  # torch: alpha = 1 - dampening
-        coef[u.WEIGHT_DECAY] = float(group["weight_decay"])
-        coef[u.SCALE] = scale
-        modes[u.NESTEROV] = bool(group["nesterov"])
-        modes[u.MAXIMIZE] = bool(group["maximize"])
+        options = (group["lr"], momentum, group["dampening"], group["weight_decay"], scale,
+                   group["nesterov"], group["maximize"])  # fmt: skip
+        if options != self._options:  # a scheduler's new lr, ...: coef and modes refilled
+            coef, modes = self._coef, self._modes
+            coef[u.LR] = float(group["lr"])  # torch casts its Python floats to θ's dtype so
+            coef[u.MOMENTUM] = momentum
+            coef[u.KEEP] = 1.0 - group["dampening"]  # torch: alpha = 1 - dampening
+            coef[u.WEIGHT_DECAY] = float(group["weight_decay"])
+            coef[u.SCALE] = scale
+            modes[u.NESTEROV] = bool(group["nesterov"])
+            modes[u.MAXIMIZE] = bool(group["maximize"])
+            self._options = options
         if len(active) != len(segments):
             segments = segments[active]
-        return (self._flat_buf, segments, coef, modes), active
+        return (self._flat_buf, segments, self._coef, self._modes), active
 
     def _updated(self, active: list) -> None:
         """After a compiled update of the parameters ``active``: what torch's in-place update leaves."""
