@@ -464,14 +464,19 @@ _GLOBAL_STEP_HOOKS = tuple(
 _PROFILER_ENABLED = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
 
 
+_GLOBAL_PRE_HOOKS, _GLOBAL_POST_HOOKS = (True if hooks is None else hooks for hooks in _GLOBAL_STEP_HOOKS)
+
+
 def _step_hooks_or_profiler(opt) -> bool:
     """Whether ``opt.step`` must go through torch's wrapper: a step hook (global or the optimizer's) or
     a running profiler (any kind); also when this torch keeps them where we do not look."""
-    own = (getattr(opt, name, None) for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"))
-    return (
+    return bool(
         _PROFILER_ENABLED is None
         or _PROFILER_ENABLED()
-        or any(hooks is None or len(hooks) > 0 for hooks in (*own, *_GLOBAL_STEP_HOOKS))
+        or _GLOBAL_PRE_HOOKS
+        or _GLOBAL_POST_HOOKS
+        or getattr(opt, "_optimizer_step_pre_hooks", True)
+        or getattr(opt, "_optimizer_step_post_hooks", True)
     )
 
 
@@ -589,9 +594,9 @@ class SGD(torch.optim.SGD):
         made = self._update_pack(grad_step._inv_scale)
         if made is None:
             return None
-        pack, active = made
+        pack, updated = made
         loss = grad_step._call_updating(closure.X, closure.y, pack)
-        self._updated(active)
+        self._updated(updated)
         return loss
 
     def _fused_update(self) -> bool:
@@ -599,42 +604,48 @@ class SGD(torch.optim.SGD):
         made = self._update_pack(1.0)
         if made is None:
             return False
-        pack, active = made
-        if active:
+        pack, updated = made
+        if updated[0]:  # some parameter has a gradient
             grad_step = self._grad_step
             self._update.sgd_update(grad_step._theta_np, grad_step._grad_np, pack)
-            self._updated(active)
+            self._updated(updated)
         return True
 
-    def _update_pack(self, scale: float) -> tuple[tuple, list] | None:
+    def _update_pack(self, scale: float) -> tuple[tuple, tuple[list, list]] | None:
         """The :class:`fastgrad.cpu.update.Update` pack (a plain tuple) of torch's step for the parameters
         with a gradient now, the gradient first multiplied by ``scale``, and their indices in ``_params``;
         ``None`` when the compiled update cannot stand for torch's: no Numba or a CUDA model, parameter
         groups other than the one it was made with, a parameter no longer in the step's θ, or a ``p.grad``
-        that is not the step's view. A momentum buffer given by ``load_state_dict`` is copied in."""
+        that is not the step's view. A momentum buffer given by ``load_state_dict`` is copied in; the
+        states whose buffer is to be the flat one's view after the update are listed with them."""
         if self._update is None or len(self.param_groups) != 1:
             return None
         group = self.param_groups[0]
         if len(group["params"]) != len(self._params) or group.get("differentiable") or group.get("fused"):
             return None
         momentum = group["momentum"]
-        u, segments = self._update, self._segments
-        active = []
+        u, segments, state = self._update, self._segments, self.state
+        active, to_point = [], []
         for i, ((p, ptr, g), q) in enumerate(zip(self._params, group["params"])):
             if q is not p or p.data_ptr() != ptr:
                 return None
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue  # torch skips it
-            if p.grad is not g:
+            if grad is not g:
                 return None
             if momentum != 0:
-                mb = self.state[p].get("momentum_buffer")
+                param_state = state[p]
+                mb = param_state.get("momentum_buffer")
+                view = self._buf_views[i]
                 fresh = mb is None
                 if fresh != self._fresh[i]:  # segments' FRESH column, set only when it changes
                     self._fresh[i] = segments[i, u.FRESH] = fresh
-                if mb is not None and mb is not self._buf_views[i]:  # from load_state_dict: copied in
-                    with torch.no_grad():
-                        self._buf_views[i].copy_(mb)
+                if mb is not view:  # new, or from load_state_dict (copied in): the view after the update
+                    if mb is not None:
+                        with torch.no_grad():
+                            view.copy_(mb)
+                    to_point.append((param_state, view))
             active.append(i)
         options = (group["lr"], momentum, group["dampening"], group["weight_decay"], scale,
                    group["nesterov"], group["maximize"])  # fmt: skip
@@ -650,15 +661,15 @@ class SGD(torch.optim.SGD):
             self._options = options
         if len(active) != len(segments):
             segments = segments[active]
-        return (self._flat_buf, segments, self._coef, self._modes), active
+        return (self._flat_buf, segments, self._coef, self._modes), (active, to_point)
 
-    def _updated(self, active: list) -> None:
-        """After a compiled update of the parameters ``active``: what torch's in-place update leaves."""
+    def _updated(self, updated: tuple[list, list]) -> None:
+        """After a compiled update of :meth:`_update_pack`'s parameters: what torch's update leaves."""
+        active, to_point = updated
         # autograd then refuses a graph that saved the old values
         increment_version([self._params[i][0] for i in active])
-        if self.param_groups[0]["momentum"] != 0:
-            for i in active:
-                self.state[self._params[i][0]]["momentum_buffer"] = self._buf_views[i]
+        for param_state, view in to_point:  # the momentum buffers: views of the flat one
+            param_state["momentum_buffer"] = view
         self.fused_steps += 1
 
 
