@@ -230,8 +230,9 @@ class GradStep:
         return res.loss * self._inv_scale
 
     def closure(self, X, y) -> BatchClosure:
-        """A closure for ``optimizer.step(closure)``: calling it is ``self(X, y)`` (every ``p.grad``, the
-        loss returned), so it works with any ``torch.optim`` optimizer.
+        """A closure for ``optimizer.step(closure)``: calling it is ``self(X, y)`` (every ``p.grad``; it
+        returns what the call returns: the loss, or a :class:`DPGradStep`'s :class:`StepStats`), so it
+        works with any ``torch.optim`` optimizer.
 
         >>> loss = opt.step(step.closure(X, y))   # the same as: loss = step(X, y); opt.step()
 
@@ -239,7 +240,8 @@ class GradStep:
         gradient and the update run in one compiled call: the kernels update θ and the momentum in
         their last pass, block by block, while the gradient's block is still in the core's cache. The
         parameters, momentum buffers, ``p.grad`` and loss are those of the two calls, bit for bit;
-        the optimizer's step hooks and learning-rate schedulers see an ordinary ``opt.step``.
+        the optimizer's step hooks and learning-rate schedulers see an ordinary ``opt.step``. A
+        DP step's closure is called first and the update made after it, as two calls would.
         """
         return BatchClosure(self, X, y)
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -192,6 +193,15 @@ def test_dp_step_with_fastgrad_sgd_matches_torch_sgd():
     ref, opt = torch.optim.SGD(ma.parameters(), lr=0.1, momentum=0.9), ft.SGD(db, lr=0.1, momentum=0.9)
     side_by_side(da, db, ref, opt, dt, range(3))
     assert same(ma, mb) and opt.fused_steps == 3
+    for k in range(3, 5):  # the closure: the DP step, then the separate pass
+        X, y = batch(dt, k)
+        stats_a = da(X, y)
+        ref.step()
+        stats_b = opt.step(db.closure(X, y))
+        assert isinstance(stats_b, ft.StepStats) and stats_b.loss == stats_a.loss
+        assert np.array_equal(stats_b.norms, stats_a.norms)
+        assert same(ma, mb) and same_buffers(ref, opt, ma, mb), f"step {k}"
+    assert opt.fused_steps == 5
 
 
 PLAIN_BUILD_CHECK = """
