@@ -1,5 +1,5 @@
 """benchmarks/ itself, on tiny problems: the asv suite (benchmarks/backprop.py, floors.py,
-compile_time.py) and the timing primitives its scripts share (benchmarks/_timing.py). The
+compile_time.py, step.py) and the timing primitives its scripts share (benchmarks/_timing.py). The
 configurations and floors are tested in tests/tools/test_configs.py, the peer comparison
 (fastgrad.tools.bench) in tests/tools/test_bench.py. Nothing here times anything that is
 asserted on."""
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import _problems, _timing, backprop, compile_time, floors  # noqa: E402
+from benchmarks import _problems, _timing, backprop, compile_time, floors, step  # noqa: E402
 
 ROOT_PATH = Path(ROOT)
 TINY = ((6, 5, 4, 3), 16)
@@ -81,6 +81,25 @@ def test_asv_benchmarks_run_and_compute_their_quantity(tiny, cls):
         np.testing.assert_allclose(
             got.grad, fastgrad.backprop(net, theta, X, y, backend="numpy").grad, rtol=1e-6
         )
+
+
+def test_asv_prepared_step_runs_plain_and_dp(monkeypatch):
+    """benchmarks/step.py on a tiny small-batch configuration: both calls run and compute their step."""
+    monkeypatch.setitem(_problems.SMALL_BATCH_CONFIGS, "tiny-B16", TINY)
+    _problems.problem.cache_clear()
+    try:
+        bench_step = step.PreparedStep()
+        assert bench_step.params[0] == list(configs.SMALL_BATCH_CONFIGS)
+        bench_step.setup("tiny-B16", "numba")
+        bench_step.time_step("tiny-B16", "numba")
+        bench_step.time_dp_step("tiny-B16", "numba")
+        res = bench_step.plain()
+        net, theta, X, y = _problems.problem("tiny-B16")
+        ref = fastgrad.backprop(net, theta, X, y, ("loss", "grad"), backend="numpy")
+        np.testing.assert_allclose(res.grad, ref.grad, rtol=1e-4, atol=1e-7)
+        assert bench_step.dp().noise_std == 1.0
+    finally:
+        _problems.problem.cache_clear()
 
 
 @pytest.mark.parametrize(
