@@ -260,7 +260,7 @@ class GradStep:
 
 @dataclass(frozen=True)
 class BatchClosure:
-    """``step.closure(X, y)`` (:meth:`GradStep.closure`): calling it returns ``step(X, y)``, the loss."""
+    """``step.closure(X, y)`` (:meth:`GradStep.closure`): calling it returns ``step(X, y)``."""
 
     step: GradStep
     X: object
@@ -649,14 +649,16 @@ class SGD(torch.optim.SGD):
                             view.copy_(mb)
                     to_point.append((param_state, view))
             active.append(i)
-        options = (group["lr"], momentum, group["dampening"], group["weight_decay"], scale,
-                   group["nesterov"], group["maximize"])  # fmt: skip
+        # as floats: a tensor lr that a scheduler fills in place would compare equal to itself
+        lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
+        dampening, nesterov, maximize = group["dampening"], group["nesterov"], group["maximize"]
+        options = (lr, momentum, dampening, weight_decay, scale, nesterov, maximize)
         if options != self._options:  # a scheduler's new lr, ...: coef and modes refilled
             coef, modes = self._coef, self._modes
-            coef[u.LR] = float(group["lr"])  # torch casts its Python floats to θ's dtype so
+            coef[u.LR] = lr  # torch casts its Python floats to θ's dtype so
             coef[u.MOMENTUM] = momentum
             coef[u.KEEP] = 1.0 - group["dampening"]  # torch: alpha = 1 - dampening
-            coef[u.WEIGHT_DECAY] = float(group["weight_decay"])
+            coef[u.WEIGHT_DECAY] = weight_decay
             coef[u.SCALE] = scale
             modes[u.NESTEROV] = bool(group["nesterov"])
             modes[u.MAXIMIZE] = bool(group["maximize"])

@@ -370,3 +370,24 @@ def test_step_hooks_and_the_profiler_see_the_step_as_torch_shows_it():
         opt.step(sb.closure(*data(2)))
     assert "Optimizer.step#SGD.step" in {e.key for e in prof.key_averages()}
     assert opt.fused_steps == 3
+
+
+def test_a_tensor_learning_rate_that_a_scheduler_fills_in_place():
+    """torch's schedulers fill a tensor lr in place: each step must read its new value."""
+    ma, sa, mb, sb, data = closure_twins(torch.float32)
+    ref = torch.optim.SGD(ma.parameters(), lr=torch.tensor(0.1), momentum=0.9)
+    opt = ft.SGD(sb, lr=torch.tensor(0.1), momentum=0.9)
+    sched_a, sched_b = (torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5) for o in (ref, opt))
+    for k in range(4):
+        X, y = data(k)
+        sa(X, y)
+        ref.step()
+        if k % 2:
+            opt.step(sb.closure(X, y))
+        else:
+            sb(X, y)
+            opt.step()
+        sched_a.step()
+        sched_b.step()
+        assert same(ma, mb) and same_buffers(ref, opt, ma, mb), f"step {k}"
+    assert opt.fused_steps == 4 and float(opt.param_groups[0]["lr"]) == pytest.approx(0.1 / 16)
