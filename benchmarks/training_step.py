@@ -18,7 +18,8 @@ and Numba both on 2 threads), the same model and batch, each method a real train
 - **fastgrad SGD**: the same two fastgrad steps (plain and DP) with ``fastgrad.torch.SGD`` (the same
   update, bit for bit, as one compiled pass over the flat θ on Numba's threads) in place of
   ``torch.optim.SGD``, torch on one thread (it only gathers the DP batch); and the plain step as
-  ``opt.step(step.closure(X, y))``, the update made in the kernels' last pass;
+  ``opt.step(step.closure(X, y))``, the update made in the kernels' last pass (the DP step's in its
+  noise pass);
 - **Opacus**: ``make_private``'s pieces (``GradSampleModule`` + ``DPOptimizer``, σ = 1) on the
   fixed batch: zero_grad, forward, loss, backward with per-sample hooks, ``opt.step()``.
 
@@ -50,7 +51,7 @@ CONFIGS = "mnist128-B64,narrow-B32,narrow-B256,mnist,wide"
 CLOCK = time.perf_counter
 AGAINST_TORCH = ("fastgrad", "fastgrad, torch 1 thread", "fastgrad DP", "fastgrad DP, torch 1 thread",
                  "fastgrad, fastgrad SGD", "fastgrad, fastgrad SGD closure",
-                 "fastgrad DP, fastgrad SGD")  # fmt: skip
+                 "fastgrad DP, fastgrad SGD", "fastgrad DP, fastgrad SGD closure")  # fmt: skip
 
 
 def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
@@ -119,7 +120,7 @@ def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
         dp_opt = ft.SGD(dp, lr=0.01, momentum=0.9) if fused else sgd(dp_model)
         batches = iter(())
 
-        def dp_step(torch_threads=threads):
+        def dp_step(torch_threads=threads, closure=False):
             nonlocal batches
             torch.set_num_threads(torch_threads)
             idx = next(batches, None)
@@ -127,12 +128,15 @@ def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
                 batches = dp.batches(epochs=100)
                 idx = next(batches)
             idx = torch.from_numpy(idx)
-            dp(X_all[idx], y_all[idx])
-            dp_opt.step()
+            if closure:  # the update in the noise's pass
+                dp_opt.step(dp.closure(X_all[idx], y_all[idx]))
+            else:
+                dp(X_all[idx], y_all[idx])
+                dp_opt.step()
 
         return dp_step
 
-    dp_step, dp_fused_sgd = dp_method(False), dp_method(True)
+    dp_step, dp_fused_sgd, dp_closure_sgd = dp_method(False), dp_method(True), dp_method(True)
 
     methods = {
         "torch": torch_step,
@@ -143,6 +147,7 @@ def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
         "fastgrad, fastgrad SGD": fastgrad_fused_sgd,
         "fastgrad, fastgrad SGD closure": fastgrad_closure_sgd,
         "fastgrad DP, fastgrad SGD": lambda: dp_fused_sgd(1),  # torch only gathers the batch
+        "fastgrad DP, fastgrad SGD closure": lambda: dp_closure_sgd(1, closure=True),
     }
     if opacus_too:
         from opacus import GradSampleModule

@@ -50,6 +50,7 @@ from numba import njit, prange
 from numba.extending import register_jitable
 
 from . import _cache, _threading
+from .cpu.update import Update, no_update, update_block
 
 # ----------------------------------------------------------- Philox4x32-10
 
@@ -422,9 +423,12 @@ def _task_values(bits, xi, flag, slow, start, count, wide, k0, k1, c3):
 
 
 @njit(parallel=True, nogil=True, cache=CACHE)
-def _draw(out, total, std, denominator, k0, k1, c3, fused, wide):
+def _draw(out, total, std, denominator, k0, k1, c3, fused, wide, theta, update_t):
     # out (n,) <- ξ, or (total + std·ξ) / denominator with total (n,), each operation in out's dtype;
-    # wide: out is float64 (two words a value), else float32 (one)
+    # wide: out is float64 (two words a value), else float32 (one); theta (n,) and update_t (an update.Update
+    # as a plain tuple, an empty buf for none): with fused, each task's block of θ then updated from out's
+    update = Update(*update_t)
+    updating = fused and update.buf.shape[0] > 0
     n = out.shape[0]
     for task in prange((n + BLOCK - 1) // BLOCK):
         start = task * BLOCK
@@ -440,6 +444,8 @@ def _draw(out, total, std, denominator, k0, k1, c3, fused, wide):
             _task_values(bits.view(np.uint32), xi, flag, slow, start, count, False, k0, k1, c3)
         if fused:
             _noised_into(out, total, std, denominator, xi, start, count)
+            if updating:
+                update_block(update, out, theta, start, start + count)
 
 
 def _words(words) -> tuple[np.uint64, np.uint64, np.uint64]:
@@ -454,17 +460,40 @@ def standard_normal(n: int, dtype, words: tuple[int, int, int], out: np.ndarray 
     if out is None:
         out = np.empty(n, dt)
     _threading.check_fork_safe()
-    _draw(out, out[:0], dt.type(0), dt.type(1), *_words(words), False, dt == np.float64)
+    _draw(
+        out, out[:0], dt.type(0), dt.type(1), *_words(words), False, dt == np.float64, out[:0], no_update(dt)
+    )
     return out
 
 
 def noised_mean(
-    total: np.ndarray, noise_std: float, denominator: float, words: tuple[int, int, int], out: np.ndarray
+    total: np.ndarray,
+    noise_std: float,
+    denominator: float,
+    words: tuple[int, int, int],
+    out: np.ndarray,
+    update: tuple | None = None,
 ) -> np.ndarray:
     """(total + σC·ξ) / D into ``out`` (P,) in one compiled pass, ξ of seed words (k0, k1, c3) in
     total's dtype, never stored: the bits of ``(total + dt(σC) * ξ) / dt(D)`` with
-    ξ = :func:`standard_normal`, each operation rounded to the dtype. ``out`` may be ``total``."""
+    ξ = :func:`standard_normal`, each operation rounded to the dtype. ``out`` may be ``total``.
+
+    ``update`` = (θ, pack): θ (P,) of total's dtype, updated in place in the same pass, each block right
+    after its values of ``out`` are made, as the :class:`fastgrad.cpu.update.Update` pack (a plain tuple)
+    says: the bits of :func:`fastgrad.cpu.update.sgd_update` run after the pass (``out`` first multiplied by
+    the pack's scale, as that does)."""
     dt = total.dtype
     _threading.check_fork_safe()
-    _draw(out, total, dt.type(noise_std), dt.type(denominator), *_words(words), True, dt == np.float64)
+    theta, pack = (out[:0], no_update(dt)) if update is None else update
+    _draw(
+        out,
+        total,
+        dt.type(noise_std),
+        dt.type(denominator),
+        *_words(words),
+        True,
+        dt == np.float64,
+        theta,
+        pack,
+    )
     return out

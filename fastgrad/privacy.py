@@ -420,6 +420,7 @@ def dp_step(
     *,
     secure: bool = False,
     out: np.ndarray | None = None,
+    update: tuple | None = None,
 ):
     """DP-SGD's step (1/D) [Σ_i c_i ∇ℓ_i + σ C ξ] from the clipped sum: the one place it is formed.
 
@@ -444,6 +445,11 @@ def dp_step(
         As for :func:`standard_normal`.
     out : ndarray (P,) of the clipped sum's dtype, optional (host)
         Receives the step; may be ``clipped_sum``.
+    update : (θ, pack), optional (host)
+        An optimizer's update of the flat parameters θ (P,) (writeable, C-contiguous, the clipped sum's
+        dtype) from the step, as the :class:`fastgrad.cpu.update.Update` pack (a plain tuple) says
+        (:class:`fastgrad.torch.SGD`): made in the noise's compiled pass, each block right after its
+        values of the step, else by :func:`fastgrad.cpu.update.sgd_update` after; the same bits either way.
 
     Returns
     -------
@@ -461,6 +467,8 @@ def dp_step(
         raise ValueError(f"denominator: expected a positive finite number, got {denominator!r}")
     noise_std = noise_multiplier * max_norm
     if _on_device(clipped_sum):
+        if update is not None:
+            raise ValueError("update: an optimizer's update with dp_step is for host arrays only")
         check_clip_norms(norms.copy_to_host())  # B numbers
         from .cuda import rows
 
@@ -488,15 +496,33 @@ def dp_step(
         and out.flags.writeable
     ):
         raise ValueError(f"out: expected a writeable C-contiguous {dt} vector of shape {clipped_sum.shape}")
+    if update is not None:
+        theta = update[0]
+        if not (
+            isinstance(theta, np.ndarray)
+            and theta.shape == clipped_sum.shape
+            and theta.dtype == dt
+            and theta.flags.c_contiguous
+            and theta.flags.writeable
+        ):
+            raise ValueError(
+                f"update: θ must be a writeable C-contiguous {dt} vector of shape {clipped_sum.shape}"
+            )
     check_clip_norms(norms)
+    if noise_std > 0 and not secure:  # one compiled pass: the noise drawn, scaled, added, divided, θ updated
+        return _noise.noised_mean(clipped_sum, noise_std, denominator, _noise.seed_words(seed), out, update)
     if noise_std == 0:
-        return np.divide(clipped_sum, dt.type(denominator), out=out)
-    if secure:
+        np.divide(clipped_sum, dt.type(denominator), out=out)
+    else:
         xi = standard_normal(clipped_sum.shape[0], dt, seed, secure=True)
         np.multiply(xi, dt.type(noise_std), out=xi)
         np.add(clipped_sum, xi, out=out)
-        return np.divide(out, dt.type(denominator), out=out)
-    return _noise.noised_mean(clipped_sum, noise_std, denominator, _noise.seed_words(seed), out)
+        np.divide(out, dt.type(denominator), out=out)
+    if update is not None:
+        from .cpu.update import sgd_update
+
+        sgd_update(update[0], out, update[1])
+    return out
 
 
 __all__ = [

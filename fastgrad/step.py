@@ -33,6 +33,7 @@ from .losses import REGISTRY as LOSS_REGISTRY
 from .mlp import FLOAT_DTYPES, MLP
 from .privacy import check_seed, dp_step
 from .quantities import finish, needed, sums_to_make
+from .cpu.update import ROW
 
 HOST_BACKENDS: tuple[str, ...] = ("naive", "numpy", "numba")
 """Backends a :class:`Step` runs on (host arrays)."""
@@ -340,22 +341,23 @@ class Step:
         finally:
             self._busy.release()
 
-    def _call_updating(self, theta: np.ndarray, X, y, update: tuple) -> BackpropResult:
-        """One call, as :meth:`__call__` (``copy=False``), whose kernels also update ``theta`` in place in
-        their last pass, right after each block of the gradient is made, as the
-        :class:`fastgrad.cpu.update.Update` pack ``update`` (a plain tuple) says; its ``modes[ROW]`` is
-        set here. The numba backend without ``max_norm``, ``grad`` computed, and ``theta`` a writeable
-        C-contiguous (P,) array of the step's dtype (the update lands in it). Bad input raises before
-        anything runs, θ unchanged. For :class:`fastgrad.torch.SGD`."""
-        if self._grad_row < 0:
-            raise RuntimeError("step: an update in the kernels needs the numba backend, grad and no max_norm")
+    def _call_updating(self, theta: np.ndarray, X, y, update: tuple):
+        """One call, as :meth:`__call__` (``copy=False``), that also updates ``theta`` in place as the
+        :class:`fastgrad.cpu.update.Update` pack ``update`` (a plain tuple) says, block by block right after
+        the block of the gradient is made. Without ``max_norm``: the numba backend, in the kernels' last
+        pass (``modes[ROW]`` is set here); with it: in :func:`fastgrad.privacy.dp_step`'s pass (any host
+        backend). ``theta`` must be a writeable C-contiguous (P,) array of the step's dtype (the update
+        lands in it). Bad input raises before anything runs, θ unchanged. For :class:`fastgrad.torch.SGD`."""
+        if self.max_norm is None and self._grad_row < 0:
+            raise RuntimeError("step: an update in the kernels needs the numba backend and grad")
         if not (type(theta) is np.ndarray and theta.dtype is self.dtype and theta.shape == self._theta_shape
                 and theta.flags.c_contiguous and theta.flags.writeable):  # fmt: skip
             raise ValueError(
                 f"theta: the update needs a writeable C-contiguous ({self.net.num_params},) ndarray of "
                 f"{self.dtype}"
             )
-        update[3][self._cpu.update.ROW] = self._grad_row
+        if self.max_norm is None:
+            update[3][ROW] = self._grad_row
         self._claim()
         try:
             return self._step(theta, X, y, False, update)
@@ -367,8 +369,8 @@ class Step:
         B = inp.batch_size
         if self.max_batch_size is not None and B > self.max_batch_size:
             raise ValueError(f"X: {B} samples, more than the step's max_batch_size = {self.max_batch_size}")
-        if self.backend == "numba":
-            raw = self._run_numba(inp, update)
+        if self.backend == "numba":  # with max_norm, dp_step makes the update from the noised step
+            raw = self._run_numba(inp, update if self.max_norm is None else None)
         else:
             code = self._bad_values(inp)
             if code:
@@ -385,7 +387,7 @@ class Step:
             if copy:
                 values = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in values.items()}
             return BackpropResult(loss=float(raw["loss"]), **values)
-        return self._clipped(raw, B, copy)
+        return self._clipped(raw, B, copy, None if update is None else (inp.theta, update))
 
     def _run_numba(self, inp: Inputs, update: tuple | None = None) -> dict:
         """The prepared call: the values' check and every chunk's kernels in one compiled call (the step's
@@ -400,13 +402,14 @@ class Step:
             self._refuse(code, inp)
         return call.finish()
 
-    def _clipped(self, raw: dict, B: int, copy: bool) -> ClippedGrad:
+    def _clipped(self, raw: dict, B: int, copy: bool, update: tuple | None = None) -> ClippedGrad:
         norms = raw["norms"]
         C = self.max_norm
         noise_std = self.noise_multiplier * C
         seed = self.seed_sequence.spawn(1)[0] if noise_std > 0 else None  # call k's
         denominator = B if self.expected_batch_size is None else self.expected_batch_size
-        grad = dp_step(raw["clipped_sum"], norms, C, self.noise_multiplier, denominator, seed, out=self._grad)
+        sigma = self.noise_multiplier
+        grad = dp_step(raw["clipped_sum"], norms, C, sigma, denominator, seed, out=self._grad, update=update)
         self.calls += 1
         clipped = int(np.count_nonzero(norms > self.dtype.type(C)))
         if copy:

@@ -236,12 +236,12 @@ class GradStep:
 
         >>> loss = opt.step(step.closure(X, y))   # the same as: loss = step(X, y); opt.step()
 
-        With :class:`fastgrad.torch.SGD` over this step's model (CPU, numba backend, not DP) the
-        gradient and the update run in one compiled call: the kernels update θ and the momentum in
-        their last pass, block by block, while the gradient's block is still in the core's cache. The
-        parameters, momentum buffers, ``p.grad`` and loss are those of the two calls, bit for bit;
-        the optimizer's step hooks and learning-rate schedulers see an ordinary ``opt.step``. A
-        DP step's closure is called first and the update made after it, as two calls would.
+        With :class:`fastgrad.torch.SGD` over this step's model (CPU) the update is made in the pass
+        that makes the gradient, block by block, while the gradient's block is still in the core's
+        cache: the kernels' last pass (numba backend), or for a :class:`DPGradStep` the pass that draws
+        the noise (any host backend; a batch of at least one sample). The parameters, momentum buffers,
+        ``p.grad`` and the return value are those of the two calls, bit for bit; the optimizer's step
+        hooks and learning-rate schedulers see an ordinary ``opt.step``.
         """
         return BatchClosure(self, X, y)
 
@@ -426,11 +426,21 @@ class DPGradStep(GradStep):
             )
             return StepStats(math.nan, self._empty_norms, 0.0, 0)
         res = self._step(self._theta_np, X, y)  # res.grad is p.grad's buffer
-        inv = self._inv_scale
-        norms = res.norms
         if self.scale != 1.0:
-            np.multiply(res.grad, inv, out=res.grad)
-            norms = norms * inv
+            np.multiply(res.grad, self._inv_scale, out=res.grad)
+        return self._stats(res)
+
+    def _call_updating(self, X, y, update: tuple) -> StepStats:
+        """``self(X, y)`` on a batch of at least one sample, whose noise pass also makes the SGD ``update``
+        on θ, the gradient first multiplied by 1/s (the pack's scale; see :meth:`GradStep.closure`)."""
+        X, y = self._host("X", X), self._host("y", y)
+        self.steps += 1
+        return self._stats(self._step._call_updating(self._theta_np, X, y, update))
+
+    def _stats(self, res) -> StepStats:
+        """The step's statistics in torch's scale from the step's result (its gradient scaled already)."""
+        inv = self._inv_scale
+        norms = res.norms if self.scale == 1.0 else res.norms * inv
         return StepStats(res.loss * inv, norms, res.clip_fraction, len(norms))
 
     def epsilon(self, delta: float | None = None) -> float:
@@ -584,13 +594,19 @@ class SGD(torch.optim.SGD):
             super().step()
         return loss
 
-    def _update_in_kernels(self, closure: BatchClosure) -> float | None:
-        """``closure()`` with the update made by its kernels; ``None`` (nothing done) where that cannot
-        stand for the closure and torch's step: a DP step, a backend other than numba, or what
+    def _update_in_kernels(self, closure: BatchClosure):
+        """``closure()`` with the update made in its last pass (the kernels', or a DP step's noise pass);
+        ``None`` (nothing done) where that cannot stand for the closure and torch's step: a CUDA model, a
+        plain step on a backend other than numba, a DP step on an empty batch, or what
         :meth:`_update_pack` refuses."""
         grad_step = self._grad_step
         prepared = grad_step._step
-        if type(grad_step) is not GradStep or prepared is None or prepared.backend != "numba":
+        if prepared is None:
+            return None
+        if isinstance(grad_step, DPGradStep):
+            if len(closure.X) == 0:
+                return None
+        elif prepared.backend != "numba":
             return None
         grad_step._check_params()  # every p.grad the step's view, as the call leaves them
         made = self._update_pack(grad_step._inv_scale)

@@ -414,3 +414,56 @@ def test_cli_refuses_dp_settings_without_dp(capsys):
 
     assert cli.main(["train", "--epsilon", "1", "--no-progress"]) == 2
     assert "--dp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("how", ["seeded", "no noise", "secure"])
+def test_dp_step_with_an_update_gives_the_bits_of_the_step_then_sgd_update(dtype, how):
+    """``dp_step(..., update=(θ, pack))``: in the compiled noise pass (seeded), else after the step; the same
+    θ, momentum and step as dp_step followed by the separate pass, the step first scaled as the pack says."""
+    from fastgrad.cpu.update import FRESH, KEEP, LR, MOMENTUM, NESTEROV, SCALE, WEIGHT_DECAY, sgd_update
+
+    P, B = 9000, 6  # blocks of 4096 (the noise's) and a part block
+    rng = np.random.default_rng(3)
+    total = rng.standard_normal(P).astype(dtype)
+    norms = rng.uniform(0.5, 2.0, B).astype(dtype)
+    theta0 = rng.standard_normal(P).astype(dtype)
+    segments = np.array([[0, 5000, 1], [5000, P, 0]], np.int64)
+    coef = np.zeros(5, dtype)
+    coef[[LR, MOMENTUM, KEEP, WEIGHT_DECAY, SCALE]] = (0.1, 0.9, 1.0, 1e-3, 0.5)
+    modes = np.zeros(4, np.int64)
+    modes[NESTEROV] = 1
+    sigma, seed, secure = {
+        "seeded": (1.0, 7, False),
+        "no noise": (0.0, None, False),
+        "secure": (1.0, None, True),
+    }[how]
+    buf0 = rng.standard_normal(P).astype(dtype)
+    theta_a, buf_a, out_a = theta0.copy(), buf0.copy(), np.empty(P, dtype)
+    theta_b, buf_b, out_b = theta0.copy(), buf0.copy(), np.empty(P, dtype)
+    step_a = privacy.dp_step(total, norms, 1.0, sigma, 5.0, seed, secure=secure, out=out_a)
+    sgd_update(theta_a, step_a, (buf_a, segments, coef, modes))
+    step_b = privacy.dp_step(
+        total,
+        norms,
+        1.0,
+        sigma,
+        5.0,
+        seed,
+        secure=secure,
+        out=out_b,
+        update=(theta_b, (buf_b, segments, coef, modes)),
+    )
+    assert step_b is out_b and not np.array_equal(theta_b, theta0) and segments[0, FRESH] == 1
+    if how != "secure":  # a secure draw is not reproducible: compare the update of the step it drew
+        assert (
+            np.array_equal(out_a, out_b) and np.array_equal(theta_a, theta_b) and np.array_equal(buf_a, buf_b)
+        )
+    else:
+        theta_c, buf_c = theta0.copy(), buf0.copy()
+        sgd_update(theta_c, out_b / dtype(0.5), (buf_c, segments, coef, modes))  # out_b was scaled in place
+        assert np.allclose(theta_c, theta_b, rtol=1e-6) and np.allclose(buf_c, buf_b, rtol=1e-6)
+    with pytest.raises(ValueError, match="update: θ must be a writeable C-contiguous"):
+        privacy.dp_step(
+            total, norms, 1.0, sigma, 5.0, seed, update=(theta0[::2], (buf_b, segments, coef, modes))
+        )

@@ -193,7 +193,7 @@ def test_dp_step_with_fastgrad_sgd_matches_torch_sgd():
     ref, opt = torch.optim.SGD(ma.parameters(), lr=0.1, momentum=0.9), ft.SGD(db, lr=0.1, momentum=0.9)
     side_by_side(da, db, ref, opt, dt, range(3))
     assert same(ma, mb) and opt.fused_steps == 3
-    for k in range(3, 5):  # the closure: the DP step, then the separate pass
+    for k in range(3, 6):  # the closure: the update in the noise's pass
         X, y = batch(dt, k)
         stats_a = da(X, y)
         ref.step()
@@ -201,7 +201,37 @@ def test_dp_step_with_fastgrad_sgd_matches_torch_sgd():
         assert isinstance(stats_b, ft.StepStats) and stats_b.loss == stats_a.loss
         assert np.array_equal(stats_b.norms, stats_a.norms)
         assert same(ma, mb) and same_buffers(ref, opt, ma, mb), f"step {k}"
-    assert opt.fused_steps == 5
+    assert opt.fused_steps == 6 and da.steps == db.steps == 6
+    X, y = batch(dt, 6)
+    empty = X[:0], y[:0]  # a Poisson batch of no one: the noise alone, then the separate pass
+    da(*empty)
+    ref.step()
+    opt.step(db.closure(*empty))
+    assert same(ma, mb) and opt.fused_steps == 7
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_the_dp_closure_updates_in_the_noise_pass(loss, sigma, backend):
+    """A DPGradStep's closure with fastgrad.torch.SGD: the update in dp_step's pass (σ > 0: the compiled
+    noise pass; σ = 0: after the division), the gradient scaled by 1/s first; torch.optim.SGD's bits."""
+    dt = torch.float64 if backend == "numpy" else torch.float32
+    ma, _, mb, _, data = closure_twins(dt, loss)
+    kw = dict(
+        num_samples=280, expected_batch_size=70, max_norm=0.5, noise_multiplier=sigma, seed=4, backend=backend
+    )
+    da, db = ft.DPGradStep(ma, loss, **kw), ft.DPGradStep(mb, loss, **kw)
+    options = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    ref, opt = torch.optim.SGD(ma.parameters(), **options), ft.SGD(db, **options)
+    for k in range(3):
+        X, y = data(k)
+        stats_a = da(X, y)
+        ref.step()
+        stats_b = opt.step(db.closure(X, y))
+        assert stats_b.loss == stats_a.loss and np.array_equal(stats_b.norms, stats_a.norms)
+        assert torch.equal(da.grad, db.grad) and same(ma, mb) and same_buffers(ref, opt, ma, mb), f"step {k}"
+    assert opt.fused_steps == 3
 
 
 PLAIN_BUILD_CHECK = """
