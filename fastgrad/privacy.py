@@ -410,6 +410,17 @@ def _on_device(a) -> bool:
     return hasattr(a, "copy_to_host")  # a Numba CUDA device array
 
 
+def _writeable_like(a, like: np.ndarray) -> bool:
+    """Whether ``a`` is a writeable C-contiguous ndarray of ``like``'s shape and dtype."""
+    return (
+        isinstance(a, np.ndarray)
+        and a.shape == like.shape
+        and a.dtype == like.dtype
+        and a.flags.c_contiguous
+        and a.flags.writeable
+    )
+
+
 def dp_step(
     clipped_sum,
     norms,
@@ -488,26 +499,10 @@ def dp_step(
     dt = clipped_sum.dtype
     if out is None:
         out = np.empty_like(clipped_sum)
-    elif not (
-        isinstance(out, np.ndarray)
-        and out.shape == clipped_sum.shape
-        and out.dtype == dt
-        and out.flags.c_contiguous
-        and out.flags.writeable
-    ):
+    elif not _writeable_like(out, clipped_sum):
         raise ValueError(f"out: expected a writeable C-contiguous {dt} vector of shape {clipped_sum.shape}")
-    if update is not None:
-        theta = update[0]
-        if not (
-            isinstance(theta, np.ndarray)
-            and theta.shape == clipped_sum.shape
-            and theta.dtype == dt
-            and theta.flags.c_contiguous
-            and theta.flags.writeable
-        ):
-            raise ValueError(
-                f"update: θ must be a writeable C-contiguous {dt} vector of shape {clipped_sum.shape}"
-            )
+    if update is not None and not _writeable_like(update[0], clipped_sum):
+        raise ValueError(f"update: θ must be a writeable C-contiguous {dt} vector of {clipped_sum.shape}")
     check_clip_norms(norms)
     if noise_std > 0 and not secure:  # one compiled pass: the noise drawn, scaled, added, divided, θ updated
         return _noise.noised_mean(clipped_sum, noise_std, denominator, _noise.seed_words(seed), out, update)
