@@ -50,7 +50,7 @@ from numba import njit, prange
 from numba.extending import register_jitable
 
 from . import _cache, _threading
-from .cpu.update import Update, no_update, update_block
+from .update import Update, no_update, update_block
 
 # ----------------------------------------------------------- Philox4x32-10
 
@@ -479,8 +479,8 @@ def noised_mean(
     ξ = :func:`standard_normal`, each operation rounded to the dtype. ``out`` may be ``total``.
 
     ``update`` = (θ, pack): θ (P,) of total's dtype, updated in place in the same pass, each block right
-    after its values of ``out`` are made, as the :class:`fastgrad.cpu.update.Update` pack (a plain tuple)
-    says: the bits of :func:`fastgrad.cpu.update.sgd_update` run after the pass (``out`` first multiplied by
+    after its values of ``out`` are made, as the :class:`fastgrad.update.Update` pack (a plain tuple)
+    says: the bits of :func:`fastgrad.update.sgd_update` run after the pass (``out`` first multiplied by
     the pack's scale, as that does)."""
     dt = total.dtype
     _threading.check_fork_safe()

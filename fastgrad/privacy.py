@@ -33,6 +33,7 @@ import numpy as np
 
 from . import noise as _noise
 from .extras import MissingExtraError, require
+from .update import sgd_update
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
 """Accountants of :func:`epsilon`: Rényi DP (fast, a slightly loose upper bound) and the
@@ -458,9 +459,9 @@ def dp_step(
         Receives the step; may be ``clipped_sum``.
     update : (θ, pack), optional (host)
         An optimizer's update of the flat parameters θ (P,) (writeable, C-contiguous, the clipped sum's
-        dtype) from the step, as the :class:`fastgrad.cpu.update.Update` pack (a plain tuple) says
+        dtype) from the step, as the :class:`fastgrad.update.Update` pack (a plain tuple) says
         (:class:`fastgrad.torch.SGD`): made in the noise's compiled pass, each block right after its
-        values of the step, else by :func:`fastgrad.cpu.update.sgd_update` after; the same bits either way.
+        values of the step, else by :func:`fastgrad.update.sgd_update` after; the same bits either way.
 
     Returns
     -------
@@ -514,8 +515,6 @@ def dp_step(
         np.add(clipped_sum, xi, out=out)
         np.divide(out, dt.type(denominator), out=out)
     if update is not None:
-        from .cpu.update import sgd_update
-
         sgd_update(update[0], out, update[1])
     return out
 

@@ -33,7 +33,7 @@ from .losses import REGISTRY as LOSS_REGISTRY
 from .mlp import FLOAT_DTYPES, MLP
 from .privacy import check_seed, dp_step
 from .quantities import finish, needed, sums_to_make
-from .cpu.update import ROW
+from .update import ROW
 
 HOST_BACKENDS: tuple[str, ...] = ("naive", "numpy", "numba")
 """Backends a :class:`Step` runs on (host arrays)."""
@@ -343,7 +343,7 @@ class Step:
 
     def _call_updating(self, theta: np.ndarray, X, y, update: tuple):
         """One call, as :meth:`__call__` (``copy=False``), that also updates ``theta`` in place as the
-        :class:`fastgrad.cpu.update.Update` pack ``update`` (a plain tuple) says, block by block right after
+        :class:`fastgrad.update.Update` pack ``update`` (a plain tuple) says, block by block right after
         the block of the gradient is made. Without ``max_norm``: the numba backend, in the kernels' last
         pass (``modes[ROW]`` is set here); with it: in :func:`fastgrad.privacy.dp_step`'s pass (any host
         backend). ``theta`` must be a writeable C-contiguous (P,) array of the step's dtype (the update

@@ -506,7 +506,7 @@ class SGD(torch.optim.SGD):
     ``state_dict`` / ``load_state_dict`` (in either direction with ``torch.optim.SGD``), hooks and
     ``zero_grad`` work as they do there. Its :meth:`step` runs the update of every parameter in
     one pass over θ, the gradient and one flat momentum buffer, on Numba's threads
-    (:func:`fastgrad.cpu.update.sgd_update`), in place of torch's per-tensor passes on torch's
+    (:func:`fastgrad.update.sgd_update`), in place of torch's per-tensor passes on torch's
     threads; the momentum buffers in :attr:`state` are views of the flat one. Its multiply-adds are
     rounded once or twice as torch's are in this process (fused in torch's vectorised CPU builds,
     not in its plain one: asked once per dtype).
@@ -549,7 +549,7 @@ class SGD(torch.optim.SGD):
         if step._cuda:
             return
         try:
-            from .cpu import update
+            from . import update
         except ImportError:
             return
         self._update = update
@@ -630,7 +630,7 @@ class SGD(torch.optim.SGD):
         return True
 
     def _update_pack(self, scale: float) -> tuple[tuple, tuple[list, list]] | None:
-        """The :class:`fastgrad.cpu.update.Update` pack (a plain tuple) of torch's step for the parameters
+        """The :class:`fastgrad.update.Update` pack (a plain tuple) of torch's step for the parameters
         with a gradient now, the gradient first multiplied by ``scale``, and their indices in ``_params``;
         ``None`` when the compiled update cannot stand for torch's: no Numba or a CUDA model, parameter
         groups other than the one it was made with, a parameter no longer in the step's θ, or a ``p.grad``

@@ -421,7 +421,7 @@ def test_cli_refuses_dp_settings_without_dp(capsys):
 def test_dp_step_with_an_update_gives_the_bits_of_the_step_then_sgd_update(dtype, how):
     """``dp_step(..., update=(θ, pack))``: in the compiled noise pass (seeded), else after the step; the same
     θ, momentum and step as dp_step followed by the separate pass, the step first scaled as the pack says."""
-    from fastgrad.cpu.update import FRESH, KEEP, LR, MOMENTUM, NESTEROV, SCALE, WEIGHT_DECAY, sgd_update
+    from fastgrad.update import FRESH, KEEP, LR, MOMENTUM, NESTEROV, SCALE, WEIGHT_DECAY, sgd_update
 
     P, B = 9000, 6  # blocks of 4096 (the noise's) and a part block
     rng = np.random.default_rng(3)

@@ -30,7 +30,7 @@ from .kernels import (
     batch_backprop,
     fused_backprop,
 )
-from .update import Update, no_update
+from ..update import Update, no_update
 from .workspace import Results, Workspace, _chunking, _thread_workspace, scratch_per_row
 
 
@@ -226,7 +226,7 @@ class PreparedCall:
 
         ``check`` = (True, lo, hi) (a :class:`~fastgrad.cpu.kernels.Check`'s fields) first checks the arrays
         in the same compiled call (:func:`check_values`, targets in [lo, hi]) and returns its nonzero code
-        without running anything; else 0. ``update``: an :class:`~fastgrad.cpu.update.Update` pack (a plain
+        without running anything; else 0. ``update``: an :class:`~fastgrad.update.Update` pack (a plain
         tuple) made in the kernels' last pass, which leaves θ updated from the sums' row ``modes[ROW]``."""
         # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
         before = _set_chunksize(1)

@@ -21,7 +21,7 @@ from ..activations import TANH, activate, activate_grad
 from ..losses import CROSS_ENTROPY, output_delta_row
 from ..quantities import DELTA, DELTA_SQUARED, INPUT, clip_factor, layer_norm_sq, variance_from_moments
 from .config import CACHE
-from .update import ROW, Update, update_block
+from ..update import ROW, Update, update_block
 
 
 def _lambert_tanh_coefficients(levels: int = 13) -> tuple[tuple[float, ...], tuple[float, ...]]:

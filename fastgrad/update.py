@@ -25,8 +25,7 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, register_jitable
 
-from .. import _threading
-from .config import CACHE
+from . import _cache, _threading
 
 __all__ = [
     "UPDATE_BLOCK",
@@ -38,6 +37,8 @@ __all__ = [
     "sgd_update",
     "update_block",
 ]
+
+CACHE = _cache.configure()
 
 UPDATE_BLOCK = 16384
 """Elements per parallel task of :func:`_sgd_pass`. The update is element-wise, so any split gives the
