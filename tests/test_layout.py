@@ -60,3 +60,20 @@ def test_the_tools_use_only_public_names_of_the_core(path):
         private = [n for n in names if n.startswith("_") and n != "__version__"]
         assert not private, f"{path.name} imports {private} from {module}"
         assert not any(part.startswith("_") for part in module.split(".")), f"{path.name} imports {module}"
+
+
+def test_import_fastgrad_loads_no_backend():
+    """docs/architecture.md: ``import fastgrad`` loads the core only; the backends' modules (``fastgrad.cpu``,
+    whose import also chooses Numba's threading layer, and ``fastgrad.cuda``) load on their first call."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastgrad\n"
+        "backends = (['fastgrad', 'cpu'], ['fastgrad', 'cuda'])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[:2] in backends)\n"
+        "print(loaded)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
