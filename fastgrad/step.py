@@ -253,13 +253,21 @@ class Step:
 
     # ------------------------------------------------------------ per call
 
+    def _ready_theta(self, theta) -> bool:
+        """Whether ``theta`` is a C-contiguous (P,) ndarray of the step's dtype: used as it is, not copied."""
+        return (
+            type(theta) is np.ndarray
+            and theta.dtype is self.dtype
+            and theta.shape == self._theta_shape
+            and theta.flags.c_contiguous
+        )
+
     def _inputs(self, theta, X, y) -> Inputs:
         """The call's arrays, checked as :func:`fastgrad.api.check_inputs` would (values aside), fast when
         they are C-contiguous ndarrays of the step's dtype already (then nothing is copied); any other
         array goes through the full checks, which raise or convert it."""
         net, dt, nd = self.net, self.dtype, np.ndarray
-        if not (type(theta) is nd and theta.dtype is dt and theta.shape == self._theta_shape
-                and theta.flags.c_contiguous):  # fmt: skip
+        if not self._ready_theta(theta):
             theta = check_theta(net, theta)  # raises, or a contiguous native copy
             if theta.dtype != dt:
                 raise TypeError(f"theta: expected dtype {dt} (the step's dtype), got {theta.dtype}")
@@ -350,8 +358,7 @@ class Step:
         lands in it). Bad input raises before anything runs, θ unchanged. For :class:`fastgrad.torch.SGD`."""
         if self.max_norm is None and self._grad_row < 0:
             raise RuntimeError("step: an update in the kernels needs the numba backend and grad")
-        if not (type(theta) is np.ndarray and theta.dtype is self.dtype and theta.shape == self._theta_shape
-                and theta.flags.c_contiguous and theta.flags.writeable):  # fmt: skip
+        if not (self._ready_theta(theta) and theta.flags.writeable):
             raise ValueError(
                 f"theta: the update needs a writeable C-contiguous ({self.net.num_params},) ndarray of "
                 f"{self.dtype}"

@@ -467,16 +467,13 @@ def _torch_fuses_alpha_add(dtype: np.dtype) -> bool:
     return not np.array_equal(got, alpha * x + y)
 
 
-# where this torch keeps the global step hooks and says whether its profiler runs (None: not found, so
-# every step goes through torch's wrapper)
-_GLOBAL_STEP_HOOKS = tuple(
-    getattr(_torch_optimizer, name, None)
+# where this torch keeps the global step hooks and says whether its profiler runs (not found: True and
+# None, so that every step goes through torch's wrapper)
+_GLOBAL_PRE_HOOKS, _GLOBAL_POST_HOOKS = (
+    getattr(_torch_optimizer, name, True)
     for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
 )
 _PROFILER_ENABLED = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
-
-
-_GLOBAL_PRE_HOOKS, _GLOBAL_POST_HOOKS = (True if hooks is None else hooks for hooks in _GLOBAL_STEP_HOOKS)
 
 
 def _step_hooks_or_profiler(opt) -> bool:
@@ -544,7 +541,6 @@ class SGD(torch.optim.SGD):
         ]
         # each parameter's [start, stop) in θ and whether it has no momentum buffer yet (Update's segments)
         self._segments = np.array([(a, b, 0) for a, b in spans], np.int64).reshape(-1, 3)
-        self._fresh = [False] * len(spans)  # their FRESH column, as Python bools
         self._update = None  # the compiled pass; None: torch's update (a CUDA model, or no Numba)
         if step._cuda:
             return
@@ -656,9 +652,7 @@ class SGD(torch.optim.SGD):
                 param_state = state[p]
                 mb = param_state.get("momentum_buffer")
                 view = self._buf_views[i]
-                fresh = mb is None
-                if fresh != self._fresh[i]:  # segments' FRESH column, set only when it changes
-                    self._fresh[i] = segments[i, u.FRESH] = fresh
+                segments[i, u.FRESH] = mb is None
                 if mb is not view:  # new, or from load_state_dict (copied in): the view after the update
                     if mb is not None:
                         with torch.no_grad():

@@ -18,6 +18,7 @@ gradient is made, so that θ, the gradient and the momentum are updated while in
 
 from __future__ import annotations
 
+import functools
 from collections import namedtuple
 
 import numpy as np
@@ -62,8 +63,10 @@ START, STOP, FRESH = range(3)
 """Columns of :class:`Update`'s ``segments``."""
 
 
+@functools.cache
 def no_update(dtype) -> tuple:
-    """The :class:`Update` pack (as a plain tuple) that updates nothing, for θ's ``dtype``."""
+    """The :class:`Update` pack (as a plain tuple) that updates nothing, for θ's ``dtype``: one per dtype,
+    shared by every caller (nothing writes it: a pack with an empty ``buf`` is never read past that)."""
     dt = np.dtype(dtype)
     return (np.empty(0, dt), np.empty((0, 3), np.int64), np.ones(5, dt), np.zeros(4, np.int64))
 
