@@ -51,8 +51,8 @@ def run_torch_way(net, train, test, epsilon: float, epochs: int, seed: int) -> t
                        max_norm=C, target_epsilon=epsilon, delta=DELTA, epochs=epochs, seed=seed)  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for _ in range(epochs):
-        for idx in dp.batches():
-            dp(X[idx], y[idx])
+        for Xb, yb in dp.loader(X, y):  # Poisson batches, gathered
+            dp(Xb, yb)
             opt.step()
     with torch.no_grad():
         pred = model(torch.from_numpy(test.X.astype(np.float32))).argmax(dim=1).numpy()

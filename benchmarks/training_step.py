@@ -12,9 +12,9 @@ and Numba both on 2 threads), the same model and batch, each method a real train
   its own thread count), the rule of docs/training.md for loops where torch runs only the
   optimizer;
 - **fastgrad DP**: a Poisson batch drawn from a dataset of 10·B samples (q = 0.1, so the expected
-  batch is B), gathered (``X[idx]``), ``DPGradStep`` (norms, clipping, noise σ = 1, ÷ E) and
-  ``opt.step()``: everything DP-SGD needs, against torch's *non-private* step (also with torch
-  on one thread);
+  batch is B), gathered (``DPGradStep.loader``: ``torch.index_select``), ``DPGradStep`` (norms,
+  clipping, noise σ = 1, ÷ E) and ``opt.step()``: everything DP-SGD needs, against torch's
+  *non-private* step (also with torch on one thread);
 - **fastgrad SGD**: the same two fastgrad steps (plain and DP) with ``fastgrad.torch.SGD`` (the same
   update, bit for bit, as one compiled pass over the flat θ on Numba's threads) in place of
   ``torch.optim.SGD``, torch on one thread (it only gathers the DP batch); and the plain step as
@@ -123,15 +123,14 @@ def methods_for(name: str, opacus_too: bool, threads: int) -> dict:
         def dp_step(torch_threads=threads, closure=False):
             nonlocal batches
             torch.set_num_threads(torch_threads)
-            idx = next(batches, None)
-            if idx is None:
-                batches = dp.batches(epochs=100)
-                idx = next(batches)
-            idx = torch.from_numpy(idx)
+            batch = next(batches, None)
+            if batch is None:
+                batches = dp.loader(X_all, y_all, epochs=100)  # Poisson batches, gathered
+                batch = next(batches)
             if closure:  # the update in the noise's pass
-                dp_opt.step(dp.closure(X_all[idx], y_all[idx]))
+                dp_opt.step(dp.closure(*batch))
             else:
-                dp(X_all[idx], y_all[idx])
+                dp(*batch)
                 dp_opt.step()
 
         return dp_step

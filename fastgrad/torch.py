@@ -279,8 +279,8 @@ class DPGradStep(GradStep):
     ...                                target_epsilon=3.0, delta=1e-5, epochs=20, seed=0)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.5)
     >>> for epoch in range(20):
-    ...     for idx in dp.batches():            # Poisson: each sample with probability q
-    ...         stats = dp(X[idx], y[idx])
+    ...     for Xb, yb in dp.loader(X, y):      # Poisson: each sample with probability q
+    ...         stats = dp(Xb, yb)
     ...         opt.step()
     ...     print(dp.epsilon())
 
@@ -398,6 +398,47 @@ class DPGradStep(GradStep):
             epochs * self.steps_per_epoch,
             seed=self._sampling_seed.spawn(1)[0],
         )
+
+    def loader(self, X, y, epochs: int = 1):
+        """Poisson batches of the data for ``epochs`` epochs: an iterator of ``(X[idx], y[idx])`` for the
+        index arrays ``idx`` that :meth:`batches` would give (the same draws: each call continues with new
+        batches), each gathered in one call: ``torch.index_select`` for tensors, ``ndarray.take`` for
+        arrays (torch's ``X[idx]`` with an index array takes about 3× as long, docs/benchmarks.md).
+
+        >>> for Xb, yb in dp.loader(X, y, epochs=20):
+        ...     opt.step(dp.closure(Xb, yb))
+
+        Parameters
+        ----------
+        X, y : torch.Tensor or ndarray
+            The whole dataset: ``num_samples`` rows each (samples along the first axis).
+
+        Returns
+        -------
+        iterator of (X_batch, y_batch)
+            Of X's and y's types; the arguments are checked at the call.
+        """
+        data = []
+        for name, a in (("X", X), ("y", y)):
+            if not isinstance(a, (torch.Tensor, np.ndarray)):
+                raise TypeError(f"{name}: expected a torch.Tensor or an ndarray, got {type(a).__name__}")
+            if a.ndim == 0 or a.shape[0] != self.num_samples:
+                raise ValueError(
+                    f"{name}: expected {self.num_samples} samples (num_samples) along the first axis, "
+                    f"got shape {tuple(a.shape)}"
+                )
+            data.append(a)
+        return self._gathered(data, self.batches(epochs))
+
+    @staticmethod
+    def _gathered(data: list, batches):
+        for idx in batches:
+            yield tuple(
+                torch.index_select(a, 0, torch.from_numpy(idx).to(a.device))
+                if isinstance(a, torch.Tensor)
+                else a.take(idx, axis=0)
+                for a in data
+            )
 
     def __call__(self, X, y) -> StepStats:
         """One DP-SGD step on the batch (X, y): every ``p.grad``; returns the step's statistics.

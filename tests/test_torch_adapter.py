@@ -342,6 +342,33 @@ def test_dp_batches_accounting_and_the_empty_batch():
     assert calibrated.epsilon() == fastgrad.privacy.epsilon(calibrated.noise_multiplier, 0.1, 30, 1e-3)
 
 
+@pytest.mark.parametrize("kind", ["tensor", "ndarray"])
+def test_dp_loader_gathers_the_batches_draws(kind):
+    model, X, y = model_and_batch(B=60, loss="mse", dtype=np.float64)  # y (60, 4): rows are gathered
+    if kind == "ndarray":
+        X, y = X.numpy(), y.numpy()
+    kw = dict(num_samples=60, expected_batch_size=6, max_norm=1.0, noise_multiplier=0.5, seed=9)
+    dp = ft.DPGradStep(model, "mse", **kw)
+    twin = ft.DPGradStep(clone(model), "mse", **kw)
+    pairs = list(dp.loader(X, y, epochs=2))
+    batches = list(twin.batches(epochs=2))
+    assert len(pairs) == len(batches) == 20
+    assert len({len(b) for b in batches}) > 1  # Poisson: sizes vary
+    for (Xb, yb), idx in zip(pairs, batches):
+        assert type(Xb) is type(X) and type(yb) is type(y)
+        np.testing.assert_array_equal(np.asarray(Xb), np.asarray(X)[idx])
+        np.testing.assert_array_equal(np.asarray(yb), np.asarray(y)[idx])
+    assert [b.tolist() for b in twin.batches()] != [b.tolist() for b in batches[:10]]  # then new draws
+    for Xb, yb in pairs[:3]:  # the batches step as X[idx], y[idx] do
+        dp(Xb, yb)
+    with pytest.raises(ValueError, match=r"X: expected 60 samples \(num_samples\)"):
+        dp.loader(X[:59], y)
+    with pytest.raises(ValueError, match=r"y: expected 60 samples"):
+        dp.loader(X, y[:10])
+    with pytest.raises(TypeError, match="y: expected a torch.Tensor or an ndarray, got list"):
+        dp.loader(X, [0] * 60)
+
+
 def _cuda_runs() -> bool:
     if not torch.cuda.is_available():
         return False
