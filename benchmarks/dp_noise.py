@@ -5,9 +5,11 @@
 Taking turns call by call (medians over ``--reps``), on P parameters of ``--sizes``, float32:
 
 - **kernel**: a prepared clipped step, ``fastgrad.Step(net, max_norm=1)`` without noise (the whole
-  call: its host overhead is small, ``benchmarks/step_overhead.py``);
-- **DP step, σ = 1**: the same step with ``noise_multiplier=1``: the kernel plus
-  :func:`fastgrad.privacy.dp_step`'s fused pass (noise drawn, scaled, added, divided);
+  call: its host overhead is small, ``benchmarks/step_overhead.py``; the kernels' last pass divides
+  the clipped sum);
+- **DP step, σ = 1**: the same step with ``noise_multiplier=1``: the kernels' last pass also draws
+  the noise, scales and adds it, block by block (:func:`fastgrad.noise.noised_block`), so the
+  difference from the kernel is what the noise costs inside a step;
 - **draw ξ**: ``fastgrad.noise.standard_normal`` into a buffer (Philox4x32-10 + ziggurat), on all
   threads and on one;
 - **fused pass**: ``privacy.dp_step`` on a clipped sum into a buffer (what the step adds), and the
@@ -66,7 +68,7 @@ def main(argv=None) -> None:
 
     work = {
         "kernel (clipped step, no noise)": lambda: step(theta, X, y),
-        "DP step, σ = 1 (kernel + fused noise pass)": lambda: dp(theta, X, y),
+        "DP step, σ = 1 (noise in the kernels' last pass)": lambda: dp(theta, X, y),
         f"draw ξ, {threads} threads": lambda: noise.standard_normal(P, np.float32, words, out=out),
         "draw ξ, 1 thread": one_thread,
         "fused dp_step pass (draw, scale, add, divide)": lambda: privacy.dp_step(

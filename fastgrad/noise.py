@@ -422,6 +422,29 @@ def _task_values(bits, xi, flag, slow, start, count, wide, k0, k1, c3):
     _finish_slow(xi, bits, slow, _flagged(flag, slow, count), start, wide, k0, k1, c3)
 
 
+@register_jitable
+def _block_values(xi, start, count, wide, k0, k1, c3):
+    # xi[:count] <- values start ... start + count − 1 (count ≤ BLOCK, start a multiple of 4), in xi's dtype
+    bits = np.empty(BLOCK, np.uint64)
+    flag = np.empty(BLOCK, np.uint8)
+    slow = np.empty(BLOCK, np.int32)
+    if wide:  # two words a value
+        _task_values(bits, xi, flag, slow, start, count, True, k0, k1, c3)
+    else:  # one word a value, in the first half of the same buffer
+        _task_values(bits.view(np.uint32), xi, flag, slow, start, count, False, k0, k1, c3)
+
+
+@register_jitable
+def noised_block(out, total, std, denominator, k0, k1, c3, wide, start, count):
+    """out[start : start + count] <- (total[...] + std·ξ[...]) / denominator, each operation in out's dtype,
+    ξ the values start ... start + count − 1 of seed words (k0, k1, c3) (count ≤ :data:`BLOCK`, start a
+    multiple of 4; wide: float64). The one compiled form of DP-SGD's noised step: :func:`noised_mean`'s
+    tasks and the numba backend's kernels (:func:`fastgrad.cpu.kernels.noise_block`) call it."""
+    xi = np.empty(BLOCK, out.dtype)  # the noise, never stored: ``out`` may be ``total``
+    _block_values(xi, start, count, wide, k0, k1, c3)
+    _noised_into(out, total, std, denominator, xi, start, count)
+
+
 @njit(parallel=True, nogil=True, cache=CACHE)
 def _draw(out, total, std, denominator, k0, k1, c3, fused, wide, theta, update_t):
     # out (n,) <- ξ, or (total + std·ξ) / denominator with total (n,), each operation in out's dtype;
@@ -433,19 +456,12 @@ def _draw(out, total, std, denominator, k0, k1, c3, fused, wide, theta, update_t
     for task in prange((n + BLOCK - 1) // BLOCK):
         start = task * BLOCK
         count = min(BLOCK, n - start)
-        # a task's values: straight into out, or a buffer when they are noise for a fused step
-        xi = np.empty(BLOCK, out.dtype) if fused else out[start : start + count]
-        bits = np.empty(BLOCK, np.uint64)
-        flag = np.empty(BLOCK, np.uint8)
-        slow = np.empty(BLOCK, np.int32)
-        if wide:  # two words a value
-            _task_values(bits, xi, flag, slow, start, count, True, k0, k1, c3)
-        else:  # one word a value, in the first half of the same buffer
-            _task_values(bits.view(np.uint32), xi, flag, slow, start, count, False, k0, k1, c3)
         if fused:
-            _noised_into(out, total, std, denominator, xi, start, count)
+            noised_block(out, total, std, denominator, k0, k1, c3, wide, start, count)
             if updating:
                 update_block(update, out, theta, start, start + count)
+        else:  # straight into out
+            _block_values(out[start : start + count], start, count, wide, k0, k1, c3)
 
 
 def _words(words) -> tuple[np.uint64, np.uint64, np.uint64]:

@@ -5,7 +5,9 @@ quantities and clipping options, the backend, the numba backend's chunking, plan
 workspace and result arrays (per batch size, over buffers sized for the largest batch seen or
 ``max_batch_size``), and the DP noise's seed sequence. A call checks only what a new array can get
 wrong (type, dtype, shape, C-contiguity, finiteness, label range or target domain) and runs the
-same code as :func:`fastgrad.backprop` / :func:`fastgrad.clipped_grad`, so the bits are theirs.
+same code as :func:`fastgrad.backprop` / :func:`fastgrad.clipped_grad`, so the bits are theirs (on the
+numba backend a DP step's noised step is made in the kernels' last pass, by the same compiled expression
+that :func:`fastgrad.privacy.dp_step` uses).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from ._validation import (
 from .api import BackpropResult, ClippedGrad, _backend, resolve_backend
 from .losses import REGISTRY as LOSS_REGISTRY
 from .mlp import FLOAT_DTYPES, MLP
-from .privacy import check_seed, dp_step
+from .noise import seed_words
+from .privacy import check_clip_norms, check_seed, dp_step
 from .quantities import finish, needed, sums_to_make
 from .update import ROW
 
@@ -146,7 +149,9 @@ class Step:
             )
         check_seed(seed)
         self.seed_sequence = _seed_sequence(seed)
-        """The noise's seed sequence; call k's noise has seed ``seed_sequence``'s child k."""
+        """The noise's seed sequence; call k's noise has seed its child n + k (n: its children spawned
+        before the step was made)."""
+        self._first_child = self.seed_sequence.n_children_spawned
         self.expected_batch_size = (
             None
             if expected_batch_size is None
@@ -189,14 +194,17 @@ class Step:
         self._check = (True, *self._domain)  # the numba call's check: on, the targets' domain
         self._results = None
         self._grad_row = -1  # the gradient's row among the kernels' sums (numba, without clipping)
+        self._clip_row = -1  # the clipped sum's row among them (numba, with clipping)
         if self.backend == "numba":
             from . import cpu
 
             self._cpu = cpu
             self._ws = cpu.Workspace()
             self._grow(max_batch_size or 1)
-            if not clip and "grad" in want:
-                made = [q.name for q in sums_to_make(self.need, False)]
+            made = [q.name for q in sums_to_make(self.need, clip)]
+            if clip:
+                self._clip_row = made.index("clipped_sum")
+            elif "grad" in want:
                 self._grad_row = made.index("grad")
                 self._grad = self._results.sums[self._grad_row]
 
@@ -352,10 +360,12 @@ class Step:
     def _call_updating(self, theta: np.ndarray, X, y, update: tuple):
         """One call, as :meth:`__call__` (``copy=False``), that also updates ``theta`` in place as the
         :class:`fastgrad.update.Update` pack ``update`` (a plain tuple) says, block by block right after
-        the block of the gradient is made. Without ``max_norm``: the numba backend, in the kernels' last
-        pass (``modes[ROW]`` is set here); with it: in :func:`fastgrad.privacy.dp_step`'s pass (any host
-        backend). ``theta`` must be a writeable C-contiguous (P,) array of the step's dtype (the update
-        lands in it). Bad input raises before anything runs, θ unchanged. For :class:`fastgrad.torch.SGD`."""
+        the block of the gradient is made: on the numba backend in the kernels' last pass (without
+        ``max_norm``, ``modes[ROW]`` is set here; with it, from the noised step made in the same pass); with
+        ``max_norm`` on the other host backends in :func:`fastgrad.privacy.dp_step`'s pass. ``theta`` must be
+        a writeable C-contiguous (P,) array of the step's dtype (the update lands in it). Bad input raises
+        before anything runs, and a NaN or Inf norm before anything is updated: θ unchanged. For
+        :class:`fastgrad.torch.SGD`."""
         if self.max_norm is None and self._grad_row < 0:
             raise RuntimeError("step: an update in the kernels needs the numba backend and grad")
         if not (self._ready_theta(theta) and theta.flags.writeable):
@@ -376,8 +386,8 @@ class Step:
         B = inp.batch_size
         if self.max_batch_size is not None and B > self.max_batch_size:
             raise ValueError(f"X: {B} samples, more than the step's max_batch_size = {self.max_batch_size}")
-        if self.backend == "numba":  # with max_norm, dp_step makes the update from the noised step
-            raw = self._run_numba(inp, update if self.max_norm is None else None)
+        if self.backend == "numba":  # with max_norm the kernels make the noised step, and the update from it
+            raw = self._run_numba(inp, update)
         else:
             code = self._bad_values(inp)
             if code:
@@ -398,25 +408,48 @@ class Step:
 
     def _run_numba(self, inp: Inputs, update: tuple | None = None) -> dict:
         """The prepared call: the values' check and every chunk's kernels in one compiled call (the step's
-        lock, held by the caller, stands for the workspace's claim), with θ's ``update`` when given."""
+        lock, held by the caller, stands for the workspace's claim), with θ's ``update`` when given, and with
+        ``max_norm`` the noised step into the step's gradient buffer (the update made from it)."""
         cpu = self._cpu
         cpu._threading.check_fork_safe()
-        call = self._prepared_call(inp.batch_size)
+        B = inp.batch_size
+        call = self._prepared_call(B)
+        noise = None
+        if self.max_norm is not None:  # a kernels.Noise pack: the noised step of this call's seed
+            dt, std = self.dtype, self.noise_multiplier * self.max_norm
+            k0, k1, c3 = seed_words(self._call_seed()) if std > 0 else (0, 0, 0)
+            D = B if self.expected_batch_size is None else self.expected_batch_size
+            u64 = np.uint64
+            noise = (self._grad, self._clip_row, dt.type(std), dt.type(D), u64(k0), u64(k1), u64(c3),
+                     dt == np.float64, call.norms)  # fmt: skip
         w = cpu._writeable  # a read-only array would be another type to Numba: another compile
         with cpu.kernel_blas:
-            code = call.launch(w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets), self._check, update)
+            arrays = w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets)
+            code = call.launch(*arrays, self._check, update, noise)
+        if code == cpu.NORMS_NOT_FINITE:
+            check_clip_norms(call.norms)  # raises, naming the sample
         if code:
             self._refuse(code, inp)
         return call.finish()
+
+    def _call_seed(self) -> np.random.SeedSequence:
+        """Call k's seed: child n + k of :attr:`seed_sequence` (what its ``spawn`` would give next, had it
+        spawned one per call), made without spawning, so a refused call draws no seed."""
+        ss = self.seed_sequence
+        key = (*ss.spawn_key, self._first_child + self.calls)
+        return np.random.SeedSequence(ss.entropy, spawn_key=key, pool_size=ss.pool_size)
 
     def _clipped(self, raw: dict, B: int, copy: bool, update: tuple | None = None) -> ClippedGrad:
         norms = raw["norms"]
         C = self.max_norm
         noise_std = self.noise_multiplier * C
-        seed = self.seed_sequence.spawn(1)[0] if noise_std > 0 else None  # call k's
         denominator = B if self.expected_batch_size is None else self.expected_batch_size
-        sigma = self.noise_multiplier
-        grad = dp_step(raw["clipped_sum"], norms, C, sigma, denominator, seed, out=self._grad, update=update)
+        if self.backend == "numba":  # made in the kernels' last pass, the update too
+            grad = self._grad
+        else:
+            seed = self._call_seed() if noise_std > 0 else None
+            total, sigma = raw["clipped_sum"], self.noise_multiplier
+            grad = dp_step(total, norms, C, sigma, denominator, seed, out=self._grad, update=update)
         self.calls += 1
         clipped = int(np.count_nonzero(norms > self.dtype.type(C)))
         if copy:

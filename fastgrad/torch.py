@@ -238,8 +238,9 @@ class GradStep:
 
         With :class:`fastgrad.torch.SGD` over this step's model (CPU) the update is made in the pass
         that makes the gradient, block by block, while the gradient's block is still in the core's
-        cache: the kernels' last pass (numba backend), or for a :class:`DPGradStep` the pass that draws
-        the noise (any host backend; a batch of at least one sample). The parameters, momentum buffers,
+        cache: the kernels' last pass (numba backend; a :class:`DPGradStep`'s noised step is made there
+        too), or for a :class:`DPGradStep` on the numpy backend the pass that draws the noise (a batch of
+        at least one sample). The parameters, momentum buffers,
         ``p.grad`` and the return value are those of the two calls, bit for bit; the optimizer's step
         hooks and learning-rate schedulers see an ordinary ``opt.step``.
         """

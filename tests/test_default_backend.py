@@ -75,26 +75,31 @@ def test_gpu_arrays_send_auto_to_cuda():
     assert api._auto("numpy", FakeGPUArray()) == "numpy"
 
 
-def _event(dtype):
+def _event(dtype, dp=False):
+    import numba
+
     theta_type = types.SimpleNamespace(dtype=dtype)
     net_type = types.SimpleNamespace(types=(None, theta_type, None))
+    noise_type = numba.types.UniTuple(numba.types.float32, 2) if dp else numba.types.none
     from fastgrad import cpu
 
-    return types.SimpleNamespace(data={"dispatcher": cpu.fused_backprop, "args": (net_type,)})
+    return types.SimpleNamespace(data={"dispatcher": cpu.fused_backprop, "args": (net_type, noise_type)})
 
 
-def test_a_compile_says_one_line_per_dtype(caplog, monkeypatch):
+def test_a_compile_says_one_line_per_dtype_and_variant(caplog, monkeypatch):
     from fastgrad import cpu
 
     monkeypatch.setattr(cpu.compile_notice, "told", set())
     with caplog.at_level(logging.WARNING, logger="fastgrad"):
-        for dt in ("float32", "float32", "float64"):
-            cpu.compile_notice.on_start(_event(dt))
+        for dt, dp in (("float32", False), ("float32", False), ("float64", False), ("float32", True)):
+            cpu.compile_notice.on_start(_event(dt, dp))
+        cpu.compile_notice.on_start(_event("float32", True))
         cpu.compile_notice.on_start(types.SimpleNamespace(data={"dispatcher": object(), "args": ()}))
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "fastgrad: compiling the numba kernels for float32 (once, ~20 s; cached on disk after)",
         "fastgrad: compiling the numba kernels for float64 (once, ~20 s; cached on disk after)",
+        "fastgrad: compiling the numba kernels with DP noise for float32 (once, ~25 s; cached on disk after)",
     ] or all("not cached" in line for line in lines)
 
 

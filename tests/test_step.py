@@ -87,6 +87,50 @@ def test_a_seed_gives_the_same_sequence_of_steps_and_expected_batch_size_is_the_
     np.testing.assert_array_equal(runs[0][0], want)
 
 
+@pytest.mark.parametrize("how", ["chunks", "phase 2"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_numba_kernels_noised_step_after_chunks_and_phase_2(monkeypatch, how, dtype):
+    """The numba Step makes the noised step in its kernels' last pass: with the batch in chunks (the step on
+    the last only, from every chunk's sum) and with the clipped sum from phase 2's GEMMs, it has the bits of
+    clipped_grad, whose noise dp_step adds after the kernels."""
+    from fastgrad.cpu import config
+
+    if how == "chunks":
+        monkeypatch.setattr(config, "WORKSPACE_BYTES", 16 * 1024)
+    else:
+        monkeypatch.setattr(config, "PARTIALS_BYTES", 0)
+    net, theta, X, y = make_problem([6, 40, 4], "tanh", "mse", B=70, dtype=dtype, scale=3.0)
+    kw = dict(max_norm=0.5, noise_multiplier=1.1, expected_batch_size=64.5)
+    step = fastgrad.Step(net, dtype, backend="numba", seed=5, **kw)
+    children = np.random.SeedSequence(5).spawn(2)
+    for k in range(2):
+        got = step(theta, X, y)
+        want = fastgrad.clipped_grad(net, theta, X, y, seed=children[k], backend="numba", **kw)
+        np.testing.assert_array_equal(got.grad, want, err_msg=f"{how} call {k}")
+    call = step._prepared_call(70)
+    assert call.chunk < 35 if how == "chunks" else call.partial.size == 0
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy reports the overflow it is made to do
+@pytest.mark.parametrize("backend", HOST)
+def test_a_refused_call_draws_no_seed_and_leaves_the_gradient_buffer(backend):
+    net, theta, X, y = make_problem([3, 4, 2], "identity", "cross_entropy", B=3, dtype=np.float64, seed=1)
+    step = fastgrad.Step(net, np.float64, backend=backend, max_norm=1.0, noise_multiplier=0.7, seed=9)
+    first = step(theta, X, y, copy=True).grad
+    overflowing = X.copy()
+    overflowing[2] *= 1e200  # a finite gradient whose norm overflows float64
+    with pytest.raises(FloatingPointError, match="sample 2 is inf"):
+        step(theta, overflowing, y)
+    np.testing.assert_array_equal(step.grad_buffer, first)  # neither the step nor its noise was made
+    nan = X.copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match="X: contains NaN or Inf"):
+        step(theta, nan, y)
+    assert step.calls == 1
+    want = fastgrad.clipped_grad(net, theta, X, y, 1.0, 0.7, np.random.SeedSequence(9).spawn(2)[1], backend)
+    np.testing.assert_array_equal(step(theta, X, y).grad, want)  # call 1's seed, as if nothing was refused
+
+
 def test_results_are_the_steps_buffers_unless_copied():
     net, theta, X, y = make_problem([5, 8, 3], B=10, dtype=np.float32)
     step = fastgrad.Step(net, np.float32, backend="numba")

@@ -214,8 +214,9 @@ def test_dp_step_with_fastgrad_sgd_matches_torch_sgd():
 @pytest.mark.parametrize("sigma", [0.0, 1.0])
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
 def test_the_dp_closure_updates_in_the_noise_pass(loss, sigma, backend):
-    """A DPGradStep's closure with fastgrad.torch.SGD: the update in dp_step's pass (σ > 0: the compiled
-    noise pass; σ = 0: after the division), the gradient scaled by 1/s first; torch.optim.SGD's bits."""
+    """A DPGradStep's closure with fastgrad.torch.SGD: the update in the kernels' last pass with the noised
+    step (numba), or in dp_step's pass (numpy; σ > 0: the compiled noise pass, σ = 0: after the division);
+    the gradient scaled by 1/s first; torch.optim.SGD's bits."""
     dt = torch.float64 if backend == "numpy" else torch.float32
     ma, _, mb, _, data = closure_twins(dt, loss)
     kw = dict(
@@ -347,6 +348,23 @@ def test_the_closure_refuses_bad_input_before_the_update():
         opt.step(sb.closure(data(1)[0], y))
     assert torch.equal(sb.theta, theta) and torch.equal(torch.from_numpy(opt._flat_buf), buf)
     assert opt.fused_steps == 1
+
+
+def test_the_dp_closure_refuses_a_nonfinite_norm_before_the_update():
+    """A sample whose gradient norm overflows: dp_step's FloatingPointError, and neither θ, the momentum
+    buffers nor p.grad moves (the kernels make neither the noised step nor the update)."""
+    _, _, mb, _, data = closure_twins(torch.float64)
+    dp = ft.DPGradStep(mb, "cross_entropy", num_samples=280, expected_batch_size=70, max_norm=0.5,
+                       noise_multiplier=1.0, seed=4)  # fmt: skip
+    opt = ft.SGD(dp, lr=0.1, momentum=0.9)
+    opt.step(dp.closure(*data(0)))
+    theta, buf, grad = dp.theta.clone(), torch.from_numpy(opt._flat_buf).clone(), dp.grad.clone()
+    X, y = data(1)
+    X[3] *= 1e200
+    with pytest.raises(FloatingPointError, match="sample 3 is (nan|inf)"):
+        opt.step(dp.closure(X, y))
+    assert torch.equal(dp.theta, theta) and torch.equal(dp.grad, grad)
+    assert torch.equal(torch.from_numpy(opt._flat_buf), buf) and opt.fused_steps == 1
 
 
 def test_the_closure_runs_hooks_and_falls_back_where_it_must():

@@ -21,7 +21,9 @@ names. The driver works in two phases over a chunk of samples (whole tiles that 
    (:func:`gemm_block`), with the same operands (:func:`sum_operand`, :func:`outer_sum`).
 3. One ``prange`` over blocks of ``FINISH_BLOCK`` parameters: the tiles' sums added in tile
    order (:func:`sum_partials`) and, on a batch's last chunk, the means divided
-   (:func:`divide_means`), the block still in cache between the two.
+   (:func:`divide_means`), DP-SGD's noised step made when a ``Noise`` pack is given
+   (:func:`~fastgrad.cpu.kernels.noise_block`) and an optimizer's update, the block still in
+   cache between them.
 
 The per-row math (clip factor, layer norm term, variance) is ``quantities``' shared
 ``register_jitable`` code. Each kernel opens with a one-line shape comment; helpers are
@@ -85,6 +87,7 @@ from .driver import (
     run,
 )
 from .kernels import (
+    NORMS_NOT_FINITE,
     batch_backprop,
     check_values,
     fused_backprop,
@@ -96,6 +99,7 @@ from .workspace import Results, Workspace, _chunking, _thread_workspace, chunk_r
 
 __all__ = [
     "CACHE",
+    "NORMS_NOT_FINITE",
     "NO_CHECK",
     "THREADING_LAYER",
     "PreparedCall",

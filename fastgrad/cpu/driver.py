@@ -62,8 +62,9 @@ log = logging.getLogger("fastgrad")
 
 
 class _CompileNotice(numba.core.event.Listener):
-    """Says, once per dtype and process, that the kernels are being compiled: the ~20 s of the first
-    call would otherwise look like a hang. Numba's "numba:compile" event starts only after its disk
+    """Says, once per dtype, variant (plain, or with DP noise: a :class:`~fastgrad.cpu.kernels.Noise` pack)
+    and process, that the kernels are being compiled: the ~20 s of the first call would otherwise look
+    like a hang. Numba's "numba:compile" event starts only after its disk
     cache missed, so a cached load says nothing.
 
     The line goes to the ``fastgrad`` logger at WARNING: with no logging set up, Python's last-resort
@@ -72,21 +73,25 @@ class _CompileNotice(numba.core.event.Listener):
     ``-W error`` would turn into an exception."""
 
     def __init__(self):
-        self.told: set[str] = set()
+        self.told: set[tuple[str, bool]] = set()
 
     def on_start(self, event) -> None:
         data = event.data or {}
         if data.get("dispatcher") is not fused_backprop:
             return
+        args = data.get("args") or ()
         try:
-            dtype = str(data["args"][0].types[1].dtype)  # net = (layout, θ, w_t)
+            dtype = str(args[0].types[1].dtype)  # net = (layout, θ, w_t)
         except (AttributeError, IndexError, KeyError, TypeError):
             dtype = "a new type"
-        if dtype not in self.told:
-            self.told.add(dtype)
+        dp = isinstance(args[-1], numba.types.BaseTuple) if args else False  # a Noise pack, not None
+        if (dtype, dp) not in self.told:
+            self.told.add((dtype, dp))
             log.warning(
-                "fastgrad: compiling the numba kernels for %s (once, ~20 s; %s)",
+                "fastgrad: compiling the numba kernels %sfor %s (once, ~%d s; %s)",
+                "with DP noise " if dp else "",
                 dtype,
+                25 if dp else 20,
                 "cached on disk after"
                 if CACHE
                 else "not cached: FASTGRAD_NUMBA_CACHE=0 or no writable folder",
@@ -221,20 +226,24 @@ class PreparedCall:
         return self.finish()
 
     def launch(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray,
-               check: tuple = NO_CHECK, update: tuple | None = None) -> int:  # fmt: skip
+               check: tuple = NO_CHECK, update: tuple | None = None,
+               noise: tuple | None = None) -> int:  # fmt: skip
         """Run the kernels over every chunk, leaving the sums and per-row results in ``results``.
 
         ``check`` = (True, lo, hi) (a :class:`~fastgrad.cpu.kernels.Check`'s fields) first checks the arrays
         in the same compiled call (:func:`check_values`, targets in [lo, hi]) and returns its nonzero code
         without running anything; else 0. ``update``: an :class:`~fastgrad.update.Update` pack (a plain
-        tuple) made in the kernels' last pass, which leaves θ updated from the sums' row ``modes[ROW]``."""
+        tuple) made in the kernels' last pass, which leaves θ updated from the sums' row ``modes[ROW]``, or
+        from the noised step when ``noise`` (a :class:`~fastgrad.cpu.kernels.Noise` pack as a plain tuple) is
+        given: the kernels' last pass then makes DP-SGD's noised step too, or returns
+        :data:`~fastgrad.cpu.kernels.NORMS_NOT_FINITE` without making either."""
         # chunk size 1: tiles and phase-2 tasks are handed out one at a time, as they differ in cost
         before = _set_chunksize(1)
         try:
             code, self.loss_sum = batch_backprop(
                 check, (self.layout, theta, self.w_t), (X, labels, targets), self.codes, self.flags,
                 self.plan, self.scalars, self.bufs, self.scratch, self.row_out, self.sums, self.partial,
-                self.tasks, self.chunk, self.no_update if update is None else update,
+                self.tasks, self.chunk, self.no_update if update is None else update, noise,
             )  # fmt: skip
         finally:
             _set_chunksize(before)
@@ -331,6 +340,7 @@ def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
                     partial,
                     tasks,
                     Update(*no_update(dt)),
+                    None,
                 )
                 # each layer's (R, n_l) block lies after the previous layers' in acts, dphi and deltas
                 at = 0

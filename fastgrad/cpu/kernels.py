@@ -21,6 +21,7 @@ from ..activations import TANH, activate, activate_grad
 from ..losses import CROSS_ENTROPY, output_delta_row
 from ..quantities import DELTA, DELTA_SQUARED, INPUT, clip_factor, layer_norm_sq, variance_from_moments
 from .config import CACHE
+from ..noise import BLOCK as NOISE_BLOCK, noised_block
 from ..update import ROW, Update, update_block
 
 
@@ -110,6 +111,11 @@ Chunk = namedtuple("Chunk", "X acts dphi deltas sqa offsets")
 ``offsets`` (L+1, 3) int64 (columns :data:`A_AT`, ...) from :func:`chunk_offsets`."""
 Check = namedtuple("Check", "on lo hi")
 """The values' check of :func:`batch_backprop`: whether to run it, and the targets' domain [lo, hi]."""
+Noise = namedtuple("Noise", "out row std denominator k0 k1 c3 wide norms")
+"""DP-SGD's noised step, made in the last pass of a batch's last chunk (:func:`noise_block`): ``out`` (P,)
+receives (sums[row] + std·ξ) / denominator (std = 0: sums[row] / denominator), ξ from the seed words
+(k0, k1, c3) (uint64, :func:`fastgrad.noise.seed_words`), std and denominator in θ's dtype, wide: θ is
+float64; ``norms`` (B,) the batch's per-sample norms: one NaN or Inf among them and nothing is made."""
 
 N_IN, N_OUT, W_AT, B_AT, FORWARD = range(5)
 """Columns of ``layout``, row l-1 for layer l: n_{l-1}, n_l, where W_l and b_l start in θ, and how the
@@ -127,7 +133,9 @@ OPERAND, SOURCE, SLOT, MEAN = range(4)
 sum is a mean (divided by the batch size at the end of the last chunk)."""
 FINISH_BLOCK = 4096
 """Parameters per task of a chunk's last pass (:func:`fused_backprop`): the partial sums added and the means
-divided block by block, while the block is in cache. Element-wise, so any split gives the same bits."""
+divided block by block, while the block is in cache. Element-wise, so any split gives the same bits (the
+noise's too: its blocks need only start at a multiple of 4 and hold at most ``noise.BLOCK`` values)."""
+assert FINISH_BLOCK % 4 == 0 and FINISH_BLOCK <= NOISE_BLOCK
 FIRST = np.int64(0)
 """Row or column 0 as an int64: a literal 0 argument would make Numba compile the callee once more
 per dtype (so would ``prange``'s index, unsigned inside the loop: it is passed as ``np.int64(t)``)."""
@@ -444,12 +452,16 @@ def gemm_block(plan, net, chunk, task, clip_c, sums, accumulate):
 
 
 @njit(parallel=True, cache=CACHE, error_model="numpy")
-def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks, update):
+def fused_backprop(
+    net, data, codes, flags, plan, scalars, bufs, row_out, sums, partial, tasks, update, noise_t
+):
     # one chunk of R samples: the packs Net, Data (R rows), Codes, Flags, Scalars, Buffers (for R rows),
     # RowOut (R rows) above; plan (n_sums, 4); sums (n_sums, P); partial (n_slots, n_tiles, P): per-tile
     # sums of the plan's rows with a slot; tasks (T, 3): (l, q0, q1) of every phase-2 GEMM block;
     # update (update.Update): on the last chunk, θ updated from the gradient sums[modes[ROW]] block by block
-    # in the last pass (an empty buf: no update)
+    # in the last pass (an empty buf: no update); noise_t: None, or a Noise pack as a plain tuple: then on the
+    # last chunk the last pass makes the noised step into noise.out, and the update is made from it. (Numba
+    # compiles a None noise_t apart, with the noise's branches pruned: a call without DP compiles no noise)
     X, labels, targets = data.X, data.labels, data.targets
     act, loss, tile = codes.activation, codes.loss, codes.tile
     backward, per_row, squares, accumulate = flags.backward, flags.per_row, flags.squares, flags.accumulate
@@ -496,6 +508,9 @@ def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, 
     # and on the last chunk the means divided (each element once: the bits of NumPy's sums / B) and the
     # update made, each block while it is in the core's cache
     updating = update.buf.shape[0] > 0
+    noising = False
+    if noise_t is not None:  # every sample's norm is known: its clip factor was a bound, or nothing is made
+        noising = count > 0 and all_finite(noise_t[8])  # Noise.norms
     if slotted > 0 or count > 0:
         for c in prange((P + FINISH_BLOCK - 1) // FINISH_BLOCK):
             k0, k1 = c * FINISH_BLOCK, min(P, c * FINISH_BLOCK + FINISH_BLOCK)
@@ -504,8 +519,29 @@ def fused_backprop(net, data, codes, flags, plan, scalars, bufs, row_out, sums, 
                     sum_partials(partial[plan[s, SLOT], :n_tiles], k0, k1, sums[s], accumulate)
             if count > 0:
                 divide_means(plan, sums, k0, k1, count)
-                if updating:
-                    update_block(update, sums[update.modes[ROW]], net.theta, k0, k1)
+                if noise_t is None:
+                    if updating:
+                        update_block(update, sums[update.modes[ROW]], net.theta, k0, k1)
+                elif noising:
+                    step = noise_block(noise_t, sums, k0, k1)
+                    if updating:
+                        update_block(update, step, net.theta, k0, k1)
+
+
+@njit(cache=CACHE, error_model="numpy")
+def noise_block(noise_t, sums, k0, k1):
+    # noise_t (a Noise pack as a plain tuple), sums (n_sums, P) -> noise.out (P), its [k0, k1) made:
+    # (sums[row] + std·ξ) / denominator (noise.noised_block), or sums[row] / denominator when std = 0
+    noise = Noise(*noise_t)
+    total = sums[noise.row]
+    if noise.std > 0:
+        noised_block(noise.out, total, noise.std, noise.denominator, noise.k0, noise.k1, noise.c3, noise.wide,
+                     k0, k1 - k0)  # fmt: skip
+    else:  # the bits of NumPy's division (no noise term: a −0 sum stays −0)
+        dst, src = noise.out[k0:k1], total[k0:k1]
+        for k in range(dst.shape[0]):
+            dst[k] = src[k] / noise.denominator
+    return noise.out
 
 
 @njit(cache=CACHE, error_model="numpy")
@@ -614,15 +650,17 @@ def pairwise_sum(a, n):
 
 @njit(cache=CACHE)
 def batch_backprop(check_t, net_t, data_t, codes_t, flags_t, plan, scalars_t, bufs_t, scratch_t, row_out_t,
-                   sums, partial, tasks, chunk, update_t):  # fmt: skip
+                   sums, partial, tasks, chunk, update_t, noise_t):  # fmt: skip
     # The whole batch of B samples, chunk by chunk, in one compiled call (no Python between the chunks);
     # the packs come as plain tuples (…_t) and are named here: check (Check): with on, check_values' code
     # first (nonzero: nothing runs); data (Data) and row_out (RowOut) for B rows; scalars (Scalars) = (C, B);
     # bufs (Buffers) for `chunk` rows, scratch (Buffers) their elements per sample; flags.accumulate unused;
-    # update (update.Update), made on the last chunk (the one with a count)
+    # update (update.Update) and noise_t (None, or a Noise pack as a plain tuple), made on the last chunk (the
+    # one with a count)
     # -> 0, after fused_backprop ran on each chunk of `chunk` rows in order (accumulate set after the first,
-    # count B and the update on the last only), and the sum of the B losses (pairwise_sum); or a nonzero
-    # check code and 0 (nothing run, θ as it was)
+    # count B, the noise and the update on the last only), and the sum of the B losses (pairwise_sum); or a
+    # nonzero check code and 0 (nothing run, θ as it was); or NORMS_NOT_FINITE and the sum (a norm is NaN or
+    # Inf: the kernels ran, the noised step and the update were not made)
     check, net, data, codes = Check(*check_t), Net(*net_t), Data(*data_t), Codes(*codes_t)
     flags, scalars, row_out = Flags(*flags_t), Scalars(*scalars_t), RowOut(*row_out_t)
     bufs, scratch, update = Buffers(*bufs_t), Buffers(*scratch_t), Update(*update_t)
@@ -649,8 +687,16 @@ def batch_backprop(check_t, net_t, data_t, codes_t, flags_t, plan, scalars_t, bu
         chunk_flags = Flags(flags.backward, flags.per_row, flags.squares, c0 > 0)
         count = batch if c1 == B else batch - batch  # the last chunk divides the means
         fused_backprop(net, chunk_data, codes, chunk_flags, plan, Scalars(c_max, count), chunk_bufs,
-                       chunk_rows_out, sums, partial, tasks, update)  # fmt: skip
-    return 0, pairwise_sum(losses, B)
+                       chunk_rows_out, sums, partial, tasks, update, noise_t)  # fmt: skip
+    code = 0
+    if noise_t is not None:
+        code = 0 if all_finite(noise_t[8]) else NORMS_NOT_FINITE  # Noise.norms
+    return code, pairwise_sum(losses, B)
+
+
+NORMS_NOT_FINITE = 5
+""":func:`batch_backprop`'s code when a DP call's per-sample norm is NaN or Inf (after codes 1-4 of
+:func:`check_values`)."""
 
 
 @njit(parallel=True, cache=CACHE)
