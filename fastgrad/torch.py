@@ -321,7 +321,7 @@ class DPGradStep(GradStep):
     sampling_rate : float
         q.
     steps : int
-        Noised steps taken so far (what :meth:`epsilon` counts).
+        Noised steps taken so far (what :meth:`epsilon` counts; a call that raised is not one).
     """
 
     def __init__(
@@ -455,8 +455,8 @@ class DPGradStep(GradStep):
         """
         self._check_params()
         X, y = self._host("X", X), self._host("y", y)
-        self.steps += 1
         if len(X) == 0:  # Poisson sampling took no one: the step is the noise alone
+            self.steps += 1
             privacy.dp_step(
                 np.zeros_like(self._grad_np),
                 self._empty_norms,
@@ -468,6 +468,7 @@ class DPGradStep(GradStep):
             )
             return StepStats(math.nan, self._empty_norms, 0.0, 0)
         res = self._step(self._theta_np, X, y)  # res.grad is p.grad's buffer
+        self.steps += 1  # a refused call (it raised) released nothing, so it does not count
         if self.scale != 1.0:
             np.multiply(res.grad, self._inv_scale, out=res.grad)
         return self._stats(res)
@@ -476,8 +477,9 @@ class DPGradStep(GradStep):
         """``self(X, y)`` on a batch of at least one sample, whose noise pass also makes the SGD ``update``
         on θ, the gradient first multiplied by 1/s (the pack's scale; see :meth:`GradStep.closure`)."""
         X, y = self._host("X", X), self._host("y", y)
+        res = self._step._call_updating(self._theta_np, X, y, update)
         self.steps += 1
-        return self._stats(self._step._call_updating(self._theta_np, X, y, update))
+        return self._stats(res)
 
     def _stats(self, res) -> StepStats:
         """The step's statistics in torch's scale from the step's result (its gradient scaled already)."""

@@ -363,8 +363,11 @@ def test_the_dp_closure_refuses_a_nonfinite_norm_before_the_update():
     X[3] *= 1e200
     with pytest.raises(FloatingPointError, match="sample 3 is (nan|inf)"):
         opt.step(dp.closure(X, y))
+    with pytest.raises(FloatingPointError, match="sample 3 is (nan|inf)"):
+        dp(X, y)
     assert torch.equal(dp.theta, theta) and torch.equal(dp.grad, grad)
     assert torch.equal(torch.from_numpy(opt._flat_buf), buf) and opt.fused_steps == 1
+    assert dp.steps == 1  # a refused call released nothing: ε counts the one step taken
 
 
 def test_the_closure_runs_hooks_and_falls_back_where_it_must():
