@@ -16,9 +16,17 @@ Where the cache lives: the first writable one of
 
 This is done by three cache locators, Numba's own with the key as the source stamp, which
 claim fastgrad's files only: other people's Numba functions keep Numba's behaviour, and
-``NUMBA_CACHE_DIR`` is never set by fastgrad. When none of the three is writable (a read-only
-install with a read-only home), the kernels are compiled without the disk cache, with one
-warning that says how to set a cache folder. ``FASTGRAD_NUMBA_CACHE=0`` turns the cache off.
+``NUMBA_CACHE_DIR`` is never set by fastgrad. The key's first 16 hex digits are also part of
+every cache file's name: Numba unpickles a cached index's signatures before it compares the
+stamp, so an index written by other source whose types' modules were since renamed would
+raise ``ModuleNotFoundError`` on load instead of missing; with the key in the name, files of
+other source are never opened. They are deleted (:func:`prune`) when the cache is first
+configured in a process (``import fastgrad``: :mod:`fastgrad.noise` has compiled kernels), so the
+folders hold one version's kernels, not one per edit.
+
+When none of the three is writable (a read-only install with a read-only home), the kernels
+are compiled without the disk cache, with one warning that says how to set a cache folder.
+``FASTGRAD_NUMBA_CACHE=0`` turns the cache off.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ def source_key(package_dir: str = PACKAGE_DIR) -> str:
 
 SOURCE_KEY = source_key()
 """The key of the source this process imported (and compiles its kernels from)."""
+KEY_TAG = SOURCE_KEY[:16]
+"""The part of the key in every cache file's name (``kernels.<function>-<line>-<KEY_TAG>.py311.nbi``)."""
 
 
 def _in_package(py_file: str) -> bool:
@@ -76,6 +86,9 @@ class _PackageSourceStamp:
 
     def get_source_stamp(self):
         return ("fastgrad source", SOURCE_KEY)
+
+    def get_disambiguator(self):
+        return f"{super().get_disambiguator()}-{KEY_TAG}"  # the line, then the key: see the module docstring
 
 
 def _numba_class(name: str) -> type:
@@ -111,6 +124,39 @@ def cache_dir(py_file: str | None = None) -> str | None:
     return None
 
 
+def kernel_dirs() -> list[str]:
+    """The cache folders of every folder of the package that :func:`source_key` covers (where each
+    one's kernels would be cached now; folders with no writable cache are left out)."""
+    dirs = []
+    for root, subdirs, _ in os.walk(PACKAGE_DIR):
+        top = os.path.relpath(root, PACKAGE_DIR) == "."
+        subdirs[:] = sorted(d for d in subdirs if d != "__pycache__" and not (top and d in SKIPPED))
+        found = cache_dir(os.path.join(root, "__init__.py"))
+        if found is not None:
+            dirs.append(found)
+    return dirs
+
+
+def prune(directory: str) -> int:
+    """Delete the Numba cache files (``.nbi``, ``.nbc``) in ``directory`` whose names lack this source's
+    :data:`KEY_TAG`: fastgrad's kernels cached by other source (or before the key was in the name).
+    Returns how many were deleted; a file that cannot be deleted is left."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    current = f"-{KEY_TAG}.py"
+    removed = 0
+    for name in names:
+        if name.endswith((".nbi", ".nbc")) and current not in name:
+            try:
+                os.remove(os.path.join(directory, name))
+            except OSError:
+                continue
+            removed += 1
+    return removed
+
+
 def _candidates(py_file: str) -> list[str]:
     subpath = _numba_class("InTreeCacheLocator").get_suitable_cache_subpath(py_file)
     from numba.misc.appdirs import AppDirs
@@ -132,6 +178,8 @@ def configure() -> bool:
         return False
     install()
     if cache_dir() is not None:
+        for directory in kernel_dirs():
+            prune(directory)
         return True
     tried = ", ".join(_candidates(KERNELS_FILE))
     warnings.warn(

@@ -112,6 +112,57 @@ def test_an_edit_to_a_callee_module_recompiles_the_kernels(tmp_path):
     assert not np.allclose(numba_after, naive, rtol=1e-6)
 
 
+def test_cache_files_are_named_with_the_source_key_and_other_sources_files_are_pruned(tmp_path):
+    if cpu.CACHE:
+        index = cpu.kernels.all_finite._cache._cache_file._index_name  # the index a load would open
+        assert f"-{_cache.KEY_TAG}.py" in index
+    names = ["kernels.f-10.py311.nbi", "kernels.f-10.py311.1.nbc", f"kernels.f-10-{'0' * 16}.py311.nbi",
+             f"kernels.f-10-{_cache.KEY_TAG}.py311.nbi", f"kernels.f-10-{_cache.KEY_TAG}.py311.1.nbc",
+             "kernels.cpython-311.pyc", "notes.txt"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert _cache.prune(str(tmp_path)) == 3
+    assert sorted(os.listdir(tmp_path)) == sorted(names[3:])
+    assert _cache.prune(str(tmp_path / "missing")) == 0
+
+
+STALE_INDEX_SCRIPT = """
+    import numpy as np
+    from fastgrad import cpu
+    print("finite:", cpu.kernels.all_finite(np.ones(3)))
+"""
+
+
+def test_an_index_from_other_source_with_a_missing_module_is_never_loaded(tmp_path):
+    """Numba unpickles an index's signatures before it checks the stamp: an index left by older source whose
+    types lived in a module since renamed raised ModuleNotFoundError at the first call."""
+    import pickle
+    import types
+
+    import numba
+
+    root = _copy_package(tmp_path / "pkg", with_cache=False)
+    gone = types.ModuleType("fastgrad_renamed_module")
+    gone.Pack = type("Pack", (), {"__module__": gone.__name__})
+    sys.modules[gone.__name__] = gone
+    try:
+        payload = pickle.dumps((("fastgrad source", "older"), {("sig", gone.Pack()): "entry"}))
+    finally:
+        del sys.modules[gone.__name__]
+    line = cpu.kernels.all_finite.py_func.__code__.co_firstlineno
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}{getattr(sys, 'abiflags', '')}"
+    folder = tmp_path / "pkg" / "fastgrad" / "cpu" / "__pycache__"
+    folder.mkdir(exist_ok=True)
+    stale = folder / f"kernels.all_finite-{line}.{tag}.nbi"  # the name without the key
+    with open(stale, "wb") as fh:
+        pickle.dump(numba.__version__, fh)
+        fh.write(payload)
+    done = _python(STALE_INDEX_SCRIPT, root)
+    assert done.returncode == 0, done.stderr
+    assert "finite: True" in done.stdout
+    assert not stale.exists()  # pruned when the cache was configured
+
+
 def test_a_read_only_install_compiles_without_the_cache_and_warns_once(tmp_path):
     # Today's main: "cannot cache function '_rows': no locator available", the numba backend
     # silently disappears from available_backends() and "auto" falls back to numpy.
