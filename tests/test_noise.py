@@ -124,6 +124,32 @@ def test_the_slow_values_have_the_reference_bits(dtype):
     assert np.count_nonzero(np.abs(want) > noise.ZIGGURAT_R) > 20  # the tail sampler ran
 
 
+def test_the_slow_values_are_listed_in_order_whatever_the_buffer_held_past_the_count():
+    from numba import njit
+
+    listed = njit(lambda flag, slow, count: noise._flagged(flag, slow, count))
+    rng = np.random.default_rng(3)
+    for count in [
+        1,
+        7,
+        8,
+        9,
+        63,
+        64,
+        65,
+        1000,
+        noise.BLOCK - 1,
+        noise.BLOCK,
+        *rng.integers(1, noise.BLOCK, 40),
+    ]:
+        for rate in (0.015, 0.5, 1.0):
+            flag = rng.integers(0, 256, noise.BLOCK).astype(np.uint8)  # what a reused buffer may hold
+            flag[:count] = rng.random(count) < rate
+            slow = np.full(noise.BLOCK, -1, np.int32)
+            n = listed(flag, slow, int(count))
+            np.testing.assert_array_equal(slow[:n], np.flatnonzero(flag[:count]), err_msg=f"{count} {rate}")
+
+
 @pytest.fixture(scope="module", params=[np.float32, np.float64], ids=["float32", "float64"])
 def million(request):
     return noise.standard_normal(N_STATS, request.param, noise.seed_words(2026)).astype(np.float64)
