@@ -240,9 +240,9 @@ class GradStep:
         that makes the gradient, block by block, while the gradient's block is still in the core's
         cache: the kernels' last pass (numba backend; a :class:`DPGradStep`'s noised step is made there
         too), or for a :class:`DPGradStep` on the numpy backend the pass that draws the noise (a batch of
-        at least one sample). The parameters, momentum buffers,
-        ``p.grad`` and the return value are those of the two calls, bit for bit; the optimizer's step
-        hooks and learning-rate schedulers see an ordinary ``opt.step``.
+        at least one sample). The parameters, momentum buffers, ``p.grad`` and the return value are those
+        of the two calls, bit for bit; the optimizer's step hooks and learning-rate schedulers see an
+        ordinary ``opt.step``.
         """
         return BatchClosure(self, X, y)
 
@@ -413,6 +413,8 @@ class DPGradStep(GradStep):
         ----------
         X, y : torch.Tensor or ndarray
             The whole dataset: ``num_samples`` rows each (samples along the first axis).
+        epochs : int
+            As for :meth:`batches`.
 
         Returns
         -------

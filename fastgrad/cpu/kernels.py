@@ -510,7 +510,7 @@ def fused_backprop(
     updating = update.buf.shape[0] > 0
     noising = False
     if noise_t is not None:  # every sample's norm is known: its clip factor was a bound, or nothing is made
-        noising = count > 0 and all_finite(noise_t[8])  # Noise.norms
+        noising = count > 0 and all_finite(Noise(*noise_t).norms)
     if slotted > 0 or count > 0:
         for c in prange((P + FINISH_BLOCK - 1) // FINISH_BLOCK):
             k0, k1 = c * FINISH_BLOCK, min(P, c * FINISH_BLOCK + FINISH_BLOCK)
@@ -690,7 +690,7 @@ def batch_backprop(check_t, net_t, data_t, codes_t, flags_t, plan, scalars_t, bu
                        chunk_rows_out, sums, partial, tasks, update, noise_t)  # fmt: skip
     code = 0
     if noise_t is not None:
-        code = 0 if all_finite(noise_t[8]) else NORMS_NOT_FINITE  # Noise.norms
+        code = 0 if all_finite(Noise(*noise_t).norms) else NORMS_NOT_FINITE
     return code, pairwise_sum(losses, B)
 
 
