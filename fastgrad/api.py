@@ -411,15 +411,16 @@ def clipped_grad(
         device = _backend_module(backend)
         return device.clipped_grad_device(net, theta, X, y, max_norm, noise_multiplier, seed)
     inp = check_inputs(net, theta, X, y)
-    # the norms come with the clipped sum (its clip factors need them): asking costs nothing
-    raw = run(
-        net, inp, needed(("norms",), clipping=True), max_norm, None, **_workspace_kw(backend, workspace)
-    )
     noise_std = noise_multiplier * max_norm
     denominator = inp.batch_size if denominator is None else denominator
-    grad = dp_step(
-        raw["clipped_sum"], raw["norms"], max_norm, noise_multiplier, denominator, seed, secure=secure_noise
-    )
+    ws_kw = _workspace_kw(backend, workspace)
+    if backend == "numba" and not secure_noise:  # the noised step in the kernels' last pass: dp_step's bits
+        cpu = _backend_module(backend)
+        grad, raw = cpu.clipped_step(net, inp, max_norm, noise_multiplier, denominator, seed, **ws_kw)
+    else:  # the norms come with the clipped sum (its clip factors need them): asking costs nothing
+        raw = run(net, inp, needed(("norms",), clipping=True), max_norm, None, **ws_kw)
+        total, norms = raw["clipped_sum"], raw["norms"]
+        grad = dp_step(total, norms, max_norm, noise_multiplier, denominator, seed, secure=secure_noise)
     if not return_stats:
         return grad
     norms = raw["norms"]

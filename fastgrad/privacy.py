@@ -15,8 +15,8 @@
   attacks. See docs/dp.md for what that does and does not protect.
 - **The step** (:func:`dp_step`): where the clipped sum, the noise and the denominator make
   DP-SGD's step, on the host and on the device, after refusing a sample whose gradient norm is
-  NaN or Inf (:func:`check_clip_norms`). (The numba backend's prepared :class:`fastgrad.Step`
-  makes it inside its kernels, with the same compiled expression and the same refusal.)
+  NaN or Inf (:func:`check_clip_norms`). (The numba backend makes it inside its kernels, with the
+  same compiled expression and the same refusal.)
 
 Only the accounting needs the extra; the rest is NumPy, Numba and the standard library.
 """
@@ -435,12 +435,12 @@ def dp_step(
     out: np.ndarray | None = None,
     update: tuple | None = None,
 ):
-    """DP-SGD's step (1/D) [Σ_i c_i ∇ℓ_i + σ C ξ] from the clipped sum: the one place it is formed.
+    """DP-SGD's step (1/D) [Σ_i c_i ∇ℓ_i + σ C ξ] from the clipped sum: its one definition.
 
-    Every DP path calls it (:func:`fastgrad.clipped_grad` on every backend, host and device
-    arrays; :class:`fastgrad.Step` on the numpy and naive backends; :func:`fastgrad.dask.clipped_grad`;
-    the training tool), or, the numba backend's :class:`fastgrad.Step`, makes the step in its kernels
-    with the same compiled function (:func:`fastgrad.noise.noised_block`), so they refuse the same
+    Every DP path calls it (:func:`fastgrad.clipped_grad` and :class:`fastgrad.Step` on the naive,
+    numpy and cuda backends, and with ``secure_noise``; :func:`fastgrad.dask.clipped_grad`), or, on the
+    numba backend, makes the step in its kernels with the same compiled function
+    (:func:`fastgrad.noise.noised_block`, :func:`fastgrad.cpu.clipped_step`), so they refuse the same
     samples, draw the same noise for a seed and round the same way:
     ``(clipped_sum + dt(σC) · ξ) / dt(D)`` in the clipped sum's dtype dt, one rounding per
     operation (no fused multiply-add), with ξ = :func:`standard_normal` ``(P, dt, seed)``.

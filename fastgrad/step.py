@@ -194,17 +194,14 @@ class Step:
         self._check = (True, *self._domain)  # the numba call's check: on, the targets' domain
         self._results = None
         self._grad_row = -1  # the gradient's row among the kernels' sums (numba, without clipping)
-        self._clip_row = -1  # the clipped sum's row among them (numba, with clipping)
         if self.backend == "numba":
             from . import cpu
 
             self._cpu = cpu
             self._ws = cpu.Workspace()
             self._grow(max_batch_size or 1)
-            made = [q.name for q in sums_to_make(self.need, clip)]
-            if clip:
-                self._clip_row = made.index("clipped_sum")
-            elif "grad" in want:
+            if not clip and "grad" in want:
+                made = [q.name for q in sums_to_make(self.need, False)]
                 self._grad_row = made.index("grad")
                 self._grad = self._results.sums[self._grad_row]
 
@@ -415,13 +412,11 @@ class Step:
         B = inp.batch_size
         call = self._prepared_call(B)
         noise = None
-        if self.max_norm is not None:  # a kernels.Noise pack: the noised step of this call's seed
-            dt, std = self.dtype, self.noise_multiplier * self.max_norm
-            k0, k1, c3 = seed_words(self._call_seed()) if std > 0 else (0, 0, 0)
+        if self.max_norm is not None:  # the noised step of this call's seed, into the gradient buffer
+            C, sigma = self.max_norm, self.noise_multiplier
+            words = seed_words(self._call_seed()) if sigma * C > 0 else (0, 0, 0)
             D = B if self.expected_batch_size is None else self.expected_batch_size
-            u64 = np.uint64
-            noise = (self._grad, self._clip_row, dt.type(std), dt.type(D), u64(k0), u64(k1), u64(c3),
-                     dt == np.float64, call.norms)  # fmt: skip
+            noise = call.noise_pack(self._grad, C, sigma, D, words)
         w = cpu._writeable  # a read-only array would be another type to Numba: another compile
         with cpu.kernel_blas:
             arrays = w(inp.theta), w(inp.X), w(inp.labels), w(inp.targets)

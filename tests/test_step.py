@@ -90,23 +90,33 @@ def test_a_seed_gives_the_same_sequence_of_steps_and_expected_batch_size_is_the_
 @pytest.mark.parametrize("how", ["chunks", "phase 2"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_numba_kernels_noised_step_after_chunks_and_phase_2(monkeypatch, how, dtype):
-    """The numba Step makes the noised step in its kernels' last pass: with the batch in chunks (the step on
-    the last only, from every chunk's sum) and with the clipped sum from phase 2's GEMMs, it has the bits of
-    clipped_grad, whose noise dp_step adds after the kernels."""
+    """The numba backend makes the noised step in its kernels' last pass (a Step, and clipped_grad): with the
+    batch in chunks (the step on the last only, from every chunk's sum) and with the clipped sum from phase
+    2's GEMMs, it has the bits of dp_step on the clipped sum the plain kernels make."""
+    from fastgrad import cpu, privacy
+    from fastgrad.api import check_inputs
     from fastgrad.cpu import config
+    from fastgrad.quantities import needed
 
     if how == "chunks":
         monkeypatch.setattr(config, "WORKSPACE_BYTES", 16 * 1024)
     else:
         monkeypatch.setattr(config, "PARTIALS_BYTES", 0)
     net, theta, X, y = make_problem([6, 40, 4], "tanh", "mse", B=70, dtype=dtype, scale=3.0)
+    raw = cpu.run(net, check_inputs(net, theta, X, y), needed(("norms",), clipping=True), 0.5, None)
+    total, norms = raw["clipped_sum"].copy(), raw["norms"].copy()
     kw = dict(max_norm=0.5, noise_multiplier=1.1, expected_batch_size=64.5)
     step = fastgrad.Step(net, dtype, backend="numba", seed=5, **kw)
     children = np.random.SeedSequence(5).spawn(2)
     for k in range(2):
-        got = step(theta, X, y)
-        want = fastgrad.clipped_grad(net, theta, X, y, seed=children[k], backend="numba", **kw)
-        np.testing.assert_array_equal(got.grad, want, err_msg=f"{how} call {k}")
+        want = privacy.dp_step(total, norms, 0.5, 1.1, 64.5, children[k])
+        np.testing.assert_array_equal(step(theta, X, y).grad, want, err_msg=f"{how} Step call {k}")
+        got = fastgrad.clipped_grad(net, theta, X, y, seed=children[k], backend="numba", **kw)
+        np.testing.assert_array_equal(got, want, err_msg=f"{how} clipped_grad {k}")
+    np.testing.assert_array_equal(  # σ = 0: the division alone
+        fastgrad.clipped_grad(net, theta, X, y, 0.5, backend="numba"),
+        privacy.dp_step(total, norms, 0.5, 0.0, 70),
+    )
     call = step._prepared_call(70)
     assert call.chunk < 35 if how == "chunks" else call.partial.size == 0
 

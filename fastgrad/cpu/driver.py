@@ -17,6 +17,7 @@ from ..quantities import INPUT_SQUARED
 from . import config
 from .config import CACHE
 from .kernels import (
+    NORMS_NOT_FINITE,
     Buffers,
     Codes,
     Data,
@@ -174,6 +175,32 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
         return call(theta, X, labels, targets)
 
 
+def clipped_step(net: MLP, inp, max_norm: float, noise_multiplier: float, denominator: float, seed,
+                 workspace: Workspace | None = None) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """:func:`fastgrad.clipped_grad`'s step on CPU threads: the kernels, with DP-SGD's noised step made in
+    their last pass (:meth:`PreparedCall.noise_pack`; seeded noise only, the seed checked by the caller);
+    returns (the step (P,), :func:`run`'s raw dict). Raises ``FloatingPointError`` (:func:`fastgrad.privacy.
+    check_clip_norms`) when a sample's norm is NaN or Inf: the step is then not made."""
+    from ..noise import seed_words
+    from ..privacy import check_clip_norms
+
+    _threading.check_fork_safe()
+    ws = workspace if workspace is not None else _thread_workspace()
+    need = quantities.needed(("norms",), clipping=True)
+    words = seed_words(seed) if noise_multiplier * max_norm > 0 else (0, 0, 0)
+    with ws.claimed(), kernel_blas():
+        results = Results(net, inp.dtype, need, True, inp.batch_size, None)
+        call = PreparedCall(net, inp.dtype, need, max_norm, inp.batch_size, ws, results)
+        step = np.empty(net.num_params, inp.dtype)
+        noise = call.noise_pack(step, max_norm, noise_multiplier, denominator, words)
+        theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
+        code = call.launch(theta, X, labels, targets, NO_CHECK, None, noise)
+        raw = call.finish()
+    if code == NORMS_NOT_FINITE:
+        check_clip_norms(raw["norms"])  # raises, naming the sample
+    return step, raw
+
+
 class PreparedCall:
     """One numba call's set-up for a batch of ``batch_size`` samples, made once: the chunking, the plan
     of sums, the kernels' argument packs over the workspace's buffers and the ``results``' arrays.
@@ -224,6 +251,18 @@ class PreparedCall:
     def __call__(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> dict:
         self.launch(theta, X, labels, targets)
         return self.finish()
+
+    def noise_pack(self, out: np.ndarray, max_norm: float, noise_multiplier: float, denominator: float,
+                   words: tuple[int, int, int]) -> tuple:  # fmt: skip
+        """The :class:`~fastgrad.cpu.kernels.Noise` pack (a plain tuple) of a clipped call: its last pass
+        makes (clipped sum + dt(σC)·ξ) / dt(D) into ``out`` (P,) of θ's dtype, ξ of the seed words
+        (k0, k1, c3) (unused when σC = 0), after checking this call's norms: the bits of
+        :func:`fastgrad.privacy.dp_step` on the clipped sum."""
+        dt, u64 = self.dtype, np.uint64
+        row = [q.name for q in self.made].index("clipped_sum")
+        k0, k1, c3 = words
+        std, D = dt.type(noise_multiplier * max_norm), dt.type(denominator)
+        return out, row, std, D, u64(k0), u64(k1), u64(c3), dt == np.float64, self.norms
 
     def launch(self, theta: np.ndarray, X: np.ndarray, labels: np.ndarray, targets: np.ndarray,
                check: tuple = NO_CHECK, update: tuple | None = None,
