@@ -397,7 +397,8 @@ def _factors(net: MLP, inp, backward: bool, workspace: Workspace | None):
 
 
 def compile_all(dtypes=(np.float32, np.float64)) -> None:
-    """Compile (or load from the disk cache) every kernel for ``dtypes``: one tiny call each."""
+    """Compile (or load from the disk cache) every kernel for ``dtypes``, both variants (plain, and with
+    DP-SGD's noised step: :func:`clipped_step`): tiny calls."""
     from .._validation import check_inputs
 
     net = MLP([2, 3, 2], activation="tanh", loss="cross_entropy")
@@ -405,3 +406,4 @@ def compile_all(dtypes=(np.float32, np.float64)) -> None:
         theta = net.init(seed=0, dtype=dt)
         inp = check_inputs(net, theta, np.zeros((1, 2), dt), np.zeros(1, np.int64))
         run(net, inp, frozenset({"loss", "grad", "sq_mean", "norms", "per_sample"}), 1.0, None)
+        clipped_step(net, inp, 1.0, 1.0, 1.0, 0)
