@@ -713,11 +713,11 @@ class SGD(torch.optim.SGD):
             coef, modes = self._coef, self._modes
             coef[u.LR] = lr  # torch casts its Python floats to θ's dtype so
             coef[u.MOMENTUM] = momentum
-            coef[u.KEEP] = 1.0 - group["dampening"]  # torch: alpha = 1 - dampening
+            coef[u.KEEP] = 1.0 - dampening  # torch: alpha = 1 - dampening
             coef[u.WEIGHT_DECAY] = weight_decay
             coef[u.SCALE] = scale
-            modes[u.NESTEROV] = bool(group["nesterov"])
-            modes[u.MAXIMIZE] = bool(group["maximize"])
+            modes[u.NESTEROV] = bool(nesterov)
+            modes[u.MAXIMIZE] = bool(maximize)
             self._options = options
         if len(active) != len(segments):
             segments = segments[active]

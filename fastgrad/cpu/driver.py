@@ -169,10 +169,18 @@ def run(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray 
     _threading.check_fork_safe()
     ws = workspace if workspace is not None else _thread_workspace()
     with ws.claimed(), kernel_blas():
-        results = Results(net, inp.dtype, need, max_norm is not None, inp.batch_size, out)
-        call = PreparedCall(net, inp.dtype, need, max_norm, inp.batch_size, ws, results)
-        theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
-        return call(theta, X, labels, targets)
+        call, arrays = _one_call(net, inp, need, max_norm, out, ws)
+        return call(*arrays)
+
+
+def _one_call(net: MLP, inp, need: frozenset, max_norm: float | None, out: np.ndarray | None,
+              ws: Workspace) -> tuple[PreparedCall, tuple]:  # fmt: skip
+    """An unprepared call's :class:`PreparedCall`, over new :class:`Results` (``out``: the per-sample rows'
+    array, or ``None``), and θ, X, labels and targets as its kernels take them; inside the caller's claim of
+    ``ws`` and BLAS hold."""
+    results = Results(net, inp.dtype, need, max_norm is not None, inp.batch_size, out)
+    call = PreparedCall(net, inp.dtype, need, max_norm, inp.batch_size, ws, results)
+    return call, tuple(_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
 
 
 def clipped_step(net: MLP, inp, max_norm: float, noise_multiplier: float, denominator: float, seed,
@@ -189,12 +197,10 @@ def clipped_step(net: MLP, inp, max_norm: float, noise_multiplier: float, denomi
     need = quantities.needed(("norms",), clipping=True)
     words = seed_words(seed) if noise_multiplier * max_norm > 0 else (0, 0, 0)
     with ws.claimed(), kernel_blas():
-        results = Results(net, inp.dtype, need, True, inp.batch_size, None)
-        call = PreparedCall(net, inp.dtype, need, max_norm, inp.batch_size, ws, results)
+        call, arrays = _one_call(net, inp, need, max_norm, None, ws)
         step = np.empty(net.num_params, inp.dtype)
         noise = call.noise_pack(step, max_norm, noise_multiplier, denominator, words)
-        theta, X, labels, targets = (_writeable(a) for a in (inp.theta, inp.X, inp.labels, inp.targets))
-        code = call.launch(theta, X, labels, targets, NO_CHECK, None, noise)
+        code = call.launch(*arrays, NO_CHECK, None, noise)
         raw = call.finish()
     if code == NORMS_NOT_FINITE:
         check_clip_norms(raw["norms"])  # raises, naming the sample
